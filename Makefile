@@ -1,0 +1,34 @@
+# Two commands for a fresh clone: `make pipeline` and `make test`.
+# Both create the virtual environment on first use (.venv, ~2 min, ~2.3 GB).
+
+PYTHON ?= python3
+VENV   ?= .venv
+# On our CPU-only machines this wheel is local and small; a bare `torch` would pull a multi-GB CUDA
+# build. Elsewhere, override it: `make TORCH_SPEC=torch pipeline` (pyproject keeps torch a range).
+TORCH_SPEC ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROFILE ?=
+SET    ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: pipeline test env clean
+
+pipeline: $(STAMP)
+	$(BIN)/sparsellama run $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf data/corpus models metrics reports mlflow.db mlartifacts .prefect

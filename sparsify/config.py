@@ -1,0 +1,283 @@
+"""Typed configuration: `params.yaml` validated into frozen pydantic models.
+
+One section per stage. Unknown keys, wrong types and out-of-range values are
+errors that name the key (`data.sources.0.weight: ...`) and say what is allowed.
+`load_config` applies, in order: the file, a named profile from its `profiles:`
+mapping, nested overrides (Prefect flow parameters), then `KEY=VALUE` overrides
+(the CLI's `--set`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectConfig(Section):
+    seed: int = 0
+    root: str = "."  # every output lives under this folder (data/, models/, metrics/, reports/)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = None  # None: sqlite file `mlflow.db` in the project root
+    experiment: str = "sparsellama"
+
+
+class SourceConfig(Section):
+    """One corpus source. `kind` selects how documents are read."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["stdlib_code", "stdlib_prose", "files", "hf"]
+    weight: float = Field(gt=0)
+    glob: str | None = None  # files: e.g. "corpus/**/*.txt" (.jsonl files: one record a line)
+    path: str | None = None  # hf: dataset name, or a builder such as "json"
+    config_name: str | None = None
+    split: str = "train"
+    data_files: list[str] | None = None
+    text_field: str = "text"  # hf and .jsonl files
+    max_doc_chars: int = Field(default=200_000, gt=0)  # longer documents are truncated
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> SourceConfig:
+        if self.kind == "files" and not self.glob:
+            raise ValueError(f"source '{self.name}': kind 'files' needs 'glob'")
+        if self.kind == "hf" and not self.path:
+            raise ValueError(f"source '{self.name}': kind 'hf' needs 'path' (a dataset name)")
+        return self
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    train_tokens: int = Field(gt=0)
+    val_tokens: int = Field(gt=0)
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)  # share of documents hashed to validation
+    block_size: int = Field(default=256, ge=8)
+    tokenizer: str | None = None  # the base model's tokenizer; None: train a byte-level BPE
+    vocab_size: int = Field(default=4096, ge=300, le=65535)
+    tokenizer_train_chars: int = Field(default=8_000_000, gt=0)
+    calib_samples: int = Field(default=128, gt=0)
+    calib_seq_len: int = Field(default=256, gt=0)
+    dedup: bool = True
+    shuffle_buffer: int = Field(default=10_000, gt=0)  # hf streaming shuffle buffer
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, v: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return v
+
+
+class ArchConfig(Section):
+    """Shape of the embedded default Llama (ignored when `base.source` is set)."""
+
+    hidden_size: int = Field(default=256, gt=0)
+    intermediate_size: int = Field(default=688, gt=0)
+    num_hidden_layers: int = Field(default=4, gt=0)
+    num_attention_heads: int = Field(default=4, gt=0)
+    num_key_value_heads: int = Field(default=4, gt=0)
+    max_position_embeddings: int = Field(default=512, gt=0)
+    rope_theta: float = Field(default=10000.0, gt=0)
+    tie_word_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ArchConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=20, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    eval_every: int = Field(default=100, gt=0)
+    eval_blocks: int = Field(default=64, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    bf16: bool = False  # autocast; on CPU it is slower than fp32 for small models
+
+
+class BaseStageConfig(Section):
+    source: str | None = None  # an HF Llama-family checkpoint (path or hub name); None: train the default
+    arch: ArchConfig = ArchConfig()
+    train: TrainConfig
+
+
+class Config(Section):
+    project: ProjectConfig = ProjectConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    data: DataConfig
+    base: BaseStageConfig
+
+    @property
+    def root(self) -> Path:
+        return Path(self.project.root)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursively merge `override` into a copy of `base` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Allowed keys of the section at `loc`, walking the model's annotations."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return None
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<top>"
+        if e["type"] == "extra_forbidden":
+            allowed = _field_names(Config, loc[:-1])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{key}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"{key}: {e['msg']}{got_s}")
+    return f"invalid configuration ({origin}):\n  " + "\n  ".join(lines)
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`a.b.c=VALUE` → ("a.b.c", parsed VALUE); the value is parsed as YAML (0.7, true, [a, b])."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
+    return key, value
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set `a.b.0.c` in a nested dict/list tree; unknown keys are caught later by validation."""
+    parts = key.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            idx = _list_index(part, node, ".".join(parts[: i + 1]))
+            node = node[idx]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict | list):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(last, node, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(part: str, node: list, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {where}: index must be 0..{len(node) - 1}")
+    return int(part)
+
+
+def load_raw(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def resolve_raw(
+    raw: dict,
+    profile: str | None = None,
+    params: dict | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """The merged raw tree (before validation): file → profile → nested params → --set."""
+    raw = copy.deepcopy(raw)
+    profiles = raw.pop("profiles", None) or {}
+    if profile:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError(f"unknown profile {profile!r}; known profiles: {known}")
+        raw = deep_merge(raw, profiles[profile])
+    if params:
+        raw = deep_merge(raw, params)
+    for text in overrides:
+        key, value = parse_assignment(text)
+        set_dotted(raw, key, value)
+    return raw
+
+
+def validate(raw: dict, origin: str = "params.yaml") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin)) from None
+
+
+def load_config(
+    path: str | Path = "params.yaml",
+    profile: str | None = None,
+    params: dict | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    origin = str(path) + (f", profile {profile}" if profile else "") + (", overrides" if overrides or params else "")
+    return validate(resolve_raw(load_raw(path), profile, params, overrides), origin)

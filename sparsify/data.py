@@ -1,0 +1,431 @@
+"""Pretraining-data subsetting: mix sources by weight under a token budget, dedup, split, pack.
+
+The paper pretrains on a SparsePajama subset mixed with Python from The Stack.
+`build_corpus` does that for any sources, streaming: documents are read one at a
+time, tokenized in small batches and appended to flat token files, so peak memory
+does not grow with the corpus (only the exact-dedup digest set does, 16 bytes a
+document).
+
+Outputs (in `out_dir`):
+  train.bin / val.bin    flat token streams (uint16 or uint32), documents separated
+                         by EOS; block i of size B is tokens[i*B:(i+1)*B] (memory-mappable)
+  calib.safetensors      `input_ids` [calib_samples, calib_seq_len] sampled from train
+  tokenizer/             an HF tokenizer (trained byte-level BPE, or the base model's)
+  meta.json, stats.json  layout and per-source/per-split counts
+"""
+
+from __future__ import annotations
+
+import ast
+import glob as globlib
+import hashlib
+import io
+import json
+import logging
+import random
+import resource
+import sysconfig
+import time
+import tokenize
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sparsify.config import DataConfig, SourceConfig
+from sparsify.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+TOKENIZE_BATCH = 64
+
+
+class DataError(ValueError):
+    """A data problem that names the source and what is wrong."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def stdlib_files(seed: int) -> list[Path]:
+    """The running interpreter's standard-library `.py` files, in a seeded order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    random.Random(seed).shuffle(files)
+    return files
+
+
+def extract_prose(source: str) -> str:
+    """Docstrings and comments of a Python file, as one prose document (blank-line separated)."""
+    pieces: list[str] = []
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node)
+            if doc:
+                pieces.append(doc.strip())
+    comments: list[str] = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                text = tok.string.lstrip("#").strip()
+                if text and not text.startswith("!"):
+                    comments.append(text)
+            elif tok.type in (tokenize.NEWLINE, tokenize.NL) and comments and tok.line.strip() == "":
+                pieces.append(" ".join(comments))
+                comments = []
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        pass
+    if comments:
+        pieces.append(" ".join(comments))
+    return "\n\n".join(p for p in pieces if len(p) > 1)
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _iter_files(src: SourceConfig, seed: int) -> Iterator[str]:
+    paths = sorted(Path(p) for p in globlib.glob(src.glob, recursive=True) if Path(p).is_file())
+    if not paths:
+        raise DataError(f"source '{src.name}': glob {src.glob!r} matched no files")
+    random.Random(seed).shuffle(paths)
+    for path in paths:
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        yield _field(json.loads(line), src, f"{path}:{lineno}")
+        else:
+            yield _read_text(path)
+
+
+def _field(record: dict, src: SourceConfig, where: str) -> str:
+    if src.text_field not in record:
+        raise DataError(
+            f"source '{src.name}': record {where} has no field {src.text_field!r} "
+            f"(fields: {sorted(record)}); set text_field"
+        )
+    return str(record[src.text_field] or "")
+
+
+def _iter_hf(src: SourceConfig, seed: int, shuffle_buffer: int) -> Iterator[str]:
+    import datasets  # heavy import, only for this source kind
+
+    kwargs = {"data_files": src.data_files} if src.data_files else {}
+    try:
+        ds = datasets.load_dataset(src.path, src.config_name, split=src.split, streaming=True, **kwargs)
+    except Exception as exc:  # datasets raises many types; the message is what the user needs
+        raise DataError(f"source '{src.name}': cannot open dataset {src.path!r}: {exc}") from exc
+    for i, record in enumerate(ds.shuffle(seed=seed, buffer_size=shuffle_buffer)):
+        yield _field(record, src, f"#{i}")
+
+
+def iter_source(src: SourceConfig, seed: int, shuffle_buffer: int = 10_000) -> Iterator[str]:
+    """Documents of one source, deterministic for a seed; raises DataError if it yields nothing."""
+    if src.kind == "stdlib_code":
+        docs: Iterable[str] = (_read_text(p) for p in stdlib_files(seed))
+    elif src.kind == "stdlib_prose":
+        docs = (extract_prose(_read_text(p)) for p in stdlib_files(seed))
+    elif src.kind == "files":
+        docs = _iter_files(src, seed)
+    elif src.kind == "hf":
+        docs = _iter_hf(src, seed, shuffle_buffer)
+    else:  # guarded by the config's Literal; kept for direct library use
+        raise DataError(f"source '{src.name}': unknown kind {src.kind!r}")
+    n = 0
+    for doc in docs:
+        doc = doc[: src.max_doc_chars]
+        if doc.strip():
+            n += 1
+            yield doc
+    if n == 0:
+        raise DataError(f"source '{src.name}' ({src.kind}) yielded no non-empty documents")
+
+
+# --------------------------------------------------------------------------- split, dedup
+
+
+def digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=16).digest()
+
+
+def split_of(text_digest: bytes, val_fraction: float) -> str:
+    """Train/validation by document hash: the same document always lands in the same split."""
+    u = int.from_bytes(text_digest[:8], "big") / 2**64
+    return "val" if u < val_fraction else "train"
+
+
+def quotas(sources: list[SourceConfig], total: int) -> dict[str, int]:
+    """Split a token budget by normalized weight, summing exactly to `total`."""
+    wsum = sum(s.weight for s in sources)
+    raw = {s.name: total * s.weight / wsum for s in sources}
+    out = {k: int(v) for k, v in raw.items()}
+    # Largest remainders get the leftover tokens so the sum is exact.
+    for name in sorted(raw, key=lambda k: raw[k] - out[k], reverse=True)[: total - sum(out.values())]:
+        out[name] += 1
+    return out
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path):
+    """Train a byte-level BPE on `texts` and save it as an HF tokenizer in `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=None
+    )
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.eos_token_id is None:
+        raise DataError(f"tokenizer {path} has no EOS token; documents could not be separated")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _tokenizer_texts(cfg: DataConfig, seed: int) -> Iterator[str]:
+    """Train-split documents for tokenizer training, each source by weight up to the char budget."""
+    wsum = sum(s.weight for s in cfg.sources)
+    for src in cfg.sources:
+        budget = int(cfg.tokenizer_train_chars * src.weight / wsum)
+        for doc in iter_source(src, seed, cfg.shuffle_buffer):
+            if budget <= 0:
+                break
+            if split_of(digest(doc), cfg.val_fraction) == "train":
+                budget -= len(doc)
+                yield doc
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+class TokenWriter:
+    """Appends token arrays to a flat binary file; counts what it wrote."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype, self.count = path, dtype, 0
+        self._f = path.open("wb")
+
+    def write(self, ids: np.ndarray) -> None:
+        self._f.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self.count += len(ids)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_tokens(path: Path, dtype: str | np.dtype) -> np.memmap:
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
+
+
+@dataclass
+class SourceStats:
+    docs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    duplicates: int = 0
+    truncated_docs: int = 0
+
+
+def _batched(it: Iterator[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _fill_source(
+    src: SourceConfig,
+    cfg: DataConfig,
+    seed: int,
+    tokenizer,
+    want: dict[str, int],
+    writers: dict[str, TokenWriter],
+    seen: set[bytes],
+    stats: SourceStats,
+    bar,
+) -> None:
+    """Stream one source into the split writers until both of its quotas are full."""
+    eos = tokenizer.eos_token_id
+    need = dict(want)
+    for batch in _batched(iter_source(src, seed, cfg.shuffle_buffer), TOKENIZE_BATCH):
+        keep: list[tuple[str, str]] = []
+        for doc in batch:
+            d = digest(doc)
+            if cfg.dedup:
+                if d in seen:
+                    stats.duplicates += 1
+                    continue
+                seen.add(d)
+            split = split_of(d, cfg.val_fraction)
+            if need[split] > 0:
+                keep.append((split, doc))
+        if keep:
+            encoded = tokenizer([doc for _, doc in keep], add_special_tokens=False)["input_ids"]
+            for (split, _), ids in zip(keep, encoded, strict=True):
+                if need[split] <= 0:
+                    continue
+                ids = np.asarray([*ids, eos])
+                if len(ids) > need[split]:  # the last document is cut so the quota is exact,
+                    ids = ids[: need[split]]  # still ending in EOS so it never runs into the next one
+                    ids[-1] = eos
+                    stats.truncated_docs += 1
+                writers[split].write(ids)
+                need[split] -= len(ids)
+                stats.docs[split] += 1
+                stats.tokens[split] += len(ids)
+                bar.update(len(ids))
+        if all(v <= 0 for v in need.values()):
+            return
+    short = [s for s in SPLITS if need[s] > 0]
+    split = short[0]
+    key = f"data.{split}_tokens"
+    raise DataError(
+        f"source '{src.name}' has only {stats.tokens[split]:,} {split} tokens "
+        f"({stats.docs[split]:,} documents after dedup), but the budget asks for {want[split]:,} "
+        f"({key} × its weight share); lower {key}, lower its weight, or add data"
+    )
+
+
+def sample_calibration(train: np.ndarray, n: int, length: int, seed: int) -> torch.Tensor:
+    """`n` windows of `length` tokens at seeded random offsets of the train stream."""
+    if len(train) < length + 1:
+        raise DataError(f"train split has {len(train)} tokens, fewer than calib_seq_len={length}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(train) - length, (n,), generator=gen).tolist()
+    return torch.from_numpy(np.stack([np.asarray(train[s : s + length], dtype=np.int64) for s in starts]))
+
+
+def build_corpus(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = True) -> dict:
+    """Build the tokenized, packed corpus in `out_dir` (which the caller makes atomic). Returns stats."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = out_dir / "tokenizer"
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer.save_pretrained(tok_dir)
+    else:
+        log.info("training a %d-token byte-level BPE on up to %d chars", cfg.vocab_size, cfg.tokenizer_train_chars)
+        tokenizer = train_tokenizer(_tokenizer_texts(cfg, seed), cfg.vocab_size, tok_dir)
+    vocab = len(tokenizer)
+    dtype = token_dtype(vocab)
+
+    budgets = {"train": quotas(cfg.sources, cfg.train_tokens), "val": quotas(cfg.sources, cfg.val_tokens)}
+    writers = {s: TokenWriter(out_dir / f"{s}.bin", dtype) for s in SPLITS}
+    seen: set[bytes] = set()
+    per_source: dict[str, SourceStats] = {}
+    total = cfg.train_tokens + cfg.val_tokens
+    try:
+        with tqdm(total=total, unit="tok", unit_scale=True, desc="data", disable=not progress) as bar:
+            for src in cfg.sources:
+                per_source[src.name] = SourceStats()
+                want = {s: budgets[s][src.name] for s in SPLITS}
+                _fill_source(src, cfg, seed, tokenizer, want, writers, seen, per_source[src.name], bar)
+    finally:
+        for w in writers.values():
+            w.close()
+
+    train = read_tokens(out_dir / "train.bin", dtype)
+    calib = sample_calibration(train, cfg.calib_samples, cfg.calib_seq_len, seed)
+    save_file({"input_ids": calib.contiguous()}, str(out_dir / "calib.safetensors"))
+
+    meta = {
+        "dtype": dtype.name,
+        "block_size": cfg.block_size,
+        "vocab_size": vocab,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tokens": {s: writers[s].count for s in SPLITS},
+        "blocks": {s: writers[s].count // cfg.block_size for s in SPLITS},
+    }
+    atomic_write_json(out_dir / "meta.json", meta)
+    stats = {
+        "sources": {
+            name: {"docs": st.docs, "tokens": st.tokens, "duplicates_removed": st.duplicates,
+                   "truncated_docs": st.truncated_docs}
+            for name, st in per_source.items()
+        },
+        "tokens": meta["tokens"],
+        "duplicates_removed": sum(st.duplicates for st in per_source.values()),
+        "vocab_size": vocab,
+        "calibration": list(calib.shape),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_json(out_dir / "stats.json", stats)
+    return stats
+
+
+# --------------------------------------------------------------------------- reading the corpus
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A built corpus directory, opened read-only (token streams memory-mapped)."""
+
+    path: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> Corpus:
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{path} is not a built corpus (no meta.json); run the data stage first")
+        return cls(path, json.loads(meta_path.read_text()))
+
+    def tokens(self, split: str) -> np.memmap:
+        return read_tokens(self.path / f"{split}.bin", self.meta["dtype"])
+
+    def blocks(self, split: str, block_size: int | None = None) -> np.ndarray:
+        """[n_blocks, block_size] view of a split (the tail shorter than a block is dropped)."""
+        bs = block_size or self.meta["block_size"]
+        toks = self.tokens(split)
+        n = len(toks) // bs
+        if n == 0:
+            raise DataError(f"{self.path}: {split} split has {len(toks)} tokens, less than one block of {bs}")
+        return toks[: n * bs].reshape(n, bs)
+
+    def calibration(self) -> torch.Tensor:
+        return load_file(str(self.path / "calib.safetensors"))["input_ids"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer"

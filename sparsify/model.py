@@ -1,0 +1,76 @@
+"""Building, loading and saving Llama-family checkpoints.
+
+A checkpoint is a Hugging Face directory (`save_pretrained`, safetensors) with its
+tokenizer, plus `provenance.json` (stage, config section, parents, git commit)
+and, for sparse models, `masks.safetensors` (see `sparsify.masks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from sparsify.config import ArchConfig
+from sparsify.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+PROVENANCE = "provenance.json"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("project.device is 'cuda' but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def build_llama(arch: ArchConfig, tokenizer, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised Llama of the given shape, its vocabulary taken from `tokenizer`."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=arch.rope_theta,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    return model
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load an HF causal LM from a directory or hub name; errors name the path and the cause."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError depending on what is wrong
+        raise ValueError(f"cannot load a causal LM from {path}: {exc}") from exc
+    if not hasattr(getattr(model, "model", None), "layers"):
+        raise ValueError(f"{path}: {type(model).__name__} has no decoder layers (model.model.layers)")
+    model.eval()
+    return model
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path, provenance: dict) -> None:
+    """Write model + tokenizer + provenance into `out_dir` (the caller makes the directory atomic)."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    atomic_write_json(out_dir / PROVENANCE, provenance)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

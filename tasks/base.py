@@ -1,0 +1,64 @@
+"""Stage `base`: the dense base model (the teacher and the starting point for pruning).
+
+Loads an HF Llama-family checkpoint when `base.source` is set; otherwise trains
+the embedded default Llama from scratch on the data stage's blocks and reports
+its validation perplexity against the untrained model's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from sparsify.config import Config
+from sparsify.data import Corpus, load_tokenizer
+from sparsify.io import atomic_dir, atomic_write_json
+from sparsify.masks import sparsity_report
+from sparsify.metrics import mean_nll
+from sparsify.model import build_llama, count_parameters, load_model, pick_device, save_checkpoint
+from sparsify.trainer import train
+from tasks.common import Layout, StageResult, provenance
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> StageResult:
+    layout = Layout.of(cfg)
+    corpus = Corpus.open(layout.corpus)
+    tokenizer = load_tokenizer(corpus.tokenizer_path)
+    device = pick_device(cfg.project.device)
+    val = corpus.blocks("val")
+    tc = cfg.base.train
+    metrics: dict[str, float] = {}
+    history: list[dict] = []
+    if cfg.base.source:
+        model = load_model(cfg.base.source)
+        if model.config.vocab_size < len(tokenizer):
+            raise ValueError(
+                f"base.source {cfg.base.source} has vocab {model.config.vocab_size} but the corpus tokenizer has "
+                f"{len(tokenizer)} tokens; set data.tokenizer to the base model's tokenizer"
+            )
+        model.to(device)
+    else:
+        model = build_llama(cfg.base.arch, tokenizer, seed=cfg.project.seed).to(device)
+        init_nll = mean_nll(model, val, max_blocks=tc.eval_blocks, batch_size=tc.batch_size, device=device)
+        metrics["ppl/val_init"] = math.exp(init_nll)
+        result = train(model, corpus.blocks("train"), val, tc, seed=cfg.project.seed, device=device)
+        history = result.history
+        metrics.update({"train/final_loss": result.final_train_loss, "train/tokens_per_s": result.tokens_per_s,
+                        "time/train_s": result.seconds})
+    metrics["ppl/val"] = math.exp(mean_nll(model, val, max_blocks=tc.eval_blocks, batch_size=tc.batch_size,
+                                           device=device))
+    report = sparsity_report(model)
+    metrics["sparsity/global"] = report["global"]
+    metrics["model/params_m"] = count_parameters(model) / 1e6
+    log.info("base model: %.2fM params, val ppl %.2f%s", metrics["model/params_m"], metrics["ppl/val"],
+             f" (untrained {metrics['ppl/val_init']:.1f})" if "ppl/val_init" in metrics else "")
+
+    out = layout.model("base")
+    with atomic_dir(out) as tmp:
+        save_checkpoint(model.cpu(), tokenizer, tmp,
+                        provenance("base", cfg, ("project", "data", "base"), [layout.corpus]))
+        atomic_write_json(tmp / "train_history.json", history)
+    return StageResult(metrics=metrics, outputs=[out], variant="dense", history=history,
+                       artifacts=[out / "provenance.json", out / "train_history.json"])

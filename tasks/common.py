@@ -1,0 +1,78 @@
+"""What every stage shares: the output layout, results, provenance and the metrics file."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from sparsify.config import Config
+from sparsify.io import atomic_write_json
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where outputs live under `project.root` (the same relative paths dvc.yaml declares)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> Layout:
+        return cls(cfg.root)
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "data" / "corpus"
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / f"{stage}.json"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, float]
+    outputs: list[Path]
+    variant: str = "dense"
+    artifacts: list[Path] = field(default_factory=list)  # small files worth attaching to the MLflow run
+    history: list[dict] = field(default_factory=list)  # per-step curves, logged as metric histories
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(stage: str, cfg: Config, sections: tuple[str, ...], parents: list[Path]) -> dict:
+    """The record saved next to each checkpoint: which stage, with which config, from which inputs."""
+    dump = cfg.model_dump(mode="json")
+    return {
+        "stage": stage,
+        "config": {s: dump[s] for s in sections},
+        "parents": [str(p) for p in parents],
+        "git_commit": git_commit(),
+    }
+
+
+def write_metrics(path: Path, metrics: dict[str, float]) -> None:
+    """DVC metrics file: nested by the '/' in metric names so `dvc metrics show` groups them."""
+    tree: dict = {}
+    for key, value in sorted(metrics.items()):
+        node = tree
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    atomic_write_json(path, tree)

@@ -1,0 +1,28 @@
+"""Process-wide defaults, applied before anything imports prefect, mlflow or dvc.
+
+Telemetry off and every tool's home inside the project's working folder, so a run
+is offline-friendly and leaves nothing in the user's home directory. Values the
+user has already set win (`setdefault`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def configure_environment(workdir: str | os.PathLike | None = None) -> None:
+    work = Path(workdir or os.getcwd()).resolve()
+    defaults = {
+        "PREFECT_HOME": str(work / ".prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The temporary server starts in ~10 s on these machines; leave room when the cores are busy.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HOME": str(work / ".cache" / "huggingface"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)

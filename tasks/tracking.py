@@ -1,0 +1,103 @@
+"""MLflow tracking with explicit run ids.
+
+MLflow's "active run" is thread-local, and Prefect runs tasks in worker threads
+(and DVC runs each stage in its own process), so every call here names its run
+id through `MlflowClient` instead of relying on `mlflow.start_run` state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from sparsify.config import Config
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 6000
+BATCH = 100  # MLflow's log_batch limit for params is 100 per call
+
+
+def flatten(tree, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": [1, {"c": 2}]}} → {"a.b.0": "1", "a.b.1.c": "2"} (stable, flat MLflow params)."""
+    out: dict[str, str] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, list | tuple) and tree and any(isinstance(x, dict | list) for x in tree):
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = str(tree)[:MAX_PARAM_CHARS]
+    return out
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or f"sqlite:///{(cfg.root / 'mlflow.db').resolve()}"
+
+
+class Tracker:
+    """Parent run per pipeline run, one nested run per stage; a no-op when tracking is disabled."""
+
+    def __init__(self, cfg: Config):
+        self.enabled = cfg.tracking.enabled
+        if not self.enabled:
+            return
+        self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            artifacts = (cfg.root / "mlartifacts").resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str | None:
+        if not self.enabled:
+            return None
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def log(self, run_id: str | None, *, params: dict[str, str] | None = None,
+            metrics: dict[str, float] | None = None, step: int = 0, tags: dict[str, str] | None = None) -> None:
+        if not (self.enabled and run_id):
+            return
+        now = int(time.time() * 1000)
+        ps = [Param(k, v) for k, v in (params or {}).items()]
+        ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()
+              if isinstance(v, int | float) and math.isfinite(v)]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(ps), len(ms), len(ts), 1), BATCH):
+            self.client.log_batch(run_id, metrics=ms[i : i + BATCH], params=ps[i : i + BATCH], tags=ts[i : i + BATCH])
+
+    def log_history(self, run_id: str | None, rows: Iterable[dict], prefix: str) -> None:
+        """Per-step curves (e.g. train loss) as metric histories."""
+        if not (self.enabled and run_id):
+            return
+        now = int(time.time() * 1000)
+        ms = [Metric(f"{prefix}/{k}", float(v), now, int(row["step"])) for row in rows
+              for k, v in row.items() if k != "step" and isinstance(v, int | float) and math.isfinite(v)]
+        for i in range(0, len(ms), 1000):
+            self.client.log_batch(run_id, metrics=ms[i : i + 1000])
+
+    def artifacts(self, run_id: str | None, paths: Iterable[Path]) -> None:
+        if not (self.enabled and run_id):
+            return
+        for p in paths:
+            p = Path(p)
+            if p.is_dir():
+                self.client.log_artifacts(run_id, str(p), artifact_path=p.name)
+            elif p.is_file():
+                self.client.log_artifact(run_id, str(p))
+
+    def end(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if self.enabled and run_id:
+            self.client.set_terminated(run_id, status=status)

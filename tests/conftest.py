@@ -1,0 +1,37 @@
+"""Shared fixtures: the smoke configuration and a corpus built once per test session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect/mlflow/transformers: offline, and Prefect's home out of the repo.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="sparsellama-prefect-"))
+
+import pytest  # noqa: E402
+
+from sparsify.config import Config, load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+
+
+def smoke_config(root: Path, *overrides: str) -> Config:
+    return load_config(PARAMS, profile="smoke", overrides=[f"project.root={root}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory) -> Path:
+    """A project root holding the smoke profile's corpus (data stage run once)."""
+    from tasks import data
+
+    root = tmp_path_factory.mktemp("smoke")
+    data.run(smoke_config(root, "tracking.enabled=false"))
+    return root
+
+
+@pytest.fixture()
+def smoke_cfg(tmp_path) -> Config:
+    return smoke_config(tmp_path, "tracking.enabled=false")

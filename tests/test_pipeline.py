@@ -1,0 +1,108 @@
+"""End to end on the smoke profile with the real components: Prefect flow, MLflow (sqlite), DVC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main, render_dvc_yaml
+from sparsify.config import load_raw, resolve_raw
+from tasks.stages import STAGES, dvc_yaml
+from tests.conftest import PARAMS, REPO
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """Prefect's real temporary server, started once and stopped before pytest closes its log capture."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_committed_dvc_yaml_matches_the_stage_table():
+    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml()
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(declared) == [s.name for s in STAGES]
+    for stage in STAGES:  # each dependency on another stage's output names an earlier stage
+        earlier = {o for s in STAGES[: STAGES.index(stage)] for o in s.outs}
+        assert set(stage.deps) <= earlier, stage.name
+    assert dvc_yaml()["stages"] == declared
+
+
+@pytest.mark.slow
+def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
+    from mlflow.tracking import MlflowClient
+
+    assert main(["run", "--config", str(PARAMS), "--profile", "smoke", "--set", f"project.root={tmp_path}"]) == 0
+    for stage in STAGES:
+        assert (tmp_path / stage.metrics_file).is_file()
+        for out in stage.outs:
+            assert (tmp_path / out).is_dir()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sparsellama")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pipeline") == "sparse-llama"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {s.name for s in STAGES}
+    assert children["data"].data.metrics["data/train_tokens"] == 60000
+    base = children["base"].data
+    assert base.tags["variant"] == "dense"
+    assert base.metrics["ppl/val"] < base.metrics["ppl/val_init"]
+    assert "sparsity/global" in base.metrics
+    assert base.params["base.train.steps"] == "120"
+    assert parent.data.params["data.train_tokens"] == "60000"
+    assert client.get_metric_history(children["base"].info.run_id, "train/loss")
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    assert main(["run", "--config", str(PARAMS), "--set", "prune.sparsityy=0.7"]) == 2
+    assert "prune: unknown key" in capsys.readouterr().err
+    assert main(["stage", "nope", "--config", str(PARAMS)]) == 2
+    assert "unknown stage 'nope'; stages: data, base" in capsys.readouterr().err
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data: {train_tokens: 5\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_dvc_repro_reruns_only_what_changed(tmp_path):
+    repo = tmp_path / "repo"
+    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "models", "metrics", "mlflow.db",
+                                    "mlartifacts", ".prefect", ".cache", "corpus", "*.egg-info")
+    shutil.copytree(REPO, repo, ignore=ignore)
+    # The smoke profile, resolved into the params.yaml that dvc reads.
+    (repo / "params.yaml").write_text(yaml.safe_dump(resolve_raw(load_raw(PARAMS), "smoke"), sort_keys=False))
+    for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
+
+    first = _dvc(repo, "repro")
+    assert "Running stage 'data'" in first and "Running stage 'base'" in first
+    assert "Running stage" not in _dvc(repo, "repro")  # nothing changed: a no-op
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["base"]["train"]["steps"] = 30
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _dvc(repo, "repro")
+    assert "Running stage 'base'" in third and "Running stage 'data'" not in third
+    shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
+    base_metrics = shown[""]["data"]["metrics/base.json"]["data"]
+    assert base_metrics["ppl"]["val"] < base_metrics["ppl"]["val_init"]

@@ -17,7 +17,6 @@ Prunable weights are the ``nn.Linear`` weights inside the decoder layers: embedd
 from __future__ import annotations
 
 import fnmatch
-import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,8 +28,6 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from sparsify.io import atomic_write_bytes
-
-log = logging.getLogger(__name__)
 
 # Where Llama-family models keep their decoder layers: `LlamaForCausalLM` and a bare `LlamaModel`.
 _DECODER_LAYER_PATHS = ("model.layers", "layers")
@@ -129,7 +126,9 @@ def _fitting_mask(name: str, mask: Tensor, params: Mapping[str, Tensor]) -> Tens
     if name not in params:
         raise ValueError(f"mask {name!r} names no parameter of the model")
     if tuple(mask.shape) != tuple(params[name].shape):
-        raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has {tuple(params[name].shape)}")
+        raise ValueError(
+            f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has {tuple(params[name].shape)}"
+        )
     return _as_bool_mask(name, mask)
 
 

@@ -1,0 +1,541 @@
+"""Layer-wise calibration driver: prune a Llama-family model one decoder layer at a time.
+
+How it works
+------------
+1. **Capture.** The model runs on the calibration ids with a pre-hook on decoder layer 0
+   that records its input hidden states and stops the forward (nothing after the
+   embeddings runs). The layer's keyword inputs — ``position_embeddings`` from
+   ``model.model.rotary_emb``, the causal mask, ``position_ids`` — are captured once,
+   from a one-sequence forward: calibration rows all have the same length and no
+   padding, so these are the same for every row and broadcast over any mini-batch.
+2. **Per decoder layer** ``i``: move the layer to ``device``; forward hooks on its
+   prunable Linears accumulate ``H = 2XXᵀ/n`` (fp32 running average) over all calibration
+   sequences in mini-batches; prune every Linear from its H — all from the *dense*
+   layer's inputs, as the SparseGPT reference does; recompute the layer's outputs with
+   the pruned weights, which overwrite the activation buffer in place and become layer
+   ``i+1``'s inputs (so each layer is calibrated on what the pruned model feeds it);
+   move the layer back.
+3. **OWL** (``cfg.owl``): a pre-pass propagates the calibration set through the *dense*
+   model layer by layer (only ‖X_j‖², no Hessians), computes each decoder layer's outlier
+   ratio over all its prunable Linears, and maps the ratios to per-layer sparsities
+   (:func:`sparsify.pruning.owl_sparsities`); the activations are then re-captured and the
+   normal pass runs with those targets. Cost: one extra forward of the model.
+
+Memory
+------
+With hidden size d, MLP width f, N calibration sequences of L tokens, mini-batch B,
+b bytes per model weight/activation (2 for bf16), and Σin² over a layer's Linears
+(Llama: q, k, v, o, gate, up have in = d, down has in = f, so Σin² = 6d² + f²):
+
+* host: the model, plus one activation buffer ``N·L·d·b`` (outputs overwrite inputs).
+* device (one decoder layer at a time): its weights ``(4d² + 3df)·b`` + the Hessians
+  ``4·Σin²`` bytes (each freed once its Linear is pruned) + the SparseGPT workspace of
+  the widest Linear ``≈ 4·(3·in² + 2·out·in)`` bytes + one mini-batch's forward
+  ``≈ B·L·(4d + 3f)·b`` (plus ``B·heads·L²·b`` for eager attention scores).
+
+Llama-2-7B (d=4096, f=11008), bf16, N=128, L=2048: host buffer 2.1 GB; device ≈ 0.4 GB
+weights + 0.9 GB Hessians + 1.8 GB workspace + the mini-batch.
+
+Resume
+------
+With ``resume_dir``, after every finished decoder layer the driver writes (atomically,
+temp file + rename) ``layer_XXXXX.safetensors`` (that layer's pruned weights and masks),
+then ``state.safetensors`` (the activations for the next layer, the next layer index,
+the per-layer records, and a fingerprint of config, calibration, old masks and the
+model's embeddings). Writing the state last makes it the commit point. A restart loads
+the finished layers into the model and continues; on the same device the result is
+bit-identical to an uninterrupted run. A state with another fingerprint is refused. The
+directory is kept after success (a rerun returns at once); delete it when done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from sparsify.masks import check_masks, find_decoder_layers, matches_any, prunable_linear_names, validate_masks
+from sparsify.pruning import (
+    PruneConfig,
+    outlier_ratio,
+    owl_sparsities,
+    prune_linear,
+    reconstruction_error,
+    wanda_scores,
+)
+
+log = logging.getLogger(__name__)
+
+_FORMAT_VERSION = "1"
+_STATE_FILE = "state.safetensors"
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_model` did. ``masks`` covers every pruned Linear (plus ``old_masks``)."""
+
+    masks: dict[str, Tensor]
+    layers: list[dict]  # per Linear: name, decoder_layer, target_sparsity, sparsity, error, seconds, cholesky_retries
+    seconds_per_decoder_layer: list[float]
+    total_seconds: float
+    cholesky_retries: int
+    layer_sparsity_targets: list[float] = field(default_factory=list)  # per decoder layer (differs with OWL)
+
+
+@dataclass
+class _Progress:
+    """Everything needed to continue after ``next_layer - 1`` finished (what the resume state holds)."""
+
+    next_layer: int
+    activations: Tensor
+    targets: list[float]
+    records: list[dict] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    masks: dict[str, Tensor] = field(default_factory=dict)
+    retries: int = 0
+    elapsed: float = 0.0
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_calibration(model: nn.Module, calib: Tensor, cfg: PruneConfig) -> Tensor:
+    """The ``[num_samples, seq_len]`` slice of ``calib`` that is used, after checking it."""
+    if not isinstance(calib, Tensor) or calib.ndim != 2 or calib.dtype not in (torch.int64, torch.int32):
+        got = f"{calib.dtype} {tuple(calib.shape)}" if isinstance(calib, Tensor) else type(calib).__name__
+        raise ValueError(f"calibration must be an integer tensor [num_samples, seq_len] of token ids, got {got}")
+    n, length = calib.shape
+    if n < cfg.num_samples:
+        raise ValueError(f"calibration has {n} sequences, fewer than prune.num_samples={cfg.num_samples}")
+    if length < cfg.seq_len:
+        raise ValueError(f"calibration sequences have {length} tokens, fewer than prune.seq_len={cfg.seq_len}")
+    ids = calib[: cfg.num_samples, : cfg.seq_len].long().contiguous()
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"calibration token ids must lie in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]")
+    return ids
+
+
+def _linears_by_layer(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Linear]]:
+    """For each decoder layer, its prunable Linears keyed by full weight name (checked for N:M)."""
+    prefix, layers = find_decoder_layers(model)
+    by_layer: list[dict[str, nn.Linear]] = [{} for _ in layers]
+    for name in prunable_linear_names(model, cfg.ignore):
+        index = int(name[len(prefix) + 1 :].split(".", 1)[0])
+        linear = model.get_submodule(name.removesuffix(".weight"))
+        if cfg.nm is not None and linear.in_features % cfg.nm[1]:
+            raise ValueError(
+                f"structure {cfg.structure!r}: M={cfg.nm[1]} does not divide the input width "
+                f"{linear.in_features} of {name}"
+            )
+        by_layer[index][name] = linear
+    linear_modules = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
+    for pattern in cfg.ignore:
+        if not any(matches_any(n, [pattern]) for n in linear_modules):
+            log.warning("prune.ignore pattern %r matches no Linear inside the decoder layers", pattern)
+    return by_layer
+
+
+# --------------------------------------------------------------------------- capture and forward
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the rest of the model is not needed."""
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first_layer_inputs(model: nn.Module, layer0: nn.Module, ids: Tensor) -> tuple[Tensor, dict]:
+    """Hidden states and keyword arguments that the model passes to decoder layer 0 for ``ids``."""
+    captured: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=ids.to(model.get_input_embeddings().weight.device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "hidden" not in captured:
+        raise RuntimeError("the model's forward never reached decoder layer 0")
+    return captured["hidden"], captured["kwargs"]
+
+
+def _capture_activations(model: nn.Module, layer0: nn.Module, calib: Tensor, batch_size: int) -> Tensor:
+    """Decoder layer 0's input hidden states for all calibration rows, on the CPU ``[N, L, d]``."""
+    acts: Tensor | None = None
+    for s in range(0, calib.shape[0], batch_size):
+        hidden = _first_layer_inputs(model, layer0, calib[s : s + batch_size])[0]
+        if acts is None:  # allocated once: the buffer is the host's main memory cost
+            acts = torch.empty((calib.shape[0], *hidden.shape[1:]), dtype=hidden.dtype)
+        acts[s : s + batch_size].copy_(hidden)
+    if not torch.isfinite(acts).all():
+        raise ValueError("non-finite activations at the input of decoder layer 0 (the embeddings)")
+    return acts
+
+
+def _run_layer(layer: nn.Module, acts: Tensor, kwargs: dict, batch_size: int, *, write_back: str | None) -> None:
+    """Forward ``acts`` through ``layer`` in mini-batches (kwargs already on the layer's device).
+
+    With ``write_back`` (a description of the layer for errors), each mini-batch's output
+    replaces its input in ``acts`` — safe because a mini-batch's input is not needed again.
+    """
+    device = next(layer.parameters()).device
+    for s in range(0, acts.shape[0], batch_size):
+        out = layer(acts[s : s + batch_size].to(device), **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        if write_back is not None:
+            if not torch.isfinite(out).all():
+                raise ValueError(f"non-finite activations at the output of {write_back}")
+            acts[s : s + batch_size].copy_(out)
+
+
+@contextlib.contextmanager
+def _on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Move ``module`` to ``device`` for the block, and back where it was afterwards."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+class _InputStats:
+    """Running statistics of one Linear's inputs over the calibration tokens.
+
+    ``full``: ``H = 2/n · Σ x xᵀ`` as a running average (rescaled at each mini-batch, as in
+    the SparseGPT reference, so it never grows with n); else only ``Σ x_j²`` (OWL pre-pass).
+    """
+
+    def __init__(self, features: int, device: torch.device, full: bool) -> None:
+        self.tokens = 0
+        self.hessian = torch.zeros(features, features, device=device) if full else None
+        self.sq_norms = None if full else torch.zeros(features, device=device)
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        t = x.shape[0]
+        if self.hessian is not None:
+            # H_new = n/(n+t) · H_old + 2/(n+t) · XᵀX  ==  2/(n+t) · Σ_all x xᵀ
+            self.hessian.mul_(self.tokens / (self.tokens + t))
+            x = x * math.sqrt(2 / (self.tokens + t))
+            self.hessian.addmm_(x.T, x)
+        else:
+            self.sq_norms.add_(x.square().sum(0))
+        self.tokens += t
+
+
+@contextlib.contextmanager
+def _recording_inputs(linears: Mapping[str, nn.Linear], *, full: bool) -> Iterator[dict[str, _InputStats]]:
+    """Forward hooks feeding each Linear's inputs into its :class:`_InputStats` while the block runs."""
+    stats = {
+        name: _InputStats(linear.in_features, linear.weight.device, full) for name, linear in linears.items()
+    }
+    handles = [
+        linear.register_forward_hook(lambda module, args, output, s=stats[name]: s.add(args[0]))
+        for name, linear in linears.items()
+    ]
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------- per decoder layer
+
+
+def _prune_decoder_layer(
+    index: int,
+    layer: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    progress: _Progress,
+    kwargs: dict,
+    cfg: PruneConfig,
+    old_masks: Mapping[str, Tensor] | None,
+    batch_size: int,
+) -> None:
+    """Prune one decoder layer (already on its device) and advance ``progress`` past it."""
+    acts, target = progress.activations, progress.targets[index]
+    with _recording_inputs(linears, full=True) as stats:
+        _run_layer(layer, acts, kwargs, batch_size, write_back=None)
+    for name, linear in linears.items():
+        start = time.perf_counter()
+        H = stats.pop(name).hessian  # freed at the end of this iteration
+        if not torch.isfinite(H).all():
+            raise ValueError(f"non-finite inputs to {name} (decoder layer {index})")
+        W = linear.weight
+        # Iterative pruning: every weight pruned before stays pruned.
+        keep = old_masks[name].to(W.device, torch.bool) if old_masks is not None and name in old_masks else W != 0
+        try:
+            result = prune_linear(W, H, cfg, sparsity=target, keep_mask=keep)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
+        error = reconstruction_error(W, result.weight, H)
+        W.copy_(result.weight)
+        progress.masks[name] = result.mask.cpu()
+        progress.retries += result.cholesky_retries
+        progress.records.append({
+            "name": name,
+            "decoder_layer": index,
+            "target_sparsity": target,
+            "sparsity": 1.0 - result.mask.float().mean().item(),
+            "error": error,
+            "seconds": time.perf_counter() - start,
+            "cholesky_retries": result.cholesky_retries,
+        })
+    _run_layer(layer, acts, kwargs, batch_size, write_back=f"decoder layer {index}")
+    progress.next_layer = index + 1
+
+
+def _owl_targets(
+    layers: nn.ModuleList,
+    linears_by_layer: list[dict[str, nn.Linear]],
+    acts: Tensor,
+    kwargs: dict,
+    cfg: PruneConfig,
+    device: torch.device,
+    batch_size: int,
+    show_progress: bool,
+) -> list[float]:
+    """OWL pre-pass on the dense model: per-layer outlier ratios → per-layer sparsities (consumes ``acts``)."""
+    ratios = []
+    for index in tqdm(range(len(layers)), desc="owl pre-pass", unit="layer", disable=not show_progress):
+        with _on_device(layers[index], device) as layer:
+            linears = linears_by_layer[index]
+            with _recording_inputs(linears, full=False) as stats:
+                _run_layer(layer, acts, _to_device(kwargs, device), batch_size, write_back=f"decoder layer {index}")
+            scores = [wanda_scores(lin.weight, stats[name].sq_norms) for name, lin in linears.items()]
+            ratios.append(outlier_ratio(scores, cfg.owl_threshold) if scores else 0.0)
+    targets = owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda)
+    log.info("OWL outlier ratios %s -> sparsities %s", [f"{r:.4f}" for r in ratios], [f"{t:.3f}" for t in targets])
+    return targets
+
+
+# --------------------------------------------------------------------------- resume state
+
+
+def _hash_tensor(digest: Any, tensor: Tensor) -> None:
+    t = tensor.detach().cpu().contiguous()
+    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+
+
+def _fingerprint(
+    model: nn.Module, calib: Tensor, cfg: PruneConfig, old_masks: Mapping[str, Tensor] | None, batch_size: int
+) -> str:
+    """Identifies a run: a resume must use the same config, calibration, old masks and model.
+
+    The model is identified by its embeddings (never pruned) and its prunable weight
+    names; the mini-batch size is included because it changes the fp32 accumulation order.
+    """
+    digest = hashlib.sha256()
+    digest.update(f"v{_FORMAT_VERSION}|{cfg.model_dump_json()}|batch={batch_size}|".encode())
+    _hash_tensor(digest, calib)
+    _hash_tensor(digest, model.get_input_embeddings().weight)
+    digest.update("|".join(prunable_linear_names(model, cfg.ignore)).encode())
+    for name in sorted(old_masks or {}):
+        digest.update(name.encode())
+        _hash_tensor(digest, old_masks[name])
+    return digest.hexdigest()
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Stream tensors to a temp file, fsync, rename (the activations may be GBs: no bytes copy)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _layer_file(root: Path, index: int) -> Path:
+    return root / f"layer_{index:05d}.safetensors"
+
+
+def _save_progress(root: Path, fingerprint: str, linears: Mapping[str, nn.Linear], progress: _Progress) -> None:
+    index = progress.next_layer - 1
+    layer_tensors = {f"weight/{n}": lin.weight.detach().cpu().contiguous() for n, lin in linears.items()}
+    layer_tensors |= {f"mask/{n}": progress.masks[n] for n in linears}
+    _atomic_save(layer_tensors, _layer_file(root, index), {"fingerprint": fingerprint})
+    meta = {
+        "fingerprint": fingerprint,
+        "next_layer": str(progress.next_layer),
+        "targets": json.dumps(progress.targets),
+        "records": json.dumps(progress.records),
+        "seconds": json.dumps(progress.seconds),
+        "retries": str(progress.retries),
+        "elapsed": repr(progress.elapsed),
+    }
+    _atomic_save({"activations": progress.activations}, root / _STATE_FILE, meta)
+
+
+def _load_progress(root: Path, fingerprint: str, model: nn.Module) -> _Progress | None:
+    """The saved progress with the finished layers' weights copied into ``model``; None if nothing saved."""
+    state_path = root / _STATE_FILE
+    if not state_path.exists():
+        return None
+    try:
+        with safe_open(state_path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"resume_dir {root} holds progress of a different run (config, calibration data, old masks "
+                    "or model differ); delete it or choose another resume_dir"
+                )
+            progress = _Progress(
+                next_layer=int(meta["next_layer"]),
+                activations=f.get_tensor("activations"),
+                targets=json.loads(meta["targets"]),
+                records=json.loads(meta["records"]),
+                seconds=json.loads(meta["seconds"]),
+                retries=int(meta["retries"]),
+                elapsed=float(meta["elapsed"]),
+            )
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for index in range(progress.next_layer):
+                for key, tensor in load_file(_layer_file(root, index)).items():
+                    kind, name = key.split("/", 1)
+                    if kind == "weight":
+                        params[name].copy_(tensor)
+                    else:
+                        progress.masks[name] = tensor
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the resume state in {root} ({err}); delete the folder to start over") from err
+    log.info("resuming pruning at decoder layer %d from %s", progress.next_layer, root)
+    return progress
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def prune_model(
+    model: nn.Module,
+    calib: Tensor,
+    cfg: PruneConfig,
+    *,
+    old_masks: Mapping[str, Tensor] | None = None,
+    device: str | torch.device = "cpu",
+    resume_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    batch_size: int = 8,
+) -> PruneResult:
+    """Prune ``model``'s decoder-layer Linears in place with ``cfg``; see the module docstring.
+
+    ``calib``: token ids ``[N ≥ cfg.num_samples, L ≥ cfg.seq_len]`` (the first rows and
+    tokens are used). ``old_masks``: masks of a previous round (iterative pruning); without
+    them, existing zeros are kept as pruned. ``batch_size``: calibration sequences per
+    forward. All inputs are checked before any work or write.
+    """
+    start = time.perf_counter()
+    cfg = PruneConfig.model_validate(cfg.model_dump())  # re-check: model_construct skips validation
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _, layers = find_decoder_layers(model)
+    calib = _check_calibration(model, calib, cfg)
+    linears_by_layer = _linears_by_layer(model, cfg)
+    if old_masks is not None:
+        validate_masks(model, old_masks)
+    device = torch.device(device)
+    root = Path(resume_dir) if resume_dir is not None else None
+    fingerprint = _fingerprint(model, calib, cfg, old_masks, batch_size) if root is not None else ""
+
+    with torch.no_grad(), _eval_mode(model):
+        state = _load_progress(root, fingerprint, model) if root is not None else None
+        _, kwargs = _first_layer_inputs(model, layers[0], calib[:1])  # batch-1 kwargs broadcast over batches
+        kwargs = _to_device(kwargs, torch.device("cpu"))
+        if state is None:
+            acts = _capture_activations(model, layers[0], calib, batch_size)
+            targets = [cfg.sparsity] * len(layers)
+            if cfg.owl:
+                targets = _owl_targets(layers, linears_by_layer, acts, kwargs, cfg, device, batch_size, progress)
+                acts = _capture_activations(model, layers[0], calib, batch_size)
+            state = _Progress(next_layer=0, activations=acts, targets=targets)
+        elapsed_before = state.elapsed
+
+        bar = tqdm(
+            total=len(layers),
+            initial=state.next_layer,
+            desc=f"{cfg.method} {cfg.structure if cfg.nm else f'{cfg.sparsity:.0%}'}",
+            unit="layer",
+            disable=not progress,
+        )
+        with bar:
+            for index in range(state.next_layer, len(layers)):
+                layer_start = time.perf_counter()
+                with _on_device(layers[index], device) as layer:
+                    _prune_decoder_layer(
+                        index, layer, linears_by_layer[index], state, _to_device(kwargs, device), cfg, old_masks,
+                        batch_size,
+                    )
+                state.seconds.append(time.perf_counter() - layer_start)
+                state.elapsed = elapsed_before + time.perf_counter() - start
+                errors = [r["error"] for r in state.records if r["decoder_layer"] == index]
+                if errors:
+                    mean_error = sum(errors) / len(errors)
+                    bar.set_postfix(err=f"{mean_error:.4f}")
+                    log.info("decoder layer %d: mean relative error %.5f (%.1fs)", index, mean_error, state.seconds[-1])
+                if root is not None:
+                    _save_progress(root, fingerprint, linears_by_layer[index], state)
+                bar.update()
+
+    check_masks(model, state.masks)  # every stage that writes a model asserts its sparsity
+    total = elapsed_before + time.perf_counter() - start
+    pruned = sum(int((~m).sum()) for m in state.masks.values())
+    numel = sum(m.numel() for m in state.masks.values())
+    log.info("pruned %d Linears to %.4f sparsity in %.1fs", len(state.masks), pruned / max(numel, 1), total)
+    return PruneResult(
+        masks={**(old_masks or {}), **state.masks},
+        layers=state.records,
+        seconds_per_decoder_layer=state.seconds,
+        total_seconds=total,
+        cholesky_retries=state.retries,
+        layer_sparsity_targets=state.targets,
+    )

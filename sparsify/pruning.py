@@ -1,0 +1,515 @@
+"""One-layer pruning algorithms: SparseGPT, Wanda, magnitude; OWL layer-wise sparsities.
+
+Notation and conventions
+------------------------
+* ``W`` is a Linear weight ``[out, in]``; ``X`` its calibration inputs ``[in, n]`` (n tokens).
+* ``H = 2 X Xᵀ / n`` is the Hessian of the layer-wise reconstruction loss ‖WX − ŴX‖²
+  (up to the 1/n), accumulated by the caller as a running average over mini-batches.
+* A mask is bool ``[out, in]``, True = kept. Every function returns ``(W_new, mask)`` with
+  ``W_new`` exactly zero where the mask is False.
+* ``nm=(N, M)`` ("2:4") means N weights are *kept* in every group of M consecutive
+  input weights of a row (NVIDIA's convention; SparseGPT's ``prunen:prunem`` counts
+  the pruned ones — the two agree for 2:4 and 4:8). The layer sparsity is then fixed
+  at 1 − N/M and ``sparsity`` must equal it, so a config cannot silently mean two things.
+* ``keep_mask`` (iterative pruning): weights it prunes (False) stay pruned — the new mask
+  is a subset of it — and the rest of the budget goes to the best remaining weights.
+* Unstructured sparsity is exact: a layer prunes ``round(sparsity · numel)`` weights
+  (unless ``keep_mask`` already prunes more: old zeros always stay zero).
+
+All three methods share the mask selection helpers below; they differ only in the
+score (|W|, |W|·‖X_j‖, or SparseGPT's w²/[H⁻¹]_jj) and in whether weights are updated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+NM = tuple[int, int]
+
+_NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_CHOLESKY_RETRIES = 6  # dampening grows 10x per retry: up to 1e6x the configured value
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def parse_structure(structure: str) -> NM | None:
+    """``"unstructured"`` → None, ``"2:4"`` → (2, 4); ValueError for anything else."""
+    if structure == "unstructured":
+        return None
+    match = _NM_PATTERN.match(structure)
+    if match is None:
+        raise ValueError(f"structure must be 'unstructured' or 'N:M' such as '2:4', got {structure!r}")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise ValueError(f"structure {structure!r}: N:M keeps N of every M weights, so it needs 0 < N < M")
+    return n, m
+
+
+class PruneConfig(BaseModel):
+    """Options of one pruning run; this is the ``prune`` section of params.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["sparsegpt", "wanda", "magnitude"] = "sparsegpt"
+    sparsity: float = 0.5  # fraction of zeros per layer, in [0, 1)
+    # "unstructured", or "N:M": N weights kept in every M consecutive input weights (then sparsity = 1 - N/M)
+    structure: str = "unstructured"
+    block_size: int = Field(default=128, gt=0)  # SparseGPT: columns per lazy-update block (a multiple of M)
+    dampening: float = Field(default=0.01, gt=0)  # SparseGPT: fraction of mean(diag H) added to diag H
+    num_samples: int = Field(default=128, gt=0)  # calibration sequences
+    seq_len: int = Field(default=256, gt=0)  # tokens per calibration sequence
+    ignore: list[str] = []  # module-name patterns left dense: globs, or "re:<regex>"
+    owl: bool = False  # outlier-weighted layer-wise sparsity (unstructured only)
+    owl_lambda: float = Field(default=0.08, ge=0)  # per-layer sparsity stays within sparsity ± owl_lambda
+    owl_threshold: float = Field(default=5.0, gt=0)  # outlier: Wanda score > owl_threshold × the layer mean
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_range(cls, v: float) -> float:
+        if not (0.0 <= v < 1.0 and math.isfinite(v)):
+            raise ValueError(f"sparsity must be in [0, 1) (0.5 = half the weights zero), got {v}")
+        return v
+
+    @field_validator("structure")
+    @classmethod
+    def _structure_format(cls, v: str) -> str:
+        parse_structure(v)
+        return v
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise ValueError(f"ignore pattern {pattern!r} is not a valid regular expression: {err}") from err
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneConfig:
+        nm = self.nm
+        if nm is not None:
+            n, m = nm
+            if not math.isclose(self.sparsity, 1 - n / m, abs_tol=1e-9):
+                raise ValueError(
+                    f"structure {self.structure!r} keeps {n} of {m} weights, i.e. sparsity {1 - n / m:g}, "
+                    f"but sparsity is {self.sparsity:g}: set sparsity to {1 - n / m:g} or structure to 'unstructured'"
+                )
+            if self.block_size % m:
+                raise ValueError(
+                    f"block_size ({self.block_size}) must be a multiple of M={m} (structure {self.structure!r})"
+                )
+            if self.owl:
+                raise ValueError("owl sets a different sparsity per layer: it needs structure 'unstructured'")
+        if self.owl:
+            lo, hi = self.sparsity - self.owl_lambda, self.sparsity + self.owl_lambda
+            if lo < 0 or hi >= 1:
+                raise ValueError(
+                    f"owl: sparsity ± owl_lambda = [{lo:g}, {hi:g}] must lie within [0, 1); lower owl_lambda"
+                )
+        return self
+
+    @property
+    def nm(self) -> NM | None:
+        return parse_structure(self.structure)
+
+
+def _check_args(W: Tensor, sparsity: float, nm: NM | None, keep_mask: Tensor | None) -> None:
+    """Shared argument validation of the per-layer functions (the config may be bypassed)."""
+    if W.ndim != 2 or not W.is_floating_point():
+        raise ValueError(f"weight must be a 2-D floating tensor [out, in], got {tuple(W.shape)} {W.dtype}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not torch.isfinite(W).all():
+        raise ValueError("weight has nan/inf entries")
+    if nm is not None:
+        n, m = nm
+        if not 0 < n < m:
+            raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+        if W.shape[1] % m:
+            raise ValueError(f"N:M with M={m} needs the input width to be a multiple of M, got {W.shape[1]}")
+        if not math.isclose(sparsity, 1 - n / m, abs_tol=1e-9):
+            raise ValueError(f"{n}:{m} means sparsity {1 - n / m:g}, got sparsity={sparsity:g}")
+    if keep_mask is not None and (keep_mask.shape != W.shape or keep_mask.dtype != torch.bool):
+        raise ValueError(f"keep_mask must be bool {tuple(W.shape)}, got {keep_mask.dtype} {tuple(keep_mask.shape)}")
+
+
+# --------------------------------------------------------------------------- mask selection (shared)
+
+
+def _prune_lowest(scores: Tensor, n_prune: Tensor, keep: Tensor | None) -> Tensor:
+    """Keep-mask for ``scores`` [G, S] pruning the ``n_prune[g]`` lowest entries of each row g.
+
+    Entries that ``keep`` already prunes rank below every score, so they are pruned first;
+    callers request ``n_prune`` ≥ their count. Ties break by position (stable sort), which
+    makes the result deterministic.
+    """
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    order = torch.argsort(scores, dim=1, stable=True)
+    rank = torch.arange(scores.shape[1], device=scores.device)
+    kept_in_order = rank[None, :] >= n_prune.to(scores.device)[:, None]
+    return torch.empty_like(scores, dtype=torch.bool).scatter_(1, order, kept_in_order)
+
+
+def _allocate_prune_counts(sizes: Tensor, forced: Tensor, sparsity: float) -> Tensor:
+    """How many entries each group (row, block, ...) prunes so the layer is exactly on target.
+
+    Group g of ``sizes[g]`` entries gets its share of ``round(sparsity · Σ sizes)`` by
+    cumulative rounding (shares differ by at most one from ``sparsity · size`` and sum
+    exactly to the total). Each share is then raised to ``forced[g]`` (entries already
+    pruned that must stay pruned), and the excess this creates is taken back from groups
+    that have room, proportionally to their room. If the forced entries alone exceed the
+    total, every group prunes just its forced entries (the layer ends above target).
+    """
+    sizes, forced = sizes.long().cpu(), forced.long().cpu()
+    ideal = torch.round(torch.cumsum(sizes, 0).double() * sparsity).long()
+    counts = torch.maximum(torch.diff(ideal, prepend=ideal.new_zeros(1)), forced)
+    excess = int(counts.sum()) - int(ideal[-1])
+    if excess <= 0:
+        return counts
+    room = counts - forced
+    total_room = int(room.sum())
+    if total_room <= excess:
+        log.warning(
+            "keep_mask already prunes %d of %d weights, more than the target %.3f: keeping the old zeros only",
+            int(forced.sum()), int(sizes.sum()), sparsity,
+        )
+        return forced
+    take = room * excess // total_room  # floor of each group's proportional part ...
+    left = room - take
+    rest = excess - int(take.sum())  # ... and the remainder (< #groups with room), one each, to the roomiest
+    take[torch.argsort(left, descending=True, stable=True)[:rest]] += 1
+    return counts - take
+
+
+def _nm_mask(scores: Tensor, nm: NM, keep: Tensor | None) -> Tensor:
+    """Keep-mask with the N best of every M consecutive entries of each row of ``scores``."""
+    n, m = nm
+    groups = scores.reshape(-1, m)
+    group_keep = None if keep is None else keep.reshape(-1, m)
+    # Built on the scores' device: SparseGPT calls this every M columns, so no host round trips.
+    n_prune = torch.full((groups.shape[0],), m - n, dtype=torch.long, device=scores.device)
+    if group_keep is not None:  # a group that already has more zeros keeps them (still ≤ N nonzeros)
+        n_prune = torch.maximum(n_prune, (~group_keep).sum(1))
+    return _prune_lowest(groups, n_prune, group_keep).reshape(scores.shape)
+
+
+def _unstructured_mask(scores: Tensor, sparsity: float, keep: Tensor | None, *, per_row: bool) -> Tensor:
+    """Keep-mask pruning the lowest scores, compared within each row or across the whole layer."""
+    groups = scores if per_row else scores.reshape(1, -1)
+    group_keep = None if keep is None else keep.reshape(groups.shape)
+    sizes = torch.full((groups.shape[0],), groups.shape[1], dtype=torch.long)
+    forced = torch.zeros_like(sizes) if group_keep is None else (~group_keep).sum(1).cpu()
+    n_prune = _allocate_prune_counts(sizes, forced, sparsity)
+    return _prune_lowest(groups, n_prune, group_keep).reshape(scores.shape)
+
+
+def _select_mask(scores: Tensor, sparsity: float, nm: NM | None, keep: Tensor | None, *, per_row: bool) -> Tensor:
+    if nm is not None:
+        return _nm_mask(scores, nm, keep)
+    return _unstructured_mask(scores, sparsity, keep, per_row=per_row)
+
+
+# --------------------------------------------------------------------------- magnitude and Wanda
+
+
+def magnitude_prune(
+    W: Tensor, sparsity: float, *, nm: NM | None = None, keep_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Prune the smallest |w| of the layer (compared across the whole layer, or per N:M group)."""
+    _check_args(W, sparsity, nm, keep_mask)
+    mask = _select_mask(W.abs(), sparsity, nm, keep_mask, per_row=False)
+    return W.masked_fill(~mask, 0), mask
+
+
+def wanda_scores(W: Tensor, x_norm_sq: Tensor) -> Tensor:
+    """Wanda's importance |W_ij| · ‖X_j‖: a weight matters as much as the inputs it multiplies."""
+    return W.abs().float() * x_norm_sq.float().clamp_min(0).sqrt()[None, :]
+
+
+def wanda_prune(
+    W: Tensor, x_norm_sq: Tensor, sparsity: float, *, nm: NM | None = None, keep_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Wanda (Sun et al. 2024): prune the lowest |W|·‖X_j‖, compared within each output row.
+
+    ``x_norm_sq[j] = Σ_tokens x_j²``; any positive multiple works (e.g. ``diag(H)``), since
+    only the ranking within a row matters. Per-row comparison is what the paper found
+    best for LLMs; per-row counts differ by at most one so the layer total is exact.
+    """
+    _check_args(W, sparsity, nm, keep_mask)
+    if x_norm_sq.shape != (W.shape[1],):
+        raise ValueError(f"x_norm_sq must have shape ({W.shape[1]},), got {tuple(x_norm_sq.shape)}")
+    mask = _select_mask(wanda_scores(W, x_norm_sq), sparsity, nm, keep_mask, per_row=True)
+    return W.masked_fill(~mask, 0), mask
+
+
+# --------------------------------------------------------------------------- SparseGPT
+
+
+def _compute_dtype(W: Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 weights (the OBS updates need the mantissa); fp64 kept for exact tests."""
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+def _inverse_hessian_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, int]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = dampening · mean(diag H); and the retry count.
+
+    Why U: eliminating input columns in order 0, 1, ..., row i of U holds, for the columns
+    still present, ``[H_F⁻¹]_ii = U_ii²`` and the OBS compensation direction
+    ``H_F⁻¹[i, i:] / [H_F⁻¹]_ii = U[i, i:] / U_ii`` — one factorisation replaces the
+    sequence of shrinking inverses. A failed factorisation (H numerically not positive
+    definite, e.g. few samples) retries with 10× the dampening.
+    """
+    mean_diag = H.diagonal().mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(_CHOLESKY_RETRIES + 1):
+        damp = dampening * 10**attempt
+        lower, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0:
+                return upper, attempt
+        if attempt < _CHOLESKY_RETRIES:
+            log.warning("Cholesky failed with dampening %.3g; retrying with %.3g", damp, damp * 10)
+    raise RuntimeError(
+        f"the Hessian is not positive definite even with dampening {dampening * 10**_CHOLESKY_RETRIES:.3g}: "
+        "check the calibration activations"
+    )
+
+
+def _prepare(W: Tensor, H: Tensor, dampening: float) -> tuple[Tensor, Tensor, int]:
+    """Working copy of W (compute dtype) and U; inputs that are always zero are handled as published.
+
+    A dead input (H_jj = 0) carries no signal: its weights are set to zero (they cannot
+    affect the outputs) and H_jj to 1 so H stays invertible.
+    """
+    dtype = _compute_dtype(W)
+    if H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"H must be [{W.shape[1]}, {W.shape[1]}] for weight {tuple(W.shape)}, got {tuple(H.shape)}")
+    if not torch.isfinite(H).all():
+        raise ValueError("H has nan/inf entries (non-finite calibration activations?)")
+    W = W.detach().to(dtype=dtype, copy=True)
+    H = H.detach().to(device=W.device, dtype=dtype, copy=True)
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1
+    W[:, dead] = 0
+    upper, retries = _inverse_hessian_cholesky(H, dampening)
+    return W, upper, retries
+
+
+# select(scores, start, stop) -> keep-mask of columns [start, stop); scores = w² / U_jj² of those columns
+Selector = Callable[[Tensor, int, int], Tensor]
+
+
+def _obs_sweep(
+    W: Tensor, U: Tensor, block_size: int, select: Selector, select_every: int | None
+) -> tuple[Tensor, Tensor]:
+    """SparseGPT's column sweep (Frantar & Alistarh 2023, Alg. 1), in place on ``W``.
+
+    Columns are eliminated left to right. Pruning weight w_rj with the columns ≥ j still
+    free, the OBS update that best compensates for it in ‖(W − Ŵ)X‖² changes the row's
+    later weights by ``−(w_rj / U_jj) · U[j, j:]``. Inside a block of ``block_size``
+    columns the updates are applied column by column (each column's mask depends on
+    them); their effect on the columns after the block is accumulated in ``err`` and
+    applied in one matrix product at the block's end ("lazy batched updates") — the same
+    arithmetic, grouped for speed.
+
+    The mask is chosen adaptively: ``select`` is called for the next ``select_every``
+    columns (for N:M: every M columns; None: once per block) with the current scores
+    w² / U_jj², the OBS saliency of pruning each weight given the updates so far.
+    """
+    cols = W.shape[1]
+    mask = torch.ones_like(W, dtype=torch.bool)
+    for b0 in range(0, cols, block_size):
+        b1 = min(b0 + block_size, cols)
+        width = b1 - b0
+        block = W[:, b0:b1].clone()
+        U_block = U[b0:b1, b0:b1]
+        d = U_block.diagonal()
+        err = torch.zeros_like(block)
+        step = select_every or width
+        for j in range(width):
+            if j % step == 0:
+                g1 = min(j + step, width)
+                scores = block[:, j:g1] ** 2 / d[j:g1] ** 2
+                mask[:, b0 + j : b0 + g1] = select(scores, b0 + j, b0 + g1)
+            w = block[:, j]
+            q = w.masked_fill(~mask[:, b0 + j], 0)  # kept weights stay, pruned ones become 0
+            err[:, j] = (w - q) / d[j]
+            block[:, j + 1 :].addr_(err[:, j], U_block[j, j + 1 :], alpha=-1)  # OBS update within the block
+            block[:, j] = q
+        W[:, b0:b1] = block
+        W[:, b1:].addmm_(err, U[b0:b1, b1:], alpha=-1)  # lazy batched update of all later columns
+    return W, mask
+
+
+def _sparsegpt(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    *,
+    nm: NM | None,
+    block_size: int,
+    dampening: float,
+    keep_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, int]:
+    """:func:`sparsegpt_prune` plus the number of Cholesky retries (reported by the driver)."""
+    _check_args(W, sparsity, nm, keep_mask)
+    if block_size <= 0 or (nm is not None and block_size % nm[1]):
+        raise ValueError(f"block_size must be positive (and a multiple of M for N:M), got {block_size}")
+    if dampening < 0:
+        raise ValueError(f"dampening must be >= 0, got {dampening}")
+    work, U, retries = _prepare(W, H, dampening)
+    keep = None if keep_mask is None else keep_mask.to(work.device)
+    rows, cols = work.shape
+
+    if nm is not None:
+        def select(scores: Tensor, start: int, stop: int) -> Tensor:
+            return _nm_mask(scores, nm, None if keep is None else keep[:, start:stop])
+
+        new_W, mask = _obs_sweep(work, U, block_size, select, select_every=nm[1])
+    else:
+        # Each block prunes its quota over all its rows × columns (as the reference code's
+        # per-block threshold); quotas come from one allocation so the layer total is exact.
+        starts = range(0, cols, block_size)
+        sizes = torch.tensor([rows * (min(s + block_size, cols) - s) for s in starts])
+        forced = (
+            torch.zeros_like(sizes)
+            if keep is None
+            else torch.stack([(~keep[:, s : s + block_size]).sum() for s in starts]).cpu()
+        )
+        quotas = _allocate_prune_counts(sizes, forced, sparsity)
+
+        def select(scores: Tensor, start: int, stop: int) -> Tensor:
+            block_keep = None if keep is None else keep[:, start:stop].reshape(1, -1)
+            quota = quotas[start // block_size].reshape(1)
+            return _prune_lowest(scores.reshape(1, -1), quota, block_keep).reshape(scores.shape)
+
+        new_W, mask = _obs_sweep(work, U, block_size, select, select_every=None)
+    return new_W.to(W.dtype), mask, retries
+
+
+def sparsegpt_prune(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    *,
+    nm: NM | None = None,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    keep_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SparseGPT (Frantar & Alistarh 2023): prune with OBS weight updates, mask chosen on the fly.
+
+    ``H = 2XXᵀ/n`` of the layer's calibration inputs. Unstructured: each block of
+    ``block_size`` columns prunes its share of weights with the lowest w²/[H⁻¹]_jj over
+    the whole block; N:M: the M−N lowest of every group of M, chosen when the sweep
+    reaches the group. Computes in fp32 (fp64 for fp64 input); returns W's dtype.
+    """
+    new_W, mask, _ = _sparsegpt(
+        W, H, sparsity, nm=nm, block_size=block_size, dampening=dampening, keep_mask=keep_mask
+    )
+    return new_W, mask
+
+
+def _sparsegpt_fixed_mask(W: Tensor, H: Tensor, mask: Tensor, *, block_size: int, dampening: float) -> Tensor:
+    """SparseGPT's weight update for a mask given in advance (the same sweep, no selection).
+
+    For tests: when, in every row, all pruned columns precede the kept ones and there is no
+    dampening, the sweep must reproduce the exact least-squares reconstruction.
+    """
+    work, U, _ = _prepare(W, H, dampening)
+    mask = mask.to(work.device)
+    new_W, _ = _obs_sweep(work, U, block_size, lambda scores, a, b: mask[:, a:b], select_every=None)
+    return new_W.to(W.dtype)
+
+
+# --------------------------------------------------------------------------- dispatch and metrics
+
+
+class LinearPruneResult(NamedTuple):
+    weight: Tensor
+    mask: Tensor
+    cholesky_retries: int
+
+
+def prune_linear(
+    W: Tensor, H: Tensor, cfg: PruneConfig, *, sparsity: float | None = None, keep_mask: Tensor | None = None
+) -> LinearPruneResult:
+    """Prune one Linear weight with ``cfg.method``, given its inputs' ``H = 2XXᵀ/n``.
+
+    ``sparsity`` overrides ``cfg.sparsity`` (OWL's per-layer targets). Wanda uses diag(H),
+    which is ‖X_j‖² up to the factor 2/n that does not change its ranking.
+    """
+    target = cfg.sparsity if sparsity is None else sparsity
+    if cfg.method == "sparsegpt":
+        return LinearPruneResult(*_sparsegpt(
+            W, H, target, nm=cfg.nm, block_size=cfg.block_size, dampening=cfg.dampening, keep_mask=keep_mask
+        ))
+    if cfg.method == "wanda":
+        return LinearPruneResult(*wanda_prune(W, H.diagonal(), target, nm=cfg.nm, keep_mask=keep_mask), 0)
+    return LinearPruneResult(*magnitude_prune(W, target, nm=cfg.nm, keep_mask=keep_mask), 0)
+
+
+def reconstruction_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
+    """Relative output error ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs, from H alone.
+
+    ‖ΔW X‖²_F = tr(ΔW XXᵀ ΔWᵀ) = (n/2) Σ (ΔW H) ⊙ ΔW, and the n/2 cancels in the ratio.
+    """
+    H = H.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+    W = W.detach().to(H.dtype)
+    delta = W - W_new.detach().to(device=W.device, dtype=H.dtype)
+    num = float(((delta @ H) * delta).sum())
+    den = float(((W @ H) * W).sum())
+    if den <= 0:
+        return 0.0 if num == 0 else math.inf
+    return num / den
+
+
+# --------------------------------------------------------------------------- OWL
+
+
+def outlier_ratio(scores: Sequence[Tensor], threshold: float) -> float:
+    """OWL's layer outlier ratio: fraction of Wanda scores above ``threshold`` × their mean.
+
+    ``scores`` are all sublayers of one decoder layer, pooled (as in Yin et al. 2024).
+    """
+    flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
+    return float((flat > threshold * flat.mean()).float().mean())
+
+
+def owl_sparsities(outlier_ratios: Sequence[float], target: float, lam: float) -> list[float]:
+    """Per-layer sparsities from outlier ratios: more outliers → lower sparsity.
+
+    ``s_l = target − lam · (D_l − mean D) / max_k |D_k − mean D|``: a linear map of the
+    outlier ratios D, so the mean is the target (the model's global sparsity is kept) and
+    every s_l lies in [target − lam, target + lam], the most extreme layer at the edge.
+    OWL's reference code instead rescales D to [0, 2·lam] before centring, which can step
+    outside that band when the ratios are skewed; this keeps the documented band.
+    """
+    if not outlier_ratios:
+        raise ValueError("owl_sparsities needs at least one layer")
+    if lam < 0 or target - lam < 0 or target + lam >= 1:
+        raise ValueError(f"owl: target ± lambda = [{target - lam:g}, {target + lam:g}] must lie within [0, 1)")
+    ratios = torch.tensor(outlier_ratios, dtype=torch.float64)
+    deviation = ratios - ratios.mean()
+    spread = float(deviation.abs().max())
+    if spread == 0.0 or lam == 0.0:
+        return [target] * len(outlier_ratios)
+    sparsities = target - lam * deviation / spread
+    sparsities -= sparsities.mean() - target  # remove the floating-point residue of the mean
+    return sparsities.clamp(target - lam, target + lam).tolist()

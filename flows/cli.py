@@ -36,17 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name")
     _config_args(stage)
     dvc = sub.add_parser("dvc-yaml", help="print dvc.yaml generated from the stage table")
+    dvc.add_argument("--config", default="params.yaml", help="parameters file (default: params.yaml)")
     mode = dvc.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="write dvc.yaml")
     mode.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml differs from the table")
     return parser
 
 
-def render_dvc_yaml() -> str:
+def render_dvc_yaml(config: str | Path = "params.yaml") -> str:
     from tasks.stages import dvc_yaml
 
     header = "# Generated from tasks/stages.py by `sparsellama dvc-yaml --write`; edit the table, not this file.\n"
-    return header + yaml.safe_dump(dvc_yaml(), sort_keys=False)
+    return header + yaml.safe_dump(dvc_yaml(load_config(config)), sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "dvc-yaml":
-            text = render_dvc_yaml()
+            text = render_dvc_yaml(args.config)
             if args.write:
                 Path("dvc.yaml").write_text(text)
             elif args.check:
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             from tasks import stages
             from tasks.runner import execute
 
-            stage = stages.get(args.name)
-            execute(stage, load_config(args.config, args.profile, overrides=args.overrides))
+            cfg = load_config(args.config, args.profile, overrides=args.overrides)
+            execute(stages.get(cfg, args.name), cfg)
             return 0
         if args.command == "run":
             load_config(args.config, args.profile, overrides=args.overrides)  # fail fast, before Prefect starts

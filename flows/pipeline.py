@@ -10,7 +10,7 @@ from prefect import flow
 from sparsify.config import load_config
 from tasks.common import git_commit
 from tasks.runner import stage_task
-from tasks.stages import STAGES
+from tasks.stages import stages
 from tasks.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def sparse_llama(
     tracker.log(parent, params=flatten(cfg.model_dump(mode="json")))
     results: dict[str, dict[str, float]] = {}
     try:
-        for stage in STAGES:
+        for stage in stages(cfg):
             result = stage_task.with_options(name=stage.name)(stage, cfg, parent)
             results[stage.name] = result.metrics
             tracker.log(parent, metrics=result.metrics)

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sparsify.pruning import PruneConfig
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the offending key."""
@@ -127,11 +129,30 @@ class BaseStageConfig(Section):
     train: TrainConfig
 
 
+class PipelineConfig(Section):
+    """The paper's schedule: prune to each sparsity in turn, each level starting from the previous one."""
+
+    sparsities: list[float] = Field(default=[0.5, 0.7], min_length=1)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(not 0 < s < 1 for s in v):
+            raise ValueError(f"each sparsity must be in (0, 1), got {v}")
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError(f"sparsities must increase (each level prunes the previous one further), got {v}")
+        if len({round(s * 100) for s in v}) != len(v):
+            raise ValueError(f"sparsities must differ in whole percent (they name the stages), got {v}")
+        return v
+
+
 class Config(Section):
     project: ProjectConfig = ProjectConfig()
     tracking: TrackingConfig = TrackingConfig()
     data: DataConfig
     base: BaseStageConfig
+    prune: PruneConfig = PruneConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     @property
     def root(self) -> Path:

@@ -8,6 +8,7 @@ user has already set win (`setdefault`).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -24,5 +25,9 @@ def configure_environment(workdir: str | os.PathLike | None = None) -> None:
         "HF_HOME": str(work / ".cache" / "huggingface"),
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if not sys.stderr.isatty():
+        # In logs (CI, Prefect workers, dvc repro) a progress bar redrawn 10x a second buries the
+        # messages; one update every 10 s still shows progress and rate.
+        defaults["TQDM_MININTERVAL"] = "10"
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -3,16 +3,22 @@
 The Prefect flow runs these in order, the CLI's `sparsellama stage NAME` runs one,
 and `dvc.yaml` is generated from this table (`sparsellama dvc-yaml --write`); a
 test fails when the committed dvc.yaml and this table disagree.
+
+The table depends on the configuration only through `pipeline.sparsities`: one
+prune stage per level, each starting from the previous level's checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from sparsify.config import Config
-from tasks import base, data
+from tasks import base, data, prune
 from tasks.common import StageResult
+
+CORPUS = "data/corpus"
 
 
 @dataclass(frozen=True)
@@ -29,42 +35,61 @@ class Stage:
         return f"metrics/{self.name}.json"
 
 
-STAGES: tuple[Stage, ...] = (
-    Stage(
-        name="data",
-        run=data.run,
-        params=("project.seed", "data"),
-        deps=(),
-        outs=("data/corpus",),
-        code=("sparsify/data.py", "tasks/data.py"),
-    ),
-    Stage(
-        name="base",
-        run=base.run,
-        params=("project.seed", "project.device", "base"),
-        deps=("data/corpus",),
-        outs=("models/base",),
-        code=("sparsify/model.py", "sparsify/trainer.py", "sparsify/metrics.py", "tasks/base.py"),
-    ),
-)
-
-BY_NAME = {s.name: s for s in STAGES}
+def level_name(sparsity: float) -> str:
+    return f"{round(sparsity * 100)}"
 
 
-def get(name: str) -> Stage:
-    if name not in BY_NAME:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(BY_NAME)}")
-    return BY_NAME[name]
+def stages(cfg: Config) -> tuple[Stage, ...]:
+    table = [
+        Stage(
+            name="data",
+            run=data.run,
+            params=("project.seed", "data"),
+            deps=(),
+            outs=(CORPUS,),
+            code=("sparsify/data.py", "tasks/data.py"),
+        ),
+        Stage(
+            name="base",
+            run=base.run,
+            params=("project.seed", "project.device", "base"),
+            deps=(CORPUS,),
+            outs=("models/base",),
+            code=("sparsify/model.py", "sparsify/trainer.py", "sparsify/metrics.py", "tasks/base.py"),
+        ),
+    ]
+    previous = "models/base"
+    for sparsity in cfg.pipeline.sparsities:
+        name = f"prune{level_name(sparsity)}"
+        output = f"models/{name}"
+        table.append(Stage(
+            name=name,
+            run=partial(prune.run, name=name, sparsity=sparsity, source=previous, output=output),
+            params=("project.device", "prune", "pipeline.sparsities"),
+            deps=(previous, CORPUS),
+            outs=(output,),
+            code=("sparsify/pruning.py", "sparsify/layerwise.py", "sparsify/masks.py", "tasks/prune.py"),
+        ))
+        previous = output
+    return tuple(table)
 
 
-def dvc_yaml() -> dict:
+def get(cfg: Config, name: str) -> Stage:
+    by_name = {s.name: s for s in stages(cfg)}
+    if name not in by_name:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(by_name)}")
+    return by_name[name]
+
+
+def dvc_yaml(cfg: Config) -> dict:
     """dvc.yaml as data, one entry per stage, each calling the CLI."""
-    stages = {}
-    for s in STAGES:
-        entry: dict = {"cmd": f"sparsellama stage {s.name}"}
-        entry["deps"] = [*s.deps, *s.code]
-        entry["params"] = list(s.params)
-        entry["outs"] = list(s.outs)
-        entry["metrics"] = [{s.metrics_file: {"cache": False}}]
-        stages[s.name] = entry
-    return {"stages": stages}
+    entries = {}
+    for s in stages(cfg):
+        entries[s.name] = {
+            "cmd": f"sparsellama stage {s.name}",
+            "deps": [*s.deps, *s.code],
+            "params": list(s.params),
+            "outs": list(s.outs),
+            "metrics": [{s.metrics_file: {"cache": False}}],
+        }
+    return {"stages": entries}

@@ -11,8 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="sparsellama-prefect-"))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from sparsify.config import Config, load_config  # noqa: E402
+
+# Unit tests use tiny tensors: extra threads only add synchronisation (and contend on 2 cores).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"

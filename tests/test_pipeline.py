@@ -14,7 +14,8 @@ import yaml
 
 from flows.cli import main, render_dvc_yaml
 from sparsify.config import load_raw, resolve_raw
-from tasks.stages import STAGES, dvc_yaml
+from sparsify.config import load_config
+from tasks.stages import dvc_yaml, stages
 from tests.conftest import PARAMS, REPO
 
 
@@ -27,14 +28,18 @@ def prefect_server():
         yield
 
 
+STAGES = stages(load_config(PARAMS))
+
+
 def test_committed_dvc_yaml_matches_the_stage_table():
-    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml()
+    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(PARAMS)
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(declared) == [s.name for s in STAGES]
     for stage in STAGES:  # each dependency on another stage's output names an earlier stage
         earlier = {o for s in STAGES[: STAGES.index(stage)] for o in s.outs}
         assert set(stage.deps) <= earlier, stage.name
-    assert dvc_yaml()["stages"] == declared
+    assert dvc_yaml(load_config(PARAMS))["stages"] == declared
+    assert [s.name for s in STAGES] == ["data", "base", "prune50", "prune70"]
 
 
 @pytest.mark.slow
@@ -66,9 +71,9 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert main(["run", "--config", str(PARAMS), "--set", "prune.sparsityy=0.7"]) == 2
-    assert "prune: unknown key" in capsys.readouterr().err
+    assert "prune.sparsityy: unknown key; allowed keys here: block_size" in capsys.readouterr().err
     assert main(["stage", "nope", "--config", str(PARAMS)]) == 2
-    assert "unknown stage 'nope'; stages: data, base" in capsys.readouterr().err
+    assert "unknown stage 'nope'; stages: data, base, prune50, prune70" in capsys.readouterr().err
     bad = tmp_path / "params.yaml"
     bad.write_text("data: {train_tokens: 5\n")
     assert main(["run", "--config", str(bad)]) == 2

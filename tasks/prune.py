@@ -1,0 +1,76 @@
+"""Stage `prune<NN>`: one-shot pruning of a checkpoint to a sparsity level (SparseGPT by default).
+
+Iterative: when the input checkpoint already has masks (e.g. 50% before 70%), every
+existing zero stays zero. Progress is checkpointed after each decoder layer under
+`<root>/.resume/<stage>`, so an interrupted stage restarts from the last finished layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+from sparsify.config import Config
+from sparsify.data import Corpus, load_tokenizer
+from sparsify.io import atomic_dir, atomic_write_json
+from sparsify.layerwise import prune_model
+from sparsify.masks import load_masks, plot_sparsity, save_masks, sparsity_report
+from sparsify.metrics import mean_nll
+from sparsify.model import load_model, pick_device, save_checkpoint
+from sparsify.pruning import PruneConfig
+from tasks.common import Layout, StageResult, provenance
+
+log = logging.getLogger(__name__)
+
+MASKS = "masks.safetensors"
+
+
+def input_masks(path: Path) -> dict | None:
+    masks_file = path / MASKS
+    return load_masks(masks_file) if masks_file.is_file() else None
+
+
+def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) -> StageResult:
+    layout = Layout.of(cfg)
+    src, out = cfg.root / source, cfg.root / output
+    corpus = Corpus.open(layout.corpus)
+    model = load_model(src)
+    tokenizer = load_tokenizer(src)
+    old_masks = input_masks(src)
+    pcfg = PruneConfig.model_validate({**cfg.prune.model_dump(), "sparsity": sparsity})
+    device = pick_device(cfg.project.device)
+    resume = cfg.root / ".resume" / name
+    result = prune_model(model, corpus.calibration(), pcfg, old_masks=old_masks, device=device, resume_dir=resume)
+
+    val = corpus.blocks("val")
+    tc = cfg.base.train
+    ppl = math.exp(mean_nll(model.to(device), val, max_blocks=tc.eval_blocks, batch_size=tc.batch_size,
+                            device=device))
+    report = sparsity_report(model.cpu(), result.masks)
+    errors = [r["error"] for r in result.layers]
+    metrics = {
+        "ppl/val": ppl,
+        "sparsity/global": report["global"],
+        "sparsity/target": sparsity,
+        "time/prune_s": result.total_seconds,
+        "time/prune_per_layer_s": statistics.median(result.seconds_per_decoder_layer),
+        "prune/recon_error_mean": statistics.fmean(errors) if errors else 0.0,
+        "prune/recon_error_max": max(errors, default=0.0),
+        "prune/cholesky_retries": result.cholesky_retries,
+    }
+    log.info("%s: %s %s to %.3f sparsity, val ppl %.2f, %.1f s", name, pcfg.method, pcfg.structure,
+             report["global"], ppl, result.total_seconds)
+    with atomic_dir(out) as tmp:
+        save_checkpoint(model, tokenizer, tmp, provenance(name, cfg, ("project", "prune"), [src, layout.corpus]))
+        save_masks(result.masks, tmp / MASKS)
+        atomic_write_json(tmp / "sparsity.json", report)
+        atomic_write_json(tmp / "prune_layers.json", {"layers": result.layers,
+                                                      "seconds_per_decoder_layer": result.seconds_per_decoder_layer,
+                                                      "targets": result.layer_sparsity_targets})
+        plot_sparsity(report, tmp / "sparsity.png")
+    shutil.rmtree(resume, ignore_errors=True)  # the checkpoint is written; the resume state is spent
+    return StageResult(metrics=metrics, outputs=[out], variant=f"sparse{round(sparsity * 100)}",
+                       artifacts=[out / "sparsity.json", out / "sparsity.png", out / "prune_layers.json"])

@@ -9,7 +9,7 @@ from prefect import flow
 
 from sparsify.config import load_config
 from tasks.common import git_commit
-from tasks.runner import stage_task
+from tasks.runner import prefect_task
 from tasks.stages import stages
 from tasks.tracking import Tracker, flatten
 
@@ -34,6 +34,7 @@ def sparse_llama(
                                                  "git_commit": git_commit() or "unknown"})
     tracker.log(parent, params=flatten(cfg.model_dump(mode="json")))
     results: dict[str, dict[str, float]] = {}
+    stage_task = prefect_task()
     try:
         for stage in stages(cfg):
             result = stage_task.with_options(name=stage.name)(stage, cfg, parent)

@@ -129,6 +129,40 @@ class BaseStageConfig(Section):
     train: TrainConfig
 
 
+class DownstreamConfig(Section):
+    """Fine-tuning/evaluation tasks (names from `sparsify.downstream.TASKS`).
+
+    The embedded default runs the two offline tasks with real ground truth. On a real
+    machine list e.g. [gsm8k, cnn_dailymail, dolly, ultrachat, evol_codealpaca]; their data
+    come from the hub, or from local files in the dataset's schema via `data_files`.
+    """
+
+    tasks: list[str] = Field(default=["arithmetic", "docsum"])
+    train_size: int = Field(default=2000, gt=0)
+    test_size: int = Field(default=100, gt=0)
+    heldout_docs: int = Field(default=40, gt=0)  # validation documents for the rolling-perplexity task
+    data_files: dict[str, dict[str, str]] = {}  # task -> {train: path, test: path}
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from sparsify.downstream import TASKS
+
+        unknown = [t for t in v if t not in TASKS or t == "heldout"]
+        if unknown:
+            known = sorted(t for t in TASKS if t != "heldout")
+            raise ValueError(f"unknown task(s) {unknown}; known: {known}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"tasks repeat: {v}")
+        return v
+
+
+class EvaluateConfig(Section):
+    limit: int | None = Field(default=None, gt=0)  # documents per task (None: the whole test split)
+    batch_size: int = Field(default=8, gt=0)
+    extra_tasks: list[str] = []  # standard lm-eval tasks (arc_easy, hellaswag, ...) on machines that have them
+
+
 class PipelineConfig(Section):
     """The paper's schedule: prune to each sparsity in turn, each level starting from the previous one."""
 
@@ -152,6 +186,8 @@ class Config(Section):
     data: DataConfig
     base: BaseStageConfig
     prune: PruneConfig = PruneConfig()
+    downstream: DownstreamConfig = DownstreamConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
     @property

@@ -423,6 +423,18 @@ class Corpus:
             raise DataError(f"{self.path}: {split} split has {len(toks)} tokens, less than one block of {bs}")
         return toks[: n * bs].reshape(n, bs)
 
+    def documents(self, split: str, tokenizer, limit: int | None = None) -> Iterator[str]:
+        """Decoded documents of a split (the EOS-separated runs of its token stream)."""
+        toks = np.asarray(self.tokens(split))
+        ends = np.flatnonzero(toks == self.meta["eos_token_id"])
+        start = 0
+        for n, end in enumerate(ends):
+            if limit is not None and n >= limit:
+                return
+            if end > start:
+                yield tokenizer.decode(toks[start:end].tolist())
+            start = end + 1
+
     def calibration(self) -> torch.Tensor:
         return load_file(str(self.path / "calib.safetensors"))["input_ids"]
 

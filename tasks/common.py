@@ -25,6 +25,10 @@ class Layout:
     def corpus(self) -> Path:
         return self.root / "data" / "corpus"
 
+    @property
+    def task_data(self) -> Path:
+        return self.root / "data" / "tasks"
+
     def model(self, name: str) -> Path:
         return self.root / "models" / name
 
@@ -67,12 +71,16 @@ def provenance(stage: str, cfg: Config, sections: tuple[str, ...], parents: list
 
 
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:
-    """DVC metrics file: nested by the '/' in metric names so `dvc metrics show` groups them."""
+    """DVC metrics file, grouped by the first '/' of the metric names (`ppl/val` → {"ppl": {"val": …}}).
+
+    Only the first segment nests: `recovery/docsum` and `recovery/docsum/rougeL` both exist,
+    so deeper nesting would need a key to be both a value and a group.
+    """
     tree: dict = {}
     for key, value in sorted(metrics.items()):
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        group, _, rest = key.partition("/")
+        if rest:
+            tree.setdefault(group, {})[rest] = value
+        else:
+            tree[group] = value
     atomic_write_json(path, tree)

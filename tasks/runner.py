@@ -5,9 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from sparsify.config import Config
 from tasks.common import Layout, StageResult, git_commit, write_metrics
 from tasks.stages import Stage
@@ -54,6 +51,13 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None) -> Stag
     return result
 
 
-# The Prefect task around `execute`. Inputs (a Config) are not hashed for caching: skipping
-# finished stages is decided by the stages' own fingerprints, not Prefect's cache.
-stage_task = task(execute, name="stage", cache_policy=NO_CACHE, log_prints=False)
+def prefect_task():
+    """The Prefect task around `execute` (built on demand: `sparsellama stage` need not import Prefect).
+
+    Inputs (a Config) are not hashed for caching: whether a stage must run is decided by
+    the stage table and DVC, not by Prefect's cache.
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(execute, name="stage", cache_policy=NO_CACHE, log_prints=False)

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from functools import partial
 
 from sparsify.config import Config
-from tasks import base, data, prune
+from tasks import base, data, evaluate, prune, report, taskdata
 from tasks.common import StageResult
 
 CORPUS = "data/corpus"
+TASK_DATA = "data/tasks"
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,14 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             code=("sparsify/data.py", "tasks/data.py"),
         ),
         Stage(
+            name="taskdata",
+            run=taskdata.run,
+            params=("project.seed", "downstream"),
+            deps=(CORPUS,),
+            outs=(TASK_DATA,),
+            code=("sparsify/downstream.py", "tasks/taskdata.py"),
+        ),
+        Stage(
             name="base",
             run=base.run,
             params=("project.seed", "project.device", "base"),
@@ -71,6 +80,30 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             code=("sparsify/pruning.py", "sparsify/layerwise.py", "sparsify/masks.py", "tasks/prune.py"),
         ))
         previous = output
+
+    # Evaluation of every model, then the run report.
+    models = {"base": "dense"} | {f"prune{level_name(s)}": f"sparse{level_name(s)}" for s in cfg.pipeline.sparsities}
+    eval_code = ("sparsify/evaluation.py", "sparsify/downstream.py", "sparsify/recovery.py", "sparsify/sandbox.py",
+                 "tasks/evaluate.py")
+    for model, variant in models.items():
+        reference = None if model == "base" else "base"
+        table.append(Stage(
+            name=f"eval-{model}",
+            run=partial(evaluate.run, model=model, variant=variant, reference=reference),
+            params=("downstream.tasks", "evaluate"),
+            deps=(f"models/{model}", TASK_DATA, *([f"reports/eval/{reference}.json"] if reference else [])),
+            outs=(f"reports/eval/{model}.json",),
+            code=eval_code,
+        ))
+    levels = {f"prune{level_name(s)}": s for s in cfg.pipeline.sparsities}
+    table.append(Stage(
+        name="report",
+        run=partial(report.run, models=models, levels=levels),
+        params=("prune.method", "pipeline.sparsities"),
+        deps=tuple(f"reports/eval/{m}.json" for m in models),
+        outs=("reports/run",),
+        code=("sparsify/report.py", "tasks/report.py"),
+    ))
     return tuple(table)
 
 

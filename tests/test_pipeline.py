@@ -39,7 +39,8 @@ def test_committed_dvc_yaml_matches_the_stage_table():
         earlier = {o for s in STAGES[: STAGES.index(stage)] for o in s.outs}
         assert set(stage.deps) <= earlier, stage.name
     assert dvc_yaml(load_config(PARAMS))["stages"] == declared
-    assert [s.name for s in STAGES] == ["data", "base", "prune50", "prune70"]
+    assert [s.name for s in STAGES] == ["data", "taskdata", "base", "prune50", "prune70", "eval-base",
+                                        "eval-prune50", "eval-prune70", "report"]
 
 
 @pytest.mark.slow
@@ -50,7 +51,7 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
     for stage in STAGES:
         assert (tmp_path / stage.metrics_file).is_file()
         for out in stage.outs:
-            assert (tmp_path / out).is_dir()
+            assert (tmp_path / out).exists()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sparsellama")
     runs = client.search_runs([exp.experiment_id])
@@ -67,13 +68,21 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
     assert base.params["base.train.steps"] == "120"
     assert parent.data.params["data.train_tokens"] == "60000"
     assert client.get_metric_history(children["base"].info.run_id, "train/loss")
+    sparse = children["prune70"].data
+    assert sparse.tags["variant"] == "sparse70" and abs(sparse.metrics["sparsity/global"] - 0.7) < 1e-3
+    assert "time/prune_s" in sparse.metrics
+    evaluated = children["eval-prune70"].data
+    assert evaluated.tags["variant"] == "sparse70"
+    assert {"eval/arithmetic/exact_match", "eval/docsum/rougeL", "eval/heldout/byte_perplexity",
+            "recovery/heldout", "recovery/mean"} <= set(evaluated.metrics)
+    assert (tmp_path / "reports" / "run" / "report.html").is_file()
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert main(["run", "--config", str(PARAMS), "--set", "prune.sparsityy=0.7"]) == 2
     assert "prune.sparsityy: unknown key; allowed keys here: block_size" in capsys.readouterr().err
     assert main(["stage", "nope", "--config", str(PARAMS)]) == 2
-    assert "unknown stage 'nope'; stages: data, base, prune50, prune70" in capsys.readouterr().err
+    assert "unknown stage 'nope'; stages: data, taskdata, base, prune50" in capsys.readouterr().err
     bad = tmp_path / "params.yaml"
     bad.write_text("data: {train_tokens: 5\n")
     assert main(["run", "--config", str(bad)]) == 2
@@ -94,8 +103,11 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "models", "metrics", "mlflow.db",
                                     "mlartifacts", ".prefect", ".cache", "corpus", "*.egg-info")
     shutil.copytree(REPO, repo, ignore=ignore)
-    # The smoke profile, resolved into the params.yaml that dvc reads.
-    (repo / "params.yaml").write_text(yaml.safe_dump(resolve_raw(load_raw(PARAMS), "smoke"), sort_keys=False))
+    # The smoke profile with one sparsity level, resolved into the params.yaml that dvc reads;
+    # dvc.yaml regenerated from it (fewer stages keep this test within a minute or two).
+    raw = resolve_raw(load_raw(PARAMS), "smoke", overrides=["pipeline.sparsities=[0.5]"])
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (repo / "dvc.yaml").write_text(render_dvc_yaml(repo / "params.yaml"))
     for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x"]):
         subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
 
@@ -107,7 +119,9 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     params["base"]["train"]["steps"] = 30
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _dvc(repo, "repro")
-    assert "Running stage 'base'" in third and "Running stage 'data'" not in third
+    # base and what is built from it rerun; the corpus and the task data do not.
+    assert "Running stage 'base'" in third and "Running stage 'prune50'" in third
+    assert "Running stage 'data'" not in third and "Running stage 'taskdata'" not in third
     shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
     base_metrics = shown[""]["data"]["metrics/base.json"]["data"]
     assert base_metrics["ppl"]["val"] < base_metrics["ppl"]["val_init"]

@@ -23,19 +23,27 @@ def _read(path):
 
 
 def ppl_curve(cfg: Config, layout: Layout, levels: dict[str, float]) -> list[dict]:
-    """Perplexity vs sparsity: the pipeline's own one-shot points, plus the method benchmark if run."""
+    """Perplexity vs sparsity: the pipeline's own (iterative) points, plus the method benchmark if run.
+
+    Every line starts at the dense model (sparsity 0) so the cost of pruning reads off the plot.
+    """
+    pipeline = f"{cfg.prune.method} (pipeline)"
     base = _read(layout.metrics("base"))
     points = []
     if base:
-        points.append({"method": cfg.prune.method, "sparsity": 0.0, "ppl": base["ppl"]["val"]})
+        points.append({"method": pipeline, "sparsity": 0.0, "ppl": base["ppl"]["val"]})
     for stage, sparsity in levels.items():
         m = _read(layout.metrics(stage))
         if m:
-            points.append({"method": cfg.prune.method, "sparsity": sparsity, "ppl": m["ppl"]["val"]})
-    bench = _read(layout.reports / "prune_methods.json")
-    for row in (bench or {}).get("rows", []):
-        if row["method"] != "dense" and row["pattern"].endswith("%"):
-            points.append({"method": f"{row['method']} (benchmark)", "sparsity": row["sparsity"], "ppl": row["ppl"]})
+            points.append({"method": pipeline, "sparsity": sparsity, "ppl": m["ppl"]["val"]})
+    rows = (_read(layout.reports / "prune_methods.json") or {}).get("rows", [])
+    dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
+    for method in sorted({r["method"] for r in rows} - {"dense"}):
+        label = f"{method} (one-shot benchmark)"
+        if dense is not None:
+            points.append({"method": label, "sparsity": 0.0, "ppl": dense})
+        points += [{"method": label, "sparsity": r["sparsity"], "ppl": r["ppl"]}
+                   for r in rows if r["method"] == method and r["pattern"].endswith("%")]
     return points
 
 

@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.runner import execute
 
             cfg = load_config(args.config, args.profile, overrides=args.overrides)
-            execute(stages.get(cfg, args.name), cfg)
+            execute(stages.get(cfg, args.name), cfg, force=True)  # under dvc, DVC decides what reruns
             return 0
         if args.command == "run":
             load_config(args.config, args.profile, overrides=args.overrides)  # fail fast, before Prefect starts
-            from flows.pipeline import sparse_llama
+            from flows.pipeline import run_pipeline
 
-            sparse_llama(profile=args.profile, overrides=args.overrides, config_path=args.config)
+            run_pipeline(profile=args.profile, overrides=args.overrides, config_path=args.config)
             return 0
     except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
         print(f"sparsellama: error: {exc}", file=sys.stderr)

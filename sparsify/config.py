@@ -180,6 +180,12 @@ class PipelineConfig(Section):
         return v
 
 
+class OrchestrationConfig(Section):
+    # Stages running at once in the Prefect flow. On a 2-core CPU two torch jobs slow each
+    # other ~10x, so 1; raise it where independent stages have their own devices.
+    max_parallel: int = Field(default=1, ge=1)
+
+
 class Config(Section):
     project: ProjectConfig = ProjectConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -189,6 +195,7 @@ class Config(Section):
     downstream: DownstreamConfig = DownstreamConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @property
     def root(self) -> Path:

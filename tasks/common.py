@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,6 +39,10 @@ class Layout:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    def stamp(self, stage: str) -> Path:
+        """The record of a finished stage's fingerprint (see tasks.runner)."""
+        return self.root / ".stamps" / f"{stage}.json"
 
 
 @dataclass
@@ -84,3 +89,15 @@ def write_metrics(path: Path, metrics: dict[str, float]) -> None:
         else:
             tree[group] = value
     atomic_write_json(path, tree)
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """The inverse of `write_metrics`: flat `group/name` keys."""
+    tree = json.loads(Path(path).read_text())
+    out: dict[str, float] = {}
+    for group, value in tree.items():
+        if isinstance(value, dict):
+            out.update({f"{group}/{k}": v for k, v in value.items()})
+        else:
+            out[group] = value
+    return out

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from pathlib import Path
 
 from sparsify.config import Config
-from tasks.common import Layout, StageResult, git_commit, write_metrics
-from tasks.stages import Stage
+from sparsify.io import atomic_write_json
+from tasks.common import Layout, StageResult, git_commit, read_metrics, write_metrics
+from tasks.stages import Stage, stages
 from tasks.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def section_params(cfg: Config, keys: tuple[str, ...]) -> dict[str, str]:
@@ -24,16 +30,68 @@ def section_params(cfg: Config, keys: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None) -> StageResult:
-    """Run `stage`, log it as a (nested) MLflow run and write its DVC metrics file."""
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+
+def fingerprint(stage: Stage, cfg: Config) -> str:
+    """What a stage's outputs are a function of: its config keys, its code, its inputs' fingerprints.
+
+    Inputs are identified by the fingerprints their producing stages recorded, so a change
+    anywhere upstream changes every fingerprint downstream of it.
+    """
+    layout = Layout.of(cfg)
+    producers = {out: s.name for s in stages(cfg) for out in s.outs}
+    deps = {}
+    for dep in stage.deps:
+        stamp = layout.stamp(producers[dep]) if dep in producers else None
+        deps[dep] = json.loads(stamp.read_text())["fingerprint"] if stamp and stamp.is_file() else "unknown"
+    payload = {
+        "stage": stage.name,
+        "params": section_params(cfg, stage.params),
+        "code": {c: _file_digest(REPO / c) for c in stage.code},
+        "deps": deps,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def finished(stage: Stage, cfg: Config, fp: str) -> dict | None:
+    """The stamp of an earlier run with the same fingerprint whose outputs are all present."""
+    layout = Layout.of(cfg)
+    stamp = layout.stamp(stage.name)
+    if not stamp.is_file() or not layout.metrics(stage.name).is_file():
+        return None
+    record = json.loads(stamp.read_text())
+    if record.get("fingerprint") != fp or not all((cfg.root / o).exists() for o in stage.outs):
+        return None
+    return record
+
+
+def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, force: bool = False) -> StageResult:
+    """Run `stage`, log it as a (nested) MLflow run and write its DVC metrics file.
+
+    Without `force`, a stage whose outputs exist with the same fingerprint is skipped (its
+    recorded metrics are logged again, tagged skipped=true), so re-running a failed flow
+    continues from the stage that failed. `sparsellama stage` forces: there DVC decides.
+    """
     if cfg.project.threads:
         import torch
 
         torch.set_num_threads(cfg.project.threads)
+    layout = Layout.of(cfg)
+    fp = fingerprint(stage, cfg)
     tracker = Tracker(cfg)
-    run_id = tracker.start(stage.name, tags={"stage": stage.name, "git_commit": git_commit() or "unknown"},
+    done = None if force else finished(stage, cfg, fp)
+    run_id = tracker.start(stage.name, tags={"stage": stage.name, "git_commit": git_commit() or "unknown",
+                                             "fingerprint": fp, "skipped": str(done is not None).lower()},
                            parent_run_id=parent_run_id)
     tracker.log(run_id, params=section_params(cfg, stage.params))
+    if done is not None:
+        metrics = read_metrics(layout.metrics(stage.name))
+        tracker.log(run_id, metrics=metrics, tags={"variant": done["variant"]})
+        tracker.end(run_id, "FINISHED")
+        log.info("stage %s: up to date (fingerprint %s), skipped", stage.name, fp[:12])
+        return StageResult(metrics=metrics, outputs=[cfg.root / o for o in stage.outs], variant=done["variant"])
     t0 = time.perf_counter()
     try:
         result = stage.run(cfg)
@@ -41,7 +99,8 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None) -> Stag
         tracker.end(run_id, "FAILED")
         raise
     result.metrics[f"time/stage_{stage.name}_s"] = time.perf_counter() - t0
-    write_metrics(Layout.of(cfg).metrics(stage.name), result.metrics)
+    write_metrics(layout.metrics(stage.name), result.metrics)
+    atomic_write_json(layout.stamp(stage.name), {"fingerprint": fp, "variant": result.variant})
     tracker.log(run_id, metrics=result.metrics, tags={"variant": result.variant})
     tracker.log_history(run_id, result.history, prefix="train")
     tracker.artifacts(run_id, result.artifacts)

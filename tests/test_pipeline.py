@@ -76,6 +76,17 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
     assert {"eval/arithmetic/exact_match", "eval/docsum/rougeL", "eval/heldout/byte_perplexity",
             "recovery/heldout", "recovery/mean"} <= set(evaluated.metrics)
     assert (tmp_path / "reports" / "run" / "report.html").is_file()
+    assert parent.data.metrics["prune70/sparsity/global"] == sparse.metrics["sparsity/global"]
+
+    # A second run finds every stage up to date and skips it, logging the recorded metrics again.
+    assert main(["run", "--config", str(PARAMS), "--profile", "smoke", "--set", f"project.root={tmp_path}"]) == 0
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    second = next(r for r in runs if r.data.tags.get("pipeline") == "sparse-llama")
+    assert second.info.run_id != parent.info.run_id
+    again = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second.info.run_id]
+    assert len(again) == len(STAGES) and all(r.data.tags["skipped"] == "true" for r in again)
+    assert next(r for r in again if r.data.tags["stage"] == "prune70").data.metrics["sparsity/global"] == \
+        sparse.metrics["sparsity/global"]
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):

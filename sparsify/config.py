@@ -121,6 +121,20 @@ class TrainConfig(Section):
     eval_blocks: int = Field(default=64, gt=0)
     log_every: int = Field(default=10, gt=0)
     bf16: bool = False  # autocast; on CPU it is slower than fp32 for small models
+    checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps between resumable checkpoints; 0 = off
+    # Objective: kd_ce·CE(labels) + kd_kl·KL_T(teacher‖student)·T² + kd_squarehead·SquareHead (sparsify.distill).
+    # The teacher only runs when kd_kl or kd_squarehead is > 0.
+    kd_ce: float = Field(default=1.0, ge=0)
+    kd_kl: float = Field(default=0.0, ge=0)
+    kd_squarehead: float = Field(default=0.0, ge=0)
+    kd_temperature: float = Field(default=1.0, gt=0)
+    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP (for CUDA/NCCL)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> TrainConfig:
+        if self.kd_ce + self.kd_kl + self.kd_squarehead <= 0:
+            raise ValueError("at least one of kd_ce, kd_kl, kd_squarehead must be > 0 (nothing to train on)")
+        return self
 
 
 class BaseStageConfig(Section):

@@ -143,6 +143,28 @@ class BaseStageConfig(Section):
     train: TrainConfig
 
 
+class PretrainConfig(Section):
+    """Sparse continued pretraining (masks fixed); KD from the dense base when kd_kl/kd_squarehead > 0."""
+
+    train: TrainConfig
+
+
+class FinetuneConfig(Section):
+    """Per-task fine-tuning: `dense` trains the teacher, `sparse` the sparse models (with KD)."""
+
+    dense: TrainConfig
+    sparse: TrainConfig
+    max_length: int = Field(default=512, ge=16)  # prompt + target tokens; prompts are cut from the left
+    baseline: bool = True  # also run pruning-during-fine-tuning at the highest sparsity
+
+    @model_validator(mode="after")
+    def _teacher_only_for_sparse(self) -> FinetuneConfig:
+        if self.dense.kd_kl > 0 or self.dense.kd_squarehead > 0:
+            raise ValueError("finetune.dense trains the teacher and has no teacher itself: set kd_kl and "
+                             "kd_squarehead to 0")
+        return self
+
+
 class DownstreamConfig(Section):
     """Fine-tuning/evaluation tasks (names from `sparsify.downstream.TASKS`).
 
@@ -206,6 +228,8 @@ class Config(Section):
     data: DataConfig
     base: BaseStageConfig
     prune: PruneConfig = PruneConfig()
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
     downstream: DownstreamConfig = DownstreamConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     pipeline: PipelineConfig = PipelineConfig()

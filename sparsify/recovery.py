@@ -101,10 +101,10 @@ def recovery(metrics: TaskMetrics, dense: TaskMetrics, *, primary: Mapping[str, 
             try:
                 value = metric_recovery(task, metric, metrics[task][metric], dense[task][metric])
                 out[f"recovery/{task}/{metric}"] = value
-            except ValueError:
+            except ValueError as err:
                 if metric == main:
                     raise
-                log.warning("skipping recovery of %s/%s: undefined", task, metric, exc_info=True)
+                log.warning("skipping recovery of %s/%s: %s", task, metric, err)
         out[f"recovery/{task}"] = out[f"recovery/{task}/{main}"]
         primaries.append(out[f"recovery/{task}"])
     out["recovery/mean"] = sum(primaries) / len(primaries)

@@ -174,13 +174,17 @@ def _recoveries(data: ReportData) -> dict[str, dict[str, float]]:
 
 
 def _recovery_table(data: ReportData, recoveries: Mapping[str, Mapping[str, float]]) -> _Table:
+    """Rows: the dense variant's tasks; a variant that lacks a task (e.g. a one-shot model that
+    was only scored on perplexity) or whose recovery is undefined shows n/a."""
     dense = data.metrics[data.dense_variant]
     variants = list(recoveries)
     rows = []
-    for task, metric in primary_metrics(data.metrics[variants[0]], dense).items():
-        cells = [f"{_fmt(data.metrics[v][task][metric])}"
-                 + (f" ({_pct(recoveries[v][f'recovery/{task}'])})" if f"recovery/{task}" in recoveries[v] else " (n/a)")
-                 for v in variants]
+    for task, metric in primary_metrics(dense, dense).items():
+        cells = []
+        for v in variants:
+            value = data.metrics[v].get(task, {}).get(metric)
+            rec = recoveries[v].get(f"recovery/{task}")
+            cells.append("n/a" if value is None else f"{_fmt(value)} ({_pct(rec) if rec is not None else 'n/a'})")
         rows.append([task, metric, _fmt(dense[task][metric]), *cells])
     rows.append(["**mean**", "", "", *(f"({_pct(recoveries[v]['recovery/mean'])})" for v in variants)])
     return _Table(["task", "metric", data.dense_variant, *variants], rows)

@@ -45,6 +45,16 @@ class Layout:
         return self.root / ".stamps" / f"{stage}.json"
 
 
+@dataclass(frozen=True)
+class Evaluated:
+    """A model the report compares: which checkpoint, on which tasks, against which reference."""
+
+    model: str  # models/<model>
+    variant: str  # dense, sparse50, sparse70-oneshot, sparse70-baseline, ...
+    tasks: tuple[str, ...]
+    reference: str | None  # the model recovery is measured against
+
+
 @dataclass
 class StageResult:
     metrics: dict[str, float]

@@ -18,13 +18,8 @@ from sparsify.evaluation import evaluate_model, load_for_eval, write_lmeval_task
 from sparsify.io import atomic_write_json
 from sparsify.recovery import recovery_where_defined
 from tasks.common import Layout, StageResult
-from tasks.taskdata import HELDOUT
 
 log = logging.getLogger(__name__)
-
-
-def local_tasks(cfg: Config) -> list[str]:
-    return [*cfg.downstream.tasks, HELDOUT]
 
 
 def results_path(layout: Layout, model: str) -> Path:
@@ -35,11 +30,12 @@ def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"eval/{task}/{metric}": value for task, ms in results.items() for metric, value in ms.items()}
 
 
-def run(cfg: Config, *, model: str, variant: str, reference: str | None) -> StageResult:
+def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], reference: str | None) -> StageResult:
+    """Score models/<model> on the local `tasks` (plus `evaluate.extra_tasks`); recovery vs `reference`."""
     layout = Layout.of(cfg)
     manifest = json.loads((layout.task_data / "manifest.json").read_text())
     specs = []
-    for task in local_tasks(cfg):
+    for task in tasks:
         entry = manifest.get(task, {}).get("test")
         if entry is None:
             raise ValueError(f"task {task!r} has no test split in {layout.task_data}; rerun the taskdata stage")
@@ -48,8 +44,8 @@ def run(cfg: Config, *, model: str, variant: str, reference: str | None) -> Stag
     write_lmeval_tasks(specs, include)
 
     net, tokenizer = load_for_eval(layout.model(model))
-    tasks = [spec.name for spec, _ in specs] + list(cfg.evaluate.extra_tasks)
-    results = evaluate_model(net, tokenizer, tasks, include_path=include, limit=cfg.evaluate.limit,
+    names = [spec.name for spec, _ in specs] + list(cfg.evaluate.extra_tasks)
+    results = evaluate_model(net, tokenizer, names, include_path=include, limit=cfg.evaluate.limit,
                              batch_size=cfg.evaluate.batch_size)
     metrics = flat_metrics(results)
     if reference is not None:

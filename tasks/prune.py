@@ -34,6 +34,7 @@ def input_masks(path: Path) -> dict | None:
 
 
 def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) -> StageResult:
+    """Prune `source` to `sparsity` into `output` (the one-shot model: variant sparse<NN>-oneshot)."""
     layout = Layout.of(cfg)
     src, out = cfg.root / source, cfg.root / output
     corpus = Corpus.open(layout.corpus)
@@ -72,5 +73,5 @@ def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) ->
                                                       "targets": result.layer_sparsity_targets})
         plot_sparsity(report, tmp / "sparsity.png")
     shutil.rmtree(resume, ignore_errors=True)  # the checkpoint is written; the resume state is spent
-    return StageResult(metrics=metrics, outputs=[out], variant=f"sparse{round(sparsity * 100)}",
+    return StageResult(metrics=metrics, outputs=[out], variant=f"sparse{round(sparsity * 100)}-oneshot",
                        artifacts=[out / "sparsity.json", out / "sparsity.png", out / "prune_layers.json"])

@@ -12,7 +12,7 @@ import logging
 
 from sparsify.config import Config
 from sparsify.report import ReportData, write_report
-from tasks.common import Layout, StageResult, git_commit
+from tasks.common import Evaluated, Layout, StageResult, git_commit
 from tasks.evaluate import results_path
 
 log = logging.getLogger(__name__)
@@ -23,23 +23,22 @@ def _read(path):
 
 
 def ppl_curve(cfg: Config, layout: Layout, levels: dict[str, float]) -> list[dict]:
-    """Perplexity vs sparsity: the pipeline's own (iterative) points, plus the method benchmark if run.
-
-    Every line starts at the dense model (sparsity 0) so the cost of pruning reads off the plot.
-    """
-    pipeline = f"{cfg.prune.method} (pipeline)"
+    """Perplexity vs sparsity: the pipeline's one-shot and sparse-pretrained models, plus the
+    pruning-method benchmark when it has been run. Every line starts at the dense model."""
     base = _read(layout.metrics("base"))
     points = []
-    if base:
-        points.append({"method": pipeline, "sparsity": 0.0, "ppl": base["ppl"]["val"]})
-    for stage, sparsity in levels.items():
-        m = _read(layout.metrics(stage))
-        if m:
-            points.append({"method": pipeline, "sparsity": sparsity, "ppl": m["ppl"]["val"]})
+    for label, prefix in ((f"{cfg.prune.method} one-shot (pipeline)", "prune"),
+                          ("sparse-pretrained (pipeline)", "pretrain")):
+        if base:
+            points.append({"method": label, "sparsity": 0.0, "ppl": base["ppl"]["val"]})
+        for lv, sparsity in levels.items():
+            m = _read(layout.metrics(f"{prefix}{lv}"))
+            if m:
+                points.append({"method": label, "sparsity": sparsity, "ppl": m["ppl"]["val"]})
     rows = (_read(layout.reports / "prune_methods.json") or {}).get("rows", [])
     dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
     for method in sorted({r["method"] for r in rows} - {"dense"}):
-        label = f"{method} (one-shot benchmark)"
+        label = f"{method} one-shot (benchmark)"
         if dense is not None:
             points.append({"method": label, "sparsity": 0.0, "ppl": dense})
         points += [{"method": label, "sparsity": r["sparsity"], "ppl": r["ppl"]}
@@ -47,24 +46,25 @@ def ppl_curve(cfg: Config, layout: Layout, levels: dict[str, float]) -> list[dic
     return points
 
 
-def run(cfg: Config, *, models: dict[str, str], levels: dict[str, float]) -> StageResult:
-    """`models`: {model name: variant} evaluated by eval-<model>; `levels`: {prune stage: sparsity}."""
+def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> StageResult:
+    """`models`: what eval-<model> scored; `levels`: {"50": 0.5, ...}."""
     layout = Layout.of(cfg)
-    evals = {}
-    for model, variant in models.items():
-        found = _read(results_path(layout, model))
+    evals: dict[str, dict[str, dict[str, float]]] = {}
+    for m in models:
+        found = _read(results_path(layout, m.model))
         if found is None:
-            raise ValueError(f"no evaluation results for {model!r}; run eval-{model} first")
-        evals[variant] = found["results"]
+            raise ValueError(f"no evaluation results for {m.model!r}; run eval-{m.model} first")
+        # One column per variant: e.g. "dense" = the base model's perplexity + each task's dense fine-tune.
+        evals.setdefault(m.variant, {}).update(found["results"])
     data = ReportData(
         title="sparsellama pipeline report",
         metrics=evals,
         dense_variant="dense",
         ppl_curve=ppl_curve(cfg, layout, levels),
         run_info={"git commit": git_commit() or "unknown", "root": str(cfg.root.resolve()),
-                  "pruning": f"{cfg.prune.method}, {cfg.prune.structure}, levels {cfg.pipeline.sparsities}"},
+                  "pruning": f"{cfg.prune.method}, {cfg.prune.structure}, levels {cfg.pipeline.sparsities}",
+                  "tasks": ", ".join(cfg.downstream.tasks)},
     )
     out = layout.reports / "run"
-    md = write_report(data, out)
-    return StageResult(metrics={"report/models": len(evals)}, outputs=[out], variant="all",
-                       artifacts=[out])
+    write_report(data, out)
+    return StageResult(metrics={"report/variants": len(evals)}, outputs=[out], variant="all", artifacts=[out])

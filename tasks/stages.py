@@ -1,11 +1,14 @@
 """The one table of pipeline stages.
 
-The Prefect flow runs these in order, the CLI's `sparsellama stage NAME` runs one,
-and `dvc.yaml` is generated from this table (`sparsellama dvc-yaml --write`); a
-test fails when the committed dvc.yaml and this table disagree.
+The Prefect flow runs these (each waiting for the stages that produce its inputs),
+the CLI's `sparsellama stage NAME` runs one, and `dvc.yaml` is generated from this
+table (`sparsellama dvc-yaml --write`); a test fails when they disagree.
 
-The table depends on the configuration only through `pipeline.sparsities`: one
-prune stage per level, each starting from the previous level's checkpoint.
+The paper's order: data → base → prune 50% → sparse pretrain → prune 70% (from the
+50% pretrained model) → sparse pretrain → per task: dense fine-tune (the teacher),
+sparse fine-tunes with distillation at each level, and the pruning-during-fine-tuning
+baseline at the highest level → evaluations → report. The table depends on the
+configuration through `pipeline.sparsities`, `downstream.tasks` and `finetune.baseline`.
 """
 
 from __future__ import annotations
@@ -15,11 +18,17 @@ from dataclasses import dataclass
 from functools import partial
 
 from sparsify.config import Config
-from tasks import base, data, evaluate, prune, report, taskdata
-from tasks.common import StageResult
+from tasks import base, data, evaluate, prune, report, taskdata, train_stages
+from tasks.common import Evaluated, StageResult
 
 CORPUS = "data/corpus"
 TASK_DATA = "data/tasks"
+HELDOUT = taskdata.HELDOUT
+
+PRUNE_CODE = ("sparsify/pruning.py", "sparsify/layerwise.py", "sparsify/masks.py", "tasks/prune.py")
+TRAIN_CODE = ("sparsify/trainer.py", "sparsify/distill.py", "sparsify/sft.py", "tasks/train_stages.py")
+EVAL_CODE = ("sparsify/evaluation.py", "sparsify/downstream.py", "sparsify/recovery.py", "sparsify/sandbox.py",
+             "tasks/evaluate.py")
 
 
 @dataclass(frozen=True)
@@ -40,67 +49,99 @@ def level_name(sparsity: float) -> str:
     return f"{round(sparsity * 100)}"
 
 
+def _prune(name: str, sparsity: float, source: str) -> Stage:
+    output = f"models/{name}"
+    return Stage(name=name, run=partial(prune.run, name=name, sparsity=sparsity, source=source, output=output),
+                 params=("project.device", "prune", "pipeline.sparsities"), deps=(source, CORPUS), outs=(output,),
+                 code=PRUNE_CODE)
+
+
+def _finetune(name: str, task: str, source: str, teacher: str | None, variant: str) -> Stage:
+    output = f"models/{name}"
+    return Stage(
+        name=name,
+        run=partial(train_stages.finetune, name=name, task=task, source=source, output=output,
+                    teacher=teacher, variant=variant),
+        params=("project.seed", "project.device", "finetune"),
+        deps=(source, TASK_DATA, *([teacher] if teacher else [])),
+        outs=(output,),
+        code=TRAIN_CODE,
+    )
+
+
+def evaluated_models(cfg: Config) -> list[Evaluated]:
+    """Every model the pipeline evaluates: pretraining-level models on held-out perplexity,
+    fine-tuned models on their task, each against its dense counterpart."""
+    levels = [level_name(s) for s in cfg.pipeline.sparsities]
+    out = [Evaluated("base", "dense", (HELDOUT,), None)]
+    for lv in levels:
+        out.append(Evaluated(f"prune{lv}", f"sparse{lv}-oneshot", (HELDOUT,), "base"))
+        out.append(Evaluated(f"pretrain{lv}", f"sparse{lv}", (HELDOUT,), "base"))
+    for task in cfg.downstream.tasks:
+        dense = f"ft-dense-{task}"
+        out.append(Evaluated(dense, "dense", (task,), None))
+        out += [Evaluated(f"ft-sparse{lv}-{task}", f"sparse{lv}", (task,), dense) for lv in levels]
+        if cfg.finetune.baseline:
+            out.append(Evaluated(f"ft-baseline{levels[-1]}-{task}", f"sparse{levels[-1]}-baseline", (task,), dense))
+    return out
+
+
 def stages(cfg: Config) -> tuple[Stage, ...]:
     table = [
-        Stage(
-            name="data",
-            run=data.run,
-            params=("project.seed", "data"),
-            deps=(),
-            outs=(CORPUS,),
-            code=("sparsify/data.py", "tasks/data.py"),
-        ),
-        Stage(
-            name="taskdata",
-            run=taskdata.run,
-            params=("project.seed", "downstream"),
-            deps=(CORPUS,),
-            outs=(TASK_DATA,),
-            code=("sparsify/downstream.py", "tasks/taskdata.py"),
-        ),
-        Stage(
-            name="base",
-            run=base.run,
-            params=("project.seed", "project.device", "base"),
-            deps=(CORPUS,),
-            outs=("models/base",),
-            code=("sparsify/model.py", "sparsify/trainer.py", "sparsify/metrics.py", "tasks/base.py"),
-        ),
+        Stage(name="data", run=data.run, params=("project.seed", "data"), deps=(), outs=(CORPUS,),
+              code=("sparsify/data.py", "tasks/data.py")),
+        Stage(name="taskdata", run=taskdata.run, params=("project.seed", "downstream"), deps=(CORPUS,),
+              outs=(TASK_DATA,), code=("sparsify/downstream.py", "tasks/taskdata.py")),
+        Stage(name="base", run=base.run, params=("project.seed", "project.device", "base"), deps=(CORPUS,),
+              outs=("models/base",),
+              code=("sparsify/model.py", "sparsify/trainer.py", "sparsify/metrics.py", "tasks/base.py")),
     ]
+    # Prune → sparse-pretrain, level by level, each level from the previous level's pretrained model.
     previous = "models/base"
-    for sparsity in cfg.pipeline.sparsities:
-        name = f"prune{level_name(sparsity)}"
-        output = f"models/{name}"
+    levels = [level_name(s) for s in cfg.pipeline.sparsities]
+    for sparsity, lv in zip(cfg.pipeline.sparsities, levels, strict=True):
+        table.append(_prune(f"prune{lv}", sparsity, previous))
+        name, output = f"pretrain{lv}", f"models/pretrain{lv}"
         table.append(Stage(
             name=name,
-            run=partial(prune.run, name=name, sparsity=sparsity, source=previous, output=output),
-            params=("project.device", "prune", "pipeline.sparsities"),
-            deps=(previous, CORPUS),
+            run=partial(train_stages.pretrain, name=name, source=f"models/prune{lv}", output=output,
+                        variant=f"sparse{lv}"),
+            params=("project.seed", "project.device", "pretrain"),
+            deps=(f"models/prune{lv}", CORPUS, "models/base"),
             outs=(output,),
-            code=("sparsify/pruning.py", "sparsify/layerwise.py", "sparsify/masks.py", "tasks/prune.py"),
+            code=TRAIN_CODE,
         ))
         previous = output
 
-    # Evaluation of every model, then the run report.
-    models = {"base": "dense"} | {f"prune{level_name(s)}": f"sparse{level_name(s)}" for s in cfg.pipeline.sparsities}
-    eval_code = ("sparsify/evaluation.py", "sparsify/downstream.py", "sparsify/recovery.py", "sparsify/sandbox.py",
-                 "tasks/evaluate.py")
-    for model, variant in models.items():
-        reference = None if model == "base" else "base"
+    # Per task: the dense teacher, sparse fine-tunes with KD, and the baseline.
+    for task in cfg.downstream.tasks:
+        teacher = f"models/ft-dense-{task}"
+        table.append(_finetune(f"ft-dense-{task}", task, "models/base", None, "dense"))
+        for lv in levels:
+            table.append(_finetune(f"ft-sparse{lv}-{task}", task, f"models/pretrain{lv}", teacher, f"sparse{lv}"))
+        if cfg.finetune.baseline:
+            top, lv = cfg.pipeline.sparsities[-1], levels[-1]
+            pruned = f"ftprune{lv}-{task}"
+            table.append(_prune(pruned, top, teacher))
+            table.append(_finetune(f"ft-baseline{lv}-{task}", task, f"models/{pruned}", teacher,
+                                   f"sparse{lv}-baseline"))
+
+    models = evaluated_models(cfg)
+    for m in models:
+        reference = f"reports/eval/{m.reference}.json" if m.reference else None
         table.append(Stage(
-            name=f"eval-{model}",
-            run=partial(evaluate.run, model=model, variant=variant, reference=reference),
+            name=f"eval-{m.model}",
+            run=partial(evaluate.run, model=m.model, variant=m.variant, tasks=m.tasks, reference=m.reference),
             params=("downstream.tasks", "evaluate"),
-            deps=(f"models/{model}", TASK_DATA, *([f"reports/eval/{reference}.json"] if reference else [])),
-            outs=(f"reports/eval/{model}.json",),
-            code=eval_code,
+            deps=(f"models/{m.model}", TASK_DATA, *([reference] if reference else [])),
+            outs=(f"reports/eval/{m.model}.json",),
+            code=EVAL_CODE,
         ))
-    levels = {f"prune{level_name(s)}": s for s in cfg.pipeline.sparsities}
     table.append(Stage(
         name="report",
-        run=partial(report.run, models=models, levels=levels),
+        run=partial(report.run, models=models, levels=dict(zip(levels, cfg.pipeline.sparsities, strict=True))),
         params=("prune.method", "pipeline.sparsities"),
-        deps=tuple(f"reports/eval/{m}.json" for m in models),
+        deps=tuple(f"reports/eval/{m.model}.json" for m in models),
         outs=("reports/run",),
         code=("sparsify/report.py", "tasks/report.py"),
     ))

@@ -39,8 +39,15 @@ def test_committed_dvc_yaml_matches_the_stage_table():
         earlier = {o for s in STAGES[: STAGES.index(stage)] for o in s.outs}
         assert set(stage.deps) <= earlier, stage.name
     assert dvc_yaml(load_config(PARAMS))["stages"] == declared
-    assert [s.name for s in STAGES] == ["data", "taskdata", "base", "prune50", "prune70", "eval-base",
-                                        "eval-prune50", "eval-prune70", "report"]
+    names = [s.name for s in STAGES]
+    assert names[:7] == ["data", "taskdata", "base", "prune50", "pretrain50", "prune70", "pretrain70"]
+    for task in ("arithmetic", "docsum"):  # the paper's per-task branch, for each default task
+        assert {f"ft-dense-{task}", f"ft-sparse50-{task}", f"ft-sparse70-{task}", f"ftprune70-{task}",
+                f"ft-baseline70-{task}", f"eval-ft-sparse70-{task}", f"eval-ft-baseline70-{task}"} <= set(names)
+    assert names[-1] == "report"
+    by_name = {s.name: s for s in STAGES}
+    assert by_name["prune70"].deps[0] == "models/pretrain50"  # 70% starts from the 50% sparse-pretrained model
+    assert "models/ft-dense-arithmetic" in by_name["ft-sparse70-arithmetic"].deps  # the KD teacher
 
 
 @pytest.mark.slow
@@ -69,12 +76,14 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
     assert parent.data.params["data.train_tokens"] == "60000"
     assert client.get_metric_history(children["base"].info.run_id, "train/loss")
     sparse = children["prune70"].data
-    assert sparse.tags["variant"] == "sparse70" and abs(sparse.metrics["sparsity/global"] - 0.7) < 1e-3
+    assert sparse.tags["variant"] == "sparse70-oneshot" and abs(sparse.metrics["sparsity/global"] - 0.7) < 1e-3
     assert "time/prune_s" in sparse.metrics
-    evaluated = children["eval-prune70"].data
-    assert evaluated.tags["variant"] == "sparse70"
-    assert {"eval/arithmetic/exact_match", "eval/docsum/rougeL", "eval/heldout/byte_perplexity",
-            "recovery/heldout", "recovery/mean"} <= set(evaluated.metrics)
+    pretrained = children["pretrain70"].data
+    assert pretrained.tags["variant"] == "sparse70" and abs(pretrained.metrics["sparsity/global"] - 0.7) < 1e-3
+    evaluated = children["eval-pretrain70"].data
+    assert {"eval/heldout/byte_perplexity", "recovery/heldout", "recovery/mean"} <= set(evaluated.metrics)
+    finetuned = children["eval-ft-sparse70-arithmetic"].data
+    assert finetuned.tags["variant"] == "sparse70" and "eval/arithmetic/exact_match" in finetuned.metrics
     assert (tmp_path / "reports" / "run" / "report.html").is_file()
     assert parent.data.metrics["prune70/sparsity/global"] == sparse.metrics["sparsity/global"]
 
@@ -93,7 +102,7 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert main(["run", "--config", str(PARAMS), "--set", "prune.sparsityy=0.7"]) == 2
     assert "prune.sparsityy: unknown key; allowed keys here: block_size" in capsys.readouterr().err
     assert main(["stage", "nope", "--config", str(PARAMS)]) == 2
-    assert "unknown stage 'nope'; stages: data, taskdata, base, prune50" in capsys.readouterr().err
+    assert "unknown stage 'nope'; stages: data, taskdata, base, prune50, pretrain50" in capsys.readouterr().err
     bad = tmp_path / "params.yaml"
     bad.write_text("data: {train_tokens: 5\n")
     assert main(["run", "--config", str(bad)]) == 2
@@ -116,7 +125,8 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     shutil.copytree(REPO, repo, ignore=ignore)
     # The smoke profile with one sparsity level, resolved into the params.yaml that dvc reads;
     # dvc.yaml regenerated from it (fewer stages keep this test within a minute or two).
-    raw = resolve_raw(load_raw(PARAMS), "smoke", overrides=["pipeline.sparsities=[0.5]"])
+    raw = resolve_raw(load_raw(PARAMS), "smoke",
+                      overrides=["pipeline.sparsities=[0.5]", "downstream.tasks=[arithmetic]"])
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (repo / "dvc.yaml").write_text(render_dvc_yaml(repo / "params.yaml"))
     for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x"]):
@@ -132,6 +142,7 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     third = _dvc(repo, "repro")
     # base and what is built from it rerun; the corpus and the task data do not.
     assert "Running stage 'base'" in third and "Running stage 'prune50'" in third
+    assert "Running stage 'ft-sparse50-arithmetic'" in third
     assert "Running stage 'data'" not in third and "Running stage 'taskdata'" not in third
     shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
     base_metrics = shown[""]["data"]["metrics/base.json"]["data"]

@@ -1,0 +1,109 @@
+"""Stages `pretrain<NN>` and `ft-<variant>-<task>`: training that keeps the sparsity masks.
+
+- `pretrain<NN>`: sparse continued pretraining of a pruned checkpoint on the corpus
+  blocks, masks held fixed, optionally distilling from the dense base model.
+- `ft-dense-<task>`: the dense fine-tune of the base model, the teacher.
+- `ft-sparse<NN>-<task>` / `ft-baseline<NN>-<task>`: sparse fine-tuning with
+  distillation from that teacher, from the sparse-pretrained model (the paper's
+  recipe) or from the dense fine-tuned model pruned afterwards (pruning during
+  fine-tuning, the baseline).
+
+Training checkpoints go to `<root>/.resume/<stage>`, so an interrupted stage resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+
+from sparsify.config import Config, TrainConfig
+from sparsify.data import Corpus
+from sparsify.downstream import get_task, read_task_jsonl
+from sparsify.evaluation import load_for_eval
+from sparsify.io import atomic_dir, atomic_write_json
+from sparsify.masks import check_masks, load_masks, save_masks, sparsity_report
+from sparsify.metrics import mean_nll
+from sparsify.model import pick_device, save_checkpoint
+from sparsify.sft import SFTDataset
+from sparsify.trainer import PackedBlocks, TrainResult, train
+from tasks.common import Layout, StageResult, provenance
+from tasks.prune import MASKS, input_masks
+
+log = logging.getLogger(__name__)
+
+
+def _train_and_save(cfg: Config, *, name: str, source: str, output: str, teacher: str | None,
+                    train_cfg: TrainConfig, train_data, val_data, variant: str,
+                    sections: tuple[str, ...]) -> tuple[StageResult, object]:
+    """Load `source` (+ its masks), train with the masks fixed, save to `output` with the same masks."""
+    layout = Layout.of(cfg)
+    device = pick_device(cfg.project.device)
+    src = cfg.root / source
+    model, tokenizer = load_for_eval(src)
+    masks = input_masks(src)
+    needs_teacher = train_cfg.kd_kl > 0 or train_cfg.kd_squarehead > 0
+    teacher_model = None
+    if needs_teacher:
+        if teacher is None:
+            raise ValueError(f"{name}: KD weights are set (kd_kl/kd_squarehead) but this stage has no teacher")
+        teacher_model, _ = load_for_eval(cfg.root / teacher)
+    resume = cfg.root / ".resume" / name
+    result: TrainResult = train(model, train_data, val_data, train_cfg, seed=cfg.project.seed, masks=masks,
+                                teacher=teacher_model, device=device, checkpoint_dir=resume)
+    model.cpu()
+    if masks is not None:
+        check_masks(model, masks)  # every stage that writes a model asserts its sparsity
+    report = sparsity_report(model, masks)
+    out = cfg.root / output
+    parents = [src] + ([cfg.root / teacher] if needs_teacher else [])
+    with atomic_dir(out) as tmp:
+        save_checkpoint(model, tokenizer, tmp, provenance(name, cfg, sections, parents))
+        if masks is not None:
+            save_masks(masks, tmp / MASKS)
+        atomic_write_json(tmp / "train_history.json", {"history": result.history, "evals": result.evals})
+    shutil.rmtree(resume, ignore_errors=True)
+    metrics = {
+        "sparsity/global": report["global"],
+        "train/final_loss": result.final_train_loss,
+        "train/tokens_per_s": result.tokens_per_s,
+        "time/train_s": result.seconds,
+    }
+    if result.val_loss is not None:
+        metrics["train/val_loss"] = result.val_loss
+    log.info("%s: trained %d steps in %.0f s, sparsity %.3f", name, result.steps, result.seconds, report["global"])
+    return StageResult(metrics=metrics, outputs=[out], variant=variant, history=result.history,
+                       artifacts=[out / "provenance.json", out / "train_history.json"]), model
+
+
+def pretrain(cfg: Config, *, name: str, source: str, output: str, variant: str) -> StageResult:
+    layout = Layout.of(cfg)
+    corpus = Corpus.open(layout.corpus)
+    val = corpus.blocks("val")
+    tc = cfg.pretrain.train
+    result, model = _train_and_save(
+        cfg, name=name, source=source, output=output, teacher="models/base", train_cfg=tc,
+        train_data=PackedBlocks(corpus.blocks("train")), val_data=PackedBlocks(val), variant=variant,
+        sections=("project", "pretrain"))
+    device = pick_device(cfg.project.device)
+    result.metrics["ppl/val"] = math.exp(mean_nll(model.to(device), val, max_blocks=tc.eval_blocks,
+                                                  batch_size=tc.batch_size, device=device))
+    return result
+
+
+def finetune(cfg: Config, *, name: str, task: str, source: str, output: str, teacher: str | None,
+             variant: str) -> StageResult:
+    layout = Layout.of(cfg)
+    spec = get_task(task)
+    tc = cfg.finetune.dense if teacher is None else cfg.finetune.sparse
+    _, tokenizer = load_for_eval(cfg.root / source)
+    records = read_task_jsonl(layout.task_data / task / "train.jsonl")
+    # Hold out a slice of the training records for validation loss (the test split is for evaluation).
+    n_val = max(1, len(records) // 20)
+    make = lambda rows: SFTDataset.from_records(rows, tokenizer, cfg.finetune.max_length,  # noqa: E731
+                                                render_prompt=spec.render_prompt, render_target=spec.render_target)
+    result, _ = _train_and_save(
+        cfg, name=name, source=source, output=output, teacher=teacher, train_cfg=tc,
+        train_data=make(records[n_val:]), val_data=make(records[:n_val]), variant=variant,
+        sections=("project", "finetune"))
+    return result

@@ -11,6 +11,9 @@ import json
 import logging
 
 from sparsify.config import Config
+from sparsify.downstream import get_task
+from sparsify.io import atomic_write_json, atomic_write_text
+from sparsify.recovery import metric_recovery
 from sparsify.report import ReportData, write_report
 from tasks.common import Evaluated, Layout, StageResult, git_commit
 from tasks.evaluate import results_path
@@ -46,6 +49,46 @@ def ppl_curve(cfg: Config, layout: Layout, levels: dict[str, float]) -> list[dic
     return points
 
 
+def recovery_table(cfg: Config, layout: Layout, levels: dict[str, float],
+                   evals: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """The paper's comparison: validation perplexity through the schedule, and per task the
+    dense teacher vs the sparse fine-tunes vs the pruning-during-fine-tuning baseline."""
+    ppl = []
+    for label, stage in [("dense", "base")] + [(f"{kind} {lv}%", f"{prefix}{lv}") for lv in levels
+                                                for kind, prefix in (("one-shot", "prune"),
+                                                                     ("sparse-pretrained", "pretrain"))]:
+        m = _read(layout.metrics(stage))
+        if m:
+            ppl.append({"model": label, "stage": stage, "ppl_val": m["ppl"]["val"]})
+    top = list(levels)[-1]
+    columns = ["dense", *(f"sparse{lv}" for lv in levels), f"sparse{top}-baseline"]
+    tasks = {}
+    for task in cfg.downstream.tasks:
+        metric = get_task(task).primary_metric
+        values = {c: evals.get(c, {}).get(task, {}).get(metric) for c in columns}
+        dense = values["dense"]
+        rec = {c: (metric_recovery(task, metric, v, dense) if v is not None and dense else None)
+               for c, v in values.items() if c != "dense"}
+        tasks[task] = {"metric": metric, "values": values, "recovery": rec}
+    return {"perplexity": ppl, "tasks": tasks, "columns": columns}
+
+
+def recovery_markdown(table: dict) -> str:
+    def fmt(v, pct=False):
+        return "n/a" if v is None else (f"{v:.1%}" if pct else f"{v:.4g}")
+
+    lines = ["## Validation perplexity through the schedule", "", "| model | ppl (val) |", "|---|---:|"]
+    lines += [f"| {r['model']} | {r['ppl_val']:.2f} |" for r in table["perplexity"]]
+    cols = table["columns"]
+    lines += ["", "## Fine-tuned recovery (metric, and ÷ dense teacher)", "",
+              "| task | metric | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    for task, row in table["tasks"].items():
+        cells = [fmt(row["values"]["dense"])] + [
+            f"{fmt(row['values'][c])} ({fmt(row['recovery'][c], pct=True)})" for c in cols[1:]]
+        lines.append(f"| {task} | {row['metric']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> StageResult:
     """`models`: what eval-<model> scored; `levels`: {"50": 0.5, ...}."""
     layout = Layout.of(cfg)
@@ -67,4 +110,11 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     )
     out = layout.reports / "run"
     write_report(data, out)
-    return StageResult(metrics={"report/variants": len(evals)}, outputs=[out], variant="all", artifacts=[out])
+    table = recovery_table(cfg, layout, levels, evals)
+    atomic_write_json(out / "recovery.json", table)
+    atomic_write_text(out / "recovery.md", recovery_markdown(table))
+    metrics: dict[str, float] = {"report/variants": len(evals)}
+    metrics.update({f"ppl/val/{r['stage']}": r["ppl_val"] for r in table["perplexity"]})
+    metrics.update({f"recovery/{task}/{col}": v for task, row in table["tasks"].items()
+                    for col, v in row["recovery"].items() if v is not None})
+    return StageResult(metrics=metrics, outputs=[out], variant="all", artifacts=[out])

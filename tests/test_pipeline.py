@@ -85,6 +85,9 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
     finetuned = children["eval-ft-sparse70-arithmetic"].data
     assert finetuned.tags["variant"] == "sparse70" and "eval/arithmetic/exact_match" in finetuned.metrics
     assert (tmp_path / "reports" / "run" / "report.html").is_file()
+    recovery = json.loads((tmp_path / "reports" / "run" / "recovery.json").read_text())
+    assert [r["stage"] for r in recovery["perplexity"]] == ["base", "prune50", "pretrain50", "prune70", "pretrain70"]
+    assert set(recovery["tasks"]) == {"arithmetic", "docsum"}
     assert parent.data.metrics["prune70/sparsity/global"] == sparse.metrics["sparsity/global"]
 
     # A second run finds every stage up to date and skips it, logging the recorded metrics again.

@@ -619,7 +619,7 @@ def train(
             result.final_train_loss = loss
             row = {"step": step, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, **terms}
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)  # redraw at tqdm's interval only
             last = step == cfg.steps - 1
             if step % cfg.log_every == 0 or last:
                 result.history.append(row)

@@ -2,6 +2,7 @@
 
   sparsellama run   [--profile NAME] [--set KEY=VALUE ...]   the whole pipeline (Prefect flow)
   sparsellama stage NAME [--profile NAME] [--set ...]        one stage (what dvc.yaml calls)
+  sparsellama serve [--host 127.0.0.1] [--port 4200]         Prefect server + deployments for the UI
   sparsellama dvc-yaml [--write | --check]                   dvc.yaml from the stage table
 """
 
@@ -17,6 +18,7 @@ import yaml
 import tasks  # noqa: F401  (environment defaults first)
 from sparsify.config import ConfigError, load_config
 from sparsify.data import DataError
+from tasks.common import RootBusy
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one stage")
     stage.add_argument("name")
     _config_args(stage)
+    srv = sub.add_parser("serve", help="start a local Prefect server and serve the flows for the Prefect UI")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=4200)
+    srv.add_argument("--config", default="params.yaml")
     dvc = sub.add_parser("dvc-yaml", help="print dvc.yaml generated from the stage table")
     dvc.add_argument("--config", default="params.yaml", help="parameters file (default: params.yaml)")
     mode = dvc.add_mutually_exclusive_group()
@@ -75,13 +81,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.profile, overrides=args.overrides)
             execute(stages.get(cfg, args.name), cfg, force=True)  # under dvc, DVC decides what reruns
             return 0
+        if args.command == "serve":
+            from flows.serve import serve
+
+            serve(args.host, args.port, args.config)
+            return 0
         if args.command == "run":
             load_config(args.config, args.profile, overrides=args.overrides)  # fail fast, before Prefect starts
-            from flows.pipeline import run_pipeline
+            from flows.pipeline import sparse_llama
 
-            run_pipeline(profile=args.profile, overrides=args.overrides, config_path=args.config)
+            sparse_llama(profile=args.profile, overrides=args.overrides, config_path=args.config)
             return 0
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, ValueError, FileNotFoundError, RootBusy) as exc:
         print(f"sparsellama: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,25 +1,43 @@
 """The `sparse-llama` Prefect flow: every stage of the table, under one MLflow parent run.
 
 Stages are submitted as Prefect tasks that wait for the stages producing their inputs,
-so independent work (per-task fine-tunes, evaluations) can run side by side, bounded by
-the flow's task runner (`orchestration.max_parallel`, applied by `run_pipeline`).
-Finished stages with an unchanged fingerprint are skipped (see `tasks.runner.execute`).
+so independent work (per-task fine-tunes, evaluations) runs side by side, at most
+`orchestration.max_parallel` at a time. Finished stages with an unchanged fingerprint
+are skipped (see `tasks.runner.execute`), so re-running a failed flow continues from
+the stage that failed. One flow run holds a lock on its `project.root`: a second run on
+the same folder fails at once instead of overwriting the first one's outputs.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from prefect import flow
 
-from sparsify.config import load_config
-from tasks.common import git_commit
+from sparsify.config import Config, load_config
+from tasks.common import git_commit, root_lock
 from tasks.runner import prefect_task
 from tasks.stages import stages
-from tasks.tracking import Tracker, flatten
+from tasks.tracking import Tracker, flatten, tracking_uri
 
 log = logging.getLogger(__name__)
+
+
+def _publish(cfg: Config, results: dict[str, dict[str, float]], run_ids: dict[str, str | None]) -> None:
+    """Prefect artifacts: the headline metrics per stage and where to find the MLflow runs."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    keys = ("ppl/val", "sparsity/global", "recovery/mean", "time/prune_s", "time/train_s")
+    rows = [{"stage": name, **{k: round(ms[k], 4) for k in keys if k in ms}} for name, ms in results.items()]
+    create_table_artifact(rows, key="stage-metrics", description="Headline metrics of every stage")
+    report = cfg.root / "reports" / "run" / "recovery.md"
+    lines = [f"MLflow tracking URI: `{tracking_uri(cfg)}` (experiment `{cfg.tracking.experiment}`)", ""]
+    lines += [f"- {name}: run `{rid}`" for name, rid in run_ids.items() if rid]
+    if report.is_file():
+        lines += ["", report.read_text()]
+    create_markdown_artifact("\n".join(lines), key="run-report", description="Recovery table and MLflow runs")
 
 
 @flow(name="sparse-llama", log_prints=False)
@@ -35,19 +53,57 @@ def sparse_llama(
     `overrides` the CLI's KEY=VALUE form; both apply on top of `profile`.
     """
     cfg = load_config(config_path, profile=profile, params=params, overrides=overrides or [])
-    tracker = Tracker(cfg)
-    parent = tracker.start("sparse-llama", tags={"pipeline": "sparse-llama", "profile": profile or "default",
-                                                 "git_commit": git_commit() or "unknown"})
-    tracker.log(parent, params=flatten(cfg.model_dump(mode="json")))
+    with root_lock(cfg.root):
+        return _run(cfg, profile, "sparse-llama", stages(cfg))
+
+
+@flow(name="finetune-task", log_prints=False)
+def finetune_task(
+    task: str,
+    profile: str | None = None,
+    params: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    config_path: str = "params.yaml",
+) -> dict[str, dict[str, float]]:
+    """One task's branch: its dense teacher, sparse fine-tunes, baseline and their evaluations
+    (plus whatever upstream stages they need that are not already up to date)."""
+    cfg = load_config(config_path, profile=profile, params=params, overrides=overrides or [])
+    if task not in cfg.downstream.tasks:
+        raise ValueError(f"task {task!r} is not in downstream.tasks {cfg.downstream.tasks}")
     table = stages(cfg)
+    targets = [s.name for s in table if s.name.startswith("eval-ft-") and s.name.endswith(f"-{task}")]
+    with root_lock(cfg.root):
+        return _run(cfg, profile, f"finetune-task:{task}", upstream_closure(table, targets))
+
+
+def upstream_closure(table, targets: list[str]) -> list:
+    """The stages `targets` need, in table order."""
+    producer = {out: s for s in table for out in s.outs}
+    by_name = {s.name: s for s in table}
+    needed: set[str] = set()
+    todo = list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += [producer[d].name for d in by_name[name].deps if d in producer]
+    return [s for s in table if s.name in needed]
+
+
+def _run(cfg: Config, profile: str | None, name: str, table) -> dict[str, dict[str, float]]:
+    tracker = Tracker(cfg)
+    parent = tracker.start(name, tags={"pipeline": name, "profile": profile or "default",
+                                       "git_commit": git_commit() or "unknown"})
+    tracker.log(parent, params=flatten(cfg.model_dump(mode="json")))
     producer = {out: s.name for s in table for out in s.outs}
     stage_task = prefect_task()
+    limiter = threading.Semaphore(cfg.orchestration.max_parallel)
     futures: dict[str, Any] = {}
     try:
         for stage in table:
             upstream = [futures[producer[d]] for d in stage.deps if d in producer]
             futures[stage.name] = stage_task.with_options(name=stage.name).submit(
-                stage, cfg, parent, wait_for=upstream)
+                stage, cfg, parent, limiter, wait_for=upstream)
         results = {name: future.result().metrics for name, future in futures.items()}
     except BaseException:
         tracker.end(parent, "FAILED")
@@ -55,15 +111,5 @@ def sparse_llama(
     # The parent run holds every stage's metrics, prefixed by the stage, for side-by-side comparison.
     tracker.log(parent, metrics={f"{name}/{k}": v for name, ms in results.items() for k, v in ms.items()})
     tracker.end(parent, "FINISHED")
+    _publish(cfg, results, {"parent": parent})
     return results
-
-
-def run_pipeline(profile: str | None = None, overrides: list[str] | None = None,
-                 config_path: str = "params.yaml", params: dict[str, Any] | None = None):
-    """Run the flow with a task runner sized by `orchestration.max_parallel`."""
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    cfg = load_config(config_path, profile=profile, params=params, overrides=overrides or [])
-    runner = ThreadPoolTaskRunner(max_workers=cfg.orchestration.max_parallel)
-    return sparse_llama.with_options(task_runner=runner)(
-        profile=profile, params=params, overrides=overrides, config_path=config_path)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -111,3 +114,22 @@ def read_metrics(path: Path) -> dict[str, float]:
         else:
             out[group] = value
     return out
+
+
+class RootBusy(RuntimeError):
+    """Another pipeline run is writing to the same project root."""
+
+
+@contextlib.contextmanager
+def root_lock(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".pipeline.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RootBusy(f"another pipeline run is using {root}; give this run its own "
+                           f"project.root (e.g. --set project.root=runs/<name>)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

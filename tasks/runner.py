@@ -110,13 +110,18 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
     return result
 
 
+def _execute_limited(stage: Stage, cfg: Config, parent_run_id: str | None, limiter) -> StageResult:
+    with limiter:  # a semaphore shared by one flow run's stages: orchestration.max_parallel
+        return execute(stage, cfg, parent_run_id)
+
+
 def prefect_task():
     """The Prefect task around `execute` (built on demand: `sparsellama stage` need not import Prefect).
 
     Inputs (a Config) are not hashed for caching: whether a stage must run is decided by
-    the stage table and DVC, not by Prefect's cache.
+    the stage fingerprints, not by Prefect's cache.
     """
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    return task(execute, name="stage", cache_policy=NO_CACHE, log_prints=False)
+    return task(_execute_limited, name="stage", cache_policy=NO_CACHE, log_prints=False)

@@ -1,4 +1,13 @@
-"""Layer-wise calibration driver: prune a Llama-family model one decoder layer at a time.
+"""Layer-wise calibration driver: prune or quantize a Llama-family model one decoder layer at a time.
+
+One driver (:func:`_run_layerwise`) serves both: it captures the inputs of decoder layer
+0, walks the decoder layers with one on the device at a time, and saves/resumes progress;
+what happens to each layer is a job (:class:`_PruneJob`, :class:`_QuantizeJob`). Pruning
+is described below; quantization (:func:`quantize_model`) follows the same steps with
+GPTQ or round-to-nearest in place of the pruning rule, SmoothQuant folded in first (from
+the same forward pass: also records max|X_j| of each Linear's inputs; smoothing X → X/s
+turns H into H / (s sᵀ), so no second pass is needed), and the layer's outputs recomputed
+with its activations fake-quantized, as the quantized model will compute them.
 
 How it works
 ------------
@@ -34,12 +43,15 @@ b bytes per model weight/activation (2 for bf16), and Σin² over a layer's Line
   ``≈ B·L·(4d + 3f)·b`` (plus ``B·heads·L²·b`` for eager attention scores).
 
 Llama-2-7B (d=4096, f=11008), bf16, N=128, L=2048: host buffer 2.1 GB; device ≈ 0.4 GB
-weights + 0.9 GB Hessians + 1.8 GB workspace + the mini-batch.
+weights + 0.9 GB Hessians + 1.8 GB workspace + the mini-batch. Quantization needs the
+same (GPTQ's workspace is SparseGPT's) and keeps, next to each fake-quantized weight, its
+int8 codes (1 byte per weight) and scales.
 
 Resume
 ------
 With ``resume_dir``, after every finished decoder layer the driver writes (atomically,
-temp file + rename) ``layer_XXXXX.safetensors`` (that layer's pruned weights and masks),
+temp file + rename) ``layer_XXXXX.safetensors`` (that layer's pruned weights and masks;
+for quantization, all its parameters and the integer codes and scales),
 then ``state.safetensors`` (the activations for the next layer, the next layer index,
 the per-layer records, and a fingerprint of config, calibration, old masks and the
 model's embeddings). Writing the state last makes it the commit point. A restart loads
@@ -58,10 +70,10 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -77,6 +89,17 @@ from sparsify.pruning import (
     prune_linear,
     reconstruction_error,
     wanda_scores,
+)
+from sparsify.quantization import (
+    QuantConfig,
+    attach_quantization,
+    check_not_quantized,
+    check_scheme,
+    mark_quantized,
+    quant_state,
+    quantize_linear,
+    smooth_decoder_layer,
+    smoothing_groups,
 )
 
 log = logging.getLogger(__name__)
@@ -98,12 +121,22 @@ class PruneResult:
 
 
 @dataclass
+class QuantizeResult:
+    """What :func:`quantize_model` did."""
+
+    layers: list[dict]  # per Linear: name, decoder_layer, error, rtn_error (gptq), seconds, cholesky_retries
+    seconds_per_decoder_layer: list[float]
+    total_seconds: float
+    cholesky_retries: int
+
+
+@dataclass
 class _Progress:
     """Everything needed to continue after ``next_layer - 1`` finished (what the resume state holds)."""
 
     next_layer: int
     activations: Tensor
-    targets: list[float]
+    targets: list[float]  # pruning: per-layer sparsity (OWL); unused by quantization
     records: list[dict] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     masks: dict[str, Tensor] = field(default_factory=dict)
@@ -114,16 +147,18 @@ class _Progress:
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_calibration(model: nn.Module, calib: Tensor, cfg: PruneConfig) -> Tensor:
+def _check_calibration(
+    model: nn.Module, calib: Tensor, cfg: PruneConfig | QuantConfig, section: str = "prune"
+) -> Tensor:
     """The ``[num_samples, seq_len]`` slice of ``calib`` that is used, after checking it."""
     if not isinstance(calib, Tensor) or calib.ndim != 2 or calib.dtype not in (torch.int64, torch.int32):
         got = f"{calib.dtype} {tuple(calib.shape)}" if isinstance(calib, Tensor) else type(calib).__name__
         raise ValueError(f"calibration must be an integer tensor [num_samples, seq_len] of token ids, got {got}")
     n, length = calib.shape
     if n < cfg.num_samples:
-        raise ValueError(f"calibration has {n} sequences, fewer than prune.num_samples={cfg.num_samples}")
+        raise ValueError(f"calibration has {n} sequences, fewer than {section}.num_samples={cfg.num_samples}")
     if length < cfg.seq_len:
-        raise ValueError(f"calibration sequences have {length} tokens, fewer than prune.seq_len={cfg.seq_len}")
+        raise ValueError(f"calibration sequences have {length} tokens, fewer than {section}.seq_len={cfg.seq_len}")
     ids = calib[: cfg.num_samples, : cfg.seq_len].long().contiguous()
     vocab = model.get_input_embeddings().num_embeddings
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
@@ -131,24 +166,47 @@ def _check_calibration(model: nn.Module, calib: Tensor, cfg: PruneConfig) -> Ten
     return ids
 
 
-def _linears_by_layer(model: nn.Module, cfg: PruneConfig) -> list[dict[str, nn.Linear]]:
-    """For each decoder layer, its prunable Linears keyed by full weight name (checked for N:M)."""
+# check(weight name, linear): raise ValueError if the Linear cannot be processed with the run's config
+LinearCheck = Callable[[str, nn.Linear], None]
+
+
+def _linears_by_layer(
+    model: nn.Module, ignore: list[str], check: LinearCheck, section: str = "prune"
+) -> list[dict[str, nn.Linear]]:
+    """For each decoder layer, its Linears (not ignored) keyed by full weight name, each ``check``-ed."""
     prefix, layers = find_decoder_layers(model)
     by_layer: list[dict[str, nn.Linear]] = [{} for _ in layers]
-    for name in prunable_linear_names(model, cfg.ignore):
+    for name in prunable_linear_names(model, ignore):
         index = int(name[len(prefix) + 1 :].split(".", 1)[0])
         linear = model.get_submodule(name.removesuffix(".weight"))
+        check(name, linear)
+        by_layer[index][name] = linear
+    linear_modules = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
+    for pattern in ignore:
+        if not any(matches_any(n, [pattern]) for n in linear_modules):
+            log.warning("%s.ignore pattern %r matches no Linear inside the decoder layers", section, pattern)
+    return by_layer
+
+
+def _nm_check(cfg: PruneConfig) -> LinearCheck:
+    def check(name: str, linear: nn.Linear) -> None:
         if cfg.nm is not None and linear.in_features % cfg.nm[1]:
             raise ValueError(
                 f"structure {cfg.structure!r}: M={cfg.nm[1]} does not divide the input width "
                 f"{linear.in_features} of {name}"
             )
-        by_layer[index][name] = linear
-    linear_modules = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
-    for pattern in cfg.ignore:
-        if not any(matches_any(n, [pattern]) for n in linear_modules):
-            log.warning("prune.ignore pattern %r matches no Linear inside the decoder layers", pattern)
-    return by_layer
+
+    return check
+
+
+def _scheme_check(cfg: QuantConfig) -> LinearCheck:
+    def check(name: str, linear: nn.Linear) -> None:
+        try:
+            check_scheme(cfg.scheme, linear.in_features)
+        except ValueError as err:
+            raise ValueError(f"quantize: {err} of {name}") from err
+
+    return check
 
 
 # --------------------------------------------------------------------------- capture and forward
@@ -234,16 +292,20 @@ class _InputStats:
 
     ``full``: ``H = 2/n · Σ x xᵀ`` as a running average (rescaled at each mini-batch, as in
     the SparseGPT reference, so it never grows with n); else only ``Σ x_j²`` (OWL pre-pass).
+    ``absmax``: also ``max |x_j|`` per input channel (SmoothQuant).
     """
 
-    def __init__(self, features: int, device: torch.device, full: bool) -> None:
+    def __init__(self, features: int, device: torch.device, full: bool, *, absmax: bool = False) -> None:
         self.tokens = 0
         self.hessian = torch.zeros(features, features, device=device) if full else None
         self.sq_norms = None if full else torch.zeros(features, device=device)
+        self.absmax = torch.zeros(features, device=device) if absmax else None
 
     def add(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         t = x.shape[0]
+        if self.absmax is not None:
+            torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
         if self.hessian is not None:
             # H_new = n/(n+t) · H_old + 2/(n+t) · XᵀX  ==  2/(n+t) · Σ_all x xᵀ
             self.hessian.mul_(self.tokens / (self.tokens + t))
@@ -253,12 +315,25 @@ class _InputStats:
             self.sq_norms.add_(x.square().sum(0))
         self.tokens += t
 
+    def rescale_inputs(self, s: Tensor) -> None:
+        """The statistics of the inputs X / s (SmoothQuant): H_ij / (s_i s_j), max|x_j| / s_j, Σ x_j² / s_j²."""
+        s = s.to(device=(self.hessian if self.hessian is not None else self.sq_norms).device, dtype=torch.float32)
+        if self.hessian is not None:
+            self.hessian.div_(s[:, None] * s[None, :])
+        else:
+            self.sq_norms.div_(s.square())
+        if self.absmax is not None:
+            self.absmax.div_(s)
+
 
 @contextlib.contextmanager
-def _recording_inputs(linears: Mapping[str, nn.Linear], *, full: bool) -> Iterator[dict[str, _InputStats]]:
+def _recording_inputs(
+    linears: Mapping[str, nn.Linear], *, full: bool, absmax: bool = False
+) -> Iterator[dict[str, _InputStats]]:
     """Forward hooks feeding each Linear's inputs into its :class:`_InputStats` while the block runs."""
     stats = {
-        name: _InputStats(linear.in_features, linear.weight.device, full) for name, linear in linears.items()
+        name: _InputStats(linear.in_features, linear.weight.device, full, absmax=absmax)
+        for name, linear in linears.items()
     }
     handles = [
         linear.register_forward_hook(lambda module, args, output, s=stats[name]: s.add(args[0]))
@@ -271,7 +346,7 @@ def _recording_inputs(linears: Mapping[str, nn.Linear], *, full: bool) -> Iterat
             handle.remove()
 
 
-# --------------------------------------------------------------------------- per decoder layer
+# --------------------------------------------------------------------------- per decoder layer: pruning
 
 
 def _prune_decoder_layer(
@@ -341,6 +416,153 @@ def _owl_targets(
     return targets
 
 
+# --------------------------------------------------------------------------- per decoder layer: quantization
+
+
+def _smooth_decoder_layer(
+    layer: nn.Module, layer_name: str, stats: Mapping[str, _InputStats], alpha: float
+) -> None:
+    """SmoothQuant on one decoder layer from the recorded max|X_j|, then its inputs' statistics rescaled to X / s."""
+    prefix = layer_name + "."
+    absmax = {name[len(prefix) :].removesuffix(".weight"): st.absmax for name, st in stats.items()}
+    for consumer, s in smooth_decoder_layer(layer, absmax, alpha).items():
+        st = stats.get(f"{prefix}{consumer}.weight")
+        if st is not None:
+            st.rescale_inputs(s)
+
+
+def _quantize_decoder_layer(
+    index: int,
+    layer: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    progress: _Progress,
+    kwargs: dict,
+    cfg: QuantConfig,
+    masks: Mapping[str, Tensor] | None,
+    batch_size: int,
+    layer_name: str,
+) -> None:
+    """Quantize one decoder layer (already on its device) and advance ``progress`` past it.
+
+    Every Linear is quantized from the float layer's inputs (after smoothing), like pruning;
+    the outputs passed on are computed with fake-quantized weights and activations.
+    """
+    acts = progress.activations
+    # Zeros to keep, fixed before smoothing rescales the weights: the masks, or the existing zeros.
+    keep = {
+        name: masks[name].to(lin.weight.device, torch.bool) if masks is not None and name in masks else lin.weight != 0
+        for name, lin in linears.items()
+    }
+    with _recording_inputs(linears, full=True, absmax=cfg.smoothquant) as stats:
+        _run_layer(layer, acts, kwargs, batch_size, write_back=None)
+    if cfg.smoothquant:
+        _smooth_decoder_layer(layer, layer_name, stats, cfg.smoothquant_alpha)
+    for name, linear in linears.items():
+        start = time.perf_counter()
+        H = stats.pop(name).hessian
+        if not torch.isfinite(H).all():
+            raise ValueError(f"non-finite inputs to {name} (decoder layer {index})")
+        W = linear.weight
+        try:
+            result = quantize_linear(W, H, cfg, mask=keep[name])
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
+        record = {"name": name, "decoder_layer": index, "error": reconstruction_error(W, result.weight, H)}
+        if cfg.method == "gptq":  # the gain over the baseline, for the logs and metrics
+            baseline = quantize_linear(W, H, cfg.model_copy(update={"method": "rtn"}), mask=keep[name])
+            record["rtn_error"] = reconstruction_error(W, baseline.weight, H)
+        attach_quantization(linear, result.weight, result.codes, result.scales, cfg.scheme)
+        progress.retries += result.cholesky_retries
+        progress.records.append(
+            record | {"seconds": time.perf_counter() - start, "cholesky_retries": result.cholesky_retries}
+        )
+    _run_layer(layer, acts, kwargs, batch_size, write_back=f"decoder layer {index}")
+    progress.next_layer = index + 1
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class _LayerJob(Protocol):
+    """What a layer-wise pass does to a decoder layer, and how a finished layer is saved and restored."""
+
+    def process(
+        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict
+    ) -> None: ...
+
+    def saved_tensors(
+        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress
+    ) -> dict[str, Tensor]: ...
+
+    def restore(self, model: nn.Module, tensors: Mapping[str, Tensor], progress: _Progress) -> None: ...
+
+
+@dataclass
+class _PruneJob:
+    cfg: PruneConfig
+    old_masks: Mapping[str, Tensor] | None
+    batch_size: int
+
+    def process(
+        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict
+    ) -> None:
+        _prune_decoder_layer(index, layer, linears, progress, kwargs, self.cfg, self.old_masks, self.batch_size)
+
+    def saved_tensors(
+        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress
+    ) -> dict[str, Tensor]:
+        tensors = {f"weight/{n}": lin.weight.detach().cpu().contiguous() for n, lin in linears.items()}
+        return tensors | {f"mask/{n}": progress.masks[n] for n in linears}
+
+    def restore(self, model: nn.Module, tensors: Mapping[str, Tensor], progress: _Progress) -> None:
+        params = dict(model.named_parameters())
+        for key, tensor in tensors.items():
+            kind, name = key.split("/", 1)
+            if kind == "weight":
+                params[name].copy_(tensor)
+            else:
+                progress.masks[name] = tensor
+
+
+@dataclass
+class _QuantizeJob:
+    cfg: QuantConfig
+    masks: Mapping[str, Tensor] | None
+    batch_size: int
+    prefix: str  # module path of the decoder layers, e.g. "model.layers"
+
+    def process(
+        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict
+    ) -> None:
+        _quantize_decoder_layer(
+            index, layer, linears, progress, kwargs, self.cfg, self.masks, self.batch_size, f"{self.prefix}.{index}"
+        )
+
+    def saved_tensors(
+        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress
+    ) -> dict[str, Tensor]:
+        # Every parameter of the layer (smoothing also changed the norms and up_proj's rows), codes and scales.
+        layer_name = f"{self.prefix}.{index}"
+        tensors = {f"param/{layer_name}.{k}": v.detach().cpu().contiguous() for k, v in layer.named_parameters()}
+        for name, linear in linears.items():
+            state = quant_state(linear)
+            tensors[f"codes/{name}"] = state.codes.cpu().contiguous()
+            tensors[f"scales/{name}"] = state.scales.cpu().contiguous()
+        return tensors
+
+    def restore(self, model: nn.Module, tensors: Mapping[str, Tensor], progress: _Progress) -> None:
+        params = dict(model.named_parameters())
+        for key, tensor in tensors.items():
+            kind, name = key.split("/", 1)
+            if kind == "param":
+                params[name].copy_(tensor)
+        for key, codes in tensors.items():
+            kind, name = key.split("/", 1)
+            if kind == "codes":
+                linear = model.get_submodule(name.removesuffix(".weight"))
+                attach_quantization(linear, linear.weight, codes, tensors[f"scales/{name}"], self.cfg.scheme)
+
+
 # --------------------------------------------------------------------------- resume state
 
 
@@ -351,21 +573,26 @@ def _hash_tensor(digest: Any, tensor: Tensor) -> None:
 
 
 def _fingerprint(
-    model: nn.Module, calib: Tensor, cfg: PruneConfig, old_masks: Mapping[str, Tensor] | None, batch_size: int
+    model: nn.Module,
+    calib: Tensor,
+    cfg: PruneConfig | QuantConfig,
+    masks: Mapping[str, Tensor] | None,
+    batch_size: int,
 ) -> str:
-    """Identifies a run: a resume must use the same config, calibration, old masks and model.
+    """Identifies a run: a resume must use the same config, calibration, masks and model.
 
-    The model is identified by its embeddings (never pruned) and its prunable weight
-    names; the mini-batch size is included because it changes the fp32 accumulation order.
+    The model is identified by its embeddings (never pruned or quantized) and its
+    processed weight names; the mini-batch size is included because it changes the fp32
+    accumulation order. The config's JSON also tells pruning and quantization runs apart.
     """
     digest = hashlib.sha256()
     digest.update(f"v{_FORMAT_VERSION}|{cfg.model_dump_json()}|batch={batch_size}|".encode())
     _hash_tensor(digest, calib)
     _hash_tensor(digest, model.get_input_embeddings().weight)
     digest.update("|".join(prunable_linear_names(model, cfg.ignore)).encode())
-    for name in sorted(old_masks or {}):
+    for name in sorted(masks or {}):
         digest.update(name.encode())
-        _hash_tensor(digest, old_masks[name])
+        _hash_tensor(digest, masks[name])
     return digest.hexdigest()
 
 
@@ -389,10 +616,8 @@ def _layer_file(root: Path, index: int) -> Path:
     return root / f"layer_{index:05d}.safetensors"
 
 
-def _save_progress(root: Path, fingerprint: str, linears: Mapping[str, nn.Linear], progress: _Progress) -> None:
+def _save_progress(root: Path, fingerprint: str, layer_tensors: dict[str, Tensor], progress: _Progress) -> None:
     index = progress.next_layer - 1
-    layer_tensors = {f"weight/{n}": lin.weight.detach().cpu().contiguous() for n, lin in linears.items()}
-    layer_tensors |= {f"mask/{n}": progress.masks[n] for n in linears}
     _atomic_save(layer_tensors, _layer_file(root, index), {"fingerprint": fingerprint})
     meta = {
         "fingerprint": fingerprint,
@@ -406,8 +631,8 @@ def _save_progress(root: Path, fingerprint: str, linears: Mapping[str, nn.Linear
     _atomic_save({"activations": progress.activations}, root / _STATE_FILE, meta)
 
 
-def _load_progress(root: Path, fingerprint: str, model: nn.Module) -> _Progress | None:
-    """The saved progress with the finished layers' weights copied into ``model``; None if nothing saved."""
+def _load_progress(root: Path, fingerprint: str, model: nn.Module, job: _LayerJob) -> _Progress | None:
+    """The saved progress with the finished layers restored into ``model`` by ``job``; None if nothing saved."""
     state_path = root / _STATE_FILE
     if not state_path.exists():
         return None
@@ -416,7 +641,7 @@ def _load_progress(root: Path, fingerprint: str, model: nn.Module) -> _Progress 
             meta = f.metadata() or {}
             if meta.get("fingerprint") != fingerprint:
                 raise ValueError(
-                    f"resume_dir {root} holds progress of a different run (config, calibration data, old masks "
+                    f"resume_dir {root} holds progress of a different run (config, calibration data, masks "
                     "or model differ); delete it or choose another resume_dir"
                 )
             progress = _Progress(
@@ -428,18 +653,12 @@ def _load_progress(root: Path, fingerprint: str, model: nn.Module) -> _Progress 
                 retries=int(meta["retries"]),
                 elapsed=float(meta["elapsed"]),
             )
-        params = dict(model.named_parameters())
         with torch.no_grad():
             for index in range(progress.next_layer):
-                for key, tensor in load_file(_layer_file(root, index)).items():
-                    kind, name = key.split("/", 1)
-                    if kind == "weight":
-                        params[name].copy_(tensor)
-                    else:
-                        progress.masks[name] = tensor
+                job.restore(model, load_file(_layer_file(root, index)), progress)
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read the resume state in {root} ({err}); delete the folder to start over") from err
-    log.info("resuming pruning at decoder layer %d from %s", progress.next_layer, root)
+    log.info("resuming at decoder layer %d from %s", progress.next_layer, root)
     return progress
 
 
@@ -454,6 +673,55 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def _run_layerwise(
+    model: nn.Module,
+    calib: Tensor,
+    linears_by_layer: list[dict[str, nn.Linear]],
+    job: _LayerJob,
+    *,
+    start: Callable[[Tensor, dict], _Progress],
+    device: torch.device,
+    root: Path | None,
+    fingerprint: str,
+    batch_size: int,
+    show_progress: bool,
+    desc: str,
+) -> tuple[_Progress, float]:
+    """Walk the decoder layers with ``job`` (see the module docstring); returns the progress and total seconds.
+
+    ``start(activations, kwargs)`` makes the initial progress of a fresh run from decoder
+    layer 0's captured inputs (pruning's OWL pre-pass runs there). The caller holds
+    ``torch.no_grad()`` and eval mode.
+    """
+    begin = time.perf_counter()
+    _, layers = find_decoder_layers(model)
+    state = _load_progress(root, fingerprint, model, job) if root is not None else None
+    _, kwargs = _first_layer_inputs(model, layers[0], calib[:1])  # batch-1 kwargs broadcast over batches
+    kwargs = _to_device(kwargs, torch.device("cpu"))
+    if state is None:
+        state = start(_capture_activations(model, layers[0], calib, batch_size), kwargs)
+    elapsed_before = state.elapsed
+
+    bar = tqdm(total=len(layers), initial=state.next_layer, desc=desc, unit="layer", disable=not show_progress)
+    with bar:
+        for index in range(state.next_layer, len(layers)):
+            layer_start = time.perf_counter()
+            with _on_device(layers[index], device) as layer:
+                job.process(index, layer, linears_by_layer[index], state, _to_device(kwargs, device))
+            state.seconds.append(time.perf_counter() - layer_start)
+            state.elapsed = elapsed_before + time.perf_counter() - begin
+            errors = [r["error"] for r in state.records if r["decoder_layer"] == index]
+            if errors:
+                mean_error = sum(errors) / len(errors)
+                bar.set_postfix(err=f"{mean_error:.4f}")
+                log.info("decoder layer %d: mean relative error %.5f (%.1fs)", index, mean_error, state.seconds[-1])
+            if root is not None:
+                tensors = job.saved_tensors(index, layers[index], linears_by_layer[index], state)
+                _save_progress(root, fingerprint, tensors, state)
+            bar.update()
+    return state, elapsed_before + time.perf_counter() - begin
 
 
 def prune_model(
@@ -474,60 +742,33 @@ def prune_model(
     them, existing zeros are kept as pruned. ``batch_size``: calibration sequences per
     forward. All inputs are checked before any work or write.
     """
-    start = time.perf_counter()
     cfg = PruneConfig.model_validate(cfg.model_dump())  # re-check: model_construct skips validation
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     _, layers = find_decoder_layers(model)
     calib = _check_calibration(model, calib, cfg)
-    linears_by_layer = _linears_by_layer(model, cfg)
+    linears_by_layer = _linears_by_layer(model, cfg.ignore, _nm_check(cfg))
     if old_masks is not None:
         validate_masks(model, old_masks)
     device = torch.device(device)
     root = Path(resume_dir) if resume_dir is not None else None
     fingerprint = _fingerprint(model, calib, cfg, old_masks, batch_size) if root is not None else ""
 
-    with torch.no_grad(), _eval_mode(model):
-        state = _load_progress(root, fingerprint, model) if root is not None else None
-        _, kwargs = _first_layer_inputs(model, layers[0], calib[:1])  # batch-1 kwargs broadcast over batches
-        kwargs = _to_device(kwargs, torch.device("cpu"))
-        if state is None:
+    def start(acts: Tensor, kwargs: dict) -> _Progress:
+        targets = [cfg.sparsity] * len(layers)
+        if cfg.owl:
+            targets = _owl_targets(layers, linears_by_layer, acts, kwargs, cfg, device, batch_size, progress)
             acts = _capture_activations(model, layers[0], calib, batch_size)
-            targets = [cfg.sparsity] * len(layers)
-            if cfg.owl:
-                targets = _owl_targets(layers, linears_by_layer, acts, kwargs, cfg, device, batch_size, progress)
-                acts = _capture_activations(model, layers[0], calib, batch_size)
-            state = _Progress(next_layer=0, activations=acts, targets=targets)
-        elapsed_before = state.elapsed
+        return _Progress(next_layer=0, activations=acts, targets=targets)
 
-        bar = tqdm(
-            total=len(layers),
-            initial=state.next_layer,
-            desc=f"{cfg.method} {cfg.structure if cfg.nm else f'{cfg.sparsity:.0%}'}",
-            unit="layer",
-            disable=not progress,
+    with torch.no_grad(), _eval_mode(model):
+        state, total = _run_layerwise(
+            model, calib, linears_by_layer, _PruneJob(cfg, old_masks, batch_size),
+            start=start, device=device, root=root, fingerprint=fingerprint, batch_size=batch_size,
+            show_progress=progress, desc=f"{cfg.method} {cfg.structure if cfg.nm else f'{cfg.sparsity:.0%}'}",
         )
-        with bar:
-            for index in range(state.next_layer, len(layers)):
-                layer_start = time.perf_counter()
-                with _on_device(layers[index], device) as layer:
-                    _prune_decoder_layer(
-                        index, layer, linears_by_layer[index], state, _to_device(kwargs, device), cfg, old_masks,
-                        batch_size,
-                    )
-                state.seconds.append(time.perf_counter() - layer_start)
-                state.elapsed = elapsed_before + time.perf_counter() - start
-                errors = [r["error"] for r in state.records if r["decoder_layer"] == index]
-                if errors:
-                    mean_error = sum(errors) / len(errors)
-                    bar.set_postfix(err=f"{mean_error:.4f}")
-                    log.info("decoder layer %d: mean relative error %.5f (%.1fs)", index, mean_error, state.seconds[-1])
-                if root is not None:
-                    _save_progress(root, fingerprint, linears_by_layer[index], state)
-                bar.update()
 
     check_masks(model, state.masks)  # every stage that writes a model asserts its sparsity
-    total = elapsed_before + time.perf_counter() - start
     pruned = sum(int((~m).sum()) for m in state.masks.values())
     numel = sum(m.numel() for m in state.masks.values())
     log.info("pruned %d Linears to %.4f sparsity in %.1fs", len(state.masks), pruned / max(numel, 1), total)
@@ -538,4 +779,64 @@ def prune_model(
         total_seconds=total,
         cholesky_retries=state.retries,
         layer_sparsity_targets=state.targets,
+    )
+
+
+def quantize_model(
+    model: nn.Module,
+    calib: Tensor,
+    cfg: QuantConfig,
+    *,
+    masks: Mapping[str, Tensor] | None = None,
+    device: str | torch.device = "cpu",
+    resume_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    batch_size: int = 8,
+) -> QuantizeResult:
+    """Quantize ``model``'s decoder-layer Linears in place with ``cfg`` (GPTQ or RTN, SmoothQuant first).
+
+    Afterwards each quantized Linear holds fake-quantized weights plus its integer codes
+    and scales (:func:`sparsify.quantization.attach_quantization`), dynamic per-token
+    activation quantization runs in its forward when ``cfg.activation_bits`` is set, and
+    ``model.config`` is marked quantized. ``masks``: the sparsity masks, checked against
+    the model and kept (without them, existing zeros are kept). Inputs are checked before
+    any work or write: calibration as in :func:`prune_model`, a bit width or group size
+    that does not fit a layer, an already quantized model, masks that do not match it.
+    """
+    cfg = QuantConfig.model_validate(cfg.model_dump())  # re-check: model_construct skips validation
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    check_not_quantized(model)
+    prefix, layers = find_decoder_layers(model)
+    calib = _check_calibration(model, calib, cfg, "quantize")
+    linears_by_layer = _linears_by_layer(model, cfg.ignore, _scheme_check(cfg), "quantize")
+    if masks is not None:
+        check_masks(model, masks)  # names, shapes, and zeros where the masks prune
+    if cfg.smoothquant and not any(smoothing_groups(layer) for layer in layers):
+        raise ValueError(
+            f"smoothquant: the decoder layers ({type(layers[0]).__name__}) have none of the Llama-style "
+            "norm -> Linear groups it folds into (input_layernorm -> q/k/v_proj, ...); set smoothquant to false"
+        )
+    device = torch.device(device)
+    root = Path(resume_dir) if resume_dir is not None else None
+    fingerprint = _fingerprint(model, calib, cfg, masks, batch_size) if root is not None else ""
+
+    def start(acts: Tensor, kwargs: dict) -> _Progress:
+        return _Progress(next_layer=0, activations=acts, targets=[])
+
+    scheme = f"W{cfg.weight_bits}A{cfg.activation_bits or 16}" + (f" g{cfg.group_size}" if cfg.group_size else "")
+    with torch.no_grad(), _eval_mode(model):
+        state, total = _run_layerwise(
+            model, calib, linears_by_layer, _QuantizeJob(cfg, masks, batch_size, prefix),
+            start=start, device=device, root=root, fingerprint=fingerprint, batch_size=batch_size,
+            show_progress=progress, desc=f"{cfg.method} {scheme}",
+        )
+
+    if masks is not None:
+        check_masks(model, masks)
+    mark_quantized(model, cfg)
+    log.info("quantized %d Linears (%s, %s) in %.1fs", len(state.records), cfg.method, scheme, total)
+    return QuantizeResult(
+        layers=state.records, seconds_per_decoder_layer=state.seconds, total_seconds=total,
+        cholesky_retries=state.retries,
     )

@@ -56,6 +56,17 @@ def parse_structure(structure: str) -> NM | None:
     return n, m
 
 
+def check_ignore_patterns(patterns: list[str]) -> list[str]:
+    """``patterns`` unchanged after checking that every ``re:`` pattern compiles (shared by config sections)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise ValueError(f"ignore pattern {pattern!r} is not a valid regular expression: {err}") from err
+    return patterns
+
+
 class PruneConfig(BaseModel):
     """Options of one pruning run; this is the ``prune`` section of params.yaml."""
 
@@ -90,13 +101,7 @@ class PruneConfig(BaseModel):
     @field_validator("ignore")
     @classmethod
     def _ignore_patterns(cls, v: list[str]) -> list[str]:
-        for pattern in v:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as err:
-                    raise ValueError(f"ignore pattern {pattern!r} is not a valid regular expression: {err}") from err
-        return v
+        return check_ignore_patterns(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:
@@ -313,20 +318,31 @@ def _prepare(W: Tensor, H: Tensor, dampening: float) -> tuple[Tensor, Tensor, in
 
 # select(scores, start, stop) -> keep-mask of columns [start, stop); scores = w² / U_jj² of those columns
 Selector = Callable[[Tensor, int, int], Tensor]
+# round(block, j, start) -> the value column start + j is fixed to, for every row (pruned rows are zeroed
+# afterwards); ``block`` holds the current, OBS-updated columns [start, start + block width)
+Rounder = Callable[[Tensor, int, int], Tensor]
 
 
 def _obs_sweep(
-    W: Tensor, U: Tensor, block_size: int, select: Selector, select_every: int | None
+    W: Tensor,
+    U: Tensor,
+    block_size: int,
+    select: Selector,
+    select_every: int | None,
+    rounder: Rounder | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT's column sweep (Frantar & Alistarh 2023, Alg. 1), in place on ``W``.
 
-    Columns are eliminated left to right. Pruning weight w_rj with the columns ≥ j still
-    free, the OBS update that best compensates for it in ‖(W − Ŵ)X‖² changes the row's
-    later weights by ``−(w_rj / U_jj) · U[j, j:]``. Inside a block of ``block_size``
-    columns the updates are applied column by column (each column's mask depends on
-    them); their effect on the columns after the block is accumulated in ``err`` and
-    applied in one matrix product at the block's end ("lazy batched updates") — the same
-    arithmetic, grouped for speed.
+    Columns are eliminated left to right. Fixing weight w_rj to a value q_rj with the
+    columns > j still free, the OBS update that best compensates for it in ‖(W − Ŵ)X‖²
+    changes the row's later weights by ``−((w_rj − q_rj) / U_jj) · U[j, j:]``. Pruning
+    is q = 0; with a ``rounder`` (GPTQ, Frantar et al. 2022) the kept weights are fixed
+    to their quantized values and pruned ones to 0 — SparseGPT's joint sparsification
+    and quantization, in one sweep. Inside a block of ``block_size`` columns the updates
+    are applied column by column (each column's mask and rounding depend on them); their
+    effect on the columns after the block is accumulated in ``err`` and applied in one
+    matrix product at the block's end ("lazy batched updates") — the same arithmetic,
+    grouped for speed.
 
     The mask is chosen adaptively: ``select`` is called for the next ``select_every``
     columns (for N:M: every M columns; None: once per block) with the current scores
@@ -348,7 +364,8 @@ def _obs_sweep(
                 scores = block[:, j:g1] ** 2 / d[j:g1] ** 2
                 mask[:, b0 + j : b0 + g1] = select(scores, b0 + j, b0 + g1)
             w = block[:, j]
-            q = w.masked_fill(~mask[:, b0 + j], 0)  # kept weights stay, pruned ones become 0
+            q = w if rounder is None else rounder(block, j, b0)
+            q = q.masked_fill(~mask[:, b0 + j], 0)  # kept weights stay (or are rounded), pruned ones become 0
             err[:, j] = (w - q) / d[j]
             block[:, j + 1 :].addr_(err[:, j], U_block[j, j + 1 :], alpha=-1)  # OBS update within the block
             block[:, j] = q

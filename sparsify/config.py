@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sparsify.pruning import PruneConfig
+from sparsify.quantization import QuantConfig
 
 
 class ConfigError(ValueError):
@@ -91,7 +92,7 @@ class ArchConfig(Section):
     """Shape of the embedded default Llama (ignored when `base.source` is set)."""
 
     hidden_size: int = Field(default=256, gt=0)
-    intermediate_size: int = Field(default=688, gt=0)
+    intermediate_size: int = Field(default=768, gt=0)
     num_hidden_layers: int = Field(default=4, gt=0)
     num_attention_heads: int = Field(default=4, gt=0)
     num_key_value_heads: int = Field(default=4, gt=0)
@@ -165,6 +166,36 @@ class FinetuneConfig(Section):
         return self
 
 
+# Named schemes: the fields of QuantConfig each one sets (the rest come from `quantize`).
+QUANT_SCHEMES: dict[str, dict] = {
+    "w8a8": {"weight_bits": 8, "group_size": None, "activation_bits": 8, "smoothquant": True},
+    "w4a16": {"weight_bits": 4, "group_size": 128, "activation_bits": None, "smoothquant": False},
+}
+
+
+class QuantizeConfig(Section):
+    """Quantization on top of sparsity: each scheme applied to the sparse models."""
+
+    schemes: list[Literal["w8a8", "w4a16"]] = Field(default=["w8a8", "w4a16"])
+    method: Literal["gptq", "rtn"] = "gptq"
+    group_size: int = Field(default=128, gt=0)  # INT4 group (w4a16)
+    smoothquant_alpha: float = Field(default=0.5, ge=0, le=1)
+    act_order: bool = False
+    block_size: int = Field(default=128, gt=0)
+    dampening: float = Field(default=0.01, gt=0)
+    num_samples: int = Field(default=128, gt=0)
+    seq_len: int = Field(default=256, gt=0)
+    finetuned: bool = True  # also quantize the top-level sparse fine-tuned models (task metrics)
+
+    def scheme(self, name: str) -> QuantConfig:
+        """The full QuantConfig of a named scheme (validated: bad bit widths/groups are errors)."""
+        preset = dict(QUANT_SCHEMES[name])
+        if preset["group_size"] is not None:
+            preset["group_size"] = self.group_size
+        shared = self.model_dump(exclude={"schemes", "group_size", "finetuned"})
+        return QuantConfig.model_validate({**shared, **preset})
+
+
 class DownstreamConfig(Section):
     """Fine-tuning/evaluation tasks (names from `sparsify.downstream.TASKS`).
 
@@ -194,6 +225,7 @@ class DownstreamConfig(Section):
 
 
 class EvaluateConfig(Section):
+    val_blocks: int = Field(default=64, gt=0)  # validation blocks behind every stage's ppl/val
     limit: int | None = Field(default=None, gt=0)  # documents per task (None: the whole test split)
     batch_size: int = Field(default=8, gt=0)
     extra_tasks: list[str] = []  # standard lm-eval tasks (arc_easy, hellaswag, ...) on machines that have them
@@ -230,6 +262,7 @@ class Config(Section):
     prune: PruneConfig = PruneConfig()
     pretrain: PretrainConfig
     finetune: FinetuneConfig
+    quantize: QuantizeConfig = QuantizeConfig()
     downstream: DownstreamConfig = DownstreamConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     pipeline: PipelineConfig = PipelineConfig()

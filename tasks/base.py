@@ -8,16 +8,14 @@ its validation perplexity against the untrained model's.
 from __future__ import annotations
 
 import logging
-import math
 
 from sparsify.config import Config
 from sparsify.data import Corpus, load_tokenizer
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.masks import sparsity_report
-from sparsify.metrics import mean_nll
 from sparsify.model import build_llama, count_parameters, load_model, pick_device, save_checkpoint
 from sparsify.trainer import train
-from tasks.common import Layout, StageResult, provenance
+from tasks.common import Layout, StageResult, provenance, val_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +39,12 @@ def run(cfg: Config) -> StageResult:
         model.to(device)
     else:
         model = build_llama(cfg.base.arch, tokenizer, seed=cfg.project.seed).to(device)
-        init_nll = mean_nll(model, val, max_blocks=tc.eval_blocks, batch_size=tc.batch_size, device=device)
-        metrics["ppl/val_init"] = math.exp(init_nll)
+        metrics["ppl/val_init"] = val_perplexity(cfg, model, corpus, device)
         result = train(model, corpus.blocks("train"), val, tc, seed=cfg.project.seed, device=device)
         history = result.history
         metrics.update({"train/final_loss": result.final_train_loss, "train/tokens_per_s": result.tokens_per_s,
                         "time/train_s": result.seconds})
-    metrics["ppl/val"] = math.exp(mean_nll(model, val, max_blocks=tc.eval_blocks, batch_size=tc.batch_size,
-                                           device=device))
+    metrics["ppl/val"] = val_perplexity(cfg, model, corpus, device)
     report = sparsity_report(model)
     metrics["sparsity/global"] = report["global"]
     metrics["model/params_m"] = count_parameters(model) / 1e6

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sparsify.config import Config
 from sparsify.io import atomic_write_json
+from sparsify.metrics import perplexity
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class Layout:
     def stamp(self, stage: str) -> Path:
         """The record of a finished stage's fingerprint (see tasks.runner)."""
         return self.root / ".stamps" / f"{stage}.json"
+
+
+def val_perplexity(cfg: Config, model, corpus, device) -> float:
+    """`ppl/val` of every stage: the same validation blocks (evaluate.val_blocks), so stages compare."""
+    return perplexity(model.to(device), corpus.blocks("val"), max_blocks=cfg.evaluate.val_blocks,
+                      batch_size=cfg.evaluate.batch_size, device=device)
 
 
 @dataclass(frozen=True)

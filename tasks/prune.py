@@ -8,7 +8,6 @@ existing zero stays zero. Progress is checkpointed after each decoder layer unde
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import statistics
 from pathlib import Path
@@ -18,10 +17,9 @@ from sparsify.data import Corpus, load_tokenizer
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.layerwise import prune_model
 from sparsify.masks import load_masks, plot_sparsity, save_masks, sparsity_report
-from sparsify.metrics import mean_nll
 from sparsify.model import load_model, pick_device, save_checkpoint
 from sparsify.pruning import PruneConfig
-from tasks.common import Layout, StageResult, provenance
+from tasks.common import Layout, StageResult, provenance, val_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +44,7 @@ def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) ->
     resume = cfg.root / ".resume" / name
     result = prune_model(model, corpus.calibration(), pcfg, old_masks=old_masks, device=device, resume_dir=resume)
 
-    val = corpus.blocks("val")
-    tc = cfg.base.train
-    ppl = math.exp(mean_nll(model.to(device), val, max_blocks=tc.eval_blocks, batch_size=tc.batch_size,
-                            device=device))
+    ppl = val_perplexity(cfg, model, corpus, device)
     report = sparsity_report(model.cpu(), result.masks)
     errors = [r["error"] for r in result.layers]
     metrics = {

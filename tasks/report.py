@@ -73,6 +73,54 @@ def recovery_table(cfg: Config, layout: Layout, levels: dict[str, float],
     return {"perplexity": ppl, "tasks": tasks, "columns": columns}
 
 
+def quant_table(cfg: Config, layout: Layout, levels: dict[str, float],
+                evals: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """Quantization on top of sparsity: perplexity and on-disk size of each sparse model and its
+    quantized versions, and the task metrics of the quantized fine-tuned models."""
+    from tasks.quantize import size_mb  # the report stage reads sizes the same way quantize logs them
+
+    rows = []
+    base_mb = size_mb(layout.model("base")) if layout.model("base").exists() else None
+    rows.append({"model": "dense", "ppl_val": (_read(layout.metrics("base")) or {}).get("ppl", {}).get("val"),
+                 "size_mb": base_mb, "ppl_change": None})
+    for lv in levels:
+        sparse = (_read(layout.metrics(f"pretrain{lv}")) or {}).get("ppl", {}).get("val")
+        rows.append({"model": f"sparse{lv}", "ppl_val": sparse, "ppl_change": None,
+                     "size_mb": size_mb(layout.model(f"pretrain{lv}")) if layout.model(f"pretrain{lv}").exists()
+                     else None})
+        for scheme in cfg.quantize.schemes:
+            m = _read(layout.metrics(f"quant-{scheme}-pretrain{lv}"))
+            if m:
+                ppl = m["ppl"]["val"]
+                rows.append({"model": f"sparse{lv}-{scheme}", "ppl_val": ppl, "size_mb": m["size"]["mb"],
+                             "sparse_format_mb": m["size"]["sparse_format_mb"],
+                             "ppl_change": ppl / sparse - 1 if sparse else None})
+    top = list(levels)[-1]
+    tasks = {}
+    for task in cfg.downstream.tasks:
+        metric = get_task(task).primary_metric
+        tasks[task] = {"metric": metric, **{v: evals.get(v, {}).get(task, {}).get(metric)
+                                            for v in [f"sparse{top}", *(f"sparse{top}-{s}" for s in cfg.quantize.schemes)]}}
+    return {"models": rows, "tasks": tasks}
+
+
+def quant_markdown(table: dict) -> str:
+    def fmt(v, spec=".4g"):
+        return "n/a" if v is None else format(v, spec)
+
+    lines = ["## Quantization on top of sparsity", "",
+             "| model | ppl (val) | change vs sparse | size (MB, compressed-tensors) | size (MB, bitmask format) |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {fmt(r['ppl_val'], '.2f')} | {fmt(r['ppl_change'], '+.2%')} | "
+              f"{fmt(r['size_mb'], '.2f')} | {fmt(r.get('sparse_format_mb'), '.2f')} |" for r in table["models"]]
+    if table["tasks"]:
+        cols = [c for c in next(iter(table["tasks"].values())) if c != "metric"]
+        lines += ["", "| task | metric | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+        lines += [f"| {t} | {row['metric']} | " + " | ".join(fmt(row[c]) for c in cols) + " |"
+                  for t, row in table["tasks"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def recovery_markdown(table: dict) -> str:
     def fmt(v, pct=False):
         return "n/a" if v is None else (f"{v:.1%}" if pct else f"{v:.4g}")
@@ -111,8 +159,9 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     out = layout.reports / "run"
     write_report(data, out)
     table = recovery_table(cfg, layout, levels, evals)
-    atomic_write_json(out / "recovery.json", table)
-    atomic_write_text(out / "recovery.md", recovery_markdown(table))
+    quant = quant_table(cfg, layout, levels, evals)
+    atomic_write_json(out / "recovery.json", table | {"quantization": quant})
+    atomic_write_text(out / "recovery.md", recovery_markdown(table) + "\n" + quant_markdown(quant))
     metrics: dict[str, float] = {"report/variants": len(evals)}
     metrics.update({f"ppl/val/{r['stage']}": r["ppl_val"] for r in table["perplexity"]})
     metrics.update({f"recovery/{task}/{col}": v for task, row in table["tasks"].items()

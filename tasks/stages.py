@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from sparsify.config import Config
-from tasks import base, data, evaluate, prune, report, taskdata, train_stages
+from tasks import base, data, evaluate, prune, quantize, report, taskdata, train_stages
 from tasks.common import Evaluated, StageResult
 
 CORPUS = "data/corpus"
@@ -27,6 +27,7 @@ HELDOUT = taskdata.HELDOUT
 
 PRUNE_CODE = ("sparsify/pruning.py", "sparsify/layerwise.py", "sparsify/masks.py", "tasks/prune.py")
 TRAIN_CODE = ("sparsify/trainer.py", "sparsify/distill.py", "sparsify/sft.py", "tasks/train_stages.py")
+QUANT_CODE = ("sparsify/quantization.py", "sparsify/export.py", "sparsify/layerwise.py", "tasks/quantize.py")
 EVAL_CODE = ("sparsify/evaluation.py", "sparsify/downstream.py", "sparsify/recovery.py", "sparsify/sandbox.py",
              "tasks/evaluate.py")
 
@@ -52,7 +53,7 @@ def level_name(sparsity: float) -> str:
 def _prune(name: str, sparsity: float, source: str) -> Stage:
     output = f"models/{name}"
     return Stage(name=name, run=partial(prune.run, name=name, sparsity=sparsity, source=source, output=output),
-                 params=("project.device", "prune", "pipeline.sparsities"), deps=(source, CORPUS), outs=(output,),
+                 params=("project.device", "prune", "pipeline.sparsities", "evaluate.val_blocks"), deps=(source, CORPUS), outs=(output,),
                  code=PRUNE_CODE)
 
 
@@ -69,6 +70,18 @@ def _finetune(name: str, task: str, source: str, teacher: str | None, variant: s
     )
 
 
+def quantized_models(cfg: Config) -> list[tuple[str, str, str, str]]:
+    """(stage/model name, scheme, source model, variant) for every quantized model: each
+    sparse-pretrained model, and the top-level sparse fine-tunes when `quantize.finetuned`."""
+    levels = [level_name(s) for s in cfg.pipeline.sparsities]
+    out = [(f"quant-{sc}-pretrain{lv}", sc, f"pretrain{lv}", f"sparse{lv}-{sc}")
+           for lv in levels for sc in cfg.quantize.schemes]
+    if cfg.quantize.finetuned:
+        out += [(f"quant-{sc}-ft-sparse{levels[-1]}-{task}", sc, f"ft-sparse{levels[-1]}-{task}",
+                 f"sparse{levels[-1]}-{sc}") for task in cfg.downstream.tasks for sc in cfg.quantize.schemes]
+    return out
+
+
 def evaluated_models(cfg: Config) -> list[Evaluated]:
     """Every model the pipeline evaluates: pretraining-level models on held-out perplexity,
     fine-tuned models on their task, each against its dense counterpart."""
@@ -83,6 +96,9 @@ def evaluated_models(cfg: Config) -> list[Evaluated]:
         out += [Evaluated(f"ft-sparse{lv}-{task}", f"sparse{lv}", (task,), dense) for lv in levels]
         if cfg.finetune.baseline:
             out.append(Evaluated(f"ft-baseline{levels[-1]}-{task}", f"sparse{levels[-1]}-baseline", (task,), dense))
+    for name, _, source, variant in quantized_models(cfg):
+        task = source.removeprefix(f"ft-sparse{levels[-1]}-") if source.startswith("ft-") else None
+        out.append(Evaluated(name, variant, (task,) if task else (HELDOUT,), f"ft-dense-{task}" if task else "base"))
     return out
 
 
@@ -92,7 +108,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
               code=("sparsify/data.py", "tasks/data.py")),
         Stage(name="taskdata", run=taskdata.run, params=("project.seed", "downstream"), deps=(CORPUS,),
               outs=(TASK_DATA,), code=("sparsify/downstream.py", "tasks/taskdata.py")),
-        Stage(name="base", run=base.run, params=("project.seed", "project.device", "base"), deps=(CORPUS,),
+        Stage(name="base", run=base.run, params=("project.seed", "project.device", "base", "evaluate.val_blocks"), deps=(CORPUS,),
               outs=("models/base",),
               code=("sparsify/model.py", "sparsify/trainer.py", "sparsify/metrics.py", "tasks/base.py")),
     ]
@@ -106,7 +122,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             name=name,
             run=partial(train_stages.pretrain, name=name, source=f"models/prune{lv}", output=output,
                         variant=f"sparse{lv}"),
-            params=("project.seed", "project.device", "pretrain"),
+            params=("project.seed", "project.device", "pretrain", "evaluate.val_blocks"),
             deps=(f"models/prune{lv}", CORPUS, "models/base"),
             outs=(output,),
             code=TRAIN_CODE,
@@ -125,6 +141,18 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             table.append(_prune(pruned, top, teacher))
             table.append(_finetune(f"ft-baseline{lv}-{task}", task, f"models/{pruned}", teacher,
                                    f"sparse{lv}-baseline"))
+
+    for name, scheme, source, variant in quantized_models(cfg):
+        output = f"models/{name}"
+        table.append(Stage(
+            name=name,
+            run=partial(quantize.run, name=name, scheme=scheme, source=f"models/{source}", output=output,
+                        variant=variant),
+            params=("project.device", "quantize", "evaluate.val_blocks"),
+            deps=(f"models/{source}", CORPUS),
+            outs=(output,),
+            code=QUANT_CODE,
+        ))
 
     models = evaluated_models(cfg)
     for m in models:

@@ -14,7 +14,6 @@ Training checkpoints go to `<root>/.resume/<stage>`, so an interrupted stage res
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 
 from sparsify.config import Config, TrainConfig
@@ -22,12 +21,11 @@ from sparsify.data import Corpus
 from sparsify.downstream import get_task, read_task_jsonl
 from sparsify.evaluation import load_for_eval
 from sparsify.io import atomic_dir, atomic_write_json
-from sparsify.masks import check_masks, load_masks, save_masks, sparsity_report
-from sparsify.metrics import mean_nll
+from sparsify.masks import check_masks, save_masks, sparsity_report
 from sparsify.model import pick_device, save_checkpoint
 from sparsify.sft import SFTDataset
 from sparsify.trainer import PackedBlocks, TrainResult, train
-from tasks.common import Layout, StageResult, provenance
+from tasks.common import Layout, StageResult, provenance, val_perplexity
 from tasks.prune import MASKS, input_masks
 
 log = logging.getLogger(__name__)
@@ -37,7 +35,6 @@ def _train_and_save(cfg: Config, *, name: str, source: str, output: str, teacher
                     train_cfg: TrainConfig, train_data, val_data, variant: str,
                     sections: tuple[str, ...]) -> tuple[StageResult, object]:
     """Load `source` (+ its masks), train with the masks fixed, save to `output` with the same masks."""
-    layout = Layout.of(cfg)
     device = pick_device(cfg.project.device)
     src = cfg.root / source
     model, tokenizer = load_for_eval(src)
@@ -85,9 +82,7 @@ def pretrain(cfg: Config, *, name: str, source: str, output: str, variant: str) 
         cfg, name=name, source=source, output=output, teacher="models/base", train_cfg=tc,
         train_data=PackedBlocks(corpus.blocks("train")), val_data=PackedBlocks(val), variant=variant,
         sections=("project", "pretrain"))
-    device = pick_device(cfg.project.device)
-    result.metrics["ppl/val"] = math.exp(mean_nll(model.to(device), val, max_blocks=tc.eval_blocks,
-                                                  batch_size=tc.batch_size, device=device))
+    result.metrics["ppl/val"] = val_perplexity(cfg, model, corpus, pick_device(cfg.project.device))
     return result
 
 

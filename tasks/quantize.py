@@ -1,0 +1,77 @@
+"""Stage `quant-<scheme>-<model>`: quantize a sparse checkpoint, keeping its masks.
+
+GPTQ (or round-to-nearest) on the layer-wise driver, SmoothQuant first for W8A8. The
+checkpoint is written in the compressed-tensors format (what transformers and vLLM
+load; the evaluation stages load it back with activation quantization in place), with
+the masks, plus the project's own bitmask + packed values + scales format under
+`sparse/` for the CPU runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+
+from sparsify.config import Config
+from sparsify.data import Corpus
+from sparsify.evaluation import load_for_eval
+from sparsify.export import save_compressed_tensors, save_sparse_model
+from sparsify.io import atomic_dir, atomic_write_json
+from sparsify.layerwise import quantize_model
+from sparsify.masks import check_masks, save_masks, sparsity_report
+from sparsify.model import pick_device
+from sparsify.quantization import check_not_quantized
+from tasks.common import Layout, StageResult, provenance, val_perplexity
+from tasks.prune import MASKS, input_masks
+
+log = logging.getLogger(__name__)
+
+
+def size_mb(path: Path) -> float:
+    """On-disk size of a checkpoint's weight files (what a deployment ships; the masks are for training)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors") if p.name != MASKS) / 2**20
+
+
+def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, variant: str) -> StageResult:
+    layout = Layout.of(cfg)
+    src = cfg.root / source
+    check_not_quantized(src)
+    qcfg = cfg.quantize.scheme(scheme)
+    model, tokenizer = load_for_eval(src)
+    masks = input_masks(src)
+    device = pick_device(cfg.project.device)
+    corpus = Corpus.open(layout.corpus)
+    result = quantize_model(model, corpus.calibration(), qcfg, masks=masks, device=device,
+                            resume_dir=cfg.root / ".resume" / name)
+    model.cpu()
+    if masks is not None:
+        check_masks(model, masks)  # the zeros survived quantization
+    ppl = val_perplexity(cfg, model, corpus, device)
+    model.cpu()
+    out = cfg.root / output
+    with atomic_dir(out) as tmp:
+        save_compressed_tensors(model, tmp, tokenizer=tokenizer)
+        if masks is not None:
+            save_masks(masks, tmp / MASKS)
+            save_sparse_model(model, masks, tmp / "sparse")
+        atomic_write_json(tmp / "provenance.json", provenance(name, cfg, ("project", "quantize"), [src]))
+        atomic_write_json(tmp / "quantize_layers.json", {"layers": result.layers,
+                                                         "seconds_per_decoder_layer": result.seconds_per_decoder_layer})
+    errors = [r["error"] for r in result.layers]
+    rtn = [r["rtn_error"] for r in result.layers if "rtn_error" in r]
+    metrics = {
+        "ppl/val": ppl,
+        "sparsity/global": sparsity_report(model, masks)["global"],
+        "size/mb": size_mb(out) - (size_mb(out / "sparse") if (out / "sparse").exists() else 0.0),
+        "size/sparse_format_mb": size_mb(out / "sparse") if (out / "sparse").exists() else 0.0,
+        "size/source_mb": size_mb(src),
+        "quant/recon_error_mean": statistics.fmean(errors) if errors else 0.0,
+        "time/quantize_s": result.total_seconds,
+    }
+    if rtn:
+        metrics["quant/rtn_error_mean"] = statistics.fmean(rtn)
+    log.info("%s: %s %s, val ppl %.2f, %.1f MB (source %.1f MB)", name, scheme, qcfg.method, ppl,
+             metrics["size/mb"], metrics["size/source_mb"])
+    return StageResult(metrics=metrics, outputs=[out], variant=variant,
+                       artifacts=[out / "provenance.json", out / "quantize_layers.json"])

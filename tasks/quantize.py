@@ -10,6 +10,7 @@ the masks, plus the project's own bitmask + packed values + scales format under
 from __future__ import annotations
 
 import logging
+import shutil
 import statistics
 from pathlib import Path
 
@@ -42,8 +43,8 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
     masks = input_masks(src)
     device = pick_device(cfg.project.device)
     corpus = Corpus.open(layout.corpus)
-    result = quantize_model(model, corpus.calibration(), qcfg, masks=masks, device=device,
-                            resume_dir=cfg.root / ".resume" / name)
+    resume = cfg.root / ".resume" / name
+    result = quantize_model(model, corpus.calibration(), qcfg, masks=masks, device=device, resume_dir=resume)
     model.cpu()
     if masks is not None:
         check_masks(model, masks)  # the zeros survived quantization
@@ -58,6 +59,7 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
         atomic_write_json(tmp / "provenance.json", provenance(name, cfg, ("project", "quantize"), [src]))
         atomic_write_json(tmp / "quantize_layers.json", {"layers": result.layers,
                                                          "seconds_per_decoder_layer": result.seconds_per_decoder_layer})
+    shutil.rmtree(resume, ignore_errors=True)  # the checkpoint is written; the resume state is spent
     errors = [r["error"] for r in result.layers]
     rtn = [r["rtn_error"] for r in result.layers if "rtn_error" in r]
     metrics = {

@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from tests.conftest import tiny_llama as conftest_tiny_llama
 
 from sparsify.export import (
     SPARSE_FILE,
@@ -31,18 +33,7 @@ W4G32 = {"weight_bits": 4, "group_size": 32, "activation_bits": None, "smoothqua
 
 
 def tiny_llama(tied: bool) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config).eval()
+    return conftest_tiny_llama(hidden_size=64, intermediate_size=128, tie_word_embeddings=tied).eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from tests.conftest import tiny_llama
 
 from sparsify import layerwise
 from sparsify.layerwise import PruneResult, prune_model
@@ -19,17 +21,7 @@ N_SAMPLES, SEQ_LEN = 6, 12
 
 @pytest.fixture(scope="module")
 def dense() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=64,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama().eval()
 
 
 @pytest.fixture()

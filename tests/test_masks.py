@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from tests.conftest import tiny_llama
 
 from sparsify.masks import (
     apply_masks,
@@ -25,11 +27,8 @@ DOWN = "model.layers.1.mlp.down_proj.weight"
 
 @pytest.fixture()
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128
-    )
-    return LlamaForCausalLM(config)
+    # LlamaConfig's default max_position_embeddings (2048): rotary tables do not change the weights drawn
+    return tiny_llama(max_position_embeddings=2048)
 
 
 def half_masks(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from tests.conftest import tiny_llama
 
 from sparsify import layerwise
 from sparsify.layerwise import QuantizeResult, prune_model, quantize_model
@@ -260,17 +262,7 @@ def test_smoothing_reduces_activation_quantization_error_with_outlier_channels()
 
 @pytest.fixture(scope="module")
 def dense() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(hidden_size=64, num_key_value_heads=2, intermediate_size=128).eval()
     with torch.no_grad():  # outlier channels in the residual stream, as trained LLMs have
         model.model.embed_tokens.weight[:, [5, 23]] *= 30.0
     return model

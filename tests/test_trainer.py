@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from tests.conftest import tiny_llama as conftest_tiny_llama
 
 from sparsify import trainer
 from sparsify.config import TrainConfig
@@ -32,10 +34,7 @@ VOCAB = 128
 
 def tiny_llama(seed: int = 0, vocab: int = VOCAB, layers: int = 2) -> LlamaForCausalLM:
     """A ~20k-parameter Llama: big enough to have every module type, fast on one core."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config)
+    return conftest_tiny_llama(seed, vocab_size=vocab, num_hidden_layers=layers, num_key_value_heads=2)
 
 
 def random_blocks(n: int = 64, length: int = 16, seed: int = 0) -> np.ndarray:

@@ -1,0 +1,59 @@
+// Shared declarations of the sparse GEMM kernels: y[M, N] = x[M, K] · W[N, K]ᵀ with W stored as
+// per-row bitmask + packed nonzero values (see sparsify/kernels/format.py for the layout).
+//
+// The ISA-specific translation units (generic, AVX2, AVX-512) see only this header and raw
+// pointers: no torch headers, so nothing compiled there for a wider ISA can be merged by the
+// linker into code that runs on a narrower CPU (inline functions of shared headers are ODR-merged).
+#pragma once
+
+#include <cstdint>
+
+namespace sparsellama {
+
+// How the weight's nonzero values are stored.
+enum class Fmt : int {
+  BF16 = 0,  // bf16 values, float activations
+  F32 = 1,   // fp32 values, float activations
+  I8 = 2,    // int8 codes + fp32 scale per output row, int8 activations (W8A8, VNNI)
+  I8F = 3,   // int8 codes + fp32 scale per output row, float activations (W8A16: dequantize in registers)
+};
+
+// Rows of W handed to the inner loops at once by the batched (M > kDirectMax) kernels.
+constexpr int kRowBlock = 4;
+// Up to this many rows of x, the AVX-512 kernels expand W in registers and use it for every row
+// of x at once (no scratch): bandwidth-bound decode and tiny batches.
+constexpr int kDirectMax = 4;
+
+// One call, described with raw pointers. All x rows are zero-padded to 64 * words columns, so
+// vector loads never read past a row; pruned positions expand to exact zeros.
+struct Problem {
+  int64_t M;      // rows of x as the kernel sees them
+  int64_t N;      // output features (rows of W)
+  int64_t words;  // 64-bit mask words per row of W
+  const uint64_t* mask;     // [N, words], bit j of word w = column 64w + j is stored
+  const int64_t* offsets;   // [N + 1] start of each row in `values`
+  const void* values;       // packed nonzeros (padded at the end for 64-byte over-reads)
+  const void* x;            // [M, 64 * words]: uint16 (bf16 bits), float, or uint8 (int8 code + 128)
+  const float* x_scale;     // [M] per-token activation scale (Fmt::I8 only)
+  const float* w_scale;     // [N] per-row weight scale (Fmt::I8 / I8F)
+  const int32_t* row_sum;   // [N] sum of each row's int8 codes (Fmt::I8: undoes the +128 of x)
+  const float* bias;        // [N] or nullptr
+  float* y;                 // [M, N]
+  const int64_t* bounds;    // [nthreads + 1] the row range of each thread
+  int nthreads;
+  int64_t prefetch;         // software prefetch distance (bytes) of the value stream (AVX-512 M <= 4)
+};
+
+namespace generic { void run(Fmt fmt, const Problem& p); }
+namespace avx2 { void run(Fmt fmt, const Problem& p); }
+namespace avx512 {
+void run(Fmt fmt, const Problem& p);
+// Vectorized activation encoders (same results as the scalar ones in sparse_gemv.cpp).
+void encode_bf16(const float* x, int64_t M, int64_t K, int64_t kp, uint16_t* out, bool split);
+bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, float* scale);
+}  // namespace avx512
+
+// Which x encoding each (ISA, format) pair expects, decided in one place (sparse_gemv.cpp).
+enum class XKind : int { F32 = 0, BF16 = 1, U8 = 2 };
+
+}  // namespace sparsellama

@@ -1,0 +1,96 @@
+"""``sparse_linear(x, packed, bias)``: the kernel call with input checks and a pure-torch fallback.
+
+The fallback (no compiler, non-CPU-kernel platform, or autograd through x) computes the same
+function as the kernels: float formats in fp32 from the exact stored values; W8A8 with the same
+per-token int8 codes and exact integer sums. It unpacks the weight on every call — slow, never wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsify.kernels.format import PackedWeight, dequantize, unpack
+from sparsify.kernels.loader import ISA_NAMES, available_isa, load_extension
+
+FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+_isa_cache: dict = {}
+
+
+def kernel_isa() -> str:
+    """Instruction set the kernels use here: 'avx512', 'avx2', 'generic', or 'torch' (fallback)."""
+    if "isa" not in _isa_cache:
+        _isa_cache["isa"] = available_isa()
+    isa = _isa_cache["isa"]
+    return "torch" if isa < 0 else ISA_NAMES[isa]
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token int8 codes (as float) and scales, exactly as the C++ kernels compute them.
+
+    compressed-tensors' grid: ``scale = max|x_t| / 127.5`` (1 for an all-zero row), codes
+    ``round(clamp(x / scale, -128, 127))``, all in fp32. Rows with a non-finite entry get a nan scale.
+    """
+    x = x.float()
+    amax = x.abs().amax(-1)
+    scale = amax / 127.5
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((x / scale[:, None]).clamp(-128, 127))
+    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+    return codes, scale
+
+
+def torch_sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -> Tensor:
+    """Reference/fallback: ``x [M, in]`` (float) → fp32 ``[M, out]``, the kernels' arithmetic in torch."""
+    if packed.dtype == torch.int8 and packed.act_int8:
+        codes, xs = quantize_activations(x)
+        # Integer dot products in float64 are exact (|sum| < 2^53), like the kernels' int32 sums.
+        acc = (codes.double() @ unpack(packed).double().T).float()
+        y = acc * (xs[:, None] * packed.scales[None, :])
+    elif packed.dtype == torch.int8:  # W8A16: Σ x·code, then the row scale (the kernels' order)
+        y = (x.float() @ unpack(packed).float().T) * packed.scales[None, :]
+    else:
+        y = x.float() @ dequantize(packed).T
+    return y + bias if bias is not None else y
+
+
+def _check_input(x: Tensor, packed: PackedWeight) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"sparse kernels run on the CPU; x is on {x.device}")
+    if x.dtype not in FLOAT_INPUTS:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != packed.shape[1]:
+        raise ValueError(f"x's last dimension must be in_features={packed.shape[1]}, got shape {tuple(x.shape)}")
+
+
+def sparse_linear(
+    x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *, isa: str | None = None
+) -> Tensor:
+    """``x [..., in] · Wᵀ + bias`` → ``[..., out]`` in x's dtype (float16 computes in fp32).
+
+    ``bias`` is fp32 ``[out]`` or None. ``isa`` forces a path: 'avx512', 'avx2', 'generic' (must be
+    supported here) or 'torch'; default: the best available. Inputs that need gradients take the
+    torch path (differentiable in x). Non-contiguous x is copied.
+    """
+    _check_input(x, packed)
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (packed.shape[0],)):
+        raise ValueError(f"bias must be float32 [{packed.shape[0]}], got {bias.dtype} {tuple(bias.shape)}")
+    name = isa or kernel_isa()
+    if name != "torch":
+        if name not in ISA_NAMES:
+            raise ValueError(f"isa must be one of {ISA_NAMES + ('torch',)}, got {name!r}")
+        level, best = ISA_NAMES.index(name), kernel_isa()
+        if best == "torch" or level > ISA_NAMES.index(best):
+            raise ValueError(f"isa {name!r} is not available here (best: {best!r})")
+    if name == "torch" or (x.requires_grad and torch.is_grad_enabled()):
+        y = torch_sparse_linear(x.reshape(-1, packed.shape[1]), packed, bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
+    if x.dtype == torch.float16:  # no fp16 kernels: fp32 holds every fp16 exactly
+        return sparse_linear(x.float(), packed, bias, isa=name).half()
+    # Fast path (decode calls this ~7 times per layer per token): the C++ side views x as [M, in].
+    return load_extension().sparse_linear(
+        x if x.is_contiguous() else x.contiguous(), packed.bitmask, packed.offsets, packed.values,
+        packed.scales, packed.row_sums, bias, packed.act_int8, ISA_NAMES.index(name),
+    )

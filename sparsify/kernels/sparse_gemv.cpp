@@ -1,0 +1,263 @@
+// Python binding of the sparse GEMM kernels: checks the tensors, encodes x the way the chosen
+// kernel reads it (zero-padded rows; bf16 hi/lo split; per-token int8 codes), splits the rows of W
+// among the threads, and dispatches to the generic, AVX2 or AVX-512 kernels.
+//
+// Threads: OpenMP, with torch's thread count (torch.set_num_threads). torch's wheel ships the
+// libgomp this extension links against (same soname), so both share one thread pool.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <omp.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace sparsellama {
+namespace generic {
+#include "generic.h"
+}  // namespace generic
+
+namespace {
+
+enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Padding (bytes) the packed values need after the last row: vector loads read up to 64 bytes.
+constexpr int64_t kValuePadBytes = 64;
+
+// Software prefetch distance (bytes) of the AVX-512 batch-1 kernels' value stream (the mask
+// stream uses 1/4). 2048 measured best of 0/512/1024/2048/4096; set_prefetch exists for A/B runs.
+int64_t g_prefetch = 2048;
+void set_prefetch(int64_t bytes) { g_prefetch = bytes; }
+
+int64_t best_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();  // cpuid + the OS's xgetbv state: AVX-512 counts only if the OS saves zmm
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2") &&
+      __builtin_cpu_supports("avx512vnni"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kGeneric;
+}
+
+// x [M, K] (fp32 or bf16) → [M, kp] in the kernel's element type, zero-padded. `split` (bf16
+// kernels on fp32 input) writes two bf16 rows per input row — hi = bf16(x), lo = bf16(x − hi),
+// rows [0, M) and [M, 2M) — so hi + lo carries ~16 mantissa bits and W·hi + W·lo is fp32-accurate
+// while the kernel still multiplies with VDPBF16PS.
+torch::Tensor encode_float_x(const torch::Tensor& x, int64_t kp, bool to_bf16, bool split, bool vector) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (to_bf16) {
+    auto out = torch::zeros({split ? 2 * M : M, kp}, torch::kBFloat16);
+    auto* o = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
+    if (x.scalar_type() == torch::kFloat && vector) {
+      avx512::encode_bf16(x.data_ptr<float>(), M, K, kp, reinterpret_cast<uint16_t*>(o), split);
+    } else if (x.scalar_type() == torch::kBFloat16) {
+      const auto* xs = reinterpret_cast<const c10::BFloat16*>(x.data_ptr());
+      for (int64_t m = 0; m < M; ++m) std::memcpy(o + m * kp, xs + m * K, K * sizeof(c10::BFloat16));
+    } else {
+      const float* xs = x.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) {
+          const float f = xs[m * K + k];
+          const c10::BFloat16 hi(f);  // round to nearest even
+          o[m * kp + k] = hi;
+          if (split) {
+            const float h = float(hi);
+            o[(M + m) * kp + k] = c10::BFloat16(std::isfinite(h) ? f - h : 0.f);
+          }
+        }
+    }
+    return out;
+  }
+  auto out = torch::zeros({M, kp}, torch::kFloat);
+  float* o = out.data_ptr<float>();
+  if (x.scalar_type() == torch::kFloat) {
+    const float* xs = x.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) std::memcpy(o + m * kp, xs + m * K, K * sizeof(float));
+  } else {
+    const auto* xs = reinterpret_cast<const c10::BFloat16*>(x.data_ptr());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) o[m * kp + k] = float(xs[m * K + k]);
+  }
+  return out;
+}
+
+// Dynamic symmetric per-token int8 quantization on compressed-tensors' grid (the grid
+// sparsify/quantization.py fakes): scale = max|x_t| / 127.5, q = round(clamp(x / scale, −128, 127)),
+// stored as q + 128 (uint8) for VPDPBUSD's unsigned operand. Computed in fp32.
+std::pair<torch::Tensor, torch::Tensor> quantize_x(const torch::Tensor& x, int64_t kp, bool vector) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto xf = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
+  const float* xs = xf.data_ptr<float>();
+  auto q = torch::full({M, kp}, 128, torch::kUInt8);  // padding: code 0
+  auto sc = torch::empty({M}, torch::kFloat);
+  uint8_t* qo = q.data_ptr<uint8_t>();
+  float* so = sc.data_ptr<float>();
+  if (vector && avx512::quantize_u8(xs, M, K, kp, qo, so)) return {q, sc};
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = xs + m * K;
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      finite &= std::isfinite(row[k]);
+      amax = std::fmax(amax, std::fabs(row[k]));
+    }
+    if (!finite) {
+      so[m] = std::nanf("");  // a non-finite input makes the whole output row nan, never a made-up number
+      continue;
+    }
+    float scale = amax / 127.5f;
+    if (!(scale > 0.f)) scale = 1.f;
+    so[m] = scale;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = std::fmin(std::fmax(row[k] / scale, -128.f), 127.f);
+      qo[m * kp + k] = uint8_t(int(std::nearbyint(v)) + 128);
+    }
+  }
+  return {q, sc};
+}
+
+// Row ranges per thread. Batches up to kDirectMax are bandwidth-bound: balance the bytes each
+// thread streams (values + mask), so rows of uneven sparsity do not leave a thread idle. Larger
+// batches are compute-bound on the expanded rows: balance row counts, in whole kRowBlock blocks.
+std::vector<int64_t> split_rows(const int64_t* offsets, int64_t N, int64_t words, int64_t elt,
+                                int64_t Mk, int nthreads) {
+  std::vector<int64_t> b(nthreads + 1, N);
+  b[0] = 0;
+  auto cost = [&](int64_t r) { return Mk <= kDirectMax ? (offsets[r] - offsets[0]) * elt + r * words * 8 : r; };
+  const double total = double(cost(N));
+  int64_t r = 0;
+  for (int t = 1; t < nthreads; ++t) {
+    const double target = total * t / nthreads;
+    while (r < N && double(cost(r)) < target) ++r;
+    int64_t cut = Mk <= kDirectMax ? r : std::min<int64_t>(N, (r + kRowBlock - 1) / kRowBlock * kRowBlock);
+    b[t] = std::max(cut, b[t - 1]);
+  }
+  return b;
+}
+
+// x [..., in] (contiguous) → y [..., out] in x's dtype.
+torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitmask, const torch::Tensor& offsets,
+                            const torch::Tensor& values, const std::optional<torch::Tensor>& w_scale,
+                            const std::optional<torch::Tensor>& row_sum, const std::optional<torch::Tensor>& bias,
+                            bool act_int8, int64_t isa) {
+  TORCH_CHECK(x_in.device().is_cpu(), "sparse_linear: x must be on the CPU, got ", x_in.device());
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.is_contiguous(), "sparse_linear: x must be a contiguous tensor [..., in]");
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16,
+              "sparse_linear: x must be float32 or bfloat16, got ", x_in.scalar_type());
+  const int64_t K = x_in.size(-1), words = (K + 63) / 64, kp = words * 64;
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x_in.dim(); ++d) M *= x_in.size(d);
+  const torch::Tensor x = x_in.view({M, K});
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  TORCH_CHECK(bitmask.scalar_type() == torch::kUInt8 && bitmask.dim() == 2 && bitmask.is_contiguous() &&
+                  bitmask.size(1) == words * 8,
+              "sparse_linear: bitmask must be contiguous uint8 [out, ", words * 8, "] for in_features=", K);
+  const int64_t N = bitmask.size(0);
+  out_shape.back() = N;
+  TORCH_CHECK(offsets.scalar_type() == torch::kLong && offsets.dim() == 1 && offsets.is_contiguous() &&
+                  offsets.size(0) == N + 1,
+              "sparse_linear: offsets must be contiguous int64 [out + 1]");
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "sparse_linear: values must be contiguous 1-D");
+  Fmt fmt;
+  switch (values.scalar_type()) {
+    case torch::kBFloat16: fmt = Fmt::BF16; break;
+    case torch::kFloat: fmt = Fmt::F32; break;
+    case torch::kChar: fmt = act_int8 ? Fmt::I8 : Fmt::I8F; break;
+    default: TORCH_CHECK(false, "sparse_linear: values must be bfloat16, float32 or int8, got ", values.scalar_type());
+  }
+  const int64_t elt = values.element_size();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] >= 0 && off[N] >= off[0] && (off[N] * elt + kValuePadBytes) <= values.numel() * elt,
+              "sparse_linear: values must hold offsets[-1] entries plus ", kValuePadBytes, " bytes of padding");
+  const bool is_int8 = fmt == Fmt::I8 || fmt == Fmt::I8F;
+  if (is_int8) {
+    TORCH_CHECK(w_scale.has_value() && w_scale->scalar_type() == torch::kFloat && w_scale->dim() == 1 &&
+                    w_scale->size(0) == N && w_scale->is_contiguous(),
+                "sparse_linear: int8 values need contiguous float32 scales [out]");
+  }
+  if (fmt == Fmt::I8) {
+    TORCH_CHECK(row_sum.has_value() && row_sum->scalar_type() == torch::kInt && row_sum->dim() == 1 &&
+                    row_sum->size(0) == N && row_sum->is_contiguous(),
+                "sparse_linear: W8A8 needs contiguous int32 row sums [out]");
+    // int32 accumulators: |Σ (q+128)·w| ≤ 255·128·K must stay below 2^31.
+    TORCH_CHECK(K <= 65536, "sparse_linear: W8A8 supports in_features <= 65536, got ", K);
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->dim() == 1 && bias->size(0) == N &&
+                    bias->is_contiguous(),
+                "sparse_linear: bias must be contiguous float32 [out]");
+  }
+  TORCH_CHECK(isa >= kGeneric && isa <= best_isa(), "sparse_linear: isa ", isa, " is not supported by this CPU");
+  if (M == 0 || N == 0) return torch::zeros(out_shape, x.options());
+
+  // How this kernel reads x.
+  XKind xk = fmt == Fmt::I8 ? XKind::U8 : (isa == kAvx512 && fmt == Fmt::BF16 ? XKind::BF16 : XKind::F32);
+  const bool split = xk == XKind::BF16 && x.scalar_type() == torch::kFloat;
+  torch::Tensor xe, xscale;
+  if (xk == XKind::U8) {
+    std::tie(xe, xscale) = quantize_x(x, kp, isa == kAvx512);
+  } else if (K == kp && (xk == XKind::BF16) == (x.scalar_type() == torch::kBFloat16)) {
+    xe = x;  // already the kernel's layout: no copy
+  } else {
+    xe = encode_float_x(x, kp, xk == XKind::BF16, split, isa == kAvx512);
+  }
+  const int64_t Mk = split ? 2 * M : M;
+  auto y = torch::empty({Mk, N}, torch::kFloat);
+
+  // Tiny problems (tests, toy models) are not worth waking a second thread for.
+  int nthreads = at::get_num_threads();
+  if (Mk * N * kp < (int64_t(1) << 18)) nthreads = 1;
+  const auto bounds = split_rows(off, N, words, elt, Mk, nthreads);
+
+  Problem p;
+  p.M = Mk;
+  p.N = N;
+  p.words = words;
+  p.mask = reinterpret_cast<const uint64_t*>(bitmask.data_ptr<uint8_t>());
+  p.offsets = off;
+  p.values = values.data_ptr();
+  p.x = xe.data_ptr();
+  p.x_scale = xk == XKind::U8 ? xscale.data_ptr<float>() : nullptr;
+  p.w_scale = is_int8 ? w_scale->data_ptr<float>() : nullptr;
+  p.row_sum = fmt == Fmt::I8 ? row_sum->data_ptr<int32_t>() : nullptr;
+  p.bias = bias.has_value() && !split ? bias->data_ptr<float>() : nullptr;  // split: added once below
+  p.y = y.data_ptr<float>();
+  p.bounds = bounds.data();
+  p.nthreads = nthreads;
+  p.prefetch = g_prefetch;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (isa == kAvx512) avx512::run(fmt, p);
+    else if (isa == kAvx2) avx2::run(fmt, p);
+    else generic::run(fmt, p);
+  }
+  if (split) {  // y = W·hi + W·lo (+ bias)
+    float* yp = y.data_ptr<float>();
+    const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] += yp[(M + m) * N + n] + (b ? b[n] : 0.f);
+    y = y.narrow(0, 0, M);
+  }
+  return (x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type())).view(out_shape);
+}
+
+}  // namespace
+}  // namespace sparsellama
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sparsellama sparse GEMM kernels: y = x · Wᵀ with W as per-row bitmask + packed values";
+  m.def("sparse_linear", &sparsellama::sparse_linear, "y[M, out] = x[M, in] · Wᵀ (+ bias), float32 result "
+        "in x's dtype", pybind11::arg("x"), pybind11::arg("bitmask"), pybind11::arg("offsets"),
+        pybind11::arg("values"), pybind11::arg("w_scale"), pybind11::arg("row_sum"), pybind11::arg("bias"),
+        pybind11::arg("act_int8"), pybind11::arg("isa"));
+  m.def("set_prefetch", &sparsellama::set_prefetch, "AVX-512 batch-1 software prefetch distance in bytes (tuning)");
+  m.def("best_isa", &sparsellama::best_isa, "0 = generic, 1 = AVX2+FMA, 2 = AVX-512 (BF16, VBMI2, VNNI)");
+}

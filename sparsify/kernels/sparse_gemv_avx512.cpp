@@ -1,0 +1,403 @@
+// AVX-512 sparse GEMM kernels (needs AVX512F/BW/VL/DQ + BF16 + VBMI2 + VNNI, e.g. Zen 4, Sapphire Rapids).
+//
+// Why this design: batch-1 decode is a GEMV, memory-bound — the time is the bytes of W read
+// (x and y are tiny and stay in L1). Storing a per-row bitmask (1/8 byte per weight) plus the
+// packed nonzeros cuts those bytes: 70% sparse bf16 = 0.125 + 0.3 * 2 = 0.725 bytes per weight
+// instead of 2 (dense bf16) or 4 (fp32); with int8 values 0.425. The values are never gathered:
+// each 64-byte chunk of packed values is loaded contiguously and VPEXPAND (maskz_expand) spreads it
+// in a register to the dense positions the chunk's mask bits name, zeros elsewhere. The expanded
+// vector then meets x with one dense instruction: VDPBF16PS (bf16 pairs → fp32), VFMADD (fp32) or
+// VPDPBUSD (u8 × s8 → int32, VNNI). The mask's popcount advances the value pointer. Up to
+// kDirectMax (4) rows of x share each expanded vector.
+//
+// Measured on Zen 4: a register VPEXPAND costs ~4-5 cycles whatever the element width, so it
+// bounds the compute rate (~27 G weight positions/s per core for bf16, ~40 G for int8 with 64
+// columns per expand) — enough for 2 cores to stay memory-bound at 50-70% sparsity.
+//
+// For M > kDirectMax rows of x (prefill chunks) each weight row is expanded once into an L1/L2 scratch
+// buffer, kRowBlock rows at a time, and a register-blocked micro-kernel (4 rows × up to 6 tokens
+// of accumulators) multiplies it with every row of x: the expansion cost is amortized over M and
+// the loop becomes an ordinary dense dot product over the scratch.
+//
+// No torch headers here (see kernels.h); everything in this file is compiled for AVX-512 and only
+// called after a runtime CPU check.
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <omp.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,avx512vnni,popcnt,bmi,bmi2")
+#include <immintrin.h>
+
+namespace sparsellama {
+namespace avx512 {
+namespace {
+
+// Mask pieces are read through narrower integer types than the uint64 words they live in.
+typedef uint16_t u16a __attribute__((may_alias));
+typedef uint32_t u32a __attribute__((may_alias));
+typedef uint64_t u64a __attribute__((may_alias));
+
+inline int popcount(uint64_t m) { return __builtin_popcountll(m); }
+
+// Keeps a loaded vector in a register. Without it GCC folds the load into VPEXPAND's memory
+// form, which on Zen 4 measured ~30% slower than load + register expand (1.8 vs 1.4 ns).
+template <class V>
+inline V in_register(V v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// ----------------------------------------------------------------- dot products (compute types)
+// Each covers one 512-bit vector of expanded weights: `kCols` columns.
+
+struct DotBF16 {  // bf16 weights × bf16 x, fp32 accumulators: 32 columns per VDPBF16PS
+  using XE = uint16_t;
+  using WE = uint16_t;
+  using Acc = __m512;
+  using Sum = float;
+  static constexpr int kCols = 32;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static __m512i load_x(const XE* x) { return _mm512_loadu_si512(x); }
+  static Acc dot(Acc a, __m512i w, __m512i x) { return _mm512_dpbf16_ps(a, (__m512bh)w, (__m512bh)x); }
+  static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
+  static Sum sum(Acc a) { return _mm512_reduce_add_ps(a); }
+};
+
+struct DotF32 {  // fp32 weights × fp32 x: 16 columns per FMA
+  using XE = float;
+  using WE = float;
+  using Acc = __m512;
+  using Sum = float;
+  static constexpr int kCols = 16;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static __m512i load_x(const XE* x) { return _mm512_castps_si512(_mm512_loadu_ps(x)); }
+  static Acc dot(Acc a, __m512i w, __m512i x) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(w), _mm512_castsi512_ps(x), a);
+  }
+  static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
+  static Sum sum(Acc a) { return _mm512_reduce_add_ps(a); }
+};
+
+struct DotU8S8 {  // int8 weights × (int8 x + 128) as uint8, int32 accumulators: 64 columns per VPDPBUSD
+  using XE = uint8_t;
+  using WE = int8_t;
+  using Acc = __m512i;
+  using Sum = int32_t;
+  static constexpr int kCols = 64;
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static __m512i load_x(const XE* x) { return _mm512_loadu_si512(x); }
+  static Acc dot(Acc a, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(a, x, w); }
+  static Acc add(Acc a, Acc b) { return _mm512_add_epi32(a, b); }
+  static Sum sum(Acc a) { return _mm512_reduce_add_epi32(a); }
+};
+
+// ----------------------------------------------------------------- storage formats
+// A format knows its mask piece (kCols columns), how to expand one piece of stored values into a
+// register (W), how the direct kernel multiplies that with x (Acc, dot), how to store it into the
+// batched kernel's scratch (in the compute type D::WE), and the epilogue (finish).
+
+template <class Dt>
+struct OneVector {  // formats whose expanded piece is one vector of the compute type
+  using D = Dt;
+  using W = __m512i;
+  using Acc = typename Dt::Acc;
+  static Acc zero() { return Dt::zero(); }
+  static Acc dot(Acc a, W w, const typename Dt::XE* x) { return Dt::dot(a, w, Dt::load_x(x)); }
+  static Acc add(Acc a, Acc b) { return Dt::add(a, b); }
+  static typename Dt::Sum sum(Acc a) { return Dt::sum(a); }
+  static void store(typename Dt::WE* dst, W w) { _mm512_store_si512(dst, w); }
+};
+
+struct FmtBF16 : OneVector<DotBF16> {
+  using V = uint16_t;
+  using MaskT = u32a;
+  static W expand(uint32_t m, const V* v) { return _mm512_maskz_expand_epi16(m, in_register(_mm512_loadu_si512(v))); }
+  static float finish(float s, const Problem& p, int64_t, int64_t r) { return p.bias ? s + p.bias[r] : s; }
+};
+
+struct FmtF32 : OneVector<DotF32> {
+  using V = float;
+  using MaskT = u16a;
+  static W expand(uint16_t m, const V* v) {
+    return _mm512_castps_si512(_mm512_maskz_expand_ps(m, in_register(_mm512_loadu_ps(v))));
+  }
+  static float finish(float s, const Problem& p, int64_t, int64_t r) { return p.bias ? s + p.bias[r] : s; }
+};
+
+struct FmtI8 : OneVector<DotU8S8> {  // W8A8: s = Σ (q+128)·w, so Σ q·w = s − 128·Σw; then the two scales
+  using V = int8_t;
+  using MaskT = u64a;
+  static W expand(uint64_t m, const V* v) { return _mm512_maskz_expand_epi8(m, in_register(_mm512_loadu_si512(v))); }
+  static float finish(int32_t s, const Problem& p, int64_t t, int64_t r) {
+    float y = float(s - 128 * p.row_sum[r]) * (p.x_scale[t] * p.w_scale[r]);
+    return p.bias ? y + p.bias[r] : y;
+  }
+};
+
+// W8A16: one expand per 64 codes (VPEXPAND costs the same ~5 cycles at any element width, so
+// wide pieces amortize it), then each 16-code lane is widened exactly to fp32 and meets fp32 x
+// with an FMA, into 4 independent accumulators.
+struct FmtI8F {
+  using D = DotF32;
+  using V = int8_t;
+  using MaskT = u64a;
+  using W = __m512i;
+  struct Acc {
+    __m512 a[4];
+  };
+  static W expand(uint64_t m, const V* v) { return _mm512_maskz_expand_epi8(m, in_register(_mm512_loadu_si512(v))); }
+  static __m512 widen(__m128i codes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)); }
+  static Acc zero() { return {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}}; }
+  static Acc dot(Acc a, W w, const float* x) {
+    a.a[0] = _mm512_fmadd_ps(widen(_mm512_castsi512_si128(w)), _mm512_loadu_ps(x), a.a[0]);
+    a.a[1] = _mm512_fmadd_ps(widen(_mm512_extracti32x4_epi32(w, 1)), _mm512_loadu_ps(x + 16), a.a[1]);
+    a.a[2] = _mm512_fmadd_ps(widen(_mm512_extracti32x4_epi32(w, 2)), _mm512_loadu_ps(x + 32), a.a[2]);
+    a.a[3] = _mm512_fmadd_ps(widen(_mm512_extracti32x4_epi32(w, 3)), _mm512_loadu_ps(x + 48), a.a[3]);
+    return a;
+  }
+  static Acc add(Acc a, Acc b) {
+    for (int i = 0; i < 4; ++i) a.a[i] = _mm512_add_ps(a.a[i], b.a[i]);
+    return a;
+  }
+  static float sum(Acc a) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a.a[0], a.a[1]), _mm512_add_ps(a.a[2], a.a[3])));
+  }
+  static void store(float* dst, W w) {
+    _mm512_store_ps(dst, widen(_mm512_castsi512_si128(w)));
+    _mm512_store_ps(dst + 16, widen(_mm512_extracti32x4_epi32(w, 1)));
+    _mm512_store_ps(dst + 32, widen(_mm512_extracti32x4_epi32(w, 2)));
+    _mm512_store_ps(dst + 48, widen(_mm512_extracti32x4_epi32(w, 3)));
+  }
+  static float finish(float s, const Problem& p, int64_t, int64_t r) {
+    float y = s * p.w_scale[r];
+    return p.bias ? y + p.bias[r] : y;
+  }
+};
+
+// ----------------------------------------------------------------- M <= kDirectMax: expand in registers
+
+// One weight row at a time, two mask pieces per iteration into two accumulator sets (two
+// independent dependency chains hide the dot-product latency). Each expanded piece is used by all
+// T rows of x. A long x (in = 11008: 22 KB of bf16) does not stay in L1 next to the streamed
+// weights, which costs ~20% at that shape; both fixes tried measured slower — two weight rows per
+// pass sharing each x load (~1.7x slower with 2 threads), and row groups swept one 8 KB column
+// segment of x at a time (~1.5x slower: it breaks the sequential weight stream).
+template <class F, int T>
+void direct_rows(const Problem& p, int64_t r0, int64_t r1) {
+  using D = typename F::D;
+  constexpr int C = 8 * sizeof(typename F::MaskT);  // columns per mask piece
+  const int64_t kp = p.words * 64, nch = kp / C;
+  const auto* x = static_cast<const typename D::XE*>(p.x);
+  const auto* vals = static_cast<const typename F::V*>(p.values);
+  for (int64_t r = r0; r < r1; ++r) {
+    const auto* mk = reinterpret_cast<const typename F::MaskT*>(p.mask + r * p.words);
+    const typename F::V* v = vals + p.offsets[r];
+    typename F::Acc a0[T], a1[T];
+    for (int t = 0; t < T; ++t) a0[t] = a1[t] = F::zero();
+    int64_t c = 0;
+    for (; c + 2 <= nch; c += 2) {
+      // Software prefetch of the two DRAM streams (values, mask) ~2 KB ahead: measured 10-35%
+      // faster than the hardware prefetcher alone, most where x spills out of L1 (in = 11008:
+      // 22 KB of bf16 x next to the streamed lines).
+      _mm_prefetch(reinterpret_cast<const char*>(v) + p.prefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mk + c) + p.prefetch / 4, _MM_HINT_T0);
+      const auto m0 = mk[c], m1 = mk[c + 1];
+      const typename F::W w0 = F::expand(m0, v);
+      v += popcount(m0);
+      const typename F::W w1 = F::expand(m1, v);
+      v += popcount(m1);
+      for (int t = 0; t < T; ++t) {
+        a0[t] = F::dot(a0[t], w0, x + t * kp + c * C);
+        a1[t] = F::dot(a1[t], w1, x + t * kp + (c + 1) * C);
+      }
+    }
+    if (c < nch) {  // odd piece count (64-column pieces: one per mask word)
+      const typename F::W w0 = F::expand(mk[c], v);
+      for (int t = 0; t < T; ++t) a0[t] = F::dot(a0[t], w0, x + t * kp + c * C);
+    }
+    for (int t = 0; t < T; ++t) p.y[t * p.N + r] = F::finish(F::sum(F::add(a0[t], a1[t])), p, t, r);
+  }
+}
+
+// ----------------------------------------------------------------- M > kDirectMax: expand once, reuse
+
+template <class F>
+void expand_row(const Problem& p, int64_t r, typename F::D::WE* dst) {
+  constexpr int C = 8 * sizeof(typename F::MaskT);
+  const int64_t nch = p.words * 64 / C;
+  const auto* mk = reinterpret_cast<const typename F::MaskT*>(p.mask + r * p.words);
+  const typename F::V* v = static_cast<const typename F::V*>(p.values) + p.offsets[r];
+  for (int64_t c = 0; c < nch; ++c) {
+    const auto m = mk[c];
+    F::store(dst + c * C, F::expand(m, v));
+    v += popcount(m);
+  }
+}
+
+// kRowBlock expanded rows × TB rows of x: 4·TB accumulators stay in registers; per chunk, 4 weight
+// loads and TB x loads feed 4·TB dot products.
+template <class D, int TB>
+void micro(const typename D::WE* w, const typename D::XE* x, int64_t kp, typename D::Sum out[kRowBlock][6]) {
+  constexpr int C = D::kCols;
+  typename D::Acc acc[kRowBlock][TB];
+  for (int i = 0; i < kRowBlock; ++i)
+    for (int t = 0; t < TB; ++t) acc[i][t] = D::zero();
+  for (int64_t k = 0; k < kp; k += C) {
+    __m512i wv[kRowBlock];
+    for (int i = 0; i < kRowBlock; ++i) wv[i] = _mm512_load_si512(w + i * kp + k);
+    for (int t = 0; t < TB; ++t) {
+      const __m512i xv = D::load_x(x + t * kp + k);
+      for (int i = 0; i < kRowBlock; ++i) acc[i][t] = D::dot(acc[i][t], wv[i], xv);
+    }
+  }
+  for (int i = 0; i < kRowBlock; ++i)
+    for (int t = 0; t < TB; ++t) out[i][t] = D::sum(acc[i][t]);
+}
+
+template <class F>
+void batched_rows(const Problem& p, int64_t r0, int64_t r1, void* scratch) {
+  using D = typename F::D;
+  const int64_t kp = p.words * 64;
+  auto* w = static_cast<typename D::WE*>(scratch);
+  const auto* x = static_cast<const typename D::XE*>(p.x);
+  typename D::Sum out[kRowBlock][6];
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int nr = int(r1 - rb < kRowBlock ? r1 - rb : kRowBlock);
+    for (int i = 0; i < nr; ++i) expand_row<F>(p, rb + i, w + i * kp);
+    for (int i = nr; i < kRowBlock; ++i) std::memset(w + i * kp, 0, kp * sizeof(typename D::WE));
+    for (int64_t t0 = 0; t0 < p.M; t0 += 6) {
+      const int tb = int(p.M - t0 < 6 ? p.M - t0 : 6);
+      const typename D::XE* xt = x + t0 * kp;
+      switch (tb) {
+        case 1: micro<D, 1>(w, xt, kp, out); break;
+        case 2: micro<D, 2>(w, xt, kp, out); break;
+        case 3: micro<D, 3>(w, xt, kp, out); break;
+        case 4: micro<D, 4>(w, xt, kp, out); break;
+        case 5: micro<D, 5>(w, xt, kp, out); break;
+        default: micro<D, 6>(w, xt, kp, out); break;
+      }
+      for (int i = 0; i < nr; ++i)
+        for (int t = 0; t < tb; ++t) p.y[(t0 + t) * p.N + rb + i] = F::finish(out[i][t], p, t0 + t, rb + i);
+    }
+  }
+}
+
+template <class F>
+void rows(const Problem& p, int64_t r0, int64_t r1, void* scratch) {
+  if (r0 >= r1) return;
+  switch (p.M) {
+    case 1: direct_rows<F, 1>(p, r0, r1); break;
+    case 2: direct_rows<F, 2>(p, r0, r1); break;
+    case 3: direct_rows<F, 3>(p, r0, r1); break;
+    case 4: direct_rows<F, 4>(p, r0, r1); break;
+    default: batched_rows<F>(p, r0, r1, scratch);
+  }
+}
+
+// ----------------------------------------------------------------- activation encoders
+// Vector versions of the scalar encoders in sparse_gemv.cpp, bit for bit the same results
+// (IEEE division, round-half-even), 16 floats at a time; the tail is handled with a lane mask.
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : __mmask16((1u << left) - 1); }
+
+// fp32 → bf16 bits, round to nearest even, NaN → 0x7FC0 (c10::BFloat16's rounding).
+inline __m256i bf16_rne(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+}  // namespace
+
+void encode_bf16(const float* x, int64_t M, int64_t K, int64_t kp, uint16_t* out, bool split) {
+  const __m512 inf = _mm512_set1_ps(__builtin_inff());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 lanes = tail_mask(K - k);
+      const __m512 v = _mm512_maskz_loadu_ps(lanes, x + m * K + k);
+      const __m256i hi = bf16_rne(v);
+      _mm256_mask_storeu_epi16(out + m * kp + k, lanes, hi);
+      if (split) {  // lo = bf16(x − hi); 0 where hi is not finite
+        const __m512 h = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+        const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(h), inf, _CMP_LT_OQ);
+        _mm256_mask_storeu_epi16(out + (M + m) * kp + k, lanes, bf16_rne(_mm512_maskz_sub_ps(finite, v, h)));
+      }
+    }
+}
+
+bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, float* scale) {
+  const __m512 inf = _mm512_set1_ps(__builtin_inff());
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(K - k), row + k));
+      bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);  // inf or nan
+      amax = _mm512_max_ps(amax, a);
+    }
+    if (bad) {
+      scale[m] = __builtin_nanf("");  // the caller's buffer already holds code 0 (128)
+      continue;
+    }
+    float s = _mm512_reduce_max_ps(amax) / 127.5f;
+    if (!(s > 0.f)) s = 1.f;
+    scale[m] = s;
+    const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 lanes = tail_mask(K - k);
+      __m512 t = _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, row + k), vs);
+      t = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(t, lo), hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(t), _mm512_set1_epi32(128));
+      _mm_mask_storeu_epi8(q + m * kp + k, lanes, _mm512_cvtepi32_epi8(c));
+    }
+  }
+  return true;
+}
+
+void run(Fmt fmt, const Problem& p) {
+  const int64_t kp = p.words * 64;
+#pragma omp parallel num_threads(p.nthreads)
+  {
+    // Scratch for kRowBlock expanded rows (4-byte elements at most), 64-byte aligned for aligned loads.
+    void* scratch = p.M > kDirectMax ? std::aligned_alloc(64, kRowBlock * kp * 4) : nullptr;
+    const int nth = omp_get_num_threads();
+    // The row ranges are precomputed per part; a smaller team than asked still covers them all.
+    for (int part = omp_get_thread_num(); part < p.nthreads; part += nth) {
+      const int64_t r0 = p.bounds[part], r1 = p.bounds[part + 1];
+      switch (fmt) {
+        case Fmt::BF16: rows<FmtBF16>(p, r0, r1, scratch); break;
+        case Fmt::F32: rows<FmtF32>(p, r0, r1, scratch); break;
+        case Fmt::I8: rows<FmtI8>(p, r0, r1, scratch); break;
+        case Fmt::I8F: rows<FmtI8F>(p, r0, r1, scratch); break;
+      }
+    }
+    std::free(scratch);
+  }
+}
+
+}  // namespace avx512
+}  // namespace sparsellama
+
+#pragma GCC pop_options
+
+#else  // not x86-64: never dispatched (best_isa() is 0), but the symbol must exist.
+
+#include "kernels.h"
+namespace sparsellama {
+namespace avx512 {
+void run(Fmt, const Problem&) {}
+void encode_bf16(const float*, int64_t, int64_t, int64_t, uint16_t*, bool) {}
+bool quantize_u8(const float*, int64_t, int64_t, int64_t, uint8_t*, float*) { return false; }
+}  // namespace avx512
+}  // namespace sparsellama
+
+#endif

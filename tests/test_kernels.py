@@ -1,0 +1,335 @@
+"""Sparse CPU kernels: the packed format, every compiled ISA path and the torch fallback against
+dense references, and bad inputs. Correctness only (no timings); tiny shapes.
+
+The extension is built once per session (module fixture; ~45 s the first time, cached after).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from sparsify.kernels import (
+    PackedWeight,
+    dequantize,
+    kernel_isa,
+    load_extension,
+    pack,
+    sparse_linear,
+    torch_sparse_linear,
+    unpack,
+)
+from sparsify.kernels import loader, ops
+from sparsify.kernels.loader import ISA_NAMES
+from sparsify.quantization import fake_quantize_per_token
+
+SHAPES = [(37, 100), (100, 129), (129, 37), (64, 128), (3, 1)]  # (out, in): odd sizes hit every tail
+SPARSITIES = [0.0, 0.5, 0.7, 0.95, 1.0]
+BATCHES = [1, 2, 3, 4, 5, 16, 64]  # 1-4: in-register kernels, 5+: expanded-row scratch
+
+
+@pytest.fixture(scope="module")
+def compiled_isas() -> list[str]:
+    """The ISA paths this machine can run (built once); empty when no compiler is available."""
+    if load_extension() is None:
+        return []
+    best = kernel_isa()
+    return list(ISA_NAMES[: ISA_NAMES.index(best) + 1])
+
+
+def sparse_weight(out: int, inn: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    """Random weight with ~``sparsity`` zeros, row 0 all zero and row 1 (if any) fully dense."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inn, generator=g)
+    w[torch.rand(out, inn, generator=g) < sparsity] = 0
+    w[0] = 0
+    if out > 1:
+        w[1] = torch.randn(inn, generator=g)
+    return w
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 x · wᵀ + b and a per-output error scale (Σ|x||w|, what rounding errors are relative to)."""
+    y = x.float() @ w.float().T
+    scale = x.float().abs() @ w.float().abs().T
+    if bias is not None:
+        y = y + bias
+        scale = scale + bias.abs()
+    return y, scale
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, rel: float) -> None:
+    tol = rel * scale + 1e-6
+    if y.dtype == torch.bfloat16:  # output rounding
+        tol = tol + ref.abs() * 2**-8
+    err = (y.float() - ref).abs()
+    assert bool((err <= tol).all()), f"max error {float(err.max()):.3g} (tolerance ~{float(tol.max()):.3g})"
+
+
+# --------------------------------------------------------------------------- format
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_pack_unpack_round_trip(dtype, shape, sparsity):
+    w = sparse_weight(*shape, sparsity)
+    if dtype == torch.int8:
+        codes = torch.randint(-127, 128, shape, dtype=torch.int8) * (w != 0)
+        scales = torch.rand(shape[0]) + 0.1
+        p = pack(codes, dtype=torch.int8, scales=scales)
+        assert torch.equal(unpack(p), codes)
+        assert torch.equal(dequantize(p), codes.float() * scales[:, None])
+        again = pack(unpack(p), p.mask(), torch.int8, scales=p.scales)
+        w = codes
+    else:
+        w = w.to(dtype)
+        p = pack(w, dtype=dtype)
+        assert torch.equal(unpack(p), w)
+        again = pack(unpack(p), p.mask(), dtype)
+    p.validate()
+    assert torch.equal(p.mask(), w != 0)
+    assert p.nnz == int((w != 0).sum())
+    for name in ("bitmask", "offsets", "values", "scales", "row_sums"):
+        a, b = getattr(p, name), getattr(again, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_pack_layout():
+    w = torch.zeros(2, 70)
+    w[0, [0, 9, 64, 69]] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    w[1, 1] = 5.0
+    p = pack(w, dtype=torch.float32)
+    assert p.bitmask.shape == (2, 16)  # two 64-bit words per row
+    # column j: bit j % 8 of byte j // 8; columns 64 and 69 are bits 0 and 5 of byte 8
+    assert p.bitmask[0].tolist() == [0b1, 0b10, 0, 0, 0, 0, 0, 0, 0b100001, 0, 0, 0, 0, 0, 0, 0]
+    assert p.bitmask[1].tolist() == [0b10] + [0] * 15
+    assert p.offsets.tolist() == [0, 4, 5]
+    assert p.values[:5].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert p.values.numel() == 5 + 16 and not p.values[5:].any()  # 64 bytes of padding
+    assert p.sparsity == pytest.approx(1 - 5 / 140)
+
+
+def test_pack_keeps_masked_zeros_and_quantizes():
+    w = torch.tensor([[0.0, 1.0, -2.0, 0.5]])
+    mask = torch.tensor([[True, True, True, False]])
+    with pytest.raises(ValueError, match="nonzero entries where the mask prunes"):
+        pack(w, mask)
+    w[0, 3] = 0
+    p = pack(w, mask, torch.int8)
+    assert p.nnz == 3  # a kept zero stays stored
+    assert p.scales.tolist() == pytest.approx([2.0 / 127])
+    assert unpack(p).tolist() == [[0, 64, -127, 0]]
+    assert p.row_sums.tolist() == [64 - 127]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.zeros(3),), "2-D"),
+        ((torch.zeros(2, 2, dtype=torch.int32),), "floating point"),
+        ((torch.zeros(2, 2), torch.ones(2, 2)), "mask must be bool"),
+        ((torch.zeros(2, 2), torch.ones(3, 2, dtype=torch.bool)), "mask must be bool"),
+        ((torch.zeros(2, 2, dtype=torch.int8),), "dtype=torch.int8"),
+        ((torch.zeros(2, 2, dtype=torch.int8), None, torch.int8), "scales"),
+        ((torch.zeros(2, 2), None, torch.float16), "dtype must be one of"),
+    ],
+)
+def test_pack_rejects_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        pack(*args)
+    with pytest.raises(ValueError, match=r"\[-127, 127\]"):
+        pack(torch.full((1, 2), -128, dtype=torch.int8), dtype=torch.int8, scales=torch.ones(1))
+
+
+def test_validate_catches_corrupt_tensors():
+    p = pack(sparse_weight(8, 70, 0.5))
+    bad_offsets = p.offsets.clone()
+    bad_offsets[3] += 1
+    with pytest.raises(ValueError, match="offsets"):
+        PackedWeight(p.shape, p.bitmask, bad_offsets, p.values).validate()
+    with pytest.raises(ValueError, match="padding"):
+        PackedWeight(p.shape, p.bitmask, p.offsets, p.values[: p.nnz]).validate()
+    bits = p.bitmask.clone()
+    bits[0, -1] = 0x80  # column 127 > in_features
+    with pytest.raises(ValueError):
+        PackedWeight(p.shape, bits, p.offsets, p.values).validate()
+
+
+# --------------------------------------------------------------------------- kernels vs dense
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("isa", ["torch", *ISA_NAMES])
+def test_float_kernels_match_dense(compiled_isas, isa, w_dtype, x_dtype):
+    if isa != "torch" and isa not in compiled_isas:
+        pytest.skip(f"{isa} kernels not available here")
+    # fp32 x on the AVX-512 bf16 kernel is split into bf16 hi + lo: ~2^-17 relative per product.
+    rel = 3e-5 if (x_dtype == torch.float32 and w_dtype == torch.bfloat16) else 1e-5
+    for i, (shape, sparsity) in enumerate((s, p) for s in SHAPES for p in SPARSITIES):
+        w = sparse_weight(*shape, sparsity, seed=i).to(w_dtype)  # the kernels' stored weights
+        p = pack(w, dtype=w_dtype)
+        bias = torch.randn(shape[0]) if i % 2 else None
+        for batch in BATCHES:
+            x = torch.randn(batch, shape[1]).to(x_dtype)
+            y = sparse_linear(x, p, bias, isa=isa)
+            assert y.dtype == x_dtype and y.shape == (batch, shape[0])
+            assert_close(y, *reference(x, w, bias), rel)
+
+
+@pytest.mark.parametrize("act_int8", [True, False], ids=["w8a8", "w8a16"])
+@pytest.mark.parametrize("isa", ["torch", *ISA_NAMES])
+def test_int8_kernels_match_dequantized_reference(compiled_isas, isa, act_int8):
+    if isa != "torch" and isa not in compiled_isas:
+        pytest.skip(f"{isa} kernels not available here")
+    for i, (shape, sparsity) in enumerate((s, p) for s in SHAPES for p in SPARSITIES):
+        w = sparse_weight(*shape, sparsity, seed=i)
+        p = pack(w, dtype=torch.int8, act_int8=act_int8)
+        bias = torch.randn(shape[0]) if i % 2 else None
+        for batch in BATCHES:
+            x = torch.randn(batch, shape[1])
+            # Independent reference: the activation grid sparsify.quantization fakes, dequantized weights.
+            xq = fake_quantize_per_token(x) if act_int8 else x
+            y = sparse_linear(x, p, bias, isa=isa)
+            assert_close(y, *reference(xq, dequantize(p), bias), 1e-5)
+            yb = sparse_linear(x.bfloat16(), p, bias, isa=isa)  # bf16 in → bf16 out, same codes path
+            xqb = fake_quantize_per_token(x.bfloat16().float()) if act_int8 else x.bfloat16()
+            assert_close(yb, *reference(xqb, dequantize(p), bias), 1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp32", "w8a8", "w8a16"])
+def test_fallback_equals_compiled(compiled_isas, fmt):
+    if not compiled_isas:
+        pytest.skip("no compiled kernels")
+    w = sparse_weight(129, 100, 0.7)
+    p = {"bf16": lambda: pack(w), "fp32": lambda: pack(w, dtype=torch.float32),
+         "w8a8": lambda: pack(w, dtype=torch.int8), "w8a16": lambda: pack(w, dtype=torch.int8, act_int8=False)}[fmt]()
+    bias = torch.randn(129)
+    for batch in BATCHES:
+        x = torch.randn(batch, 100)
+        fallback = torch_sparse_linear(x, p, bias)
+        scale = x.abs() @ dequantize(p).abs().T + bias.abs()
+        for isa in compiled_isas:
+            assert_close(sparse_linear(x, p, bias, isa=isa), fallback, scale, 3e-5)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_rows_split_across_threads(compiled_isas, threads):
+    """Large enough to use several threads; rows of very uneven sparsity test the byte-balanced split."""
+    if not compiled_isas:
+        pytest.skip("no compiled kernels")
+    w = sparse_weight(301, 1000, 0.7)
+    w[:150, :900] = 0  # first half of the rows much sparser
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for p in (pack(w), pack(w, dtype=torch.int8)):
+            for batch in (1, 3, 7):
+                x = torch.randn(batch, 1000)
+                ref = torch_sparse_linear(x, p)
+                scale = x.abs() @ dequantize(p).abs().T
+                for isa in compiled_isas:
+                    assert_close(sparse_linear(x, p, isa=isa), ref, scale, 3e-5)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_all_zero_and_empty(compiled_isas):
+    p = pack(torch.zeros(5, 70))
+    for isa in ["torch", *compiled_isas]:
+        assert torch.equal(sparse_linear(torch.randn(3, 70), p, isa=isa), torch.zeros(3, 5))
+        bias = torch.randn(5)
+        assert torch.equal(sparse_linear(torch.randn(2, 70), p, bias, isa=isa), bias.expand(2, 5))
+        assert sparse_linear(torch.randn(0, 70), p, isa=isa).shape == (0, 5)
+
+
+def test_int8_nonfinite_input_gives_nan_not_numbers(compiled_isas):
+    p = pack(sparse_weight(8, 70, 0.5), dtype=torch.int8)
+    x = torch.randn(3, 70)
+    x[1, 3] = float("inf")
+    x[2, 69] = float("nan")  # in the vector tail
+    for isa in ["torch", *compiled_isas]:
+        y = sparse_linear(x, p, isa=isa)
+        assert torch.isfinite(y[0]).all() and torch.isnan(y[1:]).all()
+
+
+# --------------------------------------------------------------------------- shapes, dtypes, bad input
+
+
+def test_leading_dims_non_contiguous_and_float16(compiled_isas):
+    w = sparse_weight(37, 100, 0.7)
+    p = pack(w, dtype=torch.float32)
+    x = torch.randn(2, 3, 100)
+    y = sparse_linear(x, p)
+    assert y.shape == (2, 3, 37)
+    ref, scale = reference(x.reshape(-1, 100), w, None)
+    assert_close(y.reshape(-1, 37), ref, scale, 1e-5)
+    xt = torch.randn(100, 6).T  # non-contiguous view
+    assert_close(sparse_linear(xt, p), *reference(xt, w, None), 1e-5)
+    yh = sparse_linear(x.half(), p)
+    assert yh.dtype == torch.float16
+    assert_close(yh.float().reshape(-1, 37), *reference(x.half().reshape(-1, 100), w, None), 1e-3)
+
+
+def test_gradients_flow_through_fallback():
+    w = sparse_weight(37, 100, 0.7)
+    p = pack(w, dtype=torch.float32)
+    x = torch.randn(3, 100, requires_grad=True)
+    sparse_linear(x, p).sum().backward()
+    assert torch.allclose(x.grad, w.sum(0).expand(3, 100), atol=1e-5)
+
+
+def test_bad_inputs(compiled_isas):
+    p = pack(sparse_weight(8, 70, 0.5))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        sparse_linear(torch.ones(2, 70, dtype=torch.int64), p)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        sparse_linear(torch.ones(2, 70, dtype=torch.float64), p)
+    with pytest.raises(ValueError, match="in_features=70"):
+        sparse_linear(torch.ones(2, 71), p)
+    with pytest.raises(ValueError, match="in_features=70"):
+        sparse_linear(torch.tensor(1.0), p)
+    with pytest.raises(ValueError, match="on the CPU"):
+        sparse_linear(torch.ones(2, 70, device="meta"), p)
+    with pytest.raises(ValueError, match="bias must be float32"):
+        sparse_linear(torch.ones(2, 70), p, torch.ones(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="isa"):
+        sparse_linear(torch.ones(2, 70), p, isa="sse9")
+    if not compiled_isas:
+        return
+    ext = load_extension()
+    x = torch.ones(2, 70)
+    good = (p.bitmask, p.offsets, p.values, None, None, None, True, 0)
+    ext.sparse_linear(x, *good)
+    for i, bad in [(0, p.bitmask[:, :8].contiguous()), (1, p.offsets.int()), (2, p.values[: p.nnz]),
+                   (2, p.values.half()), (7, 9)]:
+        args = list(good)
+        args[i] = bad
+        with pytest.raises(RuntimeError, match="sparse_linear"):
+            ext.sparse_linear(x, *args)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.sparse_linear(torch.ones(70, 2).T, *good)
+    p8 = pack(sparse_weight(8, 70, 0.5), dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="scales"):
+        ext.sparse_linear(x, p8.bitmask, p8.offsets, p8.values, None, p8.row_sums, None, True, 0)
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch):
+    def broken(verbose):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(loader, "_build", broken)
+    monkeypatch.setattr(loader, "_state", {})
+    monkeypatch.setattr(ops, "_isa_cache", {})
+    with pytest.warns(RuntimeWarning, match="pure-torch path"):
+        assert load_extension() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_extension() is None
+        assert kernel_isa() == "torch"
+        w = sparse_weight(37, 100, 0.7)
+        x = torch.randn(3, 100)
+        assert_close(sparse_linear(x, pack(w, dtype=torch.float32)), *reference(x, w, None), 1e-5)

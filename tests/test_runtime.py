@@ -1,0 +1,182 @@
+"""SparseLinear and sparsify_model in a tiny Llama: same tokens/logits as the dense model holding the
+same zeros (bf16 and fp32), INT8 against its quantized reference, what gets replaced, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sparsify.kernels import dequantize, load_extension, pack
+from sparsify.masks import prunable_linear_names
+from sparsify.quantization import QuantScheme, attach_quantization, fake_quantize_per_token, rtn_quantize
+from sparsify.runtime import SparseLinear, sparsify_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    return load_extension()  # built once; None → everything below runs on the torch fallback
+
+
+def tiny_llama(sparsity: float = 0.7, seed: int = 0) -> LlamaForCausalLM:
+    """2 layers, hidden 64, intermediate 160 (not a multiple of 64), decoder Linears pruned per row."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name in prunable_linear_names(model):
+            p = model.get_parameter(name)
+            k = int(p.shape[1] * sparsity)
+            if k:
+                thr = p.abs().kthvalue(k, dim=1, keepdim=True).values
+                p.masked_fill_(p.abs() <= thr, 0)
+    return model
+
+
+PROMPTS = torch.tensor([[5, 17, 99, 3, 42, 8, 1], [64, 2, 2, 77, 13, 120, 31]])
+
+
+def greedy(model: nn.Module, steps: int = 12) -> torch.Tensor:
+    return model.generate(PROMPTS, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                          pad_token_id=0)[:, PROMPTS.shape[1]:]
+
+
+@torch.no_grad()
+def test_bf16_sparse_model_generates_the_dense_tokens():
+    dense = tiny_llama().to(torch.bfloat16)
+    sparse = copy.deepcopy(dense)
+    replaced = sparsify_model(sparse)
+    assert len(replaced) == 14 and all(s >= 0.68 for s in replaced.values())
+    assert isinstance(sparse.model.layers[1].mlp.down_proj, SparseLinear)
+    assert torch.equal(greedy(sparse), greedy(dense))
+    a, b = dense(PROMPTS).logits.float(), sparse(PROMPTS).logits.float()
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
+
+
+@torch.no_grad()
+def test_fp32_sparse_model_matches_dense_logits():
+    dense = tiny_llama()
+    sparse = copy.deepcopy(dense)
+    sparsify_model(sparse, dtype=torch.float32)
+    a, b = dense(PROMPTS).logits, sparse(PROMPTS).logits
+    assert b.dtype == torch.float32
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(greedy(sparse), greedy(dense))
+
+
+class FakeQuantInput:
+    """Forward pre-hook: the per-token activation grid of W8A8 (sparsify.quantization's)."""
+
+    def __call__(self, module, args):
+        return (fake_quantize_per_token(args[0].float()).to(args[0].dtype),)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_int8_model_matches_its_quantized_reference(mode):
+    dense = tiny_llama()
+    sparse = copy.deepcopy(dense)
+    sparsify_model(sparse, int8=mode, min_sparsity=0.5)
+    # Reference: the fp32 model with each replaced Linear's dequantized INT8 weight (+ fake-quant input).
+    ref = copy.deepcopy(dense)
+    for name, module in sparse.named_modules():
+        if isinstance(module, SparseLinear):
+            assert module.packed.dtype == torch.int8 and module.packed.act_int8 == (mode == "w8a8")
+            linear = ref.get_submodule(name)
+            linear.weight.copy_(dequantize(module.packed))
+            if mode == "w8a8":
+                linear.register_forward_pre_hook(FakeQuantInput())
+    a, b = ref(PROMPTS).logits, sparse(PROMPTS).logits
+    assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
+
+
+@torch.no_grad()
+def test_uses_codes_of_a_model_quantized_by_sparsify_quantization():
+    model = tiny_llama()
+    scheme = QuantScheme(weight_bits=8, group_size=None, activation_bits=8)
+    for name in prunable_linear_names(model):
+        linear = model.get_submodule(name.removesuffix(".weight"))
+        q = rtn_quantize(linear.weight.detach(), scheme, mask=linear.weight != 0)
+        attach_quantization(linear, q.weight, q.codes, q.scales, scheme)
+    sparse = copy.deepcopy(model)
+    sparsify_model(sparse, int8=True)
+    q_proj = sparse.model.layers[0].self_attn.q_proj
+    codes = model.model.layers[0].self_attn.q_proj.weight_codes
+    assert torch.equal(pack(codes, dtype=torch.int8, scales=torch.ones(codes.shape[0])).values, q_proj.packed.values)
+    # The in-memory quantized model (fake-quant weights + activation hooks) computes the same logits.
+    a, b = model(PROMPTS).logits, sparse(PROMPTS).logits
+    assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
+    grouped = tiny_llama()
+    linear = grouped.model.layers[0].mlp.up_proj
+    gscheme = QuantScheme(weight_bits=8, group_size=32, activation_bits=None)
+    q = rtn_quantize(linear.weight.detach(), gscheme, mask=linear.weight != 0)
+    attach_quantization(linear, q.weight, q.codes, q.scales, gscheme)
+    with pytest.raises(ValueError, match="per-channel"):
+        sparsify_model(grouped, int8=True)
+
+
+@torch.no_grad()
+def test_what_is_replaced():
+    model = tiny_llama()
+    layer0 = model.model.layers[0]
+    with torch.no_grad():
+        layer0.self_attn.q_proj.weight.normal_()  # dense again: below the threshold
+        model.lm_head.weight[:, ::2] = 0  # sparse lm_head: never replaced
+    replaced = sparsify_model(model, ignore=["*.mlp.gate_proj"])
+    assert "model.layers.0.self_attn.q_proj" not in replaced
+    assert not any("gate_proj" in n for n in replaced)
+    assert len(replaced) == 14 - 1 - 2
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
+    assert isinstance(layer0.self_attn.q_proj, nn.Linear)
+    assert sparsify_model(tiny_llama(sparsity=0.2)) == {}
+    with pytest.raises(ValueError, match="min_sparsity"):
+        sparsify_model(model, min_sparsity=1.5)
+    with pytest.raises(ValueError, match="dtype"):
+        sparsify_model(model, dtype=torch.float16)
+    with pytest.raises(ValueError, match="int8"):
+        sparsify_model(model, int8="w4a8")
+
+
+def test_sparse_linear_module():
+    torch.manual_seed(0)
+    linear = nn.Linear(100, 37)
+    with torch.no_grad():
+        linear.weight.masked_fill_(torch.rand(37, 100) < 0.7, 0)
+    sparse = SparseLinear.from_linear(linear, dtype=torch.float32)
+    assert "sparsity=0.7" in repr(sparse) or "sparsity=0.6" in repr(sparse)
+    x = torch.randn(2, 5, 100)
+    with torch.no_grad():
+        assert torch.allclose(sparse(x), linear(x), atol=1e-5)
+    # Autograd through x (the torch path) gives the dense layer's input gradient.
+    xg = x.clone().requires_grad_()
+    sparse(xg).sum().backward()
+    assert torch.allclose(xg.grad, linear.weight.sum(0).expand_as(x), atol=1e-5)
+    # .to(dtype) does not re-type the packed tensors; bf16 inputs give bf16 outputs.
+    sparse.to(torch.bfloat16)
+    assert sparse.packed.dtype == torch.float32 and sparse.bias.dtype == torch.float32
+    assert sparse(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="in_features=100"):
+        sparse(torch.randn(3, 99))
+    with pytest.raises(TypeError):
+        sparse(torch.ones(3, 100, dtype=torch.int32))
+    with pytest.raises(ValueError, match="CPU"):
+        sparse(torch.ones(3, 100, device="meta"))
+    with pytest.raises(ValueError, match="bias"):
+        SparseLinear(sparse.packed, torch.zeros(5))
+
+
+def test_runtime_and_kernels_import_no_orchestration():
+    """sparsify/ is a library: importing the runtime (and the benchmark module) pulls no prefect/mlflow/dvc."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import sparsify.runtime, sparsify.kernels, sparse_kernels; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

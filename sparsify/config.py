@@ -231,6 +231,13 @@ class EvaluateConfig(Section):
     extra_tasks: list[str] = []  # standard lm-eval tasks (arc_easy, hellaswag, ...) on machines that have them
 
 
+class BenchmarkConfig(Section):
+    quick: bool = False  # only the 11008x4096 batch-1 layer benchmark (a few seconds)
+    decode: bool = True  # end-to-end decode tokens/s (7B-shaped model and the pipeline's sparsest model)
+    decode_layers: int = Field(default=2, gt=0)  # decoder layers of the 7B-shaped model
+    threads: int | None = Field(default=None, ge=1)
+
+
 class PipelineConfig(Section):
     """The paper's schedule: prune to each sparsity in turn, each level starting from the previous one."""
 
@@ -263,6 +270,7 @@ class Config(Section):
     pretrain: PretrainConfig
     finetune: FinetuneConfig
     quantize: QuantizeConfig = QuantizeConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
     downstream: DownstreamConfig = DownstreamConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     pipeline: PipelineConfig = PipelineConfig()

@@ -147,11 +147,16 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
             raise ValueError(f"no evaluation results for {m.model!r}; run eval-{m.model} first")
         # One column per variant: e.g. "dense" = the base model's perplexity + each task's dense fine-tune.
         evals.setdefault(m.variant, {}).update(found["results"])
+    bench = _read(layout.reports / "benchmark" / "sparse_kernels.json") or {}
+    # The speedup chart: batch-1 11008x4096 (an MLP projection of Llama-2-7B) over dense fp32.
+    speedups = {r["variant"]: r["speedup_vs_fp32"] for r in bench.get("layers", {}).get("rows", [])
+                if r["shape"] == "11008x4096" and r["batch"] == 1 and "speedup_vs_fp32" in r}
     data = ReportData(
         title="sparsellama pipeline report",
         metrics=evals,
         dense_variant="dense",
         ppl_curve=ppl_curve(cfg, layout, levels),
+        speedups=speedups,
         run_info={"git commit": git_commit() or "unknown", "root": str(cfg.root.resolve()),
                   "pruning": f"{cfg.prune.method}, {cfg.prune.structure}, levels {cfg.pipeline.sparsities}",
                   "tasks": ", ".join(cfg.downstream.tasks)},

@@ -31,6 +31,13 @@ def section_params(cfg: Config, keys: tuple[str, ...]) -> dict[str, str]:
 
 
 def _file_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents, sorted)."""
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes())
+        return h.hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
 

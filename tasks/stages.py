@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from sparsify.config import Config
-from tasks import base, data, evaluate, prune, quantize, report, taskdata, train_stages
+from tasks import base, benchmark, data, evaluate, prune, quantize, report, taskdata, train_stages
 from tasks.common import Evaluated, StageResult
 
 CORPUS = "data/corpus"
@@ -165,11 +165,20 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             outs=(f"reports/eval/{m.model}.json",),
             code=EVAL_CODE,
         ))
+    sparsest = f"pretrain{levels[-1]}"
+    table.append(Stage(
+        name="benchmark",
+        run=partial(benchmark.run, model=sparsest),
+        params=("benchmark",),
+        deps=(f"models/{sparsest}",),
+        outs=("reports/benchmark",),
+        code=("sparsify/bench.py", "sparsify/runtime.py", "sparsify/kernels", "tasks/benchmark.py"),
+    ))
     table.append(Stage(
         name="report",
         run=partial(report.run, models=models, levels=dict(zip(levels, cfg.pipeline.sparsities, strict=True))),
         params=("prune.method", "pipeline.sparsities"),
-        deps=tuple(f"reports/eval/{m.model}.json" for m in models),
+        deps=(*(f"reports/eval/{m.model}.json" for m in models), "reports/benchmark"),
         outs=("reports/run",),
         code=("sparsify/report.py", "tasks/report.py"),
     ))

@@ -85,6 +85,10 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
     finetuned = children["eval-ft-sparse70-arithmetic"].data
     assert finetuned.tags["variant"] == "sparse70" and "eval/arithmetic/exact_match" in finetuned.metrics
     assert (tmp_path / "reports" / "run" / "report.html").is_file()
+    bench = children["benchmark"].data.metrics  # the smoke profile's quick kernel benchmark
+    assert {"bench/cpu/11008x4096_b1/sparse70_bf16/speedup_vs_fp32", "bench/cpu/11008x4096_b1/dense_fp32/ms",
+            "bench/cpu/stream_gbps"} <= set(bench)
+    assert (tmp_path / "reports" / "run" / "figures" / "speedup.png").is_file()
     recovery = json.loads((tmp_path / "reports" / "run" / "recovery.json").read_text())
     assert [r["stage"] for r in recovery["perplexity"]] == ["base", "prune50", "pretrain50", "prune70", "pretrain70"]
     assert set(recovery["tasks"]) == {"arithmetic", "docsum"}

@@ -176,7 +176,7 @@ def test_runtime_and_kernels_import_no_orchestration():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    code = ("import sys; sys.path.insert(0, 'benchmarks'); import sparsify.runtime, sparsify.kernels, sparse_kernels; "
+    code = ("import sys; import sparsify.runtime, sparsify.kernels, sparsify.bench; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

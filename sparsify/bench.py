@@ -1,0 +1,604 @@
+"""Sparse CPU kernel benchmark: per-layer GEMV/GEMM timings at Llama-2-7B shapes and decode tokens/s.
+
+Layers (W [out, in], x [batch, in]), variants timed in the same run, interleaved, medians:
+
+* ``dense_fp32`` — ``F.linear`` fp32 (MKL); ``dense_bf16`` — ``F.linear`` bf16 (oneDNN);
+* ``torch_int8`` — ``torch.ao.quantization.quantize_dynamic`` on an ``nn.Linear`` (W8A8, x86 engine);
+* ``torch_int4`` — ``torch._weight_int4pack_mm_for_cpu``, group 128, bf16 activations;
+* ``sparse50_bf16`` / ``sparse70_bf16`` / ``sparse70_int8`` (W8A8) / ``sparse70_w8a16`` — ours
+  (:mod:`sparsify.kernels`), weights pruned per row by magnitude.
+
+For each: ms per call, speedups against every dense/torch baseline, effective bandwidth (bytes of
+the stored weight read per call / time) and its share of the stream bandwidth (``torch.sum`` over a
+1 GB buffer, same thread count, sampled between the variants in every repeat), and the weight's
+memory footprint. Every call reads its weight from DRAM (copies rotated past the L3, see
+ROTATE_BYTES), as decode does.
+
+Decode: a Llama-2-7B-shaped model with a few decoder layers (hidden 4096, intermediate 11008,
+32 heads, vocab 32000, random weights, decoder Linears pruned per row by magnitude to 70%), or a
+checkpoint directory, as dense fp32, dense bf16, sparse bf16 and sparse INT8 (W8A8); tokens/s of
+single-token decode steps with a KV cache, interleaved across variants.
+
+    python benchmarks/sparse_kernels.py OUT_DIR [--quick] [--threads 2] [--checkpoint DIR]
+    (the `benchmark` pipeline stage calls `run` below)
+
+``--quick``: only the 11008x4096 batch-1 layer benchmark (a few seconds; the smoke profile's).
+Writes ``OUT_DIR/sparse_kernels.json`` and ``OUT_DIR/sparse_kernels.png``. Run it alone: two torch
+jobs on the same cores slow each other by up to 10x.
+
+From code: ``run_layer_benchmark(shapes, batches, variants, repeats)`` and ``run_decode_benchmark(...)``
+return dicts; ``flat_metrics(result)`` gives MLflow-style ``bench/cpu/<shape>/<variant>/ms`` keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsify.kernels import PackedWeight, kernel_isa, load_extension, pack, sparse_linear
+from sparsify.masks import prunable_linear_names
+from sparsify.runtime import sparsify_model
+
+logger = logging.getLogger(__name__)
+
+LLAMA2_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in): q/k/v/o, gate/up, down
+DEFAULT_BATCHES = (1, 16)
+LAYER_VARIANTS = (
+    "dense_fp32", "dense_bf16", "torch_int8", "torch_int4",
+    "sparse50_bf16", "sparse70_bf16", "sparse70_int8", "sparse70_w8a16",
+)
+BASELINES = {"fp32": "dense_fp32", "bf16": "dense_bf16", "int8": "torch_int8", "int4": "torch_int4"}
+DECODE_VARIANTS = ("dense_fp32", "dense_bf16", "sparse70_bf16", "sparse70_int8")
+INT4_GROUP = 128
+# Each timed call reads a different copy of the weight, cycling through copies that together
+# exceed 4x this machine's 32 MB L3: every call streams its weight from DRAM, as in real decode
+# (a 7B model's GBs of weights never stay cached). Without it a 7-19 MB packed weight stays in L3
+# between calls and reports more than DRAM bandwidth.
+ROTATE_BYTES = 128 << 20
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def prune_rows(weight: Tensor, sparsity: float) -> Tensor:
+    """Zero the smallest-magnitude ``sparsity`` fraction of each row (SparseGPT's per-row pattern)."""
+    keep = weight.shape[1] - int(round(weight.shape[1] * sparsity))
+    kept = weight.abs().topk(keep, dim=1, sorted=False).indices
+    mask = torch.zeros(weight.shape, dtype=torch.bool).scatter_(1, kept, True)
+    return weight.masked_fill(~mask, 0)
+
+
+def _timeit(fn: Callable[[], object], inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def _int4_pack(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit group quantization in torch's int4mm layout: (packed, scales_and_zeros, dequantized).
+
+    Dequantization (torch's CPU int4 kernel): ``(q - 8) * scale + zero`` with q in [0, 15].
+    """
+    out, inn = weight.shape
+    w = weight.float().reshape(out, inn // INT4_GROUP, INT4_GROUP)
+    wmin, wmax = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((wmax - wmin) / 15).clamp_min(1e-6)
+    q = torch.round((w - wmin) / scale).clamp(0, 15).to(torch.int32).reshape(out, inn)
+    zero = wmin + 8 * scale
+    scales_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1)  # [out, groups, 2]
+    scales_zeros = scales_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)  # [groups, out, 2]
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    sz = scales_zeros.float().transpose(0, 1)  # the bf16-rounded scales/zeros the kernel uses
+    deq = (q.reshape(out, -1, INT4_GROUP) - 8) * sz[..., :1] + sz[..., 1:]
+    return packed, scales_zeros, deq.reshape(out, inn)
+
+
+def prepare_weight(name: str, dense: Tensor, cache: dict) -> object:
+    """Variant ``name``'s stored weight for fp32 ``dense`` [out, in], memoized in ``cache`` (per shape)."""
+    if name in cache:
+        return cache[name]
+    out, inn = dense.shape
+    if name == "dense_fp32":
+        state = dense
+    elif name == "dense_bf16":
+        state = dense.bfloat16()
+    elif name == "torch_int8":
+        lin = nn.Linear(inn, out, bias=False)
+        lin.weight.data.copy_(dense)
+        with warnings.catch_warnings():  # torch.ao's deprecation notices: the API still runs in 2.13
+            warnings.simplefilter("ignore")
+            q = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+            state = (q, q[0].weight())  # the module and its quantized weight (unpacking costs ~0.3 s)
+    elif name == "torch_int4":
+        if inn % INT4_GROUP or not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+            raise NotImplementedError("torch int4pack needs in % 128 == 0 and torch >= 2.5")
+        state = _int4_pack(dense)
+    elif name.startswith("sparse") and name[6:8].isdigit():
+        sparsity, kind = int(name[6:8]) / 100, name.split("_", 1)[1]
+        key = f"pruned{name[6:8]}"
+        if key not in cache:
+            cache[key] = prune_rows(dense, sparsity)
+        if kind == "bf16":
+            state = pack(cache[key], dtype=torch.bfloat16)
+        elif kind in ("int8", "w8a16"):
+            state = pack(cache[key], dtype=torch.int8, act_int8=kind == "int8")
+        else:
+            raise ValueError(f"unknown sparse variant {name!r}")
+    else:
+        raise ValueError(f"unknown variant {name!r}; known: {LAYER_VARIANTS}")
+    cache[name] = state
+    return state
+
+
+def _clone(state: object) -> object:
+    """An independent copy of a variant's stored weight (new memory)."""
+    if isinstance(state, Tensor):
+        return state.clone()
+    if isinstance(state, PackedWeight):
+        fields = ("bitmask", "offsets", "values", "scales", "row_sums")
+        copies = {f: getattr(state, f).clone() for f in fields if getattr(state, f) is not None}
+        return dataclasses.replace(state, **copies)
+    if isinstance(state, tuple) and isinstance(state[0], nn.Module):
+        # torch's dynamic-quantized Linear: prepack its weight again (twice as fast as deepcopy)
+        src, qweight = state[0][0], state[1]
+        dst = torch.ao.nn.quantized.dynamic.Linear(src.in_features, src.out_features, bias_=False, dtype=torch.qint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dst.set_weight_bias(qweight, None)
+        return (nn.Sequential(dst), qweight)
+    if isinstance(state, tuple):
+        return tuple(_clone(s) for s in state)
+    raise TypeError(f"cannot copy {type(state).__name__}")
+
+
+def _weight_bytes(name: str, state: object, shape: tuple[int, int]) -> int:
+    out, inn = shape
+    if name == "dense_fp32":
+        return out * inn * 4
+    if name == "dense_bf16":
+        return out * inn * 2
+    if name == "torch_int8":
+        return out * inn + out * 8  # int8 weight + per-channel scale/zero point (fbgemm packing)
+    if name == "torch_int4":
+        return out * inn // 2 + state[1].numel() * 2  # nibbles + bf16 scales/zeros
+    return state.nbytes
+
+
+def _layer_call(name: str, state: object, x32: Tensor, xb: Tensor) -> Callable[[], Tensor]:
+    if name == "dense_fp32":
+        return lambda: F.linear(x32, state)
+    if name == "dense_bf16":
+        return lambda: F.linear(xb, state)
+    if name == "torch_int8":
+        return lambda: state[0](x32)
+    if name == "torch_int4":
+        packed, sz, _ = state
+        return lambda: torch._weight_int4pack_mm_for_cpu(xb, packed, INT4_GROUP, sz)
+    return lambda: sparse_linear(xb, state)
+
+
+CHECK_ROWS = 256  # output features each variant's result is checked on (the check costs setup time)
+
+
+def _head_rows(packed: PackedWeight, rows: int) -> PackedWeight:
+    """The first ``rows`` output rows of a packed weight (values start at offset 0)."""
+    rows = min(rows, packed.shape[0])
+    end = int(packed.offsets[rows]) + len(packed.values) - packed.nnz  # keep the padding
+    return dataclasses.replace(
+        packed, shape=(rows, packed.shape[1]), bitmask=packed.bitmask[:rows], offsets=packed.offsets[: rows + 1],
+        values=packed.values[:end], scales=None if packed.scales is None else packed.scales[:rows],
+        row_sums=None if packed.row_sums is None else packed.row_sums[:rows],
+    )
+
+
+def _layer_reference(name: str, state: object, x32: Tensor, xb: Tensor) -> Tensor:
+    """fp32 product with the weights the variant holds, for the first CHECK_ROWS outputs."""
+    from sparsify.kernels import torch_sparse_linear
+
+    r = CHECK_ROWS
+    if name == "dense_fp32":
+        return x32 @ state[:r].T
+    if name == "dense_bf16":
+        return xb.float() @ state[:r].float().T
+    if name == "torch_int8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return x32 @ state[1][:r].dequantize().T
+    if name == "torch_int4":
+        return xb.float() @ state[2][:r].T
+    return torch_sparse_linear(xb.float(), _head_rows(state, r))
+
+
+def make_layer_variant(
+    name: str, dense: Tensor, batch: int, cache: dict | None = None, rotate_bytes: int = ROTATE_BYTES
+) -> tuple[Callable[[], Tensor], int, Tensor, Tensor]:
+    """(call, weight bytes, output, reference) for variant ``name`` of fp32 weight ``dense`` [out, in].
+
+    ``call`` cycles through copies of the stored weight totalling ≥ ``rotate_bytes`` (see
+    ROTATE_BYTES). Output and reference (the fp32 product with the weights the variant holds) cover
+    the first CHECK_ROWS features, to check each variant computes what it should (a fast wrong
+    kernel is not a result).
+    """
+    cache = {} if cache is None else cache
+    state = prepare_weight(name, dense, cache)
+    nbytes = _weight_bytes(name, state, tuple(dense.shape))
+    key = f"{name}/copies"
+    if key not in cache:
+        n = min(64, max(1, -(-rotate_bytes // nbytes)))
+        cache[key] = [state] + [_clone(state) for _ in range(n - 1)]
+    x32 = torch.randn(batch, dense.shape[1], generator=torch.Generator().manual_seed(1))
+    xb = x32.bfloat16()
+    calls = itertools.cycle([_layer_call(name, s, x32, xb) for s in cache[key]])
+    fn = lambda: next(calls)()  # noqa: E731
+    return fn, nbytes, fn()[:, :CHECK_ROWS], _layer_reference(name, state, x32, xb)
+
+
+# --------------------------------------------------------------------------- layer benchmark
+
+
+def run_layer_benchmark(
+    shapes: Sequence[tuple[int, int]] = LLAMA2_7B_SHAPES,
+    batches: Sequence[int] = DEFAULT_BATCHES,
+    variants: Sequence[str] = LAYER_VARIANTS,
+    repeats: int = 9,
+    *,
+    target_s: float = 0.02,
+    stream_gb: float = 1.0,
+    seed: int = 0,
+    rotate_bytes: int = ROTATE_BYTES,
+) -> dict:
+    """Time every variant on every (shape, batch); variants interleaved within each repeat.
+
+    Each sample averages enough calls to last ~``target_s``; the result per variant is the
+    median of ``repeats`` samples. Weights are read from DRAM (``rotate_bytes``, see ROTATE_BYTES;
+    0 lets them stay in cache). The stream bandwidth (``torch.sum`` over ``stream_gb`` GB, same
+    threads) is sampled in every repeat next to the variants — this VM's memory bandwidth drifts
+    by up to ~1.5x over minutes — and each row's ``pct_stream`` uses its own block's median.
+    Returns ``{"stream": ..., "rows": [...]}``.
+    """
+    load_extension()
+    buf = torch.empty(int(stream_gb * 2**30) // 4).fill_(1.0)
+    stream_call = (lambda: buf.sum(), 1)  # noqa: E731
+    stream_call[0]()
+    all_stream: list[float] = []
+    rows = []
+    for out, inn in shapes:
+        dense = torch.randn(out, inn, generator=torch.Generator().manual_seed(seed)) * 0.02
+        cache: dict = {}
+        for batch in batches:
+            calls, info = {}, {}
+            for name in variants:
+                try:
+                    fn, nbytes, y, ref = make_layer_variant(name, dense, batch, cache, rotate_bytes)
+                except NotImplementedError as err:
+                    logger.warning("%s skipped: %s", name, err)
+                    continue
+                err = float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+                fn()
+                inner = max(1, int(target_s / max(_timeit(fn, 1), 1e-6)))
+                calls[name] = (fn, inner)
+                info[name] = {"weight_bytes": nbytes, "rel_err_vs_own_weights": err}
+            samples = {name: [] for name in calls}
+            stream_s: list[float] = []
+            for _ in range(repeats):
+                stream_s.append(_timeit(*stream_call))
+                for name, (fn, inner) in calls.items():
+                    samples[name].append(_timeit(fn, inner))
+            block_stream = buf.numel() * 4 / statistics.median(stream_s) / 1e9
+            all_stream.extend(buf.numel() * 4 / t / 1e9 for t in stream_s)
+            medians = {name: statistics.median(s) for name, s in samples.items()}
+            for name in calls:
+                ms = medians[name] * 1e3
+                spread = (max(samples[name]) - min(samples[name])) / medians[name]
+                row = {
+                    "shape": f"{out}x{inn}", "batch": batch, "variant": name, "ms": ms,
+                    "ms_min": min(samples[name]) * 1e3, "spread": spread,
+                    "gbps": info[name]["weight_bytes"] / medians[name] / 1e9,
+                    "stream_gbps": block_stream,
+                    "weight_mb": info[name]["weight_bytes"] / 1e6,
+                    "rel_err_vs_own_weights": info[name]["rel_err_vs_own_weights"],
+                }
+                row["pct_stream"] = 100 * row["gbps"] / block_stream
+                for short, base in BASELINES.items():
+                    if base in medians:
+                        row[f"speedup_vs_{short}"] = medians[base] / medians[name]
+                rows.append(row)
+                logger.info("%-10s b=%-3d %-15s %8.3f ms  x%5.2f fp32  %5.1f GB/s (%3.0f%% of %4.1f)  spread %.0f%%",
+                            row["shape"], batch, name, ms, row.get("speedup_vs_fp32", float("nan")),
+                            row["gbps"], row["pct_stream"], block_stream, 100 * spread)
+    stream = {"gbps": statistics.median(all_stream), "gbps_min": min(all_stream), "gbps_max": max(all_stream),
+              "buffer_gb": stream_gb * 2**30 / 1e9, "samples": len(all_stream),
+              "method": "torch.sum over an fp32 buffer, sampled in every repeat between the variants"}
+    return {"stream": stream, "rows": rows, "rotate_bytes": rotate_bytes}
+
+
+def project_decoder_linears(layer_rows: Sequence[dict], n_layers: int = 32) -> dict:
+    """ms per token of the 7 Linears of ``n_layers`` Llama-2-7B decoder layers at batch 1, per variant.
+
+    From the layer benchmark (q, k, v, o = 4096x4096; gate, up = 11008x4096; down = 4096x11008);
+    excludes attention, norms, embeddings and lm_head.
+    """
+    count = {"4096x4096": 4, "11008x4096": 2, "4096x11008": 1}
+    table: dict[str, dict[str, float]] = {}
+    for r in layer_rows:
+        if r["batch"] == 1 and r["shape"] in count:
+            table.setdefault(r["variant"], {})[r["shape"]] = r["ms"]
+    out = {}
+    for variant, by_shape in table.items():
+        if len(by_shape) == len(count):
+            out[variant] = {"ms": n_layers * sum(count[s] * by_shape[s] for s in count)}
+    for variant, v in out.items():
+        for short, base in BASELINES.items():
+            if base in out:
+                v[f"speedup_vs_{short}"] = out[base]["ms"] / v["ms"]
+    return out
+
+
+# --------------------------------------------------------------------------- decode benchmark
+
+
+def build_decode_model(
+    layers: int = 2, hidden: int = 4096, intermediate: int = 11008, heads: int = 32, vocab: int = 32000,
+    sparsity: float = 0.7, seed: int = 0,
+) -> nn.Module:
+    """A random fp32 Llama with Llama-2-7B shapes and ``layers`` decoder layers, decoder Linears pruned per row."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name in prunable_linear_names(model):
+            p = model.get_parameter(name)
+            p.copy_(prune_rows(p, sparsity))
+    return model
+
+
+def _decode_models(base: nn.Module, variants: Sequence[str], min_sparsity: float) -> dict[str, tuple[nn.Module, dict]]:
+    models = {}
+    for name in variants:
+        if name == "dense_fp32":
+            models[name] = (base, {})
+            continue
+        m = copy.deepcopy(base).to(torch.bfloat16)
+        replaced = {}
+        if name.startswith("sparse"):
+            replaced = sparsify_model(m, min_sparsity=min_sparsity, int8=name.endswith("int8"))
+        elif name != "dense_bf16":
+            raise ValueError(f"unknown decode variant {name!r}; known: {DECODE_VARIANTS}")
+        models[name] = (m, replaced)
+    return models
+
+
+def _model_bytes(model: nn.Module) -> int:
+    from sparsify.runtime import SparseLinear
+
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    n += sum(m.packed.nbytes for m in model.modules() if isinstance(m, SparseLinear))
+    return n
+
+
+@torch.no_grad()
+def _decode_steps(model: nn.Module, prompt: Tensor, steps: int) -> tuple[list[float], list[float], list[int]]:
+    """Prefill ``prompt``, then ``steps`` greedy single-token steps with the KV cache.
+
+    Each step is the model's forward split in two timed parts: the decoder (embedding, layers,
+    final norm) and the lm_head. Returns (decoder seconds, lm_head seconds, greedy tokens: the
+    prefill's then each step's).
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    out = model(prompt, use_cache=True)
+    cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)  # transformers 5: `cache` (was past_key_values)
+    body_s, head_s, tokens = [], [], [int(nxt)]
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        hidden = decoder(input_ids=nxt, cache=cache, use_cache=True).last_hidden_state
+        t1 = time.perf_counter()
+        nxt = head(hidden[:, -1:]).argmax(-1)
+        t2 = time.perf_counter()
+        body_s.append(t1 - t0)
+        head_s.append(t2 - t1)
+        tokens.append(int(nxt))
+    return body_s, head_s, tokens
+
+
+def run_decode_benchmark(
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    layers: int = 2,
+    variants: Sequence[str] = DECODE_VARIANTS,
+    sparsity: float = 0.7,
+    repeats: int = 5,
+    steps: int = 4,
+    prompt_len: int = 8,
+    min_sparsity: float = 0.3,
+    seed: int = 0,
+    **model_dims: int,
+) -> dict:
+    """Decode tokens/s per variant; ``repeats`` rounds of ``steps`` tokens each, variants interleaved.
+
+    With ``checkpoint`` (an HF directory), its weights are used as they are (no pruning); else a
+    random Llama-2-7B-shaped model (``model_dims`` overrides hidden/intermediate/heads/vocab).
+    Also runs ``model.generate()`` once per variant (the path users take) and records its tokens.
+    """
+    load_extension()
+    if checkpoint is not None:
+        from sparsify.model import load_model
+
+        base, source = load_model(checkpoint, dtype=torch.float32), str(checkpoint)
+    else:
+        base = build_decode_model(layers=layers, sparsity=sparsity, seed=seed, **model_dims)
+        source = f"random Llama, {layers} layers, {sparsity:.0%} sparse" + (f", {model_dims}" if model_dims else "")
+    models = _decode_models(base, variants, min_sparsity)
+    vocab = base.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    body: dict[str, list[float]] = {name: [] for name in models}
+    head: dict[str, list[float]] = {name: [] for name in models}
+    tokens: dict[str, list[int]] = {}
+    for name, (m, _) in models.items():  # warm-up (first-call allocations, lazy init)
+        _decode_steps(m, prompt, 1)
+    for _ in range(repeats):
+        for name, (m, _) in models.items():
+            b, h, toks = _decode_steps(m, prompt, steps)
+            body[name].extend(b)
+            head[name].extend(h)
+            tokens[name] = toks
+    n_layers = base.config.num_hidden_layers
+    result = {"source": source, "layers": n_layers, "hidden": base.config.hidden_size,
+              "intermediate": base.config.intermediate_size, "vocab": vocab, "variants": {},
+              "note": "ms_per_token = decoder + lm_head medians; projected_32l scales the decoder part to "
+                      "32 layers (Llama-2-7B) and keeps the measured lm_head"}
+    for name, (m, replaced) in models.items():
+        gen = m.generate(prompt, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+        totals = [b + h for b, h in zip(body[name], head[name])]
+        med_body, med_head = statistics.median(body[name]), statistics.median(head[name])
+        ms = (med_body + med_head) * 1e3
+        projected_ms = (med_head + med_body * 32 / n_layers) * 1e3
+        result["variants"][name] = {
+            "ms_per_token": ms, "tok_s": 1e3 / ms, "decoder_ms": med_body * 1e3, "lm_head_ms": med_head * 1e3,
+            "projected_32l_ms_per_token": projected_ms, "projected_32l_tok_s": 1e3 / projected_ms,
+            "spread": (max(totals) - min(totals)) / statistics.median(totals),
+            "model_mb": _model_bytes(m) / 1e6, "sparse_layers": len(replaced),
+            "greedy_tokens": tokens[name][:steps], "generate_tokens": gen[0, prompt_len:].tolist(),
+        }
+    variants = result["variants"]
+    for v in variants.values():
+        for short, base_name in (("fp32", "dense_fp32"), ("bf16", "dense_bf16")):
+            if base_name in variants:
+                v[f"speedup_vs_{short}"] = v["tok_s"] / variants[base_name]["tok_s"]
+                base_tok_s = variants[base_name]["projected_32l_tok_s"]
+                v[f"projected_32l_speedup_vs_{short}"] = v["projected_32l_tok_s"] / base_tok_s
+    for name, v in variants.items():
+        logger.info("decode %-14s %7.2f ms/token (decoder %6.2f + lm_head %6.2f) %6.2f tok/s x%5.2f fp32 x%5.2f bf16"
+                    " | 32 layers: %6.2f tok/s x%5.2f fp32 | %6.0f MB", name, v["ms_per_token"], v["decoder_ms"],
+                    v["lm_head_ms"], v["tok_s"], v.get("speedup_vs_fp32", float("nan")),
+                    v.get("speedup_vs_bf16", float("nan")), v["projected_32l_tok_s"],
+                    v.get("projected_32l_speedup_vs_fp32", float("nan")), v["model_mb"])
+    return result
+
+
+# --------------------------------------------------------------------------- output
+
+
+def flat_metrics(result: dict, device: str = "cpu") -> dict[str, float]:
+    """``bench/<device>/<shape or model>/<variant>/{ms,speedup_vs_fp32}`` (the DESIGN's metric names)."""
+    metrics = {}
+    for r in result.get("layers", {}).get("rows", []):
+        key = f"bench/{device}/{r['shape']}_b{r['batch']}/{r['variant']}"
+        metrics[f"{key}/ms"] = r["ms"]
+        if "speedup_vs_fp32" in r:
+            metrics[f"{key}/speedup_vs_fp32"] = r["speedup_vs_fp32"]
+    decode = result.get("decode")
+    if decode:
+        for name, v in decode["variants"].items():
+            key = f"bench/{device}/decode_{decode['layers']}l/{name}"
+            metrics[f"{key}/ms"] = v["ms_per_token"]
+            metrics[f"{key}/tok_s"] = v["tok_s"]
+            metrics[f"{key}/projected_32l_tok_s"] = v["projected_32l_tok_s"]
+            if "speedup_vs_fp32" in v:
+                metrics[f"{key}/speedup_vs_fp32"] = v["speedup_vs_fp32"]
+    return metrics
+
+
+def plot(result: dict, path: Path) -> None:
+    """Bar chart of speedup over dense fp32: one group per (shape, batch), plus decode."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups: dict[str, dict[str, float]] = {}
+    for r in result.get("layers", {}).get("rows", []):
+        groups.setdefault(f"{r['shape']}\nb={r['batch']}", {})[r["variant"]] = r.get("speedup_vs_fp32", 0.0)
+    if result.get("decode"):
+        groups["decode\ntok/s"] = {k: v.get("speedup_vs_fp32", 0.0) for k, v in result["decode"]["variants"].items()}
+    variants = list(dict.fromkeys(v for g in groups.values() for v in g))
+    fig = Figure(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(variants))
+    for i, variant in enumerate(variants):
+        xs = [g + (i - (len(variants) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [g.get(variant, 0.0) for g in groups.values()], width, label=variant)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel("speedup over dense fp32")
+    ax.set_title(f"sparse CPU kernels ({result['machine']['threads']} threads, {result['machine']['kernels']})")
+    ax.legend(fontsize=7, ncols=2)
+    fig.savefig(path, format="png", dpi=100)
+
+
+def machine_info() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
+            "kernels": kernel_isa(), "loadavg_1m": os.getloadavg()[0]}
+
+
+def run(*, quick: bool, variants: Sequence[str] | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
+        repeats: int | None = None, decode: bool = True, decode_layers: int = 2,
+        checkpoint: str | os.PathLike | None = None) -> dict:
+    """The whole benchmark as one dict (layers, projection, decode, flat ``metrics``)."""
+    load_extension()
+    result: dict = {"machine": machine_info()}
+    t0 = time.perf_counter()
+    if quick:  # the smoke profile's check: the required variants, fewer and shorter samples
+        variants = variants or [v for v in LAYER_VARIANTS if v != "sparse70_w8a16"]
+        result["layers"] = run_layer_benchmark([(11008, 4096)], [1], variants, repeats or 5, target_s=0.015)
+    else:
+        variants = variants or list(LAYER_VARIANTS)
+        result["layers"] = run_layer_benchmark(LLAMA2_7B_SHAPES, batches, variants, repeats or 9)
+        result["projected_7b_decoder_linears"] = project_decoder_linears(result["layers"]["rows"])
+        if decode:
+            result["decode"] = run_decode_benchmark(checkpoint, layers=decode_layers)
+    result["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
+    result["seconds"] = time.perf_counter() - t0
+    result["metrics"] = flat_metrics(result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--quick", action="store_true", help="11008x4096 batch 1 layer benchmark only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--batches", type=int, nargs="+", default=list(DEFAULT_BATCHES))
+    parser.add_argument("--variants", nargs="+", default=None, help=f"layer variants (default: all; --quick: "
+                        f"all but sparse70_w8a16) of {LAYER_VARIANTS}")
+    parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--decode-layers", type=int, default=2)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="decode benchmark on this HF checkpoint dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    result = run(quick=args.quick, variants=args.variants, batches=args.batches, repeats=args.repeats,
+                 decode=not args.no_decode, decode_layers=args.decode_layers, checkpoint=args.checkpoint)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "sparse_kernels.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out_dir / "sparse_kernels.png")
+    logger.info("stream %.1f GB/s; wrote %s (%.1f s)", result["layers"]["stream"]["gbps"],
+                args.out_dir / "sparse_kernels.json", result["seconds"])
+    return result
+
+
+if __name__ == "__main__":
+    main()

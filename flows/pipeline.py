@@ -19,7 +19,7 @@ from prefect import flow
 from sparsify.config import Config, load_config
 from tasks.common import git_commit, root_lock
 from tasks.runner import prefect_task
-from tasks.stages import stages
+from tasks.stages import stages, upstream
 from tasks.tracking import Tracker, flatten, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,6 @@ def finetune_task(
 
 def upstream_closure(table, targets: list[str]) -> list:
     """The stages `targets` need, in table order."""
-    producer = {out: s for s in table for out in s.outs}
     by_name = {s.name: s for s in table}
     needed: set[str] = set()
     todo = list(targets)
@@ -86,7 +85,7 @@ def upstream_closure(table, targets: list[str]) -> list:
         name = todo.pop()
         if name not in needed:
             needed.add(name)
-            todo += [producer[d].name for d in by_name[name].deps if d in producer]
+            todo += upstream(table, by_name[name])
     return [s for s in table if s.name in needed]
 
 
@@ -95,15 +94,13 @@ def _run(cfg: Config, profile: str | None, name: str, table) -> dict[str, dict[s
     parent = tracker.start(name, tags={"pipeline": name, "profile": profile or "default",
                                        "git_commit": git_commit() or "unknown"})
     tracker.log(parent, params=flatten(cfg.model_dump(mode="json")))
-    producer = {out: s.name for s in table for out in s.outs}
     stage_task = prefect_task()
     limiter = threading.Semaphore(cfg.orchestration.max_parallel)
     futures: dict[str, Any] = {}
     try:
         for stage in table:
-            upstream = [futures[producer[d]] for d in stage.deps if d in producer]
             futures[stage.name] = stage_task.with_options(name=stage.name).submit(
-                stage, cfg, parent, limiter, wait_for=upstream)
+                stage, cfg, parent, limiter, wait_for=[futures[n] for n in upstream(table, stage)])
         results = {name: future.result().metrics for name, future in futures.items()}
     except BaseException:
         tracker.end(parent, "FAILED")

@@ -11,7 +11,7 @@ from pathlib import Path
 from sparsify.config import Config
 from sparsify.io import atomic_write_json
 from tasks.common import Layout, StageResult, git_commit, read_metrics, write_metrics
-from tasks.stages import Stage, stages
+from tasks.stages import Stage, stages, upstream
 from tasks.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,10 @@ def fingerprint(stage: Stage, cfg: Config) -> str:
     anywhere upstream changes every fingerprint downstream of it.
     """
     layout = Layout.of(cfg)
-    producers = {out: s.name for s in stages(cfg) for out in s.outs}
     deps = {}
-    for dep in stage.deps:
-        stamp = layout.stamp(producers[dep]) if dep in producers else None
-        deps[dep] = json.loads(stamp.read_text())["fingerprint"] if stamp and stamp.is_file() else "unknown"
+    for name in upstream(stages(cfg), stage):
+        stamp = layout.stamp(name)
+        deps[name] = json.loads(stamp.read_text())["fingerprint"] if stamp.is_file() else "unknown"
     payload = {
         "stage": stage.name,
         "params": section_params(cfg, stage.params),

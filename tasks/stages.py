@@ -185,6 +185,12 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
     return tuple(table)
 
 
+def upstream(table: tuple[Stage, ...], stage: Stage) -> list[str]:
+    """Names of the stages that produce `stage`'s inputs."""
+    producer = {out: s.name for s in table for out in s.outs}
+    return [producer[d] for d in stage.deps if d in producer]
+
+
 def get(cfg: Config, name: str) -> Stage:
     by_name = {s.name: s for s in stages(cfg)}
     if name not in by_name:

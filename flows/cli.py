@@ -2,6 +2,9 @@
 
   sparsellama run   [--profile NAME] [--set KEY=VALUE ...]   the whole pipeline (Prefect flow)
   sparsellama stage NAME [--profile NAME] [--set ...]        one stage (what dvc.yaml calls)
+  sparsellama sweep [--methods ...] [--sparsities ...] [--structures ...] [--set ...]
+                                                             pruning methods x sparsities (Prefect flow)
+  sparsellama benchmark [--profile NAME] [--set ...]         the kernel benchmark alone (Prefect flow)
   sparsellama serve [--host 127.0.0.1] [--port 4200]         Prefect server + deployments for the UI
   sparsellama dvc-yaml [--write | --check]                   dvc.yaml from the stage table
 """
@@ -34,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("run", help="run the whole pipeline as the sparse-llama Prefect flow"))
+    sweep = sub.add_parser("sweep", help="prune the base model with each method at each sparsity (Prefect flow)")
+    sweep.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    sweep.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
+    sweep.add_argument("--structures", nargs="+", default=["unstructured", "2:4"],
+                       help="unstructured (at each sparsity) and/or N:M patterns")
+    _config_args(sweep)
+    _config_args(sub.add_parser("benchmark", help="run the kernel benchmark again (Prefect flow)"))
     stage = sub.add_parser("stage", help="run one stage")
     stage.add_argument("name")
     _config_args(stage)
@@ -91,6 +101,19 @@ def main(argv: list[str] | None = None) -> int:
             from flows.pipeline import sparse_llama
 
             sparse_llama(profile=args.profile, overrides=args.overrides, config_path=args.config)
+            return 0
+        if args.command == "sweep":
+            load_config(args.config, args.profile, overrides=args.overrides)
+            from flows.pipeline import prune_sweep
+
+            prune_sweep(methods=args.methods, sparsities=args.sparsities, structures=args.structures,
+                        profile=args.profile, overrides=args.overrides, config_path=args.config)
+            return 0
+        if args.command == "benchmark":
+            load_config(args.config, args.profile, overrides=args.overrides)
+            from flows.pipeline import benchmark
+
+            benchmark(profile=args.profile, overrides=args.overrides, config_path=args.config)
             return 0
     except (ConfigError, DataError, ValueError, FileNotFoundError, RootBusy) as exc:
         print(f"sparsellama: error: {exc}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The `sparse-llama` Prefect flow: every stage of the table, under one MLflow parent run.
+"""The Prefect flows: `sparse-llama` (every stage of the table, under one MLflow parent run),
+`finetune-task` (one task's branch), `prune-sweep` (methods × sparsities) and `benchmark`.
 
 Stages are submitted as Prefect tasks that wait for the stages producing their inputs,
 so independent work (per-task fine-tunes, evaluations) runs side by side, at most
@@ -73,7 +74,7 @@ def finetune_task(
     table = stages(cfg)
     targets = [s.name for s in table if s.name.startswith("eval-ft-") and s.name.endswith(f"-{task}")]
     with root_lock(cfg.root):
-        return _run(cfg, profile, f"finetune-task:{task}", upstream_closure(table, targets))
+        return _run(cfg, profile, f"finetune-task:{task}", tuple(upstream_closure(table, targets)))
 
 
 def upstream_closure(table, targets: list[str]) -> list:
@@ -89,7 +90,58 @@ def upstream_closure(table, targets: list[str]) -> list:
     return [s for s in table if s.name in needed]
 
 
-def _run(cfg: Config, profile: str | None, name: str, table) -> dict[str, dict[str, float]]:
+@flow(name="prune-sweep", log_prints=False)
+def prune_sweep(
+    methods: list[str] | None = None,
+    sparsities: list[float] | None = None,
+    structures: list[str] | None = None,
+    profile: str | None = None,
+    params: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    config_path: str = "params.yaml",
+) -> dict[str, dict[str, float]]:
+    """Pruning methods × sparsity patterns on the dense base model (perplexity, time).
+
+    Defaults: magnitude, Wanda and SparseGPT at 50% and 70% unstructured and 2:4. The other
+    pruning settings (calibration, dampening, ...) come from the `prune` section.
+    """
+    from tasks.sweep import point_config, points, sweep_stages
+
+    cfg = load_config(config_path, profile=profile, params=params, overrides=overrides or [])
+    pts = points(methods or ["magnitude", "wanda", "sparsegpt"], sparsities or [0.5, 0.7],
+                 structures or ["unstructured", "2:4"])
+    for p in pts:  # every point's settings are valid before anything runs
+        point_config(cfg, p)
+    table = tuple(upstream_closure(stages(cfg), ["base"])) + sweep_stages(pts)
+    with root_lock(cfg.root):
+        results = _run(cfg, profile, "prune-sweep", table)
+    _publish_file(cfg.root / "reports" / "sweep" / "prune_sweep.md", "prune-sweep", "Pruning sweep")
+    return results
+
+
+@flow(name="benchmark", log_prints=False)
+def benchmark(
+    profile: str | None = None,
+    params: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    config_path: str = "params.yaml",
+) -> dict[str, dict[str, float]]:
+    """The kernel benchmark alone, measured again on every run (its upstream stages run only when
+    they are not up to date: it also times the pipeline's most sparse model)."""
+    cfg = load_config(config_path, profile=profile, params=params, overrides=overrides or [])
+    with root_lock(cfg.root):
+        return _run(cfg, profile, "benchmark", tuple(upstream_closure(stages(cfg), ["benchmark"])),
+                    force={"benchmark"})
+
+
+def _publish_file(path, key: str, description: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    if path.is_file():
+        create_markdown_artifact(path.read_text(), key=key, description=description)
+
+
+def _run(cfg: Config, profile: str | None, name: str, table, force=frozenset()) -> dict[str, dict[str, float]]:
     tracker = Tracker(cfg)
     parent = tracker.start(name, tags={"pipeline": name, "profile": profile or "default",
                                        "git_commit": git_commit() or "unknown"})
@@ -100,7 +152,8 @@ def _run(cfg: Config, profile: str | None, name: str, table) -> dict[str, dict[s
     try:
         for stage in table:
             futures[stage.name] = stage_task.with_options(name=stage.name).submit(
-                stage, cfg, parent, limiter, wait_for=[futures[n] for n in upstream(table, stage)])
+                stage, cfg, parent, limiter, table, stage.name in force,
+                wait_for=[futures[n] for n in upstream(table, stage)])
         results = {name: future.result().metrics for name, future in futures.items()}
     except BaseException:
         tracker.end(parent, "FAILED")

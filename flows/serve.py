@@ -1,7 +1,8 @@
 """`sparsellama serve`: a local Prefect server plus the pipeline's deployments, for the Prefect UI.
 
 Starts `prefect server start` on 127.0.0.1 (its UI at http://127.0.0.1:<port>), points this
-process at it, and serves the `sparse-llama` and `finetune-task` deployments until Ctrl-C.
+process at it, and serves the `sparse-llama`, `finetune-task`, `prune-sweep` and `benchmark`
+deployments until Ctrl-C.
 A user opens the UI, picks a deployment, sets parameters (profile, params, overrides) and
 runs it; results appear as Prefect artifacts and in MLflow.
 """
@@ -41,14 +42,18 @@ def serve(host: str = "127.0.0.1", port: int = 4200, config_path: str = "params.
         wait_healthy(api_url)
         from prefect import serve as prefect_serve
 
-        from flows.pipeline import finetune_task, sparse_llama
+        from flows.pipeline import benchmark, finetune_task, prune_sweep, sparse_llama
 
         config = str(Path(config_path).resolve())
-        log.info("Prefect UI: http://%s:%d — deployments: sparse-llama/default, finetune-task/default", host, port)
-        prefect_serve(
+        deployments = [
             sparse_llama.to_deployment(name="default", parameters={"config_path": config}),
             finetune_task.to_deployment(name="default", parameters={"config_path": config, "task": "arithmetic"}),
-        )
+            prune_sweep.to_deployment(name="default", parameters={"config_path": config}),
+            benchmark.to_deployment(name="default", parameters={"config_path": config}),
+        ]
+        log.info("Prefect UI: http://%s:%d — deployments: %s", host, port,
+                 ", ".join(f"{d.flow_name}/{d.name}" for d in deployments))
+        prefect_serve(*deployments)
     finally:  # stop serving before the server (the order DESIGN.md records)
         server.terminate()
         server.wait(timeout=30)

@@ -1,7 +1,8 @@
 """Stage `base`: the dense base model (the teacher and the starting point for pruning).
 
 Loads an HF Llama-family checkpoint when `base.source` is set; otherwise trains
-the embedded default Llama from scratch on the data stage's blocks and reports
+the embedded default Llama from scratch on the data stage's blocks (checkpoints in
+`.resume/base` every `base.train.checkpoint_every` steps, so a killed run resumes) and reports
 its validation perplexity against the untrained model's.
 """
 
@@ -15,7 +16,7 @@ from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.masks import sparsity_report
 from sparsify.model import build_llama, count_parameters, load_model, pick_device, save_checkpoint
 from sparsify.trainer import train
-from tasks.common import Layout, StageResult, provenance, val_perplexity
+from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,12 @@ def run(cfg: Config) -> StageResult:
     else:
         model = build_llama(cfg.base.arch, tokenizer, seed=cfg.project.seed).to(device)
         metrics["ppl/val_init"] = val_perplexity(cfg, model, corpus, device)
-        result = train(model, corpus.blocks("train"), val, tc, seed=cfg.project.seed, device=device)
+        resume = resume_dir(cfg, "base")
+        result = train(model, corpus.blocks("train"), val, tc, seed=cfg.project.seed, device=device,
+                       checkpoint_dir=resume)
         history = result.history
         metrics.update({"train/final_loss": result.final_train_loss, "train/tokens_per_s": result.tokens_per_s,
-                        "time/train_s": result.seconds})
+                        "time/train_s": result.seconds, "train/resumed_from_step": result.start_step})
     metrics["ppl/val"] = val_perplexity(cfg, model, corpus, device)
     report = sparsity_report(model)
     metrics["sparsity/global"] = report["global"]
@@ -56,5 +59,6 @@ def run(cfg: Config) -> StageResult:
         save_checkpoint(model.cpu(), tokenizer, tmp,
                         provenance("base", cfg, ("project", "data", "base"), [layout.corpus]))
         atomic_write_json(tmp / "train_history.json", history)
+    release_resume(resume_dir(cfg, "base"))
     return StageResult(metrics=metrics, outputs=[out], variant="dense", history=history,
                        artifacts=[out / "provenance.json", out / "train_history.json"])

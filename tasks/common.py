@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,19 @@ class Layout:
     def stamp(self, stage: str) -> Path:
         """The record of a finished stage's fingerprint (see tasks.runner)."""
         return self.root / ".stamps" / f"{stage}.json"
+
+
+def resume_dir(cfg: Config, stage: str) -> Path:
+    """Where a long stage keeps its resume state (tasks.stages.Stage.resume_dir)."""
+    return cfg.root / ".resume" / stage
+
+
+def release_resume(path: Path) -> None:
+    """The stage's outputs are written: drop its resume state, keeping the folder marked complete
+    (dvc.yaml declares it a persistent output, which must exist after the stage ran)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / "COMPLETE.json", {"complete": True})
 
 
 def val_perplexity(cfg: Config, model, corpus, device) -> float:

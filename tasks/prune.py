@@ -8,7 +8,6 @@ existing zero stays zero. Progress is checkpointed after each decoder layer unde
 from __future__ import annotations
 
 import logging
-import shutil
 import statistics
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from sparsify.layerwise import prune_model
 from sparsify.masks import load_masks, plot_sparsity, save_masks, sparsity_report
 from sparsify.model import load_model, pick_device, save_checkpoint
 from sparsify.pruning import PruneConfig
-from tasks.common import Layout, StageResult, provenance, val_perplexity
+from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) ->
     old_masks = input_masks(src)
     pcfg = PruneConfig.model_validate({**cfg.prune.model_dump(), "sparsity": sparsity})
     device = pick_device(cfg.project.device)
-    resume = cfg.root / ".resume" / name
+    resume = resume_dir(cfg, name)
     result = prune_model(model, corpus.calibration(), pcfg, old_masks=old_masks, device=device, resume_dir=resume)
 
     ppl = val_perplexity(cfg, model, corpus, device)
@@ -67,6 +66,6 @@ def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) ->
                                                       "seconds_per_decoder_layer": result.seconds_per_decoder_layer,
                                                       "targets": result.layer_sparsity_targets})
         plot_sparsity(report, tmp / "sparsity.png")
-    shutil.rmtree(resume, ignore_errors=True)  # the checkpoint is written; the resume state is spent
+    release_resume(resume)  # the checkpoint is written; the resume state is spent
     return StageResult(metrics=metrics, outputs=[out], variant=f"sparse{round(sparsity * 100)}-oneshot",
                        artifacts=[out / "sparsity.json", out / "sparsity.png", out / "prune_layers.json"])

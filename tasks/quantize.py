@@ -10,7 +10,6 @@ the masks, plus the project's own bitmask + packed values + scales format under
 from __future__ import annotations
 
 import logging
-import shutil
 import statistics
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from sparsify.layerwise import quantize_model
 from sparsify.masks import check_masks, save_masks, sparsity_report
 from sparsify.model import pick_device
 from sparsify.quantization import check_not_quantized
-from tasks.common import Layout, StageResult, provenance, val_perplexity
+from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexity
 from tasks.prune import MASKS, input_masks
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
     masks = input_masks(src)
     device = pick_device(cfg.project.device)
     corpus = Corpus.open(layout.corpus)
-    resume = cfg.root / ".resume" / name
+    resume = resume_dir(cfg, name)
     result = quantize_model(model, corpus.calibration(), qcfg, masks=masks, device=device, resume_dir=resume)
     model.cpu()
     if masks is not None:
@@ -59,7 +58,7 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
         atomic_write_json(tmp / "provenance.json", provenance(name, cfg, ("project", "quantize"), [src]))
         atomic_write_json(tmp / "quantize_layers.json", {"layers": result.layers,
                                                          "seconds_per_decoder_layer": result.seconds_per_decoder_layer})
-    shutil.rmtree(resume, ignore_errors=True)  # the checkpoint is written; the resume state is spent
+    release_resume(resume)  # the checkpoint is written; the resume state is spent
     errors = [r["error"] for r in result.layers]
     rtn = [r["rtn_error"] for r in result.layers if "rtn_error" in r]
     metrics = {

@@ -137,6 +137,18 @@ def recovery_markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dvc_plots(table: dict, quant: dict, speedups: dict[str, float]) -> dict[str, list[dict]]:
+    """Flat rows for `dvc plots show` (dvc.yaml's top-level plots): one bar per model/variant."""
+    return {
+        "perplexity": [{"model": r["model"], "ppl": r["ppl_val"]} for r in table["perplexity"]]
+        + [{"model": r["model"], "ppl": r["ppl_val"]} for r in quant["models"]
+           if r["ppl_change"] is not None and r["ppl_val"] is not None],
+        "recovery": [{"model": f"{task} {col}", "recovery": v} for task, row in table["tasks"].items()
+                     for col, v in row["recovery"].items() if v is not None],
+        "speedup": [{"variant": v, "speedup_vs_fp32": x} for v, x in speedups.items()],
+    }
+
+
 def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> StageResult:
     """`models`: what eval-<model> scored; `levels`: {"50": 0.5, ...}."""
     layout = Layout.of(cfg)
@@ -167,6 +179,8 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     quant = quant_table(cfg, layout, levels, evals)
     atomic_write_json(out / "recovery.json", table | {"quantization": quant})
     atomic_write_text(out / "recovery.md", recovery_markdown(table) + "\n" + quant_markdown(quant))
+    for name, rows in dvc_plots(table, quant, speedups).items():
+        atomic_write_json(out / "plots" / f"{name}.json", rows)
     metrics: dict[str, float] = {"report/variants": len(evals)}
     metrics.update({f"ppl/val/{r['stage']}": r["ppl_val"] for r in table["perplexity"]})
     metrics.update({f"recovery/{task}/{col}": v for task, row in table["tasks"].items()

@@ -41,7 +41,7 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
 
-def fingerprint(stage: Stage, cfg: Config) -> str:
+def fingerprint(stage: Stage, cfg: Config, table: tuple[Stage, ...] | None = None) -> str:
     """What a stage's outputs are a function of: its config keys, its code, its inputs' fingerprints.
 
     Inputs are identified by the fingerprints their producing stages recorded, so a change
@@ -49,7 +49,7 @@ def fingerprint(stage: Stage, cfg: Config) -> str:
     """
     layout = Layout.of(cfg)
     deps = {}
-    for name in upstream(stages(cfg), stage):
+    for name in upstream(table or stages(cfg), stage):
         stamp = layout.stamp(name)
         deps[name] = json.loads(stamp.read_text())["fingerprint"] if stamp.is_file() else "unknown"
     payload = {
@@ -73,19 +73,21 @@ def finished(stage: Stage, cfg: Config, fp: str) -> dict | None:
     return record
 
 
-def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, force: bool = False) -> StageResult:
+def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, force: bool = False,
+            table: tuple[Stage, ...] | None = None) -> StageResult:
     """Run `stage`, log it as a (nested) MLflow run and write its DVC metrics file.
 
     Without `force`, a stage whose outputs exist with the same fingerprint is skipped (its
     recorded metrics are logged again, tagged skipped=true), so re-running a failed flow
     continues from the stage that failed. `sparsellama stage` forces: there DVC decides.
+    `table`: the stages `stage` belongs to (default: the pipeline's), where its inputs' producers are.
     """
     if cfg.project.threads:
         import torch
 
         torch.set_num_threads(cfg.project.threads)
     layout = Layout.of(cfg)
-    fp = fingerprint(stage, cfg)
+    fp = fingerprint(stage, cfg, table)
     tracker = Tracker(cfg)
     done = None if force else finished(stage, cfg, fp)
     run_id = tracker.start(stage.name, tags={"stage": stage.name, "git_commit": git_commit() or "unknown",
@@ -106,6 +108,10 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
         raise
     result.metrics[f"time/stage_{stage.name}_s"] = time.perf_counter() - t0
     write_metrics(layout.metrics(stage.name), result.metrics)
+    if stage.trains:  # the training curve DVC plots (empty when nothing was trained, e.g. base.source)
+        # DVC reads only rows with identical keys: keep the fields every row has (val_loss is not one).
+        common = set.intersection(*(set(r) for r in result.history)) if result.history else set()
+        atomic_write_json(cfg.root / stage.plot_file, [{k: r[k] for k in r if k in common} for r in result.history])
     atomic_write_json(layout.stamp(stage.name), {"fingerprint": fp, "variant": result.variant})
     tracker.log(run_id, metrics=result.metrics, tags={"variant": result.variant})
     tracker.log_history(run_id, result.history, prefix="train")
@@ -116,9 +122,10 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
     return result
 
 
-def _execute_limited(stage: Stage, cfg: Config, parent_run_id: str | None, limiter) -> StageResult:
+def _execute_limited(stage: Stage, cfg: Config, parent_run_id: str | None, limiter, table: tuple[Stage, ...],
+                     force: bool = False) -> StageResult:
     with limiter:  # a semaphore shared by one flow run's stages: orchestration.max_parallel
-        return execute(stage, cfg, parent_run_id)
+        return execute(stage, cfg, parent_run_id, force=force, table=table)
 
 
 def prefect_task():

@@ -13,6 +13,7 @@ configuration through `pipeline.sparsities`, `downstream.tasks` and `finetune.ba
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -40,24 +41,40 @@ class Stage:
     deps: tuple[str, ...]  # outputs of earlier stages, relative to project.root
     outs: tuple[str, ...]
     code: tuple[str, ...]  # source files whose change reruns the stage under `dvc repro`
+    # dvc.yaml writes the stages of one family as one entry, `foreach`/`matrix` over `item`:
+    # the values (sparsity level, task, ...) that vary between the family's stages.
+    family: str = ""
+    item: tuple[tuple[str, str], ...] = ()
+    resumable: bool = False  # keeps resume state in `.resume/<name>` (a persistent DVC output)
+    trains: bool = False  # writes its training curve to `plots/<name>.json`
 
     @property
     def metrics_file(self) -> str:
         return f"metrics/{self.name}.json"
+
+    @property
+    def resume_dir(self) -> str:
+        return f".resume/{self.name}"
+
+    @property
+    def plot_file(self) -> str:
+        return f"plots/{self.name}.json"
 
 
 def level_name(sparsity: float) -> str:
     return f"{round(sparsity * 100)}"
 
 
-def _prune(name: str, sparsity: float, source: str) -> Stage:
+def _prune(name: str, sparsity: float, source: str, family: str, item: dict[str, str]) -> Stage:
     output = f"models/{name}"
     return Stage(name=name, run=partial(prune.run, name=name, sparsity=sparsity, source=source, output=output),
-                 params=("project.device", "prune", "pipeline.sparsities", "evaluate.val_blocks"), deps=(source, CORPUS), outs=(output,),
-                 code=PRUNE_CODE)
+                 params=("project.device", "prune", "pipeline.sparsities", "evaluate.val_blocks"),
+                 deps=(source, CORPUS), outs=(output,), code=PRUNE_CODE,
+                 family=family, item=tuple(item.items()), resumable=True)
 
 
-def _finetune(name: str, task: str, source: str, teacher: str | None, variant: str) -> Stage:
+def _finetune(name: str, task: str, source: str, teacher: str | None, variant: str, family: str,
+              item: dict[str, str]) -> Stage:
     output = f"models/{name}"
     return Stage(
         name=name,
@@ -67,6 +84,7 @@ def _finetune(name: str, task: str, source: str, teacher: str | None, variant: s
         deps=(source, TASK_DATA, *([teacher] if teacher else [])),
         outs=(output,),
         code=TRAIN_CODE,
+        family=family, item=tuple(item.items()), resumable=True, trains=True,
     )
 
 
@@ -108,15 +126,16 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
               code=("sparsify/data.py", "tasks/data.py")),
         Stage(name="taskdata", run=taskdata.run, params=("project.seed", "downstream"), deps=(CORPUS,),
               outs=(TASK_DATA,), code=("sparsify/downstream.py", "tasks/taskdata.py")),
-        Stage(name="base", run=base.run, params=("project.seed", "project.device", "base", "evaluate.val_blocks"), deps=(CORPUS,),
-              outs=("models/base",),
-              code=("sparsify/model.py", "sparsify/trainer.py", "sparsify/metrics.py", "tasks/base.py")),
+        Stage(name="base", run=base.run, params=("project.seed", "project.device", "base", "evaluate.val_blocks"),
+              deps=(CORPUS,), outs=("models/base",),
+              code=("sparsify/model.py", "sparsify/trainer.py", "sparsify/metrics.py", "tasks/base.py"),
+              resumable=True, trains=True),
     ]
     # Prune → sparse-pretrain, level by level, each level from the previous level's pretrained model.
     previous = "models/base"
     levels = [level_name(s) for s in cfg.pipeline.sparsities]
     for sparsity, lv in zip(cfg.pipeline.sparsities, levels, strict=True):
-        table.append(_prune(f"prune{lv}", sparsity, previous))
+        table.append(_prune(f"prune{lv}", sparsity, previous, "prune", {"level": lv, "source": previous}))
         name, output = f"pretrain{lv}", f"models/pretrain{lv}"
         table.append(Stage(
             name=name,
@@ -126,24 +145,29 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             deps=(f"models/prune{lv}", CORPUS, "models/base"),
             outs=(output,),
             code=TRAIN_CODE,
+            family="pretrain", item=(("level", lv),), resumable=True, trains=True,
         ))
         previous = output
 
     # Per task: the dense teacher, sparse fine-tunes with KD, and the baseline.
     for task in cfg.downstream.tasks:
         teacher = f"models/ft-dense-{task}"
-        table.append(_finetune(f"ft-dense-{task}", task, "models/base", None, "dense"))
+        table.append(_finetune(f"ft-dense-{task}", task, "models/base", None, "dense", "ft-dense", {"task": task}))
         for lv in levels:
-            table.append(_finetune(f"ft-sparse{lv}-{task}", task, f"models/pretrain{lv}", teacher, f"sparse{lv}"))
+            table.append(_finetune(f"ft-sparse{lv}-{task}", task, f"models/pretrain{lv}", teacher, f"sparse{lv}",
+                                   "ft-sparse", {"level": lv, "task": task}))
         if cfg.finetune.baseline:
             top, lv = cfg.pipeline.sparsities[-1], levels[-1]
             pruned = f"ftprune{lv}-{task}"
-            table.append(_prune(pruned, top, teacher))
+            table.append(_prune(pruned, top, teacher, "ftprune", {"task": task}))
             table.append(_finetune(f"ft-baseline{lv}-{task}", task, f"models/{pruned}", teacher,
-                                   f"sparse{lv}-baseline"))
+                                   f"sparse{lv}-baseline", "ft-baseline", {"task": task}))
 
     for name, scheme, source, variant in quantized_models(cfg):
         output = f"models/{name}"
+        family = "quant-ft" if source.startswith("ft-") else "quant"
+        varying = source.removeprefix(f"ft-sparse{levels[-1]}-") if source.startswith("ft-") else \
+            source.removeprefix("pretrain")
         table.append(Stage(
             name=name,
             run=partial(quantize.run, name=name, scheme=scheme, source=f"models/{source}", output=output,
@@ -152,6 +176,8 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             deps=(f"models/{source}", CORPUS),
             outs=(output,),
             code=QUANT_CODE,
+            family=family, item=(("scheme", scheme), ("task" if family == "quant-ft" else "level", varying)),
+            resumable=True,
         ))
 
     models = evaluated_models(cfg)
@@ -164,6 +190,9 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             deps=(f"models/{m.model}", TASK_DATA, *([reference] if reference else [])),
             outs=(f"reports/eval/{m.model}.json",),
             code=EVAL_CODE,
+            # Dense models have no reference, so one dependency fewer: a family of their own.
+            family="eval" if m.reference else "eval-dense",
+            item=(("model", m.model), ("reference", m.reference)) if m.reference else (("model", m.model),),
         ))
     sparsest = f"pretrain{levels[-1]}"
     table.append(Stage(
@@ -198,15 +227,116 @@ def get(cfg: Config, name: str) -> Stage:
     return by_name[name]
 
 
+def _dvc_entry(s: Stage) -> dict:
+    outs: list = list(s.outs)
+    if s.resumable:  # kept across `dvc repro` runs, so a killed stage resumes where it stopped
+        outs.append({s.resume_dir: {"persist": True, "cache": False}})
+    entry = {
+        "cmd": f"sparsellama stage {s.name}",
+        "deps": [*s.deps, *s.code],
+        "params": list(s.params),
+        "outs": outs,
+        "metrics": [{s.metrics_file: {"cache": False}}],
+    }
+    if s.trains:
+        entry["plots"] = [{s.plot_file: {"cache": False, "x": "step", "y": "loss"}}]
+    return entry
+
+
+def _substitute(node, replace):
+    """`node` (dvc.yaml data) with `replace` applied to every string, dict keys included."""
+    if isinstance(node, str):
+        return replace(node)
+    if isinstance(node, list):
+        return [_substitute(v, replace) for v in node]
+    if isinstance(node, dict):
+        return {_substitute(k, replace): _substitute(v, replace) for k, v in node.items()}
+    return node
+
+
+def _template(members: list[Stage]) -> dict | None:
+    """The entry of `members[0]` with its item values replaced by `${item.<var>}`, if rendering
+    that template for every member gives exactly that member's entry; otherwise None."""
+    first = dict(members[0].item)
+    order = sorted(first, key=lambda var: -len(first[var]))  # longest first: "pretrain50" before "50"
+
+    def templated(text: str) -> str:
+        for var in order:
+            if first[var]:
+                text = text.replace(first[var], f"\0{var}\0")  # placeholders cannot collide with values
+        return "".join(f"${{item.{p}}}" if i % 2 else p for i, p in enumerate(text.split("\0")))
+
+    template = _substitute(_dvc_entry(members[0]), templated)
+    for m in members:
+        values = dict(m.item)
+        rendered = _substitute(template, lambda t, v=values: _render(t, v))
+        if rendered != _dvc_entry(m):
+            return None
+    return template
+
+
+def _render(text: str, values: dict[str, str]) -> str:
+    for var, value in values.items():
+        text = text.replace(f"${{item.{var}}}", value)
+    return text
+
+
+def _family_entry(family: str, members: list[Stage]) -> tuple[dict, dict[str, str]] | None:
+    """One dvc.yaml entry for a family (`matrix` when its items are a full cross product of
+    each variable's values, `foreach` over a dict otherwise) and the DVC names of its members."""
+    template = _template(members)
+    if template is None:
+        return None
+    variables = [var for var, _ in members[0].item]
+    values = {var: list(dict.fromkeys(dict(m.item)[var] for m in members)) for var in variables}
+    grid = [tuple(combo) for combo in itertools.product(*values.values())]
+    if sorted(grid) == sorted(tuple(dict(m.item)[v] for v in variables) for m in members):
+        names = {m.name: f"{family}@" + "-".join(dict(m.item)[v] for v in variables) for m in members}
+        return {"matrix": values, **template}, names
+    key_var = variables[0]  # foreach over a dict keyed by the first variable (unique in the family)
+    keys = [dict(m.item)[key_var] for m in members]
+    if len(set(keys)) != len(keys):
+        return None
+    foreach = {k: dict(m.item) for k, m in zip(keys, members, strict=True)}
+    return {"foreach": foreach, "do": template}, {m.name: f"{family}@{k}" for k, m in zip(keys, members, strict=True)}
+
+
+def dvc_layout(cfg: Config) -> tuple[dict, dict[str, str]]:
+    """dvc.yaml as data, and the DVC name of every table stage (`prune@70`, `ft-sparse@70-docsum`).
+
+    A family's stages become one `foreach`/`matrix` entry; a family whose stages don't fit
+    one template is written stage by stage instead, so the file always expands to the table.
+    """
+    table = stages(cfg)
+    groups: dict[str, list[Stage]] = {}
+    for s in table:
+        groups.setdefault(s.family or s.name, []).append(s)
+    clash = {s.name for s in table if not s.family} & {s.family for s in table if s.family}
+    if clash:
+        raise ValueError(f"stage names {sorted(clash)} are also family names")
+    entries: dict = {}
+    names: dict[str, str] = {}
+    for key, members in groups.items():
+        family = _family_entry(key, members) if members[0].family else None
+        if family is not None:
+            entries[key], member_names = family
+            names.update(member_names)
+            continue
+        for m in members:
+            entries[m.name] = _dvc_entry(m)
+            names[m.name] = m.name
+    trained = [s.plot_file for s in table if s.trains]
+    plots = [{"training loss": {"x": "step", "y": {f: "loss" for f in trained}, "title": "training loss",
+                                "x_label": "optimizer step", "y_label": "loss"}},
+             {"reports/run/plots/perplexity.json": {"x": "ppl", "y": "model", "template": "bar_horizontal",
+                                                    "title": "validation perplexity"}},
+             {"reports/run/plots/recovery.json": {"x": "recovery", "y": "model", "template": "bar_horizontal",
+                                                  "title": "fine-tuned recovery (metric / dense teacher)"}},
+             {"reports/run/plots/speedup.json": {"x": "speedup_vs_fp32", "y": "variant",
+                                                 "template": "bar_horizontal",
+                                                 "title": "11008x4096 batch-1 speedup vs dense fp32"}}]
+    return {"stages": entries, "plots": plots}, names
+
+
 def dvc_yaml(cfg: Config) -> dict:
-    """dvc.yaml as data, one entry per stage, each calling the CLI."""
-    entries = {}
-    for s in stages(cfg):
-        entries[s.name] = {
-            "cmd": f"sparsellama stage {s.name}",
-            "deps": [*s.deps, *s.code],
-            "params": list(s.params),
-            "outs": list(s.outs),
-            "metrics": [{s.metrics_file: {"cache": False}}],
-        }
-    return {"stages": entries}
+    return dvc_layout(cfg)[0]

@@ -14,7 +14,6 @@ Training checkpoints go to `<root>/.resume/<stage>`, so an interrupted stage res
 from __future__ import annotations
 
 import logging
-import shutil
 
 from sparsify.config import Config, TrainConfig
 from sparsify.data import Corpus
@@ -25,7 +24,7 @@ from sparsify.masks import check_masks, save_masks, sparsity_report
 from sparsify.model import pick_device, save_checkpoint
 from sparsify.sft import SFTDataset
 from sparsify.trainer import PackedBlocks, TrainResult, train
-from tasks.common import Layout, StageResult, provenance, val_perplexity
+from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexity
 from tasks.prune import MASKS, input_masks
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ def _train_and_save(cfg: Config, *, name: str, source: str, output: str, teacher
         if teacher is None:
             raise ValueError(f"{name}: KD weights are set (kd_kl/kd_squarehead) but this stage has no teacher")
         teacher_model, _ = load_for_eval(cfg.root / teacher)
-    resume = cfg.root / ".resume" / name
+    resume = resume_dir(cfg, name)
     result: TrainResult = train(model, train_data, val_data, train_cfg, seed=cfg.project.seed, masks=masks,
                                 teacher=teacher_model, device=device, checkpoint_dir=resume)
     model.cpu()
@@ -59,12 +58,13 @@ def _train_and_save(cfg: Config, *, name: str, source: str, output: str, teacher
         if masks is not None:
             save_masks(masks, tmp / MASKS)
         atomic_write_json(tmp / "train_history.json", {"history": result.history, "evals": result.evals})
-    shutil.rmtree(resume, ignore_errors=True)
+    release_resume(resume)  # the checkpoint is written; the resume state is spent
     metrics = {
         "sparsity/global": report["global"],
         "train/final_loss": result.final_train_loss,
         "train/tokens_per_s": result.tokens_per_s,
         "time/train_s": result.seconds,
+        "train/resumed_from_step": result.start_step,  # > 0 when an interrupted run continued
     }
     if result.val_loss is not None:
         metrics["train/val_loss"] = result.val_loss

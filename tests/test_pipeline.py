@@ -15,7 +15,7 @@ import yaml
 from flows.cli import main, render_dvc_yaml
 from sparsify.config import load_raw, resolve_raw
 from sparsify.config import load_config
-from tasks.stages import dvc_yaml, stages
+from tasks.stages import dvc_layout, stages
 from tests.conftest import PARAMS, REPO
 
 
@@ -31,14 +31,52 @@ def prefect_server():
 STAGES = stages(load_config(PARAMS))
 
 
-def test_committed_dvc_yaml_matches_the_stage_table():
+def _expanded_by_dvc(root: Path) -> dict[str, dict]:
+    """dvc.yaml as DVC itself expands it (foreach/matrix resolved), keyed by the table stage each
+    entry runs: its DVC name, deps, params and outs."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    repo = Repo.init(str(root), no_scm=True)
+    out = {}
+    for st in repo.index.stages:
+        name = st.cmd.removeprefix("sparsellama stage ")
+        assert name not in out, f"two dvc.yaml entries run {name}"
+        out[name] = {
+            "dvc_name": st.name,
+            "deps": [str(d.def_path) for d in st.deps if not isinstance(d, ParamsDependency)],
+            "params": [p for d in st.deps if isinstance(d, ParamsDependency) for p in d.params],
+            "outs": sorted((str(o.def_path), o.persist, o.use_cache, bool(o.metric), bool(o.plot)) for o in st.outs),
+        }
+    return out
+
+
+def test_committed_dvc_yaml_matches_the_stage_table(tmp_path):
     assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(PARAMS)
+    for f in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / f, tmp_path / f)
+    expanded = _expanded_by_dvc(tmp_path)
+    _, dvc_names = dvc_layout(load_config(PARAMS))
+    assert sorted(expanded) == sorted(s.name for s in STAGES)  # every table stage, once
+    for s in STAGES:
+        e = expanded[s.name]
+        assert e["dvc_name"] == dvc_names[s.name]
+        assert e["deps"] == [*s.deps, *s.code] and e["params"] == list(s.params)
+        assert e["outs"] == sorted([(o, False, True, False, False) for o in s.outs]
+                                   + [(s.metrics_file, False, False, True, False)]
+                                   + ([(s.resume_dir, True, False, False, False)] if s.resumable else [])
+                                   + ([(s.plot_file, False, False, False, True)] if s.trains else [])), s.name
+    # The families are written as foreach/matrix entries, not stage by stage.
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(declared) == [s.name for s in STAGES]
+    assert {"prune", "pretrain", "ft-dense", "ft-sparse", "ftprune", "ft-baseline", "quant", "quant-ft",
+            "eval", "eval-dense"} <= set(declared)
+    assert declared["ft-sparse"]["matrix"] == {"level": ["50", "70"], "task": ["arithmetic", "docsum"]}
+    assert dvc_names["prune70"] == "prune@70" and dvc_names["ft-sparse70-docsum"] == "ft-sparse@70-docsum"
+    assert {"base", "pretrain70", "ft-sparse70-docsum"} <= {s.name for s in STAGES if s.trains}
+
     for stage in STAGES:  # each dependency on another stage's output names an earlier stage
         earlier = {o for s in STAGES[: STAGES.index(stage)] for o in s.outs}
         assert set(stage.deps) <= earlier, stage.name
-    assert dvc_yaml(load_config(PARAMS))["stages"] == declared
     names = [s.name for s in STAGES]
     assert names[:7] == ["data", "taskdata", "base", "prune50", "pretrain50", "prune70", "pretrain70"]
     for task in ("arithmetic", "docsum"):  # the paper's per-task branch, for each default task
@@ -48,6 +86,27 @@ def test_committed_dvc_yaml_matches_the_stage_table():
     by_name = {s.name: s for s in STAGES}
     assert by_name["prune70"].deps[0] == "models/pretrain50"  # 70% starts from the 50% sparse-pretrained model
     assert "models/ft-dense-arithmetic" in by_name["ft-sparse70-arithmetic"].deps  # the KD teacher
+
+
+def test_a_family_that_fits_no_template_is_written_stage_by_stage(tmp_path, monkeypatch):
+    """An item value that also occurs in unrelated text ("a" in "data/corpus") defeats the
+    substitution: that family is written stage by stage, and the file still expands to the table."""
+    import tasks.stages as st
+
+    def member(lv: str) -> st.Stage:
+        return st.Stage(name=f"p{lv}", run=lambda cfg: None, params=("prune",), deps=("data/corpus",),
+                        outs=(f"models/p{lv}",), code=(), family="p", item=(("level", lv),))
+
+    table = (member("a"), member("b"), member("c"))
+    assert st._family_entry("p", list(table)) is None
+    monkeypatch.setattr(st, "stages", lambda cfg: table)
+    doc, names = st.dvc_layout(load_config(PARAMS))
+    assert list(doc["stages"]) == ["pa", "pb", "pc"] and names == {"pa": "pa", "pb": "pb", "pc": "pc"}
+    assert doc["stages"]["pb"]["deps"] == ["data/corpus"]
+    table = (member("1"), member("2"))
+    monkeypatch.setattr(st, "stages", lambda cfg: table)
+    doc, names = st.dvc_layout(load_config(PARAMS))
+    assert doc["stages"]["p"]["matrix"] == {"level": ["1", "2"]} and names == {"p1": "p@1", "p2": "p@2"}
 
 
 @pytest.mark.slow
@@ -141,8 +200,11 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
         subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
 
     first = _dvc(repo, "repro")
-    names = [s.name for s in stages(load_config(repo / "params.yaml"))]
+    cfg = load_config(repo / "params.yaml")
+    dvc_name = dvc_layout(cfg)[1]
+    names = [dvc_name[s.name] for s in stages(cfg)]
     assert all(f"Running stage '{n}'" in first for n in names)
+    assert json.loads((repo / ".resume" / "base" / "COMPLETE.json").read_text()) == {"complete": True}
     assert "Running stage" not in _dvc(repo, "repro")  # nothing changed: a no-op
 
     # One quantization parameter: only the quantized model, its evaluation and the report rerun.
@@ -151,7 +213,89 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _dvc(repo, "repro")
     rerun = sorted(n for n in names if f"Running stage '{n}'" in third)
-    assert rerun == ["eval-quant-w8a8-pretrain50", "quant-w8a8-pretrain50", "report"], rerun
+    assert rerun == ["eval@quant-w8a8-pretrain50", "quant@w8a8-50", "report"], rerun
     shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
     base_metrics = shown[""]["data"]["metrics/base.json"]["data"]
     assert base_metrics["ppl"]["val"] < base_metrics["ppl"]["val_init"]
+    plots = json.loads(_dvc(repo, "plots", "show", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    loss = plots["data"]["training loss"][0]["content"]["data"]["values"]  # the Vega spec's data, every stage
+    assert {row["filename"] for row in loss} == {f"{s.name}.json" for s in stages(cfg) if s.trains}
+    assert plots["data"]["reports/run/plots/perplexity.json"][0]["content"]["data"]["values"][0]["model"] == "dense"
+
+
+SMALL = ["pipeline.sparsities=[0.5]", "downstream.tasks=[arithmetic]", "quantize.schemes=[w8a8]",
+         "quantize.finetuned=false", "finetune.baseline=false"]
+
+
+@pytest.mark.slow
+def test_killed_flow_resumes_then_sweep_and_benchmark_flows(tmp_path, prefect_server):
+    """A flow killed (SIGKILL) mid-training continues where it stopped: finished stages are skipped,
+    the interrupted one resumes from its checkpoint. Then the smaller flows on the same root."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import benchmark, prune_sweep, sparse_llama
+
+    root = tmp_path / "run"
+    overrides = [f"project.root={root}", *SMALL, "base.train.steps=400"]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(PARAMS), "--profile", "smoke",
+           *(a for o in overrides for a in ("--set", o))]
+    child = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    state = root / ".resume" / "base" / "trainer_state.json"
+    deadline = time.monotonic() + 600
+    while not state.is_file():  # the base model's first checkpoint (step 20 of 400)
+        assert child.poll() is None, "the flow ended before the base model wrote a checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    step = json.loads(state.read_text())["step"]
+    assert 0 < step < 400 and not (root / "models" / "base").exists()
+
+    sparse_llama(profile="smoke", overrides=overrides, config_path=str(PARAMS))
+    resumed = json.loads((root / "metrics" / "base.json").read_text())["train"]["resumed_from_step"]
+    assert resumed >= step  # continued from the killed run's last checkpoint, not from step 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sparsellama")
+    parents = client.search_runs([exp.experiment_id], "tags.pipeline = 'sparse-llama'",
+                                 order_by=["attributes.start_time DESC"])
+    assert [p.info.status for p in parents] == ["FINISHED", "RUNNING"]  # the killed run never ended
+    children = {r.data.tags["stage"]: r.data.tags["skipped"] for r in client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")}
+    assert children["data"] == "true" and children["base"] == "false" and len(children) == len(
+        stages(smoke_config_of(root)))
+    assert json.loads((root / ".resume" / "base" / "COMPLETE.json").read_text()) == {"complete": True}
+
+    # The pruning sweep reuses data and base, prunes each point and summarizes them.
+    prune_sweep(methods=["magnitude", "sparsegpt"], sparsities=[0.7], structures=["unstructured", "2:4"],
+                profile="smoke", overrides=overrides, config_path=str(PARAMS))
+    sweep = json.loads((root / "reports" / "sweep" / "prune_sweep.json").read_text())
+    assert [(r["method"], r["pattern"]) for r in sweep["rows"]] == [
+        ("magnitude", "70"), ("sparsegpt", "70"), ("magnitude", "2of4"), ("sparsegpt", "2of4")]
+    assert [round(r["sparsity"], 3) for r in sweep["rows"]] == [0.7, 0.7, 0.5, 0.5]
+    assert all(r["ppl"] > sweep["dense_ppl"] * 0.9 for r in sweep["rows"])
+    sweep_run = client.search_runs([exp.experiment_id], "tags.pipeline = 'prune-sweep'")[0]
+    swept = {r.data.tags["stage"]: r for r in client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{sweep_run.info.run_id}'")}
+    assert swept["base"].data.tags["skipped"] == "true"
+    assert swept["sweep-sparsegpt-70"].data.tags["variant"] == "sparsegpt-70"
+    assert swept["sweep-sparsegpt-70"].data.metrics["ppl/val"] == sweep["rows"][1]["ppl"]
+
+    # The benchmark flow measures again even though its stage is up to date; nothing else reruns.
+    before = json.loads((root / "reports" / "benchmark" / "sparse_kernels.json").read_text())
+    benchmark(profile="smoke", overrides=overrides, config_path=str(PARAMS))
+    bench_run = client.search_runs([exp.experiment_id], "tags.pipeline = 'benchmark'")[0]
+    ran = {r.data.tags["stage"]: r.data.tags["skipped"] for r in client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{bench_run.info.run_id}'")}
+    assert ran.pop("benchmark") == "false" and set(ran.values()) == {"true"}
+    assert json.loads((root / "reports" / "benchmark" / "sparse_kernels.json").read_text()) != before
+
+
+def smoke_config_of(root: Path):
+    return load_config(PARAMS, profile="smoke", overrides=[f"project.root={root}", *SMALL, "base.train.steps=400"])

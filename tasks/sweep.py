@@ -1,0 +1,119 @@
+"""The pruning sweep: methods × sparsity patterns on the dense base model.
+
+Each point prunes a fresh copy of `models/base` with the pipeline's calibration set and
+scores it on the same validation blocks as every stage's `ppl/val`. Points are stages
+(`sweep-<method>-<pattern>`) built like the pipeline's, so they get the same fingerprint
+skip, metrics file and nested MLflow run; the `prune-sweep` flow runs them after `data`
+and `base`, and `sweep-report` gathers them into `reports/sweep/prune_sweep.{json,md}`.
+The masks are not kept: the sweep compares methods, the pipeline's prune stages make models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+from sparsify.config import Config
+from sparsify.data import Corpus
+from sparsify.io import atomic_write_json, atomic_write_text
+from sparsify.layerwise import prune_model
+from sparsify.masks import sparsity_report
+from sparsify.model import load_model, pick_device
+from sparsify.pruning import PruneConfig
+from tasks.common import Layout, StageResult, val_perplexity
+from tasks.stages import CORPUS, PRUNE_CODE, Stage
+
+log = logging.getLogger(__name__)
+
+OUT = "reports/sweep"
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    sparsity: float
+    structure: str = "unstructured"
+
+    @property
+    def pattern(self) -> str:
+        return f"{round(self.sparsity * 100)}" if self.structure == "unstructured" else self.structure.replace(":", "of")
+
+    @property
+    def name(self) -> str:
+        return f"sweep-{self.method}-{self.pattern}"
+
+
+def points(methods: list[str], sparsities: list[float], structures: list[str]) -> list[Point]:
+    """Every method at every unstructured sparsity, plus every N:M structure (its sparsity is 1 - N/M)."""
+    out = []
+    for structure in structures:
+        if structure == "unstructured":
+            out += [Point(m, s) for s in sparsities for m in methods]
+        else:
+            n, _, m_ = structure.partition(":")
+            if not (n.isdigit() and m_.isdigit() and int(m_) > 0):
+                raise ValueError(f"pruning sweep structure {structure!r}: expected 'unstructured' or N:M, e.g. 2:4")
+            out += [Point(m, 1 - int(n) / int(m_), structure) for m in methods]
+    return out
+
+
+def point_config(cfg: Config, point: Point) -> PruneConfig:
+    """The `prune` section with the point's method and pattern (a clear error for a bad one)."""
+    try:
+        return PruneConfig.model_validate({**cfg.prune.model_dump(), "method": point.method,
+                                           "sparsity": point.sparsity, "structure": point.structure})
+    except ValueError as err:
+        raise ValueError(f"pruning sweep point {point.name}: {err}") from None
+
+
+def prune_point(cfg: Config, *, point: Point) -> StageResult:
+    layout = Layout.of(cfg)
+    pcfg = point_config(cfg, point)
+    corpus = Corpus.open(layout.corpus)
+    model = load_model(layout.model("base"))
+    device = pick_device(cfg.project.device)
+    result = prune_model(model, corpus.calibration(), pcfg, device=device, progress=False)
+    ppl = val_perplexity(cfg, model, corpus, device)
+    row = {"method": point.method, "pattern": point.pattern, "structure": point.structure,
+           "sparsity": sparsity_report(model.cpu(), result.masks)["global"], "ppl": ppl,
+           "seconds": result.total_seconds}
+    atomic_write_json(cfg.root / OUT / f"{point.name}.json", row)
+    log.info("%s: ppl %.2f at sparsity %.3f in %.1f s", point.name, ppl, row["sparsity"], row["seconds"])
+    return StageResult(metrics={"ppl/val": ppl, "sparsity/global": row["sparsity"], "time/prune_s": row["seconds"]},
+                       outputs=[cfg.root / OUT / f"{point.name}.json"], variant=f"{point.method}-{point.pattern}")
+
+
+def report(cfg: Config, *, pts: list[Point]) -> StageResult:
+    layout = Layout.of(cfg)
+    dense = json.loads(layout.metrics("base").read_text())["ppl"]["val"]
+    rows = [json.loads((cfg.root / OUT / f"{p.name}.json").read_text()) for p in pts]
+    for r in rows:
+        r["ppl_change"] = r["ppl"] / dense - 1
+    atomic_write_json(cfg.root / OUT / "prune_sweep.json", {"dense_ppl": dense, "rows": rows})
+    atomic_write_text(cfg.root / OUT / "prune_sweep.md", markdown(dense, rows))
+    metrics = {f"sweep/{r['method']}-{r['pattern']}/ppl": r["ppl"] for r in rows}
+    return StageResult(metrics=metrics, outputs=[cfg.root / OUT / "prune_sweep.md"], variant="sweep",
+                       artifacts=[cfg.root / OUT / "prune_sweep.json", cfg.root / OUT / "prune_sweep.md"])
+
+
+def markdown(dense: float, rows: list[dict]) -> str:
+    lines = [f"Dense base: val ppl {dense:.2f}.", "", "| method | pattern | sparsity | val ppl | vs dense | time (s) |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['method']} | {r['pattern']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | {r['ppl_change']:+.2%} | "
+              f"{r['seconds']:.1f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_stages(pts: list[Point]) -> tuple[Stage, ...]:
+    """The sweep's stages: one per point (after `base`), then the summary."""
+    if not pts:
+        raise ValueError("the pruning sweep has no points: give at least one method and one sparsity or structure")
+    table = [Stage(name=p.name, run=partial(prune_point, point=p), params=("project.device", "prune",
+                                                                         "evaluate.val_blocks"),
+                   deps=("models/base", CORPUS), outs=(f"{OUT}/{p.name}.json",), code=PRUNE_CODE + ("tasks/sweep.py",))
+             for p in pts]
+    table.append(Stage(name="sweep-report", run=partial(report, pts=pts), params=(),
+                       deps=tuple(s.outs[0] for s in table), outs=(f"{OUT}/prune_sweep.md",), code=("tasks/sweep.py",)))
+    return tuple(table)

@@ -22,6 +22,9 @@ single-token decode steps with a KV cache, interleaved across variants.
     python benchmarks/sparse_kernels.py OUT_DIR [--quick] [--threads 2] [--checkpoint DIR]
     (the `benchmark` pipeline stage calls `run` below)
 
+With CUDA, the same run adds the GPU layer benchmark (:mod:`sparsify.bench_gpu`: 2:4
+semi-structured sparsity, torch's INT8 and INT4 GPU paths) under ``gpu``.
+
 ``--quick``: only the 11008x4096 batch-1 layer benchmark (a few seconds; the smoke profile's).
 Writes ``OUT_DIR/sparse_kernels.json`` and ``OUT_DIR/sparse_kernels.png``. Run it alone: two torch
 jobs on the same cores slow each other by up to 10x.
@@ -50,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsify.bench_gpu import GPU_BATCHES, GPU_SHAPES, flat_gpu_metrics, run_gpu_layer_benchmark
 from sparsify.kernels import PackedWeight, kernel_isa, load_extension, pack, sparse_linear
 from sparsify.masks import prunable_linear_names
 from sparsify.runtime import sparsify_model
@@ -63,7 +67,8 @@ LAYER_VARIANTS = (
     "sparse50_bf16", "sparse70_bf16", "sparse70_int8", "sparse70_w8a16",
 )
 BASELINES = {"fp32": "dense_fp32", "bf16": "dense_bf16", "int8": "torch_int8", "int4": "torch_int4"}
-DECODE_VARIANTS = ("dense_fp32", "dense_bf16", "sparse70_bf16", "sparse70_int8")
+# sparse70_int8: the decoder layers sparse INT8, lm_head dense bf16; sparse70_int8_head: lm_head INT8 too.
+DECODE_VARIANTS = ("dense_fp32", "dense_bf16", "sparse70_bf16", "sparse70_int8", "sparse70_int8_head")
 INT4_GROUP = 128
 # Each timed call reads a different copy of the weight, cycling through copies that together
 # exceed 4x this machine's 32 MB L3: every call streams its weight from DRAM, as in real decode
@@ -382,7 +387,7 @@ def _decode_models(base: nn.Module, variants: Sequence[str], min_sparsity: float
         m = copy.deepcopy(base).to(torch.bfloat16)
         replaced = {}
         if name.startswith("sparse"):
-            replaced = sparsify_model(m, min_sparsity=min_sparsity, int8=name.endswith("int8"))
+            replaced = sparsify_model(m, min_sparsity=min_sparsity, int8="int8" in name, lm_head=name.endswith("_head"))
         elif name != "dense_bf16":
             raise ValueError(f"unknown decode variant {name!r}; known: {DECODE_VARIANTS}")
         models[name] = (m, replaced)
@@ -567,9 +572,12 @@ def run(*, quick: bool, variants: Sequence[str] | None = None, batches: Sequence
         result["projected_7b_decoder_linears"] = project_decoder_linears(result["layers"]["rows"])
         if decode:
             result["decode"] = run_decode_benchmark(checkpoint, layers=decode_layers)
+    gpu = run_gpu_layer_benchmark([(11008, 4096)] if quick else GPU_SHAPES, (1,) if quick else GPU_BATCHES)
+    if gpu is not None:  # only with CUDA: 2:4 semi-structured and torch's int8/int4 GPU paths
+        result["gpu"] = gpu
     result["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
     result["seconds"] = time.perf_counter() - t0
-    result["metrics"] = flat_metrics(result)
+    result["metrics"] = flat_metrics(result) | flat_gpu_metrics(gpu)
     return result
 
 

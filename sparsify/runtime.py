@@ -2,8 +2,11 @@
 
 ``sparsify_model(model)`` swaps every decoder-layer ``nn.Linear`` whose weight is sparse enough
 for a :class:`SparseLinear` holding the compressed weight (:mod:`sparsify.kernels.format`), so
-``model(...)`` and ``model.generate(...)`` run on the kernels. Embeddings and ``lm_head`` are
-never touched (they live outside the decoder layers and the paper keeps them dense).
+``model(...)`` and ``model.generate(...)`` run on the kernels. Embeddings stay as they are;
+``lm_head`` stays dense and unquantized (the paper prunes neither) unless ``lm_head=True`` with
+INT8, which stores it as dense per-channel INT8 on the same kernel: at batch 1 it is the
+largest single matrix (32000x4096 in Llama-2-7B), so on a 2-layer benchmark model it dominates
+the decode time once the decoder layers are sparse.
 
 INT8 (``int8=True`` or ``"w8a8"``): per-output-channel symmetric weight codes, activations
 quantized per token at run time and multiplied with VNNI (the fastest kernel: 1 byte per kept
@@ -128,18 +131,23 @@ def sparsify_model(
     dtype: torch.dtype = torch.bfloat16,
     int8: bool | str = False,
     ignore: Sequence[str] = (),
+    lm_head: bool = False,
 ) -> dict[str, float]:
     """Replace, in place, the decoder-layer Linears with weight sparsity ≥ ``min_sparsity`` by SparseLinear.
 
     ``dtype`` (bfloat16 or float32) stores the values of float layers; ``int8`` (True / "w8a8" /
     "w8a16") stores INT8 codes instead. ``ignore``: module-name patterns to leave dense
-    (:func:`sparsify.masks.matches_any`). Returns ``{module name: sparsity}`` of the replaced layers.
+    (:func:`sparsify.masks.matches_any`). ``lm_head`` (INT8 only): also store the output
+    projection as INT8 (dense, per-channel scales). Returns ``{module name: sparsity}`` of the
+    replaced layers.
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
     mode = _int8_mode(int8)
+    if lm_head and mode is None:
+        raise ValueError("lm_head=True needs int8: a dense float lm_head gains nothing from the sparse kernels")
     prefix, _ = find_decoder_layers(model)
     replaced: dict[str, float] = {}
     for name, module in list(model.named_modules()):
@@ -159,5 +167,20 @@ def sparsify_model(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, sparse)
         replaced[name] = sparsity
+    if lm_head:
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"lm_head=True: the output embeddings are a {type(head).__name__}, not an nn.Linear")
+        if head.weight.device.type != "cpu":
+            raise ValueError(f"lm_head: sparse kernels run on the CPU; the weight is on {head.weight.device}")
+        weight, name = head.weight.detach(), _module_name(model, head)
+        # A tied lm_head shares its weight with the input embeddings, which keep the float copy.
+        model.set_output_embeddings(SparseLinear.from_linear(head, mask=torch.ones_like(weight, dtype=torch.bool),
+                                                             int8=mode))
+        replaced[name] = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
     logger.info("sparsify_model: %d Linear layers on the sparse kernels (%s)", len(replaced), kernel_isa())
     return replaced
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)

@@ -76,11 +76,14 @@ class FakeQuantInput:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
-def test_int8_model_matches_its_quantized_reference(mode):
+@pytest.mark.parametrize("mode,lm_head", [("w8a8", False), ("w8a16", False), ("w8a8", True)])
+def test_int8_model_matches_its_quantized_reference(mode, lm_head):
     dense = tiny_llama()
     sparse = copy.deepcopy(dense)
-    sparsify_model(sparse, int8=mode, min_sparsity=0.5)
+    replaced = sparsify_model(sparse, int8=mode, min_sparsity=0.5, lm_head=lm_head)
+    assert isinstance(sparse.lm_head, SparseLinear) == lm_head and ("lm_head" in replaced) == lm_head
+    if lm_head:  # dense INT8: every weight kept
+        assert sparse.lm_head.packed.sparsity == 0.0 and replaced["lm_head"] == 0.0
     # Reference: the fp32 model with each replaced Linear's dequantized INT8 weight (+ fake-quant input).
     ref = copy.deepcopy(dense)
     for name, module in sparse.named_modules():
@@ -139,6 +142,8 @@ def test_what_is_replaced():
         sparsify_model(model, dtype=torch.float16)
     with pytest.raises(ValueError, match="int8"):
         sparsify_model(model, int8="w4a8")
+    with pytest.raises(ValueError, match="lm_head=True needs int8"):
+        sparsify_model(model, lm_head=True)
 
 
 def test_sparse_linear_module():

@@ -128,13 +128,36 @@ def _execute_limited(stage: Stage, cfg: Config, parent_run_id: str | None, limit
         return execute(stage, cfg, parent_run_id, force=force, table=table)
 
 
+def is_transient(exc: BaseException | None) -> bool:
+    """Failures worth retrying: a tracking server or network connection hiccuped, or the sqlite
+    store was busy. Bad input, a bug or a diverged run fail the same way again: no retry."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return exc is not None and "database is locked" in str(exc)
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001  (an unreadable result is not a reason to retry)
+            return False
+    retry = is_transient(exc if isinstance(exc, BaseException) else None)
+    if retry:
+        log.warning("%s failed with a transient error (%r): retrying", task_run.name, exc)
+    return retry
+
+
 def prefect_task():
     """The Prefect task around `execute` (built on demand: `sparsellama stage` need not import Prefect).
 
     Inputs (a Config) are not hashed for caching: whether a stage must run is decided by
-    the stage fingerprints, not by Prefect's cache.
+    the stage fingerprints, not by Prefect's cache. Retries only for transient failures
+    (`is_transient`); a retried stage continues from its resume state.
     """
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    return task(_execute_limited, name="stage", cache_policy=NO_CACHE, log_prints=False)
+    return task(_execute_limited, name="stage", cache_policy=NO_CACHE, log_prints=False,
+                retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_if_transient)

@@ -299,3 +299,19 @@ def test_killed_flow_resumes_then_sweep_and_benchmark_flows(tmp_path, prefect_se
 
 def smoke_config_of(root: Path):
     return load_config(PARAMS, profile="smoke", overrides=[f"project.root={root}", *SMALL, "base.train.steps=400"])
+
+
+def test_only_transient_failures_are_retried():
+    from types import SimpleNamespace
+
+    from prefect.states import Failed
+
+    from tasks.runner import _retry_if_transient, is_transient
+
+    run = SimpleNamespace(name="base-1")
+    assert _retry_if_transient(None, run, Failed(data=ConnectionError("tracking server reset")))
+    assert _retry_if_transient(None, run, Failed(data=TimeoutError()))
+    assert _retry_if_transient(None, run, Failed(data=RuntimeError("(sqlite3.OperationalError) database is locked")))
+    assert not _retry_if_transient(None, run, Failed(data=ValueError("masks do not match the checkpoint")))
+    assert not _retry_if_transient(None, run, Failed(data=FileNotFoundError("models/base")))
+    assert not is_transient(None)

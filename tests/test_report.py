@@ -62,3 +62,35 @@ def test_html_escapes_text(tmp_path):
 def test_invalid_curve(tmp_path, point, message):
     with pytest.raises(ValueError, match=message):
         write_report(ReportData(ppl_curve=[point]), tmp_path)
+
+
+def test_recovery_table_from_stage_metrics(tmp_path):
+    """The pipeline's recovery table: perplexity through the schedule from the stage metrics files,
+    per task metric ÷ dense teacher, and the fine-tunes' held-out task loss."""
+    from sparsify.config import load_config
+    from tasks.common import Layout, write_metrics
+    from tasks.report import dvc_plots, recovery_markdown, recovery_table
+    from tests.conftest import PARAMS
+
+    cfg = load_config(PARAMS, overrides=[f"project.root={tmp_path}", "downstream.tasks=[docsum]"])
+    layout = Layout.of(cfg)
+    for stage, ppl in {"base": 100.0, "prune50": 104.0, "pretrain50": 101.0, "prune70": 130.0,
+                       "pretrain70": 110.0}.items():
+        write_metrics(layout.metrics(stage), {"ppl/val": ppl})
+    for stage, loss in {"ft-dense-docsum": 2.0, "ft-sparse50-docsum": 2.05, "ft-sparse70-docsum": 2.2,
+                        "ft-baseline70-docsum": 2.4}.items():
+        write_metrics(layout.metrics(stage), {"train/val_loss": loss})
+    evals = {"dense": {"docsum": {"rouge1": 0.40}}, "sparse50": {"docsum": {"rouge1": 0.40}},
+             "sparse70": {"docsum": {"rouge1": 0.38}}, "sparse70-baseline": {"docsum": {"rouge1": 0.30}}}
+    table = recovery_table(cfg, layout, {"50": 0.5, "70": 0.7}, evals)
+    assert [(r["stage"], r["ppl_val"]) for r in table["perplexity"]] == [
+        ("base", 100.0), ("prune50", 104.0), ("pretrain50", 101.0), ("prune70", 130.0), ("pretrain70", 110.0)]
+    row = table["tasks"]["docsum"]
+    assert row["recovery"] == pytest.approx({"sparse50": 1.0, "sparse70": 0.95, "sparse70-baseline": 0.75})
+    assert row["val_loss"] == {"dense": 2.0, "sparse50": 2.05, "sparse70": 2.2, "sparse70-baseline": 2.4}
+    md = recovery_markdown(table)
+    assert "| docsum | rouge1 | 0.4 | 0.4 (100.0%) | 0.38 (95.0%) | 0.3 (75.0%) |" in md
+    assert "| docsum | val loss (lower is better) | 2 | 2.05 | 2.2 | 2.4 |" in md
+    plots = dvc_plots(table, {"models": []}, {"sparse70_bf16": 9.0})
+    assert plots["recovery"][-1] == {"model": "docsum sparse70-baseline", "recovery": pytest.approx(0.75)}
+    assert plots["speedup"] == [{"variant": "sparse70_bf16", "speedup_vs_fp32": 9.0}]

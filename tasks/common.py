@@ -55,6 +55,25 @@ def resume_dir(cfg: Config, stage: str) -> Path:
     return cfg.root / ".resume" / stage
 
 
+def claim_resume(path: Path, fingerprint: str) -> bool:
+    """Make `path` hold resume state for this fingerprint only; True if earlier state was discarded.
+
+    State left by an interrupted attempt with the same fingerprint is kept (the stage continues
+    from it); state of a different configuration or input (an interrupted run whose params were
+    changed since) is discarded, since it can never be resumed.
+    """
+    marker = path / "FINGERPRINT.json"
+    discarded = False
+    if path.exists():
+        recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+        if recorded != fingerprint:
+            discarded = any(p.name != "COMPLETE.json" for p in path.iterdir())
+            shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"fingerprint": fingerprint})
+    return discarded
+
+
 def release_resume(path: Path) -> None:
     """The stage's outputs are written: drop its resume state, keeping the folder marked complete
     (dvc.yaml declares it a persistent output, which must exist after the stage ran)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sparsify.config import Config
 from sparsify.io import atomic_write_json
-from tasks.common import Layout, StageResult, git_commit, read_metrics, write_metrics
+from tasks.common import Layout, StageResult, claim_resume, git_commit, read_metrics, write_metrics
 from tasks.stages import Stage, stages, upstream
 from tasks.tracking import Tracker, flatten
 
@@ -100,6 +100,8 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
         tracker.end(run_id, "FINISHED")
         log.info("stage %s: up to date (fingerprint %s), skipped", stage.name, fp[:12])
         return StageResult(metrics=metrics, outputs=[cfg.root / o for o in stage.outs], variant=done["variant"])
+    if stage.resumable and claim_resume(cfg.root / stage.resume_dir, fp):
+        log.warning("stage %s: discarded the resume state of an earlier run with another configuration", stage.name)
     t0 = time.perf_counter()
     try:
         result = stage.run(cfg)

@@ -315,3 +315,18 @@ def test_only_transient_failures_are_retried():
     assert not _retry_if_transient(None, run, Failed(data=ValueError("masks do not match the checkpoint")))
     assert not _retry_if_transient(None, run, Failed(data=FileNotFoundError("models/base")))
     assert not is_transient(None)
+
+
+def test_resume_state_is_kept_for_the_same_fingerprint_only(tmp_path):
+    """An interrupted attempt's state is resumed by the same stage configuration; after a params
+    change the stage would fail on it forever (layerwise/trainer refuse foreign state), so it goes."""
+    from tasks.common import claim_resume, release_resume
+
+    d = tmp_path / ".resume" / "prune70"
+    assert not claim_resume(d, "fp-a")
+    (d / "trainer_state.json").write_text("{}")
+    assert not claim_resume(d, "fp-a") and (d / "trainer_state.json").is_file()  # same: resume
+    assert claim_resume(d, "fp-b") and not (d / "trainer_state.json").exists()  # changed: discarded
+    release_resume(d)
+    assert [p.name for p in d.iterdir()] == ["COMPLETE.json"]
+    assert not claim_resume(d, "fp-b")  # a finished stage's marker is not resume state

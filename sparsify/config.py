@@ -242,6 +242,10 @@ class PipelineConfig(Section):
     """The paper's schedule: prune to each sparsity in turn, each level starting from the previous one."""
 
     sparsities: list[float] = Field(default=[0.5, 0.7], min_length=1)
+    # Also continue training the dense base on the same extra tokens the most sparse model saw
+    # (pretrain.train.steps per level, plain cross-entropy): the fair perplexity reference while
+    # the base model has not converged.
+    dense_control: bool = True
 
     @field_validator("sparsities")
     @classmethod

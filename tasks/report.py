@@ -53,10 +53,11 @@ def recovery_table(cfg: Config, layout: Layout, levels: dict[str, float],
                    evals: dict[str, dict[str, dict[str, float]]]) -> dict:
     """The paper's comparison: validation perplexity through the schedule, and per task the
     dense teacher vs the sparse fine-tunes vs the pruning-during-fine-tuning baseline."""
+    rows = [("dense", "base"), ("dense + the same extra tokens (control)", "pretrain-dense")]
+    rows += [(f"{kind} {lv}%", f"{prefix}{lv}") for lv in levels
+             for kind, prefix in (("one-shot", "prune"), ("sparse-pretrained", "pretrain"))]
     ppl = []
-    for label, stage in [("dense", "base")] + [(f"{kind} {lv}%", f"{prefix}{lv}") for lv in levels
-                                                for kind, prefix in (("one-shot", "prune"),
-                                                                     ("sparse-pretrained", "pretrain"))]:
+    for label, stage in rows:
         m = _read(layout.metrics(stage))
         if m:
             ppl.append({"model": label, "stage": stage, "ppl_val": m["ppl"]["val"]})

@@ -149,6 +149,16 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
         ))
         previous = output
 
+    if cfg.pipeline.dense_control:
+        table.append(Stage(
+            name="pretrain-dense",
+            run=partial(train_stages.pretrain_dense_control, name="pretrain-dense", output="models/pretrain-dense",
+                        levels=len(levels)),
+            params=("project.seed", "project.device", "pretrain", "pipeline.sparsities", "evaluate.val_blocks"),
+            deps=("models/base", CORPUS), outs=("models/pretrain-dense",), code=TRAIN_CODE,
+            resumable=True, trains=True,
+        ))
+
     # Per task: the dense teacher, sparse fine-tunes with KD, and the baseline.
     for task in cfg.downstream.tasks:
         teacher = f"models/ft-dense-{task}"
@@ -207,7 +217,8 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
         name="report",
         run=partial(report.run, models=models, levels=dict(zip(levels, cfg.pipeline.sparsities, strict=True))),
         params=("prune.method", "pipeline.sparsities"),
-        deps=(*(f"reports/eval/{m.model}.json" for m in models), "reports/benchmark"),
+        deps=(*(f"reports/eval/{m.model}.json" for m in models), "reports/benchmark",
+              *(["models/pretrain-dense"] if cfg.pipeline.dense_control else [])),
         outs=("reports/run",),
         code=("sparsify/report.py", "tasks/report.py"),
     ))

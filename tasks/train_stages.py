@@ -2,6 +2,7 @@
 
 - `pretrain<NN>`: sparse continued pretraining of a pruned checkpoint on the corpus
   blocks, masks held fixed, optionally distilling from the dense base model.
+- `pretrain-dense`: the control, the dense base trained on the same extra tokens.
 - `ft-dense-<task>`: the dense fine-tune of the base model, the teacher.
 - `ft-sparse<NN>-<task>` / `ft-baseline<NN>-<task>`: sparse fine-tuning with
   distillation from that teacher, from the sparse-pretrained model (the paper's
@@ -82,6 +83,21 @@ def pretrain(cfg: Config, *, name: str, source: str, output: str, variant: str) 
         cfg, name=name, source=source, output=output, teacher="models/base", train_cfg=tc,
         train_data=PackedBlocks(corpus.blocks("train")), val_data=PackedBlocks(val), variant=variant,
         sections=("project", "pretrain"))
+    result.metrics["ppl/val"] = val_perplexity(cfg, model, corpus, pick_device(cfg.project.device))
+    return result
+
+
+def pretrain_dense_control(cfg: Config, *, name: str, output: str, levels: int) -> StageResult:
+    """The dense base trained on as many extra corpus tokens as the most sparse model saw across the
+    `levels` sparse-pretraining stages, with cross-entropy only: what the extra tokens alone buy."""
+    layout = Layout.of(cfg)
+    corpus = Corpus.open(layout.corpus)
+    tc = cfg.pretrain.train.model_copy(update={"steps": cfg.pretrain.train.steps * levels, "kd_ce": 1.0,
+                                               "kd_kl": 0.0, "kd_squarehead": 0.0})
+    result, model = _train_and_save(
+        cfg, name=name, source="models/base", output=output, teacher=None, train_cfg=tc,
+        train_data=PackedBlocks(corpus.blocks("train")), val_data=PackedBlocks(corpus.blocks("val")),
+        variant="dense-control", sections=("project", "pretrain", "pipeline"))
     result.metrics["ppl/val"] = val_perplexity(cfg, model, corpus, pick_device(cfg.project.device))
     return result
 

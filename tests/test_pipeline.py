@@ -149,7 +149,10 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
             "bench/cpu/stream_gbps"} <= set(bench)
     assert (tmp_path / "reports" / "run" / "figures" / "speedup.png").is_file()
     recovery = json.loads((tmp_path / "reports" / "run" / "recovery.json").read_text())
-    assert [r["stage"] for r in recovery["perplexity"]] == ["base", "prune50", "pretrain50", "prune70", "pretrain70"]
+    assert [r["stage"] for r in recovery["perplexity"]] == ["base", "pretrain-dense", "prune50", "pretrain50",
+                                                            "prune70", "pretrain70"]
+    control = children["pretrain-dense"].data  # the dense base trained on the same extra tokens
+    assert control.tags["variant"] == "dense-control" and control.metrics["sparsity/global"] == 0.0
     assert set(recovery["tasks"]) == {"arithmetic", "docsum"}
     assert parent.data.metrics["prune70/sparsity/global"] == sparse.metrics["sparsity/global"]
 

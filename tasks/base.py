@@ -16,7 +16,8 @@ from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.masks import sparsity_report
 from sparsify.model import build_llama, count_parameters, load_model, pick_device, save_checkpoint
 from sparsify.trainer import train
-from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexity
+from tasks.common import (Layout, StageResult, is_main_process, provenance, release_resume, resume_dir,
+                          val_perplexity)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def run(cfg: Config) -> StageResult:
         result = train(model, corpus.blocks("train"), val, tc, seed=cfg.project.seed, device=device,
                        checkpoint_dir=resume)
         history = result.history
+        if not is_main_process():  # torchrun: rank 0 evaluates and saves
+            return StageResult(metrics={}, outputs=[], variant="dense")
         metrics.update({"train/final_loss": result.final_train_loss, "train/tokens_per_s": result.tokens_per_s,
                         "time/train_s": result.seconds, "train/resumed_from_step": result.start_step})
     metrics["ppl/val"] = val_perplexity(cfg, model, corpus, device)

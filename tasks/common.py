@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -48,6 +49,16 @@ class Layout:
     def stamp(self, stage: str) -> Path:
         """The record of a finished stage's fingerprint (see tasks.runner)."""
         return self.root / ".stamps" / f"{stage}.json"
+
+
+def is_main_process() -> bool:
+    """False on the other ranks of a `torchrun` launch: rank 0 alone saves models, writes metrics
+    and stamps and logs to MLflow; the other ranks only take part in the training."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def resume_dir(cfg: Config, stage: str) -> Path:

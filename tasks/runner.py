@@ -10,7 +10,8 @@ from pathlib import Path
 
 from sparsify.config import Config
 from sparsify.io import atomic_write_json
-from tasks.common import Layout, StageResult, claim_resume, git_commit, read_metrics, write_metrics
+from tasks.common import (Layout, StageResult, claim_resume, git_commit, is_main_process, read_metrics,
+                          write_metrics)
 from tasks.stages import Stage, stages, upstream
 from tasks.tracking import Tracker, flatten
 
@@ -88,8 +89,13 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
         torch.set_num_threads(cfg.project.threads)
     layout = Layout.of(cfg)
     fp = fingerprint(stage, cfg, table)
-    tracker = Tracker(cfg)
     done = None if force else finished(stage, cfg, fp)
+    if not is_main_process():
+        # torchrun: the other ranks join the training stages' data parallelism and nothing else.
+        if done is None and stage.trains:
+            stage.run(cfg)
+        return StageResult(metrics={}, outputs=[cfg.root / o for o in stage.outs], variant="")
+    tracker = Tracker(cfg)
     run_id = tracker.start(stage.name, tags={"stage": stage.name, "git_commit": git_commit() or "unknown",
                                              "fingerprint": fp, "skipped": str(done is not None).lower()},
                            parent_run_id=parent_run_id)

@@ -25,7 +25,8 @@ from sparsify.masks import check_masks, save_masks, sparsity_report
 from sparsify.model import pick_device, save_checkpoint
 from sparsify.sft import SFTDataset
 from sparsify.trainer import PackedBlocks, TrainResult, train
-from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexity
+from tasks.common import (Layout, StageResult, is_main_process, provenance, release_resume, resume_dir,
+                          val_perplexity)
 from tasks.prune import MASKS, input_masks
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def _train_and_save(cfg: Config, *, name: str, source: str, output: str, teacher
     model.cpu()
     if masks is not None:
         check_masks(model, masks)  # every stage that writes a model asserts its sparsity
+    if not is_main_process():  # torchrun: rank 0 saves
+        return StageResult(metrics={}, outputs=[], variant=variant), model
     report = sparsity_report(model, masks)
     out = cfg.root / output
     parents = [src] + ([cfg.root / teacher] if needs_teacher else [])
@@ -83,7 +86,8 @@ def pretrain(cfg: Config, *, name: str, source: str, output: str, variant: str) 
         cfg, name=name, source=source, output=output, teacher="models/base", train_cfg=tc,
         train_data=PackedBlocks(corpus.blocks("train")), val_data=PackedBlocks(val), variant=variant,
         sections=("project", "pretrain"))
-    result.metrics["ppl/val"] = val_perplexity(cfg, model, corpus, pick_device(cfg.project.device))
+    if is_main_process():
+        result.metrics["ppl/val"] = val_perplexity(cfg, model, corpus, pick_device(cfg.project.device))
     return result
 
 
@@ -98,7 +102,8 @@ def pretrain_dense_control(cfg: Config, *, name: str, output: str, levels: int) 
         cfg, name=name, source="models/base", output=output, teacher=None, train_cfg=tc,
         train_data=PackedBlocks(corpus.blocks("train")), val_data=PackedBlocks(corpus.blocks("val")),
         variant="dense-control", sections=("project", "pretrain", "pipeline"))
-    result.metrics["ppl/val"] = val_perplexity(cfg, model, corpus, pick_device(cfg.project.device))
+    if is_main_process():
+        result.metrics["ppl/val"] = val_perplexity(cfg, model, corpus, pick_device(cfg.project.device))
     return result
 
 

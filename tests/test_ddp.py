@@ -138,3 +138,39 @@ def test_fsdp_on_one_gpu_matches_plain_training(tmp_path):
         assert torch.allclose(torch.tensor(results[0]), torch.tensor(results[1]), rtol=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+def test_pipeline_stage_under_torchrun(tmp_path, smoke_root):
+    """`torchrun -m flows.cli stage pretrain50`: both ranks train, rank 0 alone saves the model (masks
+    kept), writes metrics and stamp, and logs the one MLflow run."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from sparsify.masks import load_masks
+    from tasks import stages
+    from tasks.runner import execute
+    from tests.conftest import PARAMS, smoke_config
+
+    root = tmp_path / "root"
+    shutil.copytree(smoke_root, root)
+    cfg = smoke_config(root)
+    for name in ("data", "base", "prune50"):
+        execute(stages.get(cfg, name), cfg, force=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "flows.cli",
+         "stage", "pretrain50", "--config", str(PARAMS), "--profile", "smoke", "--set", f"project.root={root}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((root / "metrics" / "pretrain50.json").read_text())
+    assert abs(metrics["sparsity"]["global"] - 0.5) < 1e-3 and metrics["ppl"]["val"] > 0
+    masks = load_masks(root / "models" / "pretrain50" / "masks.safetensors")
+    weights = load_file(root / "models" / "pretrain50" / "model.safetensors")
+    for key, keep in masks.items():
+        assert torch.count_nonzero(weights[key][~keep]) == 0, key
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sparsellama")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'pretrain50'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]  # no leftover temp dirs

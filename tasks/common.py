@@ -73,15 +73,16 @@ def claim_resume(path: Path, fingerprint: str) -> bool:
     from it); state of a different configuration or input (an interrupted run whose params were
     changed since) is discarded, since it can never be resumed.
     """
-    marker = path / "FINGERPRINT.json"
+    # Beside the folder, not in it: the trainer replaces its checkpoint folder wholesale.
+    marker = path.parent / ".fingerprints" / f"{path.name}.json"
     discarded = False
     if path.exists():
         recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
         if recorded != fingerprint:
             discarded = any(p.name != "COMPLETE.json" for p in path.iterdir())
             shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"fingerprint": fingerprint})
+    path.mkdir(parents=True, exist_ok=True)
     return discarded
 
 

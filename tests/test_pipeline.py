@@ -328,6 +328,9 @@ def test_resume_state_is_kept_for_the_same_fingerprint_only(tmp_path):
     d = tmp_path / ".resume" / "prune70"
     assert not claim_resume(d, "fp-a")
     (d / "trainer_state.json").write_text("{}")
+    shutil.rmtree(d)  # the trainer replaces its checkpoint folder wholesale on every checkpoint
+    d.mkdir()
+    (d / "trainer_state.json").write_text("{}")
     assert not claim_resume(d, "fp-a") and (d / "trainer_state.json").is_file()  # same: resume
     assert claim_resume(d, "fp-b") and not (d / "trainer_state.json").exists()  # changed: discarded
     release_resume(d)

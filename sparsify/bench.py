@@ -14,10 +14,11 @@ the stored weight read per call / time) and its share of the stream bandwidth (`
 memory footprint. Every call reads its weight from DRAM (copies rotated past the L3, see
 ROTATE_BYTES), as decode does.
 
-Decode: a Llama-2-7B-shaped model with a few decoder layers (hidden 4096, intermediate 11008,
+Decode and prefill: a Llama-2-7B-shaped model with a few decoder layers (hidden 4096, intermediate 11008,
 32 heads, vocab 32000, random weights, decoder Linears pruned per row by magnitude to 70%), or a
 checkpoint directory, as dense fp32, dense bf16, sparse bf16 and sparse INT8 (W8A8); tokens/s of
-single-token decode steps with a KV cache, interleaved across variants.
+single-token decode steps with a KV cache, and of a 64-token prefill chunk, interleaved across
+variants.
 
     python benchmarks/sparse_kernels.py OUT_DIR [--quick] [--threads 2] [--checkpoint DIR]
     (the `benchmark` pipeline stage calls `run` below)
@@ -426,6 +427,13 @@ def _decode_steps(model: nn.Module, prompt: Tensor, steps: int) -> tuple[list[fl
     return body_s, head_s, tokens
 
 
+@torch.no_grad()
+def _prefill_seconds(model: nn.Module, prompt: Tensor) -> float:
+    t0 = time.perf_counter()
+    model(prompt, use_cache=True, logits_to_keep=1)  # serving needs the last position's logits only
+    return time.perf_counter() - t0
+
+
 def run_decode_benchmark(
     checkpoint: str | os.PathLike | None = None,
     *,
@@ -435,11 +443,13 @@ def run_decode_benchmark(
     repeats: int = 5,
     steps: int = 4,
     prompt_len: int = 8,
+    prefill_len: int = 64,
     min_sparsity: float = 0.3,
     seed: int = 0,
     **model_dims: int,
 ) -> dict:
-    """Decode tokens/s per variant; ``repeats`` rounds of ``steps`` tokens each, variants interleaved.
+    """Decode tokens/s per variant; ``repeats`` rounds of ``steps`` tokens each, variants interleaved;
+    and prefill tokens/s of one ``prefill_len``-token prompt (a prefill chunk) in each round.
 
     With ``checkpoint`` (an HF directory), its weights are used as they are (no pruning); else a
     random Llama-2-7B-shaped model (``model_dims`` overrides hidden/intermediate/heads/vocab).
@@ -456,6 +466,8 @@ def run_decode_benchmark(
     models = _decode_models(base, variants, min_sparsity)
     vocab = base.config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    chunk = torch.randint(0, vocab, (1, prefill_len), generator=torch.Generator().manual_seed(seed + 1))
+    prefill: dict[str, list[float]] = {name: [] for name in models}
     body: dict[str, list[float]] = {name: [] for name in models}
     head: dict[str, list[float]] = {name: [] for name in models}
     tokens: dict[str, list[int]] = {}
@@ -463,6 +475,7 @@ def run_decode_benchmark(
         _decode_steps(m, prompt, 1)
     for _ in range(repeats):
         for name, (m, _) in models.items():
+            prefill[name].append(_prefill_seconds(m, chunk))
             b, h, toks = _decode_steps(m, prompt, steps)
             body[name].extend(b)
             head[name].extend(h)
@@ -482,6 +495,8 @@ def run_decode_benchmark(
             "ms_per_token": ms, "tok_s": 1e3 / ms, "decoder_ms": med_body * 1e3, "lm_head_ms": med_head * 1e3,
             "projected_32l_ms_per_token": projected_ms, "projected_32l_tok_s": 1e3 / projected_ms,
             "spread": (max(totals) - min(totals)) / statistics.median(totals),
+            "prefill_len": prefill_len, "prefill_ms": statistics.median(prefill[name]) * 1e3,
+            "prefill_tok_s": prefill_len / statistics.median(prefill[name]),
             "model_mb": _model_bytes(m) / 1e6, "sparse_layers": len(replaced),
             "greedy_tokens": tokens[name][:steps], "generate_tokens": gen[0, prompt_len:].tolist(),
         }
@@ -492,12 +507,14 @@ def run_decode_benchmark(
                 v[f"speedup_vs_{short}"] = v["tok_s"] / variants[base_name]["tok_s"]
                 base_tok_s = variants[base_name]["projected_32l_tok_s"]
                 v[f"projected_32l_speedup_vs_{short}"] = v["projected_32l_tok_s"] / base_tok_s
+                v[f"prefill_speedup_vs_{short}"] = v["prefill_tok_s"] / variants[base_name]["prefill_tok_s"]
     for name, v in variants.items():
-        logger.info("decode %-14s %7.2f ms/token (decoder %6.2f + lm_head %6.2f) %6.2f tok/s x%5.2f fp32 x%5.2f bf16"
-                    " | 32 layers: %6.2f tok/s x%5.2f fp32 | %6.0f MB", name, v["ms_per_token"], v["decoder_ms"],
-                    v["lm_head_ms"], v["tok_s"], v.get("speedup_vs_fp32", float("nan")),
-                    v.get("speedup_vs_bf16", float("nan")), v["projected_32l_tok_s"],
-                    v.get("projected_32l_speedup_vs_fp32", float("nan")), v["model_mb"])
+        logger.info("decode %-18s %7.2f ms/token (decoder %6.2f + lm_head %6.2f) %6.2f tok/s x%5.2f fp32 x%5.2f bf16"
+                    " | 32 layers: %6.2f tok/s x%5.2f fp32 | prefill %d: %7.1f tok/s x%5.2f fp32 | %6.0f MB", name,
+                    v["ms_per_token"], v["decoder_ms"], v["lm_head_ms"], v["tok_s"],
+                    v.get("speedup_vs_fp32", float("nan")), v.get("speedup_vs_bf16", float("nan")),
+                    v["projected_32l_tok_s"], v.get("projected_32l_speedup_vs_fp32", float("nan")), prefill_len,
+                    v["prefill_tok_s"], v.get("prefill_speedup_vs_fp32", float("nan")), v["model_mb"])
     return result
 
 
@@ -519,6 +536,7 @@ def flat_metrics(result: dict, device: str = "cpu") -> dict[str, float]:
             metrics[f"{key}/ms"] = v["ms_per_token"]
             metrics[f"{key}/tok_s"] = v["tok_s"]
             metrics[f"{key}/projected_32l_tok_s"] = v["projected_32l_tok_s"]
+            metrics[f"{key}/prefill_tok_s"] = v["prefill_tok_s"]
             if "speedup_vs_fp32" in v:
                 metrics[f"{key}/speedup_vs_fp32"] = v["speedup_vs_fp32"]
     return metrics

@@ -185,3 +185,25 @@ def test_runtime_and_kernels_import_no_orchestration():
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_decode_benchmark_on_a_tiny_model_agrees_across_variants():
+    """The decode/prefill benchmark's bookkeeping on a tiny 70%-sparse model: each variant's timed
+    loop decodes what its `generate()` does, the float variants the dense tokens; timings and ratios."""
+    from sparsify.bench import DECODE_VARIANTS, flat_metrics, run_decode_benchmark
+
+    result = run_decode_benchmark(layers=2, repeats=2, steps=3, prompt_len=5, prefill_len=16,
+                                  hidden=64, intermediate=192, heads=4, vocab=256)
+    variants = result["variants"]
+    assert list(variants) == list(DECODE_VARIANTS)
+    fp32 = variants["dense_fp32"]
+    assert fp32["speedup_vs_fp32"] == 1.0 and fp32["prefill_speedup_vs_fp32"] == 1.0
+    for name, v in variants.items():
+        assert v["greedy_tokens"] == v["generate_tokens"], name  # the timed loop decodes what generate() does
+        if "int8" not in name:  # INT8 may flip a near-tie on a random model; the float paths may not
+            assert v["greedy_tokens"] == fp32["greedy_tokens"], name
+        assert v["ms_per_token"] > 0 and v["prefill_tok_s"] > 0 and v["prefill_len"] == 16
+    assert variants["sparse70_int8_head"]["sparse_layers"] == variants["sparse70_int8"]["sparse_layers"] + 1
+    assert variants["sparse70_bf16"]["model_mb"] < variants["dense_bf16"]["model_mb"]
+    metrics = flat_metrics({"decode": result})
+    assert "bench/cpu/decode_2l/sparse70_int8_head/prefill_tok_s" in metrics

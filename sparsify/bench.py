@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsify.bench_gpu import GPU_BATCHES, GPU_SHAPES, flat_gpu_metrics, run_gpu_layer_benchmark
+from sparsify.bench_gpu import GPU_BATCHES, GPU_SHAPES, flat_gpu_metrics, int4_groups, run_gpu_layer_benchmark
 from sparsify.kernels import PackedWeight, kernel_isa, load_extension, pack, sparse_linear
 from sparsify.masks import prunable_linear_names
 from sparsify.runtime import sparsify_model
@@ -97,22 +97,10 @@ def _timeit(fn: Callable[[], object], inner: int) -> float:
 
 
 def _int4_pack(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric 4-bit group quantization in torch's int4mm layout: (packed, scales_and_zeros, dequantized).
-
-    Dequantization (torch's CPU int4 kernel): ``(q - 8) * scale + zero`` with q in [0, 15].
-    """
-    out, inn = weight.shape
-    w = weight.float().reshape(out, inn // INT4_GROUP, INT4_GROUP)
-    wmin, wmax = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = ((wmax - wmin) / 15).clamp_min(1e-6)
-    q = torch.round((w - wmin) / scale).clamp(0, 15).to(torch.int32).reshape(out, inn)
-    zero = wmin + 8 * scale
-    scales_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1)  # [out, groups, 2]
-    scales_zeros = scales_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)  # [groups, out, 2]
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
-    sz = scales_zeros.float().transpose(0, 1)  # the bf16-rounded scales/zeros the kernel uses
-    deq = (q.reshape(out, -1, INT4_GROUP) - 8) * sz[..., :1] + sz[..., 1:]
-    return packed, scales_zeros, deq.reshape(out, inn)
+    """(packed, scales_and_zeros, dequantized fp32) for ``torch._weight_int4pack_mm_for_cpu``
+    (:func:`sparsify.bench_gpu.int4_groups`'s codes in the CPU kernel's int32 layout)."""
+    q, sz, deq = int4_groups(weight, INT4_GROUP)
+    return torch._convert_weight_to_int4pack_for_cpu(q, 2), sz, deq
 
 
 def prepare_weight(name: str, dense: Tensor, cache: dict) -> object:

@@ -52,21 +52,28 @@ def _quantize_int8(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return torch.round(t.float() / scale).clamp(-127, 127).to(torch.int8), scale
 
 
-def _int4_pack_cuda(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(packed, scales_and_zeros, dequantized fp32) in torch's CUDA int4mm layout: 4-bit codes q in
-    [0, 15], dequantized as ``(q - 8) * scale + zero`` per group of INT4_GROUP inputs."""
+def int4_groups(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit group quantization as torch's int4mm kernels (CPU and CUDA) read it:
+    (codes q in [0, 15] int32 [out, in], scales_and_zeros bf16 [groups, out, 2], dequantized fp32),
+    dequantized as ``(q - 8) * scale + zero`` with the bf16-rounded scales and zeros the kernels use."""
     out, inn = weight.shape
-    w = weight.float().reshape(out, inn // INT4_GROUP, INT4_GROUP)
+    w = weight.float().reshape(out, inn // group, group)
     wmin, wmax = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     scale = ((wmax - wmin) / 15).clamp_min(1e-6)
     q = torch.round((w - wmin) / scale).clamp(0, 15).to(torch.int32).reshape(out, inn)
     zero = wmin + 8 * scale
     sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [groups, out, 2]
-    q8 = q.to(torch.uint8)
-    packed = torch._convert_weight_to_int4pack((q8[:, ::2] << 4) | q8[:, 1::2], 8)
     szf = sz.float().transpose(0, 1)
-    deq = (q.reshape(out, -1, INT4_GROUP) - 8) * szf[..., :1] + szf[..., 1:]
-    return packed, sz, deq.reshape(out, inn)
+    deq = (q.reshape(out, -1, group) - 8) * szf[..., :1] + szf[..., 1:]
+    return q, sz, deq.reshape(out, inn)
+
+
+def _int4_pack_cuda(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed, scales_and_zeros, dequantized fp32) for ``torch._weight_int4pack_mm``: the CUDA
+    layout takes two codes per byte, high nibble first."""
+    q, sz, deq = int4_groups(weight)
+    q8 = q.to(torch.uint8)
+    return torch._convert_weight_to_int4pack((q8[:, ::2] << 4) | q8[:, 1::2], 8), sz, deq
 
 
 def _variant(name: str, w32: Tensor, x32: Tensor) -> tuple[Callable[[], Tensor], Tensor, int, int]:

@@ -2,7 +2,8 @@
 
 Prunes the pipeline's dense base model (from `models/base` under the project root)
 with each method and pattern, on the data stage's calibration set, and reports
-validation perplexity and wall time. Writes `reports/prune_methods.{json,md}`.
+validation perplexity and wall time. Writes `reports/prune_methods.{json,md}` (and, as the
+`prune-sweep` flow whose step it runs, each point to `reports/sweep/`).
 
     python benchmarks/prune_methods.py [--root .] [--profile smoke] [--set KEY=VALUE ...]
 
@@ -12,51 +13,41 @@ Run it alone: wall times are only comparable when nothing else uses the cores.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import math
 import platform
-import time
-from pathlib import Path
 
 import torch
 
-from sparsify.config import load_config
+from sparsify.config import Config, load_config
 from sparsify.data import Corpus
 from sparsify.io import atomic_write_json, atomic_write_text
-from sparsify.layerwise import prune_model
-from sparsify.masks import sparsity_report
-from sparsify.metrics import mean_nll
-from sparsify.model import load_model
-from sparsify.pruning import PruneConfig
+from sparsify.model import load_model, pick_device
+from tasks.common import val_perplexity
+from tasks.sweep import Point, prune_point
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ((0.5, "unstructured"), (0.7, "unstructured"), (0.5, "2:4"))
 
 
-def run(root: Path, base_cfg: PruneConfig, eval_blocks: int) -> dict:
-    corpus = Corpus.open(root / "data" / "corpus")
-    calib, val = corpus.calibration(), corpus.blocks("val")
-    dense = load_model(root / "models" / "base")
+def run(cfg: Config) -> dict:
+    """Every method at every pattern, each point pruned and scored by the `prune-sweep` flow's
+    own step (tasks.sweep.prune_point: validation perplexity on evaluate.val_blocks)."""
+    corpus = Corpus.open(cfg.root / "data" / "corpus")
+    dense = load_model(cfg.root / "models" / "base")
     rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "seconds": 0.0,
-             "ppl": math.exp(mean_nll(dense, val, max_blocks=eval_blocks))}]
+             "ppl": val_perplexity(cfg, dense, corpus, pick_device(cfg.project.device))}]
     for sparsity, structure in PATTERNS:
         for method in METHODS:
-            cfg = PruneConfig.model_validate({**base_cfg.model_dump(), "method": method, "sparsity": sparsity,
-                                              "structure": structure, "owl": False})
-            model = copy.deepcopy(dense)
-            t0 = time.perf_counter()
-            prune_model(model, calib, cfg, progress=False)
-            seconds = time.perf_counter() - t0
-            ppl = math.exp(mean_nll(model, val, max_blocks=eval_blocks))
+            m = prune_point(cfg, point=Point(method, sparsity, structure)).metrics
             pattern = structure if structure != "unstructured" else f"{sparsity:.0%}"
-            rows.append({"method": method, "pattern": pattern, "sparsity": sparsity_report(model)["global"],
-                         "seconds": seconds, "ppl": ppl})
-            logging.info("%-9s %-4s ppl %8.2f  %.2f s", method, pattern, ppl, seconds)
+            rows.append({"method": method, "pattern": pattern, "sparsity": m["sparsity/global"],
+                         "seconds": m["time/prune_s"], "ppl": m["ppl/val"]})
+            logging.info("%-9s %-4s ppl %8.2f  %.2f s", method, pattern, m["ppl/val"], m["time/prune_s"])
     return {"rows": rows, "machine": {"cpu": platform.processor() or platform.machine(),
                                       "threads": torch.get_num_threads()},
-            "calibration": list(calib.shape), "eval_blocks": eval_blocks,
+            "calibration": list(corpus.calibration().shape),
+            "eval_blocks": cfg.evaluate.val_blocks,
             "model_params_m": sum(p.numel() for p in dense.parameters()) / 1e6}
 
 
@@ -77,8 +68,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.config, args.profile, overrides=args.overrides)
-    result = run(cfg.root, cfg.prune, cfg.base.train.eval_blocks)
+    # Methods compared at the same sparsity in every layer: OWL's per-layer targets stay off.
+    cfg = load_config(args.config, args.profile, overrides=[*args.overrides, "prune.owl=false"])
+    result = run(cfg)
     out = cfg.root / "reports"
     atomic_write_json(out / "prune_methods.json", result)
     atomic_write_text(out / "prune_methods.md", markdown(result))

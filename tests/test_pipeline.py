@@ -272,7 +272,7 @@ def test_killed_flow_resumes_then_sweep_and_benchmark_flows(tmp_path, prefect_se
     children = {r.data.tags["stage"]: r.data.tags["skipped"] for r in client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")}
     assert children["data"] == "true" and children["base"] == "false" and len(children) == len(
-        stages(smoke_config_of(root)))
+        stages(load_config(PARAMS, profile="smoke", overrides=overrides)))
     assert json.loads((root / ".resume" / "base" / "COMPLETE.json").read_text()) == {"complete": True}
 
     # The pruning sweep reuses data and base, prunes each point and summarizes them.
@@ -298,10 +298,6 @@ def test_killed_flow_resumes_then_sweep_and_benchmark_flows(tmp_path, prefect_se
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{bench_run.info.run_id}'")}
     assert ran.pop("benchmark") == "false" and set(ran.values()) == {"true"}
     assert json.loads((root / "reports" / "benchmark" / "sparse_kernels.json").read_text()) != before
-
-
-def smoke_config_of(root: Path):
-    return load_config(PARAMS, profile="smoke", overrides=[f"project.root={root}", *SMALL, "base.train.steps=400"])
 
 
 def test_only_transient_failures_are_retried():

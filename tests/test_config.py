@@ -27,6 +27,17 @@ def test_default_and_smoke_profiles_validate():
     assert smoke.data.sources == cfg.data.sources
 
 
+def test_every_profile_validates():
+    for name in load_raw(PARAMS)["profiles"]:
+        cfg = load_config(PARAMS, profile=name)
+        assert abs(sum(s.weight for s in cfg.data.sources) - 1) < 1e-9, name
+    saturated = load_config(PARAMS, profile="saturated")
+    # The regime where pruning costs something: fewer parameters, more tokens per parameter.
+    assert saturated.base.arch.hidden_size < load_config(PARAMS).base.arch.hidden_size
+    assert saturated.base.train.steps * saturated.base.train.batch_size * saturated.data.block_size \
+        <= saturated.data.train_tokens
+
+
 def test_set_overrides_parse_yaml_values():
     cfg = load_config(PARAMS, overrides=["base.train.lr=0.01", "data.dedup=false", "data.sources.0.weight=2"])
     assert cfg.base.train.lr == 0.01 and cfg.data.dedup is False and cfg.data.sources[0].weight == 2.0
@@ -76,7 +87,7 @@ def test_malformed_yaml_and_unknown_profile(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(bad)
-    with pytest.raises(ConfigError, match="unknown profile 'huge'; known profiles: smoke"):
+    with pytest.raises(ConfigError, match="unknown profile 'huge'; known profiles: saturated, smoke"):
         load_config(PARAMS, profile="huge")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(PARAMS, overrides=["base.train.steps"])

@@ -15,6 +15,7 @@ only need the scoring helpers.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.downstream import METRICS, TASKS, TaskSpec
-from sparsify.io import atomic_dir
+from sparsify.io import atomic_dir, atomic_write_text
 from sparsify.sandbox import run_untrusted
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,26 @@ def flatten_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
     return flat
 
 
+def sample_rows(samples: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """lm-eval's logged samples -> one flat row per (task, document): ``task``, ``doc_id``,
+    ``target``, the filtered ``output`` when it is text (generation tasks; log-likelihood tasks
+    have numbers there), and each per-document metric. Prompts and raw requests are left out:
+    the task's JSONL has them, and they would make the file many times larger."""
+    rows = []
+    for task, items in sorted(samples.items()):
+        for item in sorted(items, key=lambda it: it["doc_id"]):
+            row: dict[str, Any] = {"task": task, "doc_id": item["doc_id"], "target": str(item.get("target", ""))}
+            output = (item.get("filtered_resps") or [None])[0]
+            if isinstance(output, str):
+                row["output"] = output
+            for metric in item.get("metrics", []):
+                value = item.get(metric)
+                if isinstance(value, (int, float)):
+                    row[metric] = float(value)
+            rows.append(row)
+    return rows
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -291,8 +312,12 @@ def evaluate_model(
     device: str | None = None,
     num_fewshot: int | None = None,
     bootstrap_iters: int = 0,
+    samples_path: str | os.PathLike | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` on lm-eval tasks; return ``{task: {metric: value}}``.
+
+    With ``samples_path``, every scored document is also written there as JSONL
+    (``sample_rows``): what the model generated next to the target, with its scores.
 
     Local tasks come from ``include_path`` (see ``write_lmeval_tasks``); other
     names must be standard lm-eval tasks (their index is only built when one
@@ -319,10 +344,13 @@ def evaluate_model(
         limit=limit,
         num_fewshot=num_fewshot,
         bootstrap_iters=bootstrap_iters,
-        log_samples=False,
+        log_samples=samples_path is not None,
     )
     if output is None:  # only on non-zero ranks of a distributed run
         return {}
+    if samples_path is not None:
+        rows = sample_rows(output.get("samples", {}))
+        atomic_write_text(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     flat = flatten_results(output["results"])
     log.info("lm-eval results: %s", flat)
     return flat

@@ -26,6 +26,11 @@ def results_path(layout: Layout, model: str) -> Path:
     return layout.reports / "eval" / f"{model}.json"
 
 
+def samples_path(layout: Layout, model: str) -> Path:
+    """Every scored document: the model's output beside the target, with its scores (JSONL)."""
+    return layout.reports / "eval" / f"{model}.samples.jsonl"
+
+
 def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"eval/{task}/{metric}": value for task, ms in results.items() for metric, value in ms.items()}
 
@@ -46,7 +51,7 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
     net, tokenizer = load_for_eval(layout.model(model))
     names = [spec.name for spec, _ in specs] + list(cfg.evaluate.extra_tasks)
     results = evaluate_model(net, tokenizer, names, include_path=include, limit=cfg.evaluate.limit,
-                             batch_size=cfg.evaluate.batch_size)
+                             batch_size=cfg.evaluate.batch_size, samples_path=samples_path(layout, model))
     metrics = flat_metrics(results)
     if reference is not None:
         ref_file = results_path(layout, reference)
@@ -55,4 +60,5 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
         metrics.update(recovery_where_defined(results, json.loads(ref_file.read_text())["results"])[0])
     out = results_path(layout, model)
     atomic_write_json(out, {"model": model, "variant": variant, "reference": reference, "results": results})
-    return StageResult(metrics=metrics, outputs=[out], variant=variant, artifacts=[out])
+    samples = samples_path(layout, model)
+    return StageResult(metrics=metrics, outputs=[out, samples], variant=variant, artifacts=[out, samples])

@@ -198,7 +198,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             run=partial(evaluate.run, model=m.model, variant=m.variant, tasks=m.tasks, reference=m.reference),
             params=("downstream.tasks", "evaluate"),
             deps=(f"models/{m.model}", TASK_DATA, *([reference] if reference else [])),
-            outs=(f"reports/eval/{m.model}.json",),
+            outs=(f"reports/eval/{m.model}.json", f"reports/eval/{m.model}.samples.jsonl"),
             code=EVAL_CODE,
             # Dense models have no reference, so one dependency fewer: a family of their own.
             family="eval" if m.reference else "eval-dense",

@@ -6,6 +6,8 @@ lm-eval's import is slow, so the model, tokenizer, task files and one
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 import math
 
@@ -63,9 +65,30 @@ def task_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def results(model, tokenizer, task_dir):
+def samples_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("samples") / "model.samples.jsonl"
+
+
+@pytest.fixture(scope="module")
+def results(model, tokenizer, task_dir, samples_file):
     return ev.evaluate_model(model, tokenizer, ["arithmetic", "docsum", "heldout", "humaneval"],
-                             include_path=task_dir, limit=2, batch_size=2)
+                             include_path=task_dir, limit=2, batch_size=2, samples_path=samples_file)
+
+
+def test_samples_are_the_scored_documents(results, samples_file):
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert sorted({r["task"] for r in rows}) == ["arithmetic", "docsum", "heldout", "humaneval"]
+    for task in ("arithmetic", "docsum", "humaneval"):
+        mine = [r for r in rows if r["task"] == task]
+        assert [r["doc_id"] for r in mine] == [0, 1]
+        assert all(isinstance(r["output"], str) and r["target"] for r in mine)
+    # Each row's score is the one the aggregate was computed from.
+    for task, metric in (("arithmetic", "exact_match"), ("docsum", "rouge1"), ("humaneval", "pass@1")):
+        mine = [r[metric] for r in rows if r["task"] == task]
+        assert sum(mine) / len(mine) == pytest.approx(results[task][metric])
+    # The ROUGE of a row is recomputable from its output and target (after the stop strings).
+    doc = next(r for r in rows if r["task"] == "docsum")
+    assert ev.rouge_scores(doc["output"], doc["target"])["rouge1"] == pytest.approx(doc["rouge1"])
 
 
 # --------------------------------------------------------------------------- scoring

@@ -187,7 +187,9 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     table = recovery_table(cfg, layout, levels, evals)
     quant = quant_table(cfg, layout, levels, evals)
     atomic_write_json(out / "recovery.json", table | {"quantization": quant})
-    atomic_write_text(out / "recovery.md", recovery_markdown(table) + "\n" + quant_markdown(quant))
+    # Without quantization schemes the section would only repeat the perplexities above.
+    quant_md = "\n" + quant_markdown(quant) if cfg.quantize.schemes else ""
+    atomic_write_text(out / "recovery.md", recovery_markdown(table) + quant_md)
     for name, rows in dvc_plots(table, quant, speedups).items():
         atomic_write_json(out / "plots" / f"{name}.json", rows)
     metrics: dict[str, float] = {"report/variants": len(evals)}

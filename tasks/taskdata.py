@@ -46,6 +46,17 @@ def task_records(cfg: Config, task: str) -> dict[str, list[dict]]:
     return out
 
 
+def shortfalls(cfg: Config, splits: dict[str, dict[str, list]]) -> list[str]:
+    """One message per split that came out smaller than `downstream` asks: its source has no more
+    records (e.g. docsum: the stdlib has ~2,700 documented functions). Empty splits are by design
+    (humaneval has no train split) and the held-out documents have their own count."""
+    asked = {"train": cfg.downstream.train_size, "test": cfg.downstream.test_size}
+    return [f"task {task!r} has {len(rows):,} {split} records, fewer than downstream.{split}_size="
+            f"{asked[split]:,}: its source has no more"
+            for task, records in splits.items() if task != HELDOUT
+            for split, rows in records.items() if rows and len(rows) < asked.get(split, 0)]
+
+
 def run(cfg: Config) -> StageResult:
     layout = Layout.of(cfg)
     corpus = Corpus.open(layout.corpus)
@@ -55,6 +66,8 @@ def run(cfg: Config) -> StageResult:
     metrics: dict[str, float] = {}
     with atomic_dir(out) as tmp:
         splits = {task: task_records(cfg, task) for task in cfg.downstream.tasks}
+        for message in shortfalls(cfg, splits):
+            log.warning(message)
         splits[HELDOUT] = {"test": text_records(corpus.documents("val", tokenizer, cfg.downstream.heldout_docs))}
         for task, records in splits.items():
             manifest[task] = {}

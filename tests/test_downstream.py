@@ -210,3 +210,16 @@ def test_write_task_jsonl_roundtrip_and_atomic(tmp_path):
     with pytest.raises(ValueError, match="record 0: missing field 'target'"):
         ds.write_task_jsonl([{"id": "1", "prompt": "p"}], tmp_path / "bad.jsonl")
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_taskdata_names_splits_smaller_than_asked(smoke_cfg):
+    from tasks.taskdata import HELDOUT, shortfalls
+
+    train, test = smoke_cfg.downstream.train_size, smoke_cfg.downstream.test_size
+    splits = {"docsum": {"train": [{}] * (train - 1), "test": [{}] * test},
+              "humaneval": {"train": [], "test": [{}] * test},  # no train split, by design
+              HELDOUT: {"test": [{}] * 2}}
+    assert shortfalls(smoke_cfg, splits) == [
+        f"task 'docsum' has {train - 1} train records, fewer than downstream.train_size={train}: its source has no more"]
+    splits["docsum"]["train"].append({})
+    assert shortfalls(smoke_cfg, splits) == []

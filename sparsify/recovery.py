@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from sparsify.downstream import METRICS, TASKS
 
@@ -131,3 +131,18 @@ def recovery_where_defined(metrics: TaskMetrics, dense: TaskMetrics) -> tuple[di
     if not usable:
         return {}, skipped
     return recovery(usable, {t: dense[t] for t in usable}), skipped
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``a[i] - b[i]`` over the same documents, and its standard error (the sample
+    standard deviation of the differences over sqrt(n)). Pairing takes each document's own
+    difficulty out of the noise, so two models scored on the same few hundred documents can be
+    told apart by differences far smaller than either score's own standard error."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same documents: {len(a)} vs {len(b)} values")
+    if len(a) < 2:
+        raise ValueError(f"a standard error needs at least 2 paired values, got {len(a)}")
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = math.fsum(diffs) / len(diffs)
+    var = math.fsum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(var / len(diffs))

@@ -13,10 +13,10 @@ import logging
 from sparsify.config import Config
 from sparsify.downstream import get_task
 from sparsify.io import atomic_write_json, atomic_write_text
-from sparsify.recovery import metric_recovery
+from sparsify.recovery import metric_recovery, paired_difference
 from sparsify.report import ReportData, write_report
 from tasks.common import Evaluated, Layout, StageResult, git_commit
-from tasks.evaluate import results_path
+from tasks.evaluate import results_path, samples_path
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,24 @@ def ppl_curve(cfg: Config, layout: Layout, levels: dict[str, float]) -> list[dic
     return points
 
 
+def _scores(layout: Layout, model: str, task: str, metric: str) -> dict[int, float] | None:
+    """Per-document `metric` of `model` on `task` from its eval samples, or None without them."""
+    path = samples_path(layout, model)
+    if not path.is_file():
+        return None
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return {r["doc_id"]: r[metric] for r in rows if r["task"] == task and metric in r} or None
+
+
+def _paired(a: dict[int, float] | None, b: dict[int, float] | None) -> dict[str, float] | None:
+    """``{"diff", "se"}`` of a - b over the same documents; None unless both scored the same ones."""
+    if not a or not b or a.keys() != b.keys() or len(a) < 2:
+        return None
+    ids = sorted(a)
+    diff, se = paired_difference([a[i] for i in ids], [b[i] for i in ids])
+    return {"diff": diff, "se": se}
+
+
 def recovery_table(cfg: Config, layout: Layout, levels: dict[str, float],
                    evals: dict[str, dict[str, dict[str, float]]]) -> dict:
     """The paper's comparison: validation perplexity through the schedule, and per task the
@@ -75,7 +93,13 @@ def recovery_table(cfg: Config, layout: Layout, levels: dict[str, float],
         stages_of = {"dense": f"ft-dense-{task}", **{f"sparse{lv}": f"ft-sparse{lv}-{task}" for lv in levels},
                      f"sparse{top}-baseline": f"ft-baseline{top}-{task}"}
         val_loss = {c: (_read(layout.metrics(st)) or {}).get("train", {}).get("val_loss") for c, st in stages_of.items()}
-        tasks[task] = {"metric": metric, "values": values, "recovery": rec, "val_loss": val_loss}
+        # Whether a difference is more than noise: every fine-tune is scored on the same test
+        # documents, so the paired difference has a standard error (see paired_difference).
+        scores = {c: _scores(layout, st, task, metric) for c, st in stages_of.items()}
+        paired = {f"{c} - dense": _paired(scores[c], scores["dense"]) for c in columns[1:]}
+        paired[f"sparse{top} - sparse{top}-baseline"] = _paired(scores[f"sparse{top}"], scores[f"sparse{top}-baseline"])
+        tasks[task] = {"metric": metric, "values": values, "recovery": rec, "val_loss": val_loss,
+                       "paired": {k: v for k, v in paired.items() if v is not None}}
     return {"perplexity": ppl, "tasks": tasks, "columns": columns}
 
 
@@ -143,6 +167,13 @@ def recovery_markdown(table: dict) -> str:
         if any(v is not None for v in row.get("val_loss", {}).values()):
             lines.append(f"| {task} | val loss (lower is better) | "
                          + " | ".join(fmt(row["val_loss"].get(c)) for c in cols) + " |")
+    paired = [(task, row["metric"], pair, d) for task, row in table["tasks"].items()
+              for pair, d in row.get("paired", {}).items()]
+    if paired:
+        lines += ["", "Paired differences on the same test documents (± standard error; |diff| > 2 SE is "
+                  "more than noise):", "", "| task | metric | difference | value | in SE |", "|---|---|---|---:|---:|"]
+        lines += [f"| {task} | {metric} | {pair} | {d['diff']:+.4f} ± {d['se']:.4f} | "
+                  f"{d['diff'] / d['se'] if d['se'] > 0 else float('inf'):+.1f} |" for task, metric, pair, d in paired]
     return "\n".join(lines) + "\n"
 
 
@@ -196,4 +227,6 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     metrics.update({f"ppl/val/{r['stage']}": r["ppl_val"] for r in table["perplexity"]})
     metrics.update({f"recovery/{task}/{col}": v for task, row in table["tasks"].items()
                     for col, v in row["recovery"].items() if v is not None})
+    metrics.update({f"paired/{task}/{pair.replace(' ', '')}/{k}": v for task, row in table["tasks"].items()
+                    for pair, d in row["paired"].items() for k, v in d.items()})
     return StageResult(metrics=metrics, outputs=[out], variant="all", artifacts=[out])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sparsify.recovery import higher_is_better, primary_metric, recovery
+from sparsify.recovery import higher_is_better, paired_difference, primary_metric, recovery
 
 DENSE = {
     "arithmetic": {"exact_match": 0.40},
@@ -88,3 +88,19 @@ def test_undefined_secondary_metric_is_skipped():
     dense = {"docsum": {"rouge1": 0.5, "rouge2": 0.0}}
     out = recovery({"docsum": {"rouge1": 0.25, "rouge2": 0.0}}, dense)
     assert out == {"recovery/docsum/rouge1": 0.5, "recovery/docsum": 0.5, "recovery/mean": 0.5}
+
+
+def test_paired_difference_by_hand():
+    # differences 1, 0, -1, 2: mean 0.5, sample variance (0.25+0.25+2.25+2.25)/3 = 5/3
+    mean, se = paired_difference([1.0, 1.0, 0.0, 3.0], [0.0, 1.0, 1.0, 1.0])
+    assert mean == pytest.approx(0.5)
+    assert se == pytest.approx(math.sqrt(5 / 3 / 4))
+    # A constant shift has no noise: pairing removes the per-document spread entirely.
+    assert paired_difference([0.9, 0.1, 0.5], [0.8, 0.0, 0.4]) == (pytest.approx(0.1), pytest.approx(0.0, abs=1e-12))
+
+
+def test_paired_difference_errors():
+    with pytest.raises(ValueError, match="same documents: 3 vs 2"):
+        paired_difference([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_difference([1], [1])

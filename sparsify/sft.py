@@ -140,3 +140,22 @@ class SFTDataset:
         n = min(max_rows, len(self))
         for start in range(0, n, batch_size):
             yield self.collate(range(start, min(start + batch_size, n)))
+
+
+@torch.no_grad()
+def target_nll(model: torch.nn.Module, dataset: SFTDataset, batch_size: int) -> list[tuple[float, int]]:
+    """Per example, in order: (summed negative log-likelihood of its target tokens, EOS
+    included, given its prompt; the number of those tokens). The fine-tuning loss measured one
+    document at a time, so the same documents scored by two models can be compared pairwise;
+    summed over examples and divided by the tokens it is the mean loss the trainer reports."""
+    device = next(model.parameters()).device
+    out: list[tuple[float, int]] = []
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset.collate(range(start, min(start + batch_size, len(dataset))))
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        labels = batch.labels[:, 1:].to(device)  # unshifted labels: logits at t predict token t + 1
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                                ignore_index=IGNORE_INDEX, reduction="none")
+        mask = labels != IGNORE_INDEX
+        out += [(float(nll[row][mask[row]].sum()), int(mask[row].sum())) for row in range(len(labels))]
+    return out

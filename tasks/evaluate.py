@@ -3,7 +3,9 @@
 The pipeline's own tasks (data/tasks) are exposed to lm-eval as local tasks whose
 YAML is generated from the task definitions; standard lm-eval task names in
 `evaluate.extra_tasks` pass straight through. Recovery is metric ÷ the reference
-model's metric (`base` for pruned models), per task and averaged.
+model's metric (`base` for pruned models), per task and averaged. Generation tasks also get
+`target_nll`: the fine-tuning loss on the test split (each reference target's NLL given its
+prompt), per document in `reports/eval/<model>.samples.jsonl` beside what the model generated.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import logging
 from pathlib import Path
 
 from sparsify.config import Config
-from sparsify.downstream import get_task
+from sparsify.downstream import TaskSpec, get_task, read_task_jsonl
 from sparsify.evaluation import evaluate_model, load_for_eval, write_lmeval_tasks
-from sparsify.io import atomic_write_json
+from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.recovery import recovery_where_defined
+from sparsify.sft import SFTDataset, target_nll
 from tasks.common import Layout, StageResult
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,25 @@ def results_path(layout: Layout, model: str) -> Path:
 def samples_path(layout: Layout, model: str) -> Path:
     """Every scored document: the model's output beside the target, with its scores (JSONL)."""
     return layout.reports / "eval" / f"{model}.samples.jsonl"
+
+
+def score_targets(cfg: Config, net, tokenizer, spec: TaskSpec, path: Path) -> list[tuple[float, int]]:
+    """Teacher-forced NLL of each test document's reference target given its prompt, formatted
+    and cut exactly as fine-tuning does: the fine-tuning loss on the test split, a likelihood
+    measure next to the generation metric that small models leave near their floor."""
+    records = read_task_jsonl(path)[: cfg.evaluate.limit]
+    data = SFTDataset.from_records(records, tokenizer, cfg.finetune.max_length,
+                                   render_prompt=spec.render_prompt, render_target=spec.render_target)
+    return target_nll(net, data, cfg.evaluate.batch_size)
+
+
+def add_to_samples(path: Path, task: str, values: list[dict]) -> None:
+    """Merge per-document `values` (in test-split order = lm-eval's doc_id) into `task`'s sample rows."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        if row["task"] == task:
+            row.update(values[row["doc_id"]])
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -52,6 +74,12 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
     names = [spec.name for spec, _ in specs] + list(cfg.evaluate.extra_tasks)
     results = evaluate_model(net, tokenizer, names, include_path=include, limit=cfg.evaluate.limit,
                              batch_size=cfg.evaluate.batch_size, samples_path=samples_path(layout, model))
+    for spec, path in specs:
+        if spec.output_type == "generate_until" and spec.name in results:
+            per_doc = score_targets(cfg, net, tokenizer, spec, path)
+            results[spec.name]["target_nll"] = sum(v for v, _ in per_doc) / sum(n for _, n in per_doc)
+            add_to_samples(samples_path(layout, model), spec.name,
+                           [{"target_nll": v / n, "target_tokens": n} for v, n in per_doc])
     metrics = flat_metrics(results)
     if reference is not None:
         ref_file = results_path(layout, reference)

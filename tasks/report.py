@@ -95,11 +95,18 @@ def recovery_table(cfg: Config, layout: Layout, levels: dict[str, float],
         val_loss = {c: (_read(layout.metrics(st)) or {}).get("train", {}).get("val_loss") for c, st in stages_of.items()}
         # Whether a difference is more than noise: every fine-tune is scored on the same test
         # documents, so the paired difference has a standard error (see paired_difference).
-        scores = {c: _scores(layout, st, task, metric) for c, st in stages_of.items()}
-        paired = {f"{c} - dense": _paired(scores[c], scores["dense"]) for c in columns[1:]}
-        paired[f"sparse{top} - sparse{top}-baseline"] = _paired(scores[f"sparse{top}"], scores[f"sparse{top}-baseline"])
+        # The test-split target NLL (eval stage): the same loss on the test documents.
+        nll = {c: evals.get(c, {}).get(task, {}).get("target_nll") for c in columns}
+        paired = {}
+        for m in (metric, "target_nll"):
+            scores = {c: _scores(layout, st, task, m) for c, st in stages_of.items()}
+            pairs = [(c, "dense") for c in columns[1:]] + [(f"sparse{top}", f"sparse{top}-baseline")]
+            for a, b in pairs:
+                found = _paired(scores[a], scores[b])
+                if found is not None:
+                    paired.setdefault(m, {})[f"{a} - {b}"] = found
         tasks[task] = {"metric": metric, "values": values, "recovery": rec, "val_loss": val_loss,
-                       "paired": {k: v for k, v in paired.items() if v is not None}}
+                       "target_nll": nll, "paired": paired}
     return {"perplexity": ppl, "tasks": tasks, "columns": columns}
 
 
@@ -164,11 +171,12 @@ def recovery_markdown(table: dict) -> str:
         cells = [fmt(row["values"]["dense"])] + [
             f"{fmt(row['values'][c])} ({fmt(row['recovery'][c], pct=True)})" for c in cols[1:]]
         lines.append(f"| {task} | {row['metric']} | " + " | ".join(cells) + " |")
-        if any(v is not None for v in row.get("val_loss", {}).values()):
-            lines.append(f"| {task} | val loss (lower is better) | "
-                         + " | ".join(fmt(row["val_loss"].get(c)) for c in cols) + " |")
-    paired = [(task, row["metric"], pair, d) for task, row in table["tasks"].items()
-              for pair, d in row.get("paired", {}).items()]
+        for key, label in (("val_loss", "val loss (lower is better)"),
+                           ("target_nll", "test target NLL (lower is better)")):
+            if any(v is not None for v in row.get(key, {}).values()):
+                lines.append(f"| {task} | {label} | " + " | ".join(fmt(row[key].get(c)) for c in cols) + " |")
+    paired = [(task, metric, pair, d) for task, row in table["tasks"].items()
+              for metric, pairs in row.get("paired", {}).items() for pair, d in pairs.items()]
     if paired:
         lines += ["", "Paired differences on the same test documents (± standard error; |diff| > 2 SE is "
                   "more than noise):", "", "| task | metric | difference | value | in SE |", "|---|---|---|---:|---:|"]
@@ -227,6 +235,6 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     metrics.update({f"ppl/val/{r['stage']}": r["ppl_val"] for r in table["perplexity"]})
     metrics.update({f"recovery/{task}/{col}": v for task, row in table["tasks"].items()
                     for col, v in row["recovery"].items() if v is not None})
-    metrics.update({f"paired/{task}/{pair.replace(' ', '')}/{k}": v for task, row in table["tasks"].items()
-                    for pair, d in row["paired"].items() for k, v in d.items()})
+    metrics.update({f"paired/{task}/{metric}/{pair.replace(' ', '')}/{k}": v for task, row in table["tasks"].items()
+                    for metric, pairs in row["paired"].items() for pair, d in pairs.items() for k, v in d.items()})
     return StageResult(metrics=metrics, outputs=[out], variant="all", artifacts=[out])

@@ -30,7 +30,7 @@ PRUNE_CODE = ("sparsify/pruning.py", "sparsify/layerwise.py", "sparsify/masks.py
 TRAIN_CODE = ("sparsify/trainer.py", "sparsify/distill.py", "sparsify/sft.py", "tasks/train_stages.py")
 QUANT_CODE = ("sparsify/quantization.py", "sparsify/export.py", "sparsify/layerwise.py", "tasks/quantize.py")
 EVAL_CODE = ("sparsify/evaluation.py", "sparsify/downstream.py", "sparsify/recovery.py", "sparsify/sandbox.py",
-             "tasks/evaluate.py")
+             "sparsify/sft.py", "tasks/evaluate.py")
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
         table.append(Stage(
             name=f"eval-{m.model}",
             run=partial(evaluate.run, model=m.model, variant=m.variant, tasks=m.tasks, reference=m.reference),
-            params=("downstream.tasks", "evaluate"),
+            params=("downstream.tasks", "evaluate", "finetune.max_length"),  # targets are cut as fine-tuning cuts them
             deps=(f"models/{m.model}", TASK_DATA, *([reference] if reference else [])),
             outs=(f"reports/eval/{m.model}.json", f"reports/eval/{m.model}.samples.jsonl"),
             code=EVAL_CODE,

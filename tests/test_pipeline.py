@@ -143,6 +143,13 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
     assert {"eval/heldout/byte_perplexity", "recovery/heldout", "recovery/mean"} <= set(evaluated.metrics)
     finetuned = children["eval-ft-sparse70-arithmetic"].data
     assert finetuned.tags["variant"] == "sparse70" and "eval/arithmetic/exact_match" in finetuned.metrics
+    # Every scored test document, with the model's output and the target's NLL (the test-split loss).
+    assert 0 < finetuned.metrics["eval/arithmetic/target_nll"] < 20
+    samples = [json.loads(line) for line in
+               (tmp_path / "reports" / "eval" / "ft-sparse70-arithmetic.samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and all("output" in r and r["target_tokens"] > 0 for r in samples)
+    mean_nll = sum(r["target_nll"] * r["target_tokens"] for r in samples) / sum(r["target_tokens"] for r in samples)
+    assert mean_nll == pytest.approx(finetuned.metrics["eval/arithmetic/target_nll"], rel=1e-6)
     assert (tmp_path / "reports" / "run" / "report.html").is_file()
     bench = children["benchmark"].data.metrics  # the smoke profile's quick kernel benchmark
     assert {"bench/cpu/11008x4096_b1/sparse70_bf16/speedup_vs_fp32", "bench/cpu/11008x4096_b1/dense_fp32/ms",

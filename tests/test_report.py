@@ -93,7 +93,7 @@ def test_recovery_table_from_stage_metrics(tmp_path):
     md = recovery_markdown(table)
     assert "| docsum | rouge1 | 0.4 | 0.4 (100.0%) | 0.38 (95.0%) | 0.3 (75.0%) |" in md
     assert "| docsum | val loss (lower is better) | 2 | 2.05 | 2.2 | 2.4 |" in md
-    assert row["paired"] == {}  # no per-document samples: no paired differences
+    assert row["paired"] == {} and row["target_nll"]["dense"] is None  # no samples: no paired differences
 
     # With each fine-tune's per-document scores, the paired differences and their standard errors.
     per_doc = {"ft-dense-docsum": [0.4, 0.5, 0.3], "ft-sparse50-docsum": [0.4, 0.5, 0.3],
@@ -103,13 +103,17 @@ def test_recovery_table_from_stage_metrics(tmp_path):
         rows.append({"task": "heldout", "doc_id": 0, "target": ""})
         (layout.reports / "eval").mkdir(parents=True, exist_ok=True)
         (layout.reports / "eval" / f"{model}.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    paired = recovery_table(cfg, layout, {"50": 0.5, "70": 0.7}, evals)["tasks"]["docsum"]["paired"]
+    paired = recovery_table(cfg, layout, {"50": 0.5, "70": 0.7}, evals)["tasks"]["docsum"]["paired"]["rouge1"]
     assert paired["sparse50 - dense"] == {"diff": 0.0, "se": 0.0}
     # sparse70 - dense: -0.1, 0, 0 -> mean -1/30, sample sd sqrt(((−1/15)² + 2(1/30)²)/2) = sqrt(1/300)
     assert paired["sparse70 - dense"] == {"diff": pytest.approx(-1 / 30), "se": pytest.approx((1 / 300) ** 0.5 / 3 ** 0.5)}
     assert paired["sparse70 - sparse70-baseline"] == {"diff": pytest.approx(0.1), "se": pytest.approx(0.0, abs=1e-12)}
     md = recovery_markdown(recovery_table(cfg, layout, {"50": 0.5, "70": 0.7}, evals))
     assert "| docsum | rouge1 | sparse70 - dense | -0.0333 ± 0.0333 | -1.0 |" in md
+    for variant, value in {"dense": 3.0, "sparse50": 3.1, "sparse70": 3.2, "sparse70-baseline": 3.5}.items():
+        evals[variant]["docsum"]["target_nll"] = value
+    md = recovery_markdown(recovery_table(cfg, layout, {"50": 0.5, "70": 0.7}, evals))
+    assert "| docsum | test target NLL (lower is better) | 3 | 3.1 | 3.2 | 3.5 |" in md
     plots = dvc_plots(table, {"models": []}, {"sparse70_bf16": 9.0})
     assert plots["recovery"][-1] == {"model": "docsum sparse70-baseline", "recovery": pytest.approx(0.75)}
     assert plots["speedup"] == [{"variant": "sparse70_bf16", "speedup_vs_fp32": 9.0}]

@@ -113,3 +113,22 @@ def test_task_templates_give_the_training_text_evaluation_uses(tmp_path):
         first = int(supervised.nonzero()[0])
         assert tok.decode(batch.input_ids[row][:first]) == spec.render_prompt(record)
         assert tok.decode(batch.labels[row][supervised]) == spec.render_target(record) + tok.eos_token
+
+
+def test_target_nll_is_each_targets_log_likelihood_given_its_prompt():
+    from sparsify.sft import target_nll
+
+    model = tiny_llama().eval()
+    records = [{"id": "0", "prompt": "abc", "target": "de"}, {"id": "1", "prompt": "f", "target": "ghij"},
+               {"id": "2", "prompt": "klmnop", "target": "q"}]
+    data = SFTDataset.from_records(records, CharTokenizer(), max_length=32)
+    got = target_nll(model, data, batch_size=2)  # padded batches
+    for (nll, n), r in zip(got, records, strict=True):
+        prompt, target = [BOS, *ids(r["prompt"])], [*ids(r["target"]), EOS]
+        with torch.no_grad():  # brute force: each example alone, no padding, log-softmax by hand
+            logp = torch.log_softmax(model(torch.tensor([prompt + target])).logits[0].float(), -1)
+        expect = -sum(float(logp[len(prompt) - 1 + k, tok]) for k, tok in enumerate(target))
+        assert n == len(target) and nll == pytest.approx(expect, rel=1e-4)
+    # Summed and divided by the tokens, it is the mean target loss the trainer's evaluation reports.
+    mean = sum(v for v, _ in got) / sum(n for _, n in got)
+    assert mean == pytest.approx(evaluate(model, data, max_rows=3, batch_size=3), rel=1e-4)

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from sparsify.io import atomic_write_text
+from sparsify.io import atomic_write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -663,13 +663,12 @@ def generate_docsum(
 
 def write_task_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Write records as JSON lines, atomically. Each needs ``id``, ``prompt``, ``target``."""
-    lines = []
+    records = list(records)
     for index, record in enumerate(records):
         for field in ("id", "prompt", "target"):
             if field not in record:
                 raise ValueError(f"record {index}: missing field {field!r}")
-        lines.append(json.dumps(record, ensure_ascii=False))
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    atomic_write_jsonl(path, records)
     return Path(path)
 
 

@@ -15,7 +15,6 @@ only need the scoring helpers.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.downstream import METRICS, TASKS, TaskSpec
-from sparsify.io import atomic_dir, atomic_write_text
+from sparsify.io import atomic_dir, atomic_write_jsonl
 from sparsify.sandbox import run_untrusted
 
 log = logging.getLogger(__name__)
@@ -349,8 +348,7 @@ def evaluate_model(
     if output is None:  # only on non-zero ranks of a distributed run
         return {}
     if samples_path is not None:
-        rows = sample_rows(output.get("samples", {}))
-        atomic_write_text(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(samples_path, sample_rows(output.get("samples", {})))
     flat = flatten_results(output["results"])
     log.info("lm-eval results: %s", flat)
     return flat

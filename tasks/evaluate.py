@@ -17,7 +17,7 @@ from pathlib import Path
 from sparsify.config import Config
 from sparsify.downstream import TaskSpec, get_task, read_task_jsonl
 from sparsify.evaluation import evaluate_model, load_for_eval, write_lmeval_tasks
-from sparsify.io import atomic_write_json, atomic_write_text
+from sparsify.io import atomic_write_json, atomic_write_jsonl
 from sparsify.recovery import recovery_where_defined
 from sparsify.sft import SFTDataset, target_nll
 from tasks.common import Layout, StageResult
@@ -44,13 +44,14 @@ def score_targets(cfg: Config, net, tokenizer, spec: TaskSpec, path: Path) -> li
     return target_nll(net, data, cfg.evaluate.batch_size)
 
 
-def add_to_samples(path: Path, task: str, values: list[dict]) -> None:
-    """Merge per-document `values` (in test-split order = lm-eval's doc_id) into `task`'s sample rows."""
+def add_to_samples(path: Path, values: dict[str, list[dict]]) -> None:
+    """Merge per-document `values` ({task: [fields per document, in test-split order = lm-eval's
+    doc_id]}) into the sample rows of those tasks."""
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for row in rows:
-        if row["task"] == task:
-            row.update(values[row["doc_id"]])
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if row["task"] in values:
+            row.update(values[row["task"]][row["doc_id"]])
+    atomic_write_jsonl(path, rows)
 
 
 def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -74,12 +75,15 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
     names = [spec.name for spec, _ in specs] + list(cfg.evaluate.extra_tasks)
     results = evaluate_model(net, tokenizer, names, include_path=include, limit=cfg.evaluate.limit,
                              batch_size=cfg.evaluate.batch_size, samples_path=samples_path(layout, model))
+    per_doc_nll = {}
     for spec, path in specs:
         if spec.output_type == "generate_until" and spec.name in results:
             per_doc = score_targets(cfg, net, tokenizer, spec, path)
             results[spec.name]["target_nll"] = sum(v for v, _ in per_doc) / sum(n for _, n in per_doc)
-            add_to_samples(samples_path(layout, model), spec.name,
-                           [{"target_nll": v / n, "target_tokens": n} for v, n in per_doc])
+            per_doc_nll[spec.name] = [{"target_nll": v / n, "target_tokens": n} for v, n in per_doc]
+    samples = samples_path(layout, model)
+    if per_doc_nll:
+        add_to_samples(samples, per_doc_nll)
     metrics = flat_metrics(results)
     if reference is not None:
         ref_file = results_path(layout, reference)
@@ -88,5 +92,4 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
         metrics.update(recovery_where_defined(results, json.loads(ref_file.read_text())["results"])[0])
     out = results_path(layout, model)
     atomic_write_json(out, {"model": model, "variant": variant, "reference": reference, "results": results})
-    samples = samples_path(layout, model)
     return StageResult(metrics=metrics, outputs=[out, samples], variant=variant, artifacts=[out, samples])

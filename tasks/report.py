@@ -49,13 +49,17 @@ def ppl_curve(cfg: Config, layout: Layout, levels: dict[str, float]) -> list[dic
     return points
 
 
-def _scores(layout: Layout, model: str, task: str, metric: str) -> dict[int, float] | None:
-    """Per-document `metric` of `model` on `task` from its eval samples, or None without them."""
+def _sample_rows(layout: Layout, model: str, task: str) -> list[dict]:
+    """`model`'s per-document eval rows on `task` (empty without a samples file)."""
     path = samples_path(layout, model)
     if not path.is_file():
-        return None
-    rows = (json.loads(line) for line in path.read_text().splitlines())
-    return {r["doc_id"]: r[metric] for r in rows if r["task"] == task and metric in r} or None
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["task"] == task]
+
+
+def _scores(rows: list[dict], metric: str) -> dict[int, float] | None:
+    """``{doc_id: metric}`` over the rows that have it, or None when none does."""
+    return {r["doc_id"]: r[metric] for r in rows if metric in r} or None
 
 
 def _paired(a: dict[int, float] | None, b: dict[int, float] | None) -> dict[str, float] | None:
@@ -93,14 +97,15 @@ def recovery_table(cfg: Config, layout: Layout, levels: dict[str, float],
         stages_of = {"dense": f"ft-dense-{task}", **{f"sparse{lv}": f"ft-sparse{lv}-{task}" for lv in levels},
                      f"sparse{top}-baseline": f"ft-baseline{top}-{task}"}
         val_loss = {c: (_read(layout.metrics(st)) or {}).get("train", {}).get("val_loss") for c, st in stages_of.items()}
-        # Whether a difference is more than noise: every fine-tune is scored on the same test
-        # documents, so the paired difference has a standard error (see paired_difference).
         # The test-split target NLL (eval stage): the same loss on the test documents.
         nll = {c: evals.get(c, {}).get(task, {}).get("target_nll") for c in columns}
+        # Whether a difference is more than noise: every fine-tune is scored on the same test
+        # documents, so the paired difference has a standard error (see paired_difference).
+        rows_of = {c: _sample_rows(layout, st, task) for c, st in stages_of.items()}
+        pairs = [(c, "dense") for c in columns[1:]] + [(f"sparse{top}", f"sparse{top}-baseline")]
         paired = {}
         for m in (metric, "target_nll"):
-            scores = {c: _scores(layout, st, task, m) for c, st in stages_of.items()}
-            pairs = [(c, "dense") for c in columns[1:]] + [(f"sparse{top}", f"sparse{top}-baseline")]
+            scores = {c: _scores(rows, m) for c, rows in rows_of.items()}
             for a, b in pairs:
                 found = _paired(scores[a], scores[b])
                 if found is not None:

@@ -1,8 +1,10 @@
 """Process-wide defaults, applied before anything imports prefect, mlflow or dvc.
 
-Telemetry off and every tool's home inside the project's working folder, so a run
-is offline-friendly and leaves nothing in the user's home directory. Values the
-user has already set win (`setdefault`).
+Telemetry off and Prefect's home inside the project's working folder, so a run is
+offline-friendly. The user's Hugging Face cache and login (`HF_HOME`, `HF_TOKEN`,
+`~/.cache/huggingface`) are theirs: left as they are, so a checkpoint or dataset already
+downloaded is found and a gated model's login works. Values the user has already set win
+(`setdefault`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ def configure_environment(workdir: str | os.PathLike | None = None) -> None:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
         "DVC_NO_ANALYTICS": "1",
-        "HF_HOME": str(work / ".cache" / "huggingface"),
         "TOKENIZERS_PARALLELISM": "false",
     }
     if not sys.stderr.isatty():

@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow
 
 from sparsify.config import Config, load_config
+from tasks import data
 from tasks.common import git_commit, root_lock
 from tasks.runner import prefect_task
 from tasks.stages import stages, upstream
@@ -142,6 +143,7 @@ def _publish_file(path, key: str, description: str) -> None:
 
 
 def _run(cfg: Config, profile: str | None, name: str, table, force=frozenset()) -> dict[str, dict[str, float]]:
+    data.preflight(cfg)  # a tokenizer that cannot work fails here, not hours into the run
     tracker = Tracker(cfg)
     parent = tracker.start(name, tags={"pipeline": name, "profile": profile or "default",
                                        "git_commit": git_commit() or "unknown"})

@@ -70,7 +70,9 @@ class DataConfig(Section):
     val_tokens: int = Field(gt=0)
     val_fraction: float = Field(default=0.05, gt=0, lt=1)  # share of documents hashed to validation
     block_size: int = Field(default=256, ge=8)
-    tokenizer: str | None = None  # the base model's tokenizer; None: train a byte-level BPE
+    # None: the base checkpoint's own tokenizer (base.source), or a byte-level BPE trained on the corpus
+    # for the embedded default. Another tokenizer than base.source's is an error.
+    tokenizer: str | None = None
     vocab_size: int = Field(default=4096, ge=300, le=65535)
     tokenizer_train_chars: int = Field(default=8_000_000, gt=0)
     calib_samples: int = Field(default=128, gt=0)
@@ -283,6 +285,12 @@ class Config(Section):
     @property
     def root(self) -> Path:
         return Path(self.project.root)
+
+    @property
+    def tokenizer_source(self) -> str | None:
+        """The tokenizer every token of the pipeline is written with: `data.tokenizer`, else the base
+        checkpoint's own (a model only understands its own token ids); None: train a BPE."""
+        return self.data.tokenizer or self.base.source
 
 
 # --------------------------------------------------------------------------- loading

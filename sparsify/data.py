@@ -4,11 +4,14 @@ The paper pretrains on a SparsePajama subset mixed with Python from The Stack.
 `build_corpus` does that for any sources, streaming: documents are read one at a
 time, tokenized in small batches and appended to flat token files, so peak memory
 does not grow with the corpus (only the exact-dedup digest set does, 16 bytes a
-document).
+document). The sources are interleaved document by document, so any prefix of a split
+is a sample of the whole mix.
 
 Outputs (in `out_dir`):
-  train.bin / val.bin    flat token streams (uint16 or uint32), documents separated
-                         by EOS; block i of size B is tokens[i*B:(i+1)*B] (memory-mappable)
+  train.bin / val.bin    flat token streams (uint16 or uint32), each document framed as the
+                         tokenizer frames a text (BOS for Llama) and ended by EOS; block i of
+                         size B is tokens[i*B:(i+1)*B] (memory-mappable)
+  spans.json             which source wrote each run of tokens, per split
   calib.safetensors      `input_ids` [calib_samples, calib_seq_len] sampled from train
   tokenizer/             an HF tokenizer (trained byte-level BPE, or the base model's)
   meta.json, stats.json  layout and per-source/per-split counts
@@ -17,6 +20,7 @@ Outputs (in `out_dir`):
 from __future__ import annotations
 
 import ast
+import collections
 import glob as globlib
 import hashlib
 import io
@@ -27,7 +31,7 @@ import resource
 import sysconfig
 import time
 import tokenize
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +49,11 @@ SPLITS = ("train", "val")
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 TOKENIZE_BATCH = 64
+SPANS_FILE = "spans.json"
+# The trained BPE's chat format: plain "role: content" lines, the transcript format the chat
+# task used before tokenizers carried templates. A real checkpoint's tokenizer brings its own.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
 class DataError(ValueError):
@@ -198,6 +207,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path):
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=None
     )
+    hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(out_dir)
     return hf
 
@@ -205,12 +215,48 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path):
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot load a tokenizer from {path}: {exc}") from exc
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer {path} has no EOS token; documents could not be separated")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_tokenizer_for_model(tokenizer, model_source: str | Path, *, tokenizer_name: str = "data.tokenizer") -> None:
+    """Raise DataError unless `tokenizer` writes ids that mean to the model what they meant in training.
+
+    Two checks: every id the tokenizer can emit has a row in the model's embedding, and, when
+    the checkpoint ships a tokenizer of its own, both map every token to the same id. A
+    different tokenizer of a plausible size is the silent failure: every number comes out
+    wrong and nothing says so.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_source))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"base.source {model_source}: cannot read its config: {exc}") from exc
+    rows = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 0)
+    bound = vocab_bound(tokenizer)
+    if bound > rows:
+        raise DataError(f"{tokenizer_name} emits token ids up to {bound - 1}, but base.source {model_source} has "
+                        f"an embedding of {rows} rows: they are not the same tokenizer; leave data.tokenizer "
+                        "unset to use the model's own")
+    try:
+        own = AutoTokenizer.from_pretrained(str(model_source))
+    except (OSError, ValueError):
+        return  # a checkpoint without tokenizer files: the size check is all we can do
+    ours, theirs = tokenizer.get_vocab(), own.get_vocab()
+    if ours != theirs:
+        differ = sorted(t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t))
+        example = differ[0]
+        raise DataError(f"{tokenizer_name} is not base.source {model_source}'s tokenizer: {len(differ):,} tokens "
+                        f"have other ids (e.g. {example!r}: {ours.get(example)} vs {theirs.get(example)}); "
+                        "leave data.tokenizer unset to use the model's own")
 
 
 def _tokenizer_texts(cfg: DataConfig, seed: int) -> Iterator[str]:
@@ -233,16 +279,49 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def vocab_bound(tokenizer) -> int:
+    """One past the largest token id the tokenizer can emit.
+
+    Usually ``len(tokenizer)``, but a vocabulary with gaps (special tokens placed at fixed high
+    ids) can emit ids beyond it; the token files' dtype and the embedding-size check need the bound.
+    """
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text (Llama: its BOS), or [] when it adds none.
+
+    Found by encoding a probe with and without special tokens rather than read from flags:
+    what matters is what the model saw in pretraining, and that is what its tokenizer does.
+    """
+    probe = "a"
+    with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    if n <= 0 or with_special[n:] != plain:
+        return []
+    return list(with_special[:n])
+
+
 class TokenWriter:
-    """Appends token arrays to a flat binary file; counts what it wrote."""
+    """Appends token arrays to a flat binary file; counts what it wrote and which source wrote it."""
 
     def __init__(self, path: Path, dtype: np.dtype):
         self.path, self.dtype, self.count = path, dtype, 0
+        self.spans: list[list[int]] = []  # [source index, start, end): contiguous runs of one source
+        self.max_id = -1
         self._f = path.open("wb")
 
-    def write(self, ids: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, source: int = 0) -> None:
+        if len(ids) and int(ids.max()) >= np.iinfo(self.dtype).max + 1:
+            raise DataError(f"token id {int(ids.max())} does not fit the corpus dtype {self.dtype.name}")
         self._f.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        if self.spans and self.spans[-1][0] == source and self.spans[-1][2] == self.count:
+            self.spans[-1][2] += len(ids)
+        else:
+            self.spans.append([source, self.count, self.count + len(ids)])
         self.count += len(ids)
+        self.max_id = max(self.max_id, int(ids.max()) if len(ids) else -1)
 
     def close(self) -> None:
         self._f.close()
@@ -271,57 +350,86 @@ def _batched(it: Iterator[str], n: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _fill_source(
-    src: SourceConfig,
-    cfg: DataConfig,
-    seed: int,
-    tokenizer,
-    want: dict[str, int],
-    writers: dict[str, TokenWriter],
-    seen: set[bytes],
-    stats: SourceStats,
-    bar,
-) -> None:
-    """Stream one source into the split writers until both of its quotas are full."""
-    eos = tokenizer.eos_token_id
-    need = dict(want)
-    for batch in _batched(iter_source(src, seed, cfg.shuffle_buffer), TOKENIZE_BATCH):
-        keep: list[tuple[str, str]] = []
-        for doc in batch:
-            d = digest(doc)
-            if cfg.dedup:
-                if d in seen:
-                    stats.duplicates += 1
-                    continue
-                seen.add(d)
-            split = split_of(d, cfg.val_fraction)
-            if need[split] > 0:
-                keep.append((split, doc))
-        if keep:
-            encoded = tokenizer([doc for _, doc in keep], add_special_tokens=False)["input_ids"]
-            for (split, _), ids in zip(keep, encoded, strict=True):
-                if need[split] <= 0:
-                    continue
-                ids = np.asarray([*ids, eos])
-                if len(ids) > need[split]:  # the last document is cut so the quota is exact,
-                    ids = ids[: need[split]]  # still ending in EOS so it never runs into the next one
-                    ids[-1] = eos
-                    stats.truncated_docs += 1
-                writers[split].write(ids)
-                need[split] -= len(ids)
-                stats.docs[split] += 1
-                stats.tokens[split] += len(ids)
-                bar.update(len(ids))
-        if all(v <= 0 for v in need.values()):
+@dataclass
+class _Stream:
+    """One source being written: its documents, tokenized a batch at a time and queued per split,
+    and what it still owes each split."""
+
+    index: int
+    src: SourceConfig
+    batches: Iterator[list[str]]
+    want: dict[str, int]
+    need: dict[str, int]
+    stats: SourceStats
+    queued: dict[str, collections.deque] = field(default_factory=lambda: {s: collections.deque() for s in SPLITS})
+
+    def behind(self, split: str) -> float:
+        """Share of this source's `split` budget still unwritten: the stream furthest behind goes next."""
+        return self.need[split] / max(1, self.want[split])
+
+    def shortfall(self, split: str) -> DataError:
+        key = f"data.{split}_tokens"
+        return DataError(
+            f"source '{self.src.name}' has only {self.stats.tokens[split]:,} {split} tokens "
+            f"({self.stats.docs[split]:,} documents after dedup), but the budget asks for {self.want[split]:,} "
+            f"({key} × its weight share); lower {key}, lower its weight, or add data"
+        )
+
+
+def _pull(stream: _Stream, cfg: DataConfig, tokenizer, prefix: list[int], seen: set[bytes]) -> bool:
+    """Dedup, split by hash and tokenize the stream's next batch of documents into its queues;
+    False when the source has no more documents.
+
+    Each document becomes prefix (the tokenizer's BOS, if it adds one) + text + EOS, the way the
+    model's tokenizer frames a text, so pretraining sees what generation will feed it.
+    """
+    batch = next(stream.batches, None)
+    if batch is None:
+        return False
+    keep: list[tuple[str, str]] = []
+    for doc in batch:
+        d = digest(doc)
+        if cfg.dedup:
+            if d in seen:
+                stream.stats.duplicates += 1
+                continue
+            seen.add(d)
+        split = split_of(d, cfg.val_fraction)
+        if stream.need[split] > 0:
+            keep.append((split, doc))
+    if keep:
+        encoded = tokenizer([doc for _, doc in keep], add_special_tokens=False)["input_ids"]
+        for (split, _), ids in zip(keep, encoded, strict=True):
+            stream.queued[split].append(np.asarray([*prefix, *ids, tokenizer.eos_token_id], dtype=np.int64))
+    return True
+
+
+def _interleave_sources(streams: list[_Stream], pull: Callable[[_Stream], bool],
+                        writers: dict[str, TokenWriter], eos: int, bar) -> None:
+    """Write every split document by document, each from the source furthest behind its share.
+
+    Interleaving (rather than one source after the other) makes every prefix of a split a sample
+    of the whole mix: the first validation blocks, which the trainer's evaluation and `ppl/val`
+    read, then hold every source in proportion to its weight.
+    """
+    while True:
+        pending = [(st.behind(split), -st.index, split, st) for st in streams for split in SPLITS if st.need[split] > 0]
+        if not pending:
             return
-    short = [s for s in SPLITS if need[s] > 0]
-    split = short[0]
-    key = f"data.{split}_tokens"
-    raise DataError(
-        f"source '{src.name}' has only {stats.tokens[split]:,} {split} tokens "
-        f"({stats.docs[split]:,} documents after dedup), but the budget asks for {want[split]:,} "
-        f"({key} × its weight share); lower {key}, lower its weight, or add data"
-    )
+        _, _, split, stream = max(pending, key=lambda p: p[:2])
+        while not stream.queued[split]:
+            if not pull(stream):
+                raise stream.shortfall(split)
+        ids = stream.queued[split].popleft()
+        if len(ids) > stream.need[split]:  # the last document is cut so the quota is exact,
+            ids = ids[: stream.need[split]]  # still ending in EOS so it never runs into the next one
+            ids[-1] = eos
+            stream.stats.truncated_docs += 1
+        writers[split].write(ids, stream.index)
+        stream.need[split] -= len(ids)
+        stream.stats.docs[split] += 1
+        stream.stats.tokens[split] += len(ids)
+        bar.update(len(ids))
 
 
 def sample_calibration(train: np.ndarray, n: int, length: int, seed: int) -> torch.Tensor:
@@ -334,7 +442,11 @@ def sample_calibration(train: np.ndarray, n: int, length: int, seed: int) -> tor
 
 
 def build_corpus(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = True) -> dict:
-    """Build the tokenized, packed corpus in `out_dir` (which the caller makes atomic). Returns stats."""
+    """Build the tokenized, packed corpus in `out_dir` (which the caller makes atomic). Returns stats.
+
+    `cfg.tokenizer` is the tokenizer every token is written with (a path or hub name: the base
+    model's own when the pipeline starts from a checkpoint); None trains a byte-level BPE.
+    """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -345,20 +457,24 @@ def build_corpus(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = Tru
     else:
         log.info("training a %d-token byte-level BPE on up to %d chars", cfg.vocab_size, cfg.tokenizer_train_chars)
         tokenizer = train_tokenizer(_tokenizer_texts(cfg, seed), cfg.vocab_size, tok_dir)
-    vocab = len(tokenizer)
-    dtype = token_dtype(vocab)
+    bound = vocab_bound(tokenizer)
+    dtype = token_dtype(bound)
+    prefix = bos_prefix(tokenizer)
 
     budgets = {"train": quotas(cfg.sources, cfg.train_tokens), "val": quotas(cfg.sources, cfg.val_tokens)}
     writers = {s: TokenWriter(out_dir / f"{s}.bin", dtype) for s in SPLITS}
     seen: set[bytes] = set()
-    per_source: dict[str, SourceStats] = {}
+    streams = [
+        _Stream(i, src, _batched(iter_source(src, seed, cfg.shuffle_buffer), TOKENIZE_BATCH),
+                want={s: budgets[s][src.name] for s in SPLITS}, need={s: budgets[s][src.name] for s in SPLITS},
+                stats=SourceStats())
+        for i, src in enumerate(cfg.sources)
+    ]
     total = cfg.train_tokens + cfg.val_tokens
     try:
         with tqdm(total=total, unit="tok", unit_scale=True, desc="data", disable=not progress) as bar:
-            for src in cfg.sources:
-                per_source[src.name] = SourceStats()
-                want = {s: budgets[s][src.name] for s in SPLITS}
-                _fill_source(src, cfg, seed, tokenizer, want, writers, seen, per_source[src.name], bar)
+            _interleave_sources(streams, lambda st: _pull(st, cfg, tokenizer, prefix, seen), writers,
+                                tokenizer.eos_token_id, bar)
     finally:
         for w in writers.values():
             w.close()
@@ -367,15 +483,21 @@ def build_corpus(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = Tru
     calib = sample_calibration(train, cfg.calib_samples, cfg.calib_seq_len, seed)
     save_file({"input_ids": calib.contiguous()}, str(out_dir / "calib.safetensors"))
 
+    names = [src.name for src in cfg.sources]
+    atomic_write_json(out_dir / SPANS_FILE, {"sources": names, **{s: writers[s].spans for s in SPLITS}})
     meta = {
         "dtype": dtype.name,
         "block_size": cfg.block_size,
-        "vocab_size": vocab,
+        "vocab_size": bound,
+        "max_token_id": max(w.max_id for w in writers.values()),
         "eos_token_id": tokenizer.eos_token_id,
+        "bos_prefix": prefix,
+        "sources": names,
         "tokens": {s: writers[s].count for s in SPLITS},
         "blocks": {s: writers[s].count // cfg.block_size for s in SPLITS},
     }
     atomic_write_json(out_dir / "meta.json", meta)
+    per_source = {st.src.name: st.stats for st in streams}
     stats = {
         "sources": {
             name: {"docs": st.docs, "tokens": st.tokens, "duplicates_removed": st.duplicates,
@@ -384,7 +506,7 @@ def build_corpus(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = Tru
         },
         "tokens": meta["tokens"],
         "duplicates_removed": sum(st.duplicates for st in per_source.values()),
-        "vocab_size": vocab,
+        "vocab_size": bound,
         "calibration": list(calib.shape),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seconds": round(time.perf_counter() - t0, 2),
@@ -394,6 +516,21 @@ def build_corpus(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = Tru
 
 
 # --------------------------------------------------------------------------- reading the corpus
+
+
+def _allocate(source: np.ndarray, limit: int) -> tuple[list[np.ndarray], list[int]]:
+    """Split `limit` picks among the sources of documents (`source[i]` = document i's source):
+    (each source's document indices, how many to take from it), by document share, at least one
+    per source while `limit` allows, never more than a source has."""
+    members = [np.flatnonzero(source == s) for s in np.unique(source)]
+    counts = [min(1, len(m)) for m in members] if limit >= len(members) else [0] * len(members)
+    for _ in range(limit - sum(counts)):  # hand out the rest one at a time to the most under-served source
+        room = [i for i, m in enumerate(members) if counts[i] < len(m)]
+        if not room:
+            break
+        i = min(room, key=lambda j: (counts[j] / len(members[j]), j))
+        counts[i] += 1
+    return members, counts
 
 
 @dataclass(frozen=True)
@@ -424,16 +561,46 @@ class Corpus:
         return toks[: n * bs].reshape(n, bs)
 
     def documents(self, split: str, tokenizer, limit: int | None = None) -> Iterator[str]:
-        """Decoded documents of a split (the EOS-separated runs of its token stream)."""
+        """Decoded documents of a split (the EOS-separated runs of its token stream, without the
+        tokenizer's BOS), in split order.
+
+        With `limit`, a sample of that many drawn from every source: each source gets a share of
+        `limit` by its share of the split's documents (at least one while `limit` allows), taken
+        evenly spaced through its documents, so a held-out set represents the whole mix.
+        """
         toks = np.asarray(self.tokens(split))
         ends = np.flatnonzero(toks == self.meta["eos_token_id"])
-        start = 0
-        for n, end in enumerate(ends):
-            if limit is not None and n >= limit:
-                return
-            if end > start:
-                yield tokenizer.decode(toks[start:end].tolist())
-            start = end + 1
+        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        picked = np.arange(len(ends))
+        if limit is not None and limit < len(ends):
+            owner = self.token_sources(split)
+            source = owner[starts] if owner is not None else np.zeros(len(ends), dtype=np.int16)
+            picked = np.sort(np.concatenate([
+                members[np.linspace(0, len(members) - 1, k).round().astype(np.int64)]
+                for members, k in zip(*_allocate(source, limit), strict=True) if k
+            ]))
+        prefix = self.meta.get("bos_prefix", [])
+        for i in picked:
+            ids = toks[starts[i] : ends[i]].tolist()
+            if prefix and ids[: len(prefix)] == prefix:
+                ids = ids[len(prefix) :]
+            if ids:
+                yield tokenizer.decode(ids)
+
+    @property
+    def source_names(self) -> list[str]:
+        return list(self.meta.get("sources", []))
+
+    def token_sources(self, split: str) -> np.ndarray | None:
+        """The index (into `source_names`) of the source each token of a split came from; None for a
+        corpus written before sources were recorded."""
+        path = self.path / SPANS_FILE
+        if not path.is_file():
+            return None
+        owner = np.full(self.meta["tokens"][split], -1, dtype=np.int16)
+        for source, start, end in json.loads(path.read_text())[split]:
+            owner[start:end] = source
+        return owner
 
     def calibration(self) -> torch.Tensor:
         return load_file(str(self.path / "calib.safetensors"))["input_ids"]

@@ -206,14 +206,15 @@ TASKS: dict[str, TaskSpec] = {
         _INSTRUCTION,
         dataclasses.replace(_INSTRUCTION, name="platypus"),
         dataclasses.replace(_INSTRUCTION, name="evol_codealpaca", family="code", max_gen_toks=512),
-        TaskSpec(
+        TaskSpec(  # prompt: the transcript in the tokenizer's chat template (apply_chat_template)
             name="ultrachat",
             family="chat",
             output_type="generate_until",
-            prompt_template="{{prompt}}\nassistant:",
+            prompt_template="{{prompt}}",
             metrics=_ROUGE,
-            until=("\nuser:",),
+            until=("\nuser:",),  # the trained BPE's template; a real template's turn ends with EOS
             max_gen_toks=256,
+            target_delimiter="",
         ),
         TaskSpec(
             name="humaneval",
@@ -317,7 +318,33 @@ def _normalize_ultrachat(raw: Mapping[str, Any], index: int) -> Record:
         "id": _record_id(raw, "prompt_id", "ultrachat", index),
         "prompt": "\n".join(f"{role}: {content}" for role, content in turns[:last]),
         "target": turns[last][1],
+        "messages": [{"role": role, "content": content} for role, content in turns[:last]],
     }
+
+
+def chat_tasks(tasks: Iterable[str]) -> list[str]:
+    """The tasks whose prompts are conversations, rendered with the tokenizer's chat template."""
+    return [t for t in tasks if t in TASKS and TASKS[t].family == "chat"]
+
+
+def check_chat_template(tasks: Iterable[str], tokenizer: Any, tokenizer_name: str) -> None:
+    """Raise ValueError when a chat task would run on a tokenizer without a chat template: the
+    model would be fine-tuned and scored in a conversation format it was never taught."""
+    chats = chat_tasks(tasks)
+    if chats and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"task(s) {chats} are chat tasks, but the tokenizer {tokenizer_name} has no chat template; "
+                         "use a chat model's tokenizer (one whose tokenizer_config.json has 'chat_template') or "
+                         "drop them from downstream.tasks")
+
+
+def apply_chat_template(records: Iterable[Record], tokenizer: Any) -> list[Record]:
+    """Chat records with `prompt` set to their `messages` in the tokenizer's chat template, ending
+    in the assistant's turn header, so training and evaluation use the model's own format."""
+    out = []
+    for record in records:
+        prompt = tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True, tokenize=False)
+        out.append({**record, "prompt": prompt})
+    return out
 
 
 def _normalize_codealpaca(raw: Mapping[str, Any], index: int) -> Record:
@@ -422,7 +449,7 @@ def _bucket(key: str, buckets: int = 100) -> int:
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) % buckets
 
 
-def _split_by_hash(
+def split_by_hash(
     keyed: Iterable[tuple[str, Record]], n_train: int, n_test: int, test_percent: int
 ) -> dict[str, list[Record]]:
     """Assign records to train/test by the hash of their key, up to the caps.
@@ -547,7 +574,7 @@ def generate_arithmetic(
                       "target": format_gsm8k_answer(steps, answer), "answer": str(answer)}
             yield question, record
 
-    splits = _split_by_hash(problems(), n_train, n_test, test_percent)
+    splits = split_by_hash(problems(), n_train, n_test, test_percent)
     if len(splits["train"]) < n_train or len(splits["test"]) < n_test:
         raise ValueError(f"arithmetic: could not draw {n_train}+{n_test} distinct problems (got "
                          f"{len(splits['train'])}+{len(splits['test'])}); lower the counts")
@@ -653,7 +680,7 @@ def generate_docsum(
                 seen_sources.add(record["prompt"])
                 yield key, record
 
-    splits = _split_by_hash(unique_sources(), n_train, n_test, test_percent)
+    splits = split_by_hash(unique_sources(), n_train, n_test, test_percent)
     log.info("docsum: %d train / %d test functions from %s", len(splits["train"]), len(splits["test"]), root)
     return splits
 

@@ -52,6 +52,14 @@ def fit_length(prompt: Sequence[int], target: Sequence[int], max_length: int,
     return kept_prompt + kept_target, len(kept_prompt)
 
 
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """A prompt's ids with the tokenizer's special tokens, unless its text already starts with the
+    BOS (a chat template writes it): one BOS either way, as lm-eval encodes the same prompt."""
+    bos = tokenizer.bos_token
+    starts_with_bos = bool(bos) and prompt.startswith(bos)
+    return tokenizer(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
+
+
 def _prompt_and_target(record: Any, index: int) -> tuple[str, str]:
     """Check one record's fields; errors name the record index and the field."""
     for name in ("prompt", "target"):
@@ -90,7 +98,8 @@ class SFTDataset:
         evaluation uses); by default the raw ``prompt`` and ``target`` fields.
 
         The prompt gets the tokenizer's own special tokens (a BOS for Llama), as a
-        prompt does at generation time; the target none, then EOS if `add_eos`.
+        prompt does at generation time (:func:`encode_prompt`); the target none, then EOS if
+        `add_eos`.
         """
         records = list(records)
         pairs = [_prompt_and_target(record, i) for i, record in enumerate(records)]  # all checked before work
@@ -100,7 +109,7 @@ class SFTDataset:
         if pad_id is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
         eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
-        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+        prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
         target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"] if targets else []
         examples, cut = [], 0
         for p_ids, t_ids in zip(prompt_ids, target_ids, strict=True):

@@ -68,6 +68,7 @@ from sparsify.config import TrainConfig
 from sparsify.distill import KDWeights, check_teacher, cross_entropy_sum, freeze, objective, target_positions
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.masks import find_decoder_layers, validate_masks
+from sparsify.metrics import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -602,6 +603,8 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr
             batches = [source.batch(step, micro, cfg.batch_size, seed) for micro in range(cfg.grad_accum)]
+            for b in batches:  # cheap next to the forward; an id past the embedding is otherwise an opaque crash
+                check_token_ids(b.input_ids, model, f"training batch (step {step})")
             terms = _accumulate_gradients(wrapped, teacher, batches, weights, info, device, autocast)
             loss = terms["loss"]
             if not math.isfinite(loss):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 
 from sparsify.config import Config
-from sparsify.data import Corpus, load_tokenizer
+from sparsify.data import Corpus, DataError, check_tokenizer_for_model, load_tokenizer
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.masks import sparsity_report
 from sparsify.model import build_llama, count_parameters, load_model, pick_device, save_checkpoint
 from sparsify.trainer import train
 from tasks.common import (Layout, StageResult, is_main_process, provenance, release_resume, resume_dir,
-                          val_perplexity)
+                          val_perplexities)
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,18 @@ def run(cfg: Config) -> StageResult:
     metrics: dict[str, float] = {}
     history: list[dict] = []
     if cfg.base.source:
+        # The corpus must speak the model's token ids: its tokenizer is the checkpoint's own, and no
+        # id it holds falls outside the embedding (a corpus built for another model would).
+        check_tokenizer_for_model(tokenizer, cfg.base.source, tokenizer_name=f"the corpus tokenizer ({layout.corpus})")
         model = load_model(cfg.base.source)
-        if model.config.vocab_size < len(tokenizer):
-            raise ValueError(
-                f"base.source {cfg.base.source} has vocab {model.config.vocab_size} but the corpus tokenizer has "
-                f"{len(tokenizer)} tokens; set data.tokenizer to the base model's tokenizer"
-            )
+        rows = model.get_input_embeddings().num_embeddings
+        if corpus.meta.get("max_token_id", -1) >= rows:
+            raise DataError(f"{layout.corpus} holds token id {corpus.meta['max_token_id']}, outside base.source "
+                            f"{cfg.base.source}'s embedding of {rows} rows; rebuild the corpus (stage data)")
         model.to(device)
     else:
         model = build_llama(cfg.base.arch, tokenizer, seed=cfg.project.seed).to(device)
-        metrics["ppl/val_init"] = val_perplexity(cfg, model, corpus, device)
+        metrics["ppl/val_init"] = val_perplexities(cfg, model, corpus, device)["ppl/val"]
         resume = resume_dir(cfg, "base")
         result = train(model, corpus.blocks("train"), val, tc, seed=cfg.project.seed, device=device,
                        checkpoint_dir=resume)
@@ -50,7 +52,7 @@ def run(cfg: Config) -> StageResult:
             return StageResult(metrics={}, outputs=[], variant="dense")
         metrics.update({"train/final_loss": result.final_train_loss, "train/tokens_per_s": result.tokens_per_s,
                         "time/train_s": result.seconds, "train/resumed_from_step": result.start_step})
-    metrics["ppl/val"] = val_perplexity(cfg, model, corpus, device)
+    metrics.update(val_perplexities(cfg, model, corpus, device))
     report = sparsity_report(model)
     metrics["sparsity/global"] = report["global"]
     metrics["model/params_m"] = count_parameters(model) / 1e6

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from sparsify.config import Config
 from sparsify.io import atomic_write_json
-from sparsify.metrics import perplexity
+from sparsify.metrics import token_nll
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,33 @@ def release_resume(path: Path) -> None:
     atomic_write_json(path / "COMPLETE.json", {"complete": True})
 
 
+def val_perplexities(cfg: Config, model, corpus, device) -> dict[str, float]:
+    """`ppl/val` of every stage, and `ppl/val/<source>` for each source of the mix.
+
+    The same validation blocks every time (the first `evaluate.val_blocks`, which the data stage
+    writes with the sources interleaved), so stages compare. One forward pass: each predicted
+    token's loss is attributed to the source it came from, so the overall figure is exactly the
+    token-weighted mix of the per-source ones.
+    """
+    blocks = corpus.blocks("val")
+    n = min(cfg.evaluate.val_blocks, len(blocks))
+    nll = token_nll(model.to(device), blocks, max_blocks=n, batch_size=cfg.evaluate.batch_size, device=device)
+    out = {"ppl/val": math.exp(nll.mean())}
+    owner = corpus.token_sources("val")
+    names = corpus.source_names
+    if owner is not None and len(names) > 1:
+        size = blocks.shape[1]
+        predicted = owner[: n * size].reshape(n, size)[:, 1:]  # the source of each predicted token
+        for i, name in enumerate(names):
+            picked = predicted == i
+            if picked.any():
+                out[f"ppl/val/{name}"] = math.exp(nll[picked].mean())
+    return out
+
+
 def val_perplexity(cfg: Config, model, corpus, device) -> float:
-    """`ppl/val` of every stage: the same validation blocks (evaluate.val_blocks), so stages compare."""
-    return perplexity(model.to(device), corpus.blocks("val"), max_blocks=cfg.evaluate.val_blocks,
-                      batch_size=cfg.evaluate.batch_size, device=device)
+    """The overall `ppl/val` alone (see `val_perplexities`)."""
+    return val_perplexities(cfg, model, corpus, device)["ppl/val"]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from sparsify.layerwise import prune_model
 from sparsify.masks import load_masks, plot_sparsity, save_masks, sparsity_report
 from sparsify.model import load_model, pick_device, save_checkpoint
 from sparsify.pruning import PruneConfig
-from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexity
+from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexities
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,12 @@ def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) ->
     resume = resume_dir(cfg, name)
     result = prune_model(model, corpus.calibration(), pcfg, old_masks=old_masks, device=device, resume_dir=resume)
 
-    ppl = val_perplexity(cfg, model, corpus, device)
+    ppls = val_perplexities(cfg, model, corpus, device)
+    ppl = ppls["ppl/val"]
     report = sparsity_report(model.cpu(), result.masks)
     errors = [r["error"] for r in result.layers]
     metrics = {
-        "ppl/val": ppl,
+        **ppls,
         "sparsity/global": report["global"],
         "sparsity/target": sparsity,
         "time/prune_s": result.total_seconds,

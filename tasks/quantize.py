@@ -22,7 +22,7 @@ from sparsify.layerwise import quantize_model
 from sparsify.masks import check_masks, save_masks, sparsity_report
 from sparsify.model import pick_device
 from sparsify.quantization import check_not_quantized
-from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexity
+from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexities
 from tasks.prune import MASKS, input_masks
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
     model.cpu()
     if masks is not None:
         check_masks(model, masks)  # the zeros survived quantization
-    ppl = val_perplexity(cfg, model, corpus, device)
+    ppls = val_perplexities(cfg, model, corpus, device)
+    ppl = ppls["ppl/val"]
     model.cpu()
     out = cfg.root / output
     with atomic_dir(out) as tmp:
@@ -62,7 +63,7 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
     errors = [r["error"] for r in result.layers]
     rtn = [r["rtn_error"] for r in result.layers if "rtn_error" in r]
     metrics = {
-        "ppl/val": ppl,
+        **ppls,
         "sparsity/global": sparsity_report(model, masks)["global"],
         "size/mb": size_mb(out) - (size_mb(out / "sparse") if (out / "sparse").exists() else 0.0),
         "size/sparse_format_mb": size_mb(out / "sparse") if (out / "sparse").exists() else 0.0,

@@ -122,7 +122,7 @@ def evaluated_models(cfg: Config) -> list[Evaluated]:
 
 def stages(cfg: Config) -> tuple[Stage, ...]:
     table = [
-        Stage(name="data", run=data.run, params=("project.seed", "data"), deps=(), outs=(CORPUS,),
+        Stage(name="data", run=data.run, params=("project.seed", "data", "base.source"), deps=(), outs=(CORPUS,),
               code=("sparsify/data.py", "tasks/data.py")),
         Stage(name="taskdata", run=taskdata.run, params=("project.seed", "downstream"), deps=(CORPUS,),
               outs=(TASK_DATA,), code=("sparsify/downstream.py", "tasks/taskdata.py")),

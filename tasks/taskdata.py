@@ -14,10 +14,14 @@ from sparsify.config import Config
 from sparsify.data import Corpus, load_tokenizer
 from sparsify.downstream import (
     DATASETS,
+    apply_chat_template,
+    chat_tasks,
+    check_chat_template,
     generate_arithmetic,
     generate_docsum,
     load_humaneval,
     load_records,
+    split_by_hash,
     text_records,
     write_task_jsonl,
 )
@@ -40,6 +44,11 @@ def task_records(cfg: Config, task: str) -> dict[str, list[dict]]:
     if task not in DATASETS:
         raise ValueError(f"task {task!r} has no data source; known: arithmetic, docsum, humaneval, {sorted(DATASETS)}")
     files = d.data_files.get(task, {})
+    if "test" not in DATASETS[task].splits and "test" not in files:
+        # Dolly, Open-Platypus and evol-codealpaca publish one split: hold out a test split from it,
+        # by hash of the prompt, so no prompt is in both.
+        rows = load_records(task, "train", data_files=files.get("train"))
+        return split_by_hash(((r["prompt"], r) for r in rows), d.train_size, d.test_size, test_percent=10)
     out = {}
     for split, size in (("train", d.train_size), ("test", d.test_size)):
         out[split] = load_records(task, split, data_files=files.get(split), limit=size)
@@ -61,11 +70,14 @@ def run(cfg: Config) -> StageResult:
     layout = Layout.of(cfg)
     corpus = Corpus.open(layout.corpus)
     tokenizer = load_tokenizer(corpus.tokenizer_path)
+    check_chat_template(cfg.downstream.tasks, tokenizer, str(cfg.tokenizer_source or corpus.tokenizer_path))
     out = layout.task_data
     manifest: dict[str, dict] = {}
     metrics: dict[str, float] = {}
     with atomic_dir(out) as tmp:
         splits = {task: task_records(cfg, task) for task in cfg.downstream.tasks}
+        for task in chat_tasks(splits):
+            splits[task] = {split: apply_chat_template(rows, tokenizer) for split, rows in splits[task].items()}
         for message in shortfalls(cfg, splits):
             log.warning(message)
         splits[HELDOUT] = {"test": text_records(corpus.documents("val", tokenizer, cfg.downstream.heldout_docs))}

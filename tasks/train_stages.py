@@ -26,7 +26,7 @@ from sparsify.model import pick_device, save_checkpoint
 from sparsify.sft import SFTDataset
 from sparsify.trainer import PackedBlocks, TrainResult, train
 from tasks.common import (Layout, StageResult, is_main_process, provenance, release_resume, resume_dir,
-                          val_perplexity)
+                          val_perplexities)
 from tasks.prune import MASKS, input_masks
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def pretrain(cfg: Config, *, name: str, source: str, output: str, variant: str) 
         train_data=PackedBlocks(corpus.blocks("train")), val_data=PackedBlocks(val), variant=variant,
         sections=("project", "pretrain"))
     if is_main_process():
-        result.metrics["ppl/val"] = val_perplexity(cfg, model, corpus, pick_device(cfg.project.device))
+        result.metrics.update(val_perplexities(cfg, model, corpus, pick_device(cfg.project.device)))
     return result
 
 
@@ -103,7 +103,7 @@ def pretrain_dense_control(cfg: Config, *, name: str, output: str, levels: int) 
         train_data=PackedBlocks(corpus.blocks("train")), val_data=PackedBlocks(corpus.blocks("val")),
         variant="dense-control", sections=("project", "pretrain", "pipeline"))
     if is_main_process():
-        result.metrics["ppl/val"] = val_perplexity(cfg, model, corpus, pick_device(cfg.project.device))
+        result.metrics.update(val_perplexities(cfg, model, corpus, pick_device(cfg.project.device)))
     return result
 
 

@@ -49,3 +49,13 @@ def smoke_root(tmp_path_factory) -> Path:
 @pytest.fixture()
 def smoke_cfg(tmp_path) -> Config:
     return smoke_config(tmp_path, "tracking.enabled=false")
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """Prefect's real temporary server, started once per module and stopped before pytest closes its
+    log capture."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

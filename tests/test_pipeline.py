@@ -19,15 +19,6 @@ from tasks.stages import dvc_layout, stages
 from tests.conftest import PARAMS, REPO
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    """Prefect's real temporary server, started once and stopped before pytest closes its log capture."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 STAGES = stages(load_config(PARAMS))
 
 

@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_args(sub.add_parser("run", help="run the whole pipeline as the sparse-llama Prefect flow"))
+    run = sub.add_parser("run", help="run the whole pipeline as the sparse-llama Prefect flow")
+    run.add_argument("--until", dest="targets", action="append", default=None, metavar="STAGE",
+                     help="run only this stage and the stages it needs (repeatable)")
+    _config_args(run)
     sweep = sub.add_parser("sweep", help="prune the base model with each method at each sparsity (Prefect flow)")
     sweep.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
     sweep.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             load_config(args.config, args.profile, overrides=args.overrides)  # fail fast, before Prefect starts
             from flows.pipeline import sparse_llama
 
-            sparse_llama(profile=args.profile, overrides=args.overrides, config_path=args.config)
+            sparse_llama(profile=args.profile, overrides=args.overrides, config_path=args.config, targets=args.targets)
             return 0
         if args.command == "sweep":
             load_config(args.config, args.profile, overrides=args.overrides)

@@ -48,15 +48,36 @@ def sparse_llama(
     params: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
     config_path: str = "params.yaml",
+    targets: list[str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run the whole pipeline.
+    """Run the whole pipeline, or with `targets` only those stages and the stages they need.
 
     `params` are nested overrides of params.yaml (e.g. {"prune": {"method": "wanda"}}),
     `overrides` the CLI's KEY=VALUE form; both apply on top of `profile`.
     """
     cfg = load_config(config_path, profile=profile, params=params, overrides=overrides or [])
+    table = stages(cfg)
+    if targets:
+        unknown = sorted(set(targets) - {s.name for s in table})
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(s.name for s in table)}")
+        table = tuple(upstream_closure(table, targets))
     with root_lock(cfg.root):
-        return _run(cfg, profile, "sparse-llama", stages(cfg))
+        return _run(cfg, profile, "sparse-llama", table)
+
+
+@flow(name="run-stage", log_prints=False)
+def run_stage(stage: str, config: dict[str, Any], parent_run_id: str | None = None,
+              force: bool = False) -> dict[str, float]:
+    """One stage of the pipeline, on whichever worker picked the flow run up: what the orchestrating
+    flow dispatches to the GPU work pool (`orchestration.gpu_deployment`). `config` is the
+    orchestrating run's whole resolved configuration, so both sides run the same stage table."""
+    from sparsify.config import validate
+    from tasks.runner import execute
+    from tasks.stages import get
+
+    cfg = validate(config, f"run-stage {stage} parameters")
+    return execute(get(cfg, stage), cfg, parent_run_id, force=force).metrics
 
 
 @flow(name="finetune-task", log_prints=False)

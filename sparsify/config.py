@@ -265,6 +265,10 @@ class OrchestrationConfig(Section):
     # Stages running at once in the Prefect flow. On a 2-core CPU two torch jobs slow each
     # other ~10x, so 1; raise it where independent stages have their own devices.
     max_parallel: int = Field(default=1, ge=1)
+    # The `run-stage` deployment on a GPU work pool (prefect.yaml: "run-stage/gpu"): stages that need
+    # an accelerator (training, pruning, quantization, evaluation) run there, one flow run each, the
+    # rest in the flow's own process. The workers must see the same project.root. None: all local.
+    gpu_deployment: str | None = Field(default=None, pattern=r"^[^/]+/[^/]+$")
 
 
 class Config(Section):

@@ -130,9 +130,35 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
     return result
 
 
+class RemoteStageFailed(RuntimeError):
+    """A stage dispatched to a work pool did not complete there."""
+
+
+def execute_remote(deployment: str, stage: Stage, cfg: Config, parent_run_id: str | None, *,
+                   force: bool = False) -> StageResult:
+    """Run `stage` as a flow run of the `run-stage` deployment `deployment` (on its work pool's
+    worker, e.g. a GPU machine) and wait for it; the worker writes the outputs, metrics and stamp
+    into the same project.root, where they are read back."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(deployment, timeout=None, parameters={
+        "stage": stage.name, "config": cfg.model_dump(mode="json"), "parent_run_id": parent_run_id, "force": force})
+    if not flow_run.state.is_completed():
+        raise RemoteStageFailed(f"stage {stage.name} on deployment {deployment} ended {flow_run.state.name}: "
+                                f"{flow_run.state.message or 'see the flow run ' + str(flow_run.id)}")
+    layout = Layout.of(cfg)
+    variant = json.loads(layout.stamp(stage.name).read_text())["variant"]
+    return StageResult(metrics=read_metrics(layout.metrics(stage.name)), outputs=[cfg.root / o for o in stage.outs],
+                       variant=variant)
+
+
 def _execute_limited(stage: Stage, cfg: Config, parent_run_id: str | None, limiter, table: tuple[Stage, ...],
                      force: bool = False) -> StageResult:
     with limiter:  # a semaphore shared by one flow run's stages: orchestration.max_parallel
+        deployment = cfg.orchestration.gpu_deployment
+        # Only the pipeline's own stages can be rebuilt from the config on the worker (not sweep points).
+        if deployment and stage.gpu and stage.name in {s.name for s in stages(cfg)}:
+            return execute_remote(deployment, stage, cfg, parent_run_id, force=force)
         return execute(stage, cfg, parent_run_id, force=force, table=table)
 
 

@@ -47,6 +47,7 @@ class Stage:
     item: tuple[tuple[str, str], ...] = ()
     resumable: bool = False  # keeps resume state in `.resume/<name>` (a persistent DVC output)
     trains: bool = False  # writes its training curve to `plots/<name>.json`
+    gpu: bool = False  # wants an accelerator: runs on orchestration.gpu_deployment's work pool when set
 
     @property
     def metrics_file(self) -> str:
@@ -70,7 +71,7 @@ def _prune(name: str, sparsity: float, source: str, family: str, item: dict[str,
     return Stage(name=name, run=partial(prune.run, name=name, sparsity=sparsity, source=source, output=output),
                  params=("project.device", "prune", "pipeline.sparsities", "evaluate.val_blocks"),
                  deps=(source, CORPUS), outs=(output,), code=PRUNE_CODE,
-                 family=family, item=tuple(item.items()), resumable=True)
+                 family=family, item=tuple(item.items()), resumable=True, gpu=True)
 
 
 def _finetune(name: str, task: str, source: str, teacher: str | None, variant: str, family: str,
@@ -84,7 +85,7 @@ def _finetune(name: str, task: str, source: str, teacher: str | None, variant: s
         deps=(source, TASK_DATA, *([teacher] if teacher else [])),
         outs=(output,),
         code=TRAIN_CODE,
-        family=family, item=tuple(item.items()), resumable=True, trains=True,
+        family=family, item=tuple(item.items()), resumable=True, trains=True, gpu=True,
     )
 
 
@@ -129,7 +130,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
         Stage(name="base", run=base.run, params=("project.seed", "project.device", "base", "evaluate.val_blocks"),
               deps=(CORPUS,), outs=("models/base",),
               code=("sparsify/model.py", "sparsify/trainer.py", "sparsify/metrics.py", "tasks/base.py"),
-              resumable=True, trains=True),
+              resumable=True, trains=True, gpu=True),
     ]
     # Prune → sparse-pretrain, level by level, each level from the previous level's pretrained model.
     previous = "models/base"
@@ -145,7 +146,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             deps=(f"models/prune{lv}", CORPUS, "models/base"),
             outs=(output,),
             code=TRAIN_CODE,
-            family="pretrain", item=(("level", lv),), resumable=True, trains=True,
+            family="pretrain", item=(("level", lv),), resumable=True, trains=True, gpu=True,
         ))
         previous = output
 
@@ -156,7 +157,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
                         levels=len(levels)),
             params=("project.seed", "project.device", "pretrain", "pipeline.sparsities", "evaluate.val_blocks"),
             deps=("models/base", CORPUS), outs=("models/pretrain-dense",), code=TRAIN_CODE,
-            resumable=True, trains=True,
+            resumable=True, trains=True, gpu=True,
         ))
 
     # Per task: the dense teacher, sparse fine-tunes with KD, and the baseline.
@@ -187,7 +188,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             outs=(output,),
             code=QUANT_CODE,
             family=family, item=(("scheme", scheme), ("task" if family == "quant-ft" else "level", varying)),
-            resumable=True,
+            resumable=True, gpu=True,
         ))
 
     models = evaluated_models(cfg)
@@ -203,6 +204,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             # Dense models have no reference, so one dependency fewer: a family of their own.
             family="eval" if m.reference else "eval-dense",
             item=(("model", m.model), ("reference", m.reference)) if m.reference else (("model", m.model),),
+            gpu=True,
         ))
     sparsest = f"pretrain{levels[-1]}"
     table.append(Stage(

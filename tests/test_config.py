@@ -36,6 +36,11 @@ def test_every_profile_validates():
     assert saturated.base.arch.hidden_size < load_config(PARAMS).base.arch.hidden_size
     assert saturated.base.train.steps * saturated.base.train.batch_size * saturated.data.block_size \
         <= saturated.data.train_tokens
+    # The paper's setting validates offline; its corpus is written with the checkpoint's ids (the chat
+    # model's tokenizer, which the data stage checks against base.source before any work).
+    llama = load_config(PARAMS, profile="llama2-7b")
+    assert llama.base.source == "meta-llama/Llama-2-7b-hf" and llama.tokenizer_source.endswith("-chat-hf")
+    assert llama.pipeline.sparsities == [0.5, 0.7] and "ultrachat" in llama.downstream.tasks
 
 
 def test_set_overrides_parse_yaml_values():
@@ -87,7 +92,7 @@ def test_malformed_yaml_and_unknown_profile(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(bad)
-    with pytest.raises(ConfigError, match="unknown profile 'huge'; known profiles: saturated, smoke"):
+    with pytest.raises(ConfigError, match="unknown profile 'huge'; known profiles: llama2-7b, saturated, smoke"):
         load_config(PARAMS, profile="huge")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(PARAMS, overrides=["base.train.steps"])

@@ -55,7 +55,7 @@ def fit_length(prompt: Sequence[int], target: Sequence[int], max_length: int,
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """A prompt's ids with the tokenizer's special tokens, unless its text already starts with the
     BOS (a chat template writes it): one BOS either way, as lm-eval encodes the same prompt."""
-    bos = tokenizer.bos_token
+    bos = getattr(tokenizer, "bos_token", None)  # a minimal tokenizer may have no BOS at all
     starts_with_bos = bool(bos) and prompt.startswith(bos)
     return tokenizer(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
 

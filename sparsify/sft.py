@@ -52,12 +52,25 @@ def fit_length(prompt: Sequence[int], target: Sequence[int], max_length: int,
     return kept_prompt + kept_target, len(kept_prompt)
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """A prompt's ids with the tokenizer's special tokens, unless its text already starts with the
-    BOS (a chat template writes it): one BOS either way, as lm-eval encodes the same prompt."""
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompts' ids with the tokenizer's special tokens, except for a prompt whose text already
+    starts with the BOS (a chat template writes it): one BOS either way, as lm-eval encodes the
+    same prompt. Batched, in the prompts' order."""
     bos = getattr(tokenizer, "bos_token", None)  # a minimal tokenizer may have no BOS at all
-    starts_with_bos = bool(bos) and prompt.startswith(bos)
-    return tokenizer(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
+    framed = [bool(bos) and p.startswith(bos) for p in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    for special in (True, False):
+        picked = [i for i, f in enumerate(framed) if f != special]
+        if picked:
+            encoded = tokenizer([prompts[i] for i in picked], add_special_tokens=special)["input_ids"]
+            for i, ids in zip(picked, encoded, strict=True):
+                out[i] = list(ids)
+    return out
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """One prompt's ids (see `encode_prompts`)."""
+    return encode_prompts(tokenizer, [prompt])[0]
 
 
 def _prompt_and_target(record: Any, index: int) -> tuple[str, str]:
@@ -109,7 +122,7 @@ class SFTDataset:
         if pad_id is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
         eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
-        prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+        prompt_ids = encode_prompts(tokenizer, prompts)
         target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"] if targets else []
         examples, cut = [], 0
         for p_ids, t_ids in zip(prompt_ids, target_ids, strict=True):

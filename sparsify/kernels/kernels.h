@@ -23,6 +23,13 @@ constexpr int kRowBlock = 4;
 // Up to this many rows of x, the AVX-512 kernels expand W in registers and use it for every row
 // of x at once (no scratch): bandwidth-bound decode and tiny batches.
 constexpr int kDirectMax = 4;
+// From this many rows of x on, the AVX2 kernels multiply by outer products (outer.h), one FMA
+// per stored weight, instead of expanding W (which does a dense matmul's arithmetic).
+constexpr int kOuterMin = 4;
+// The AVX-512 kernels use outer products for batched decode (kDirectMax, 16]; larger batches
+// (prefill chunks) expand each weight row once into scratch and reuse it for every row of x,
+// reading W once instead of once per 16 rows.
+constexpr int kOuterMax512 = 16;
 
 // One call, described with raw pointers. All x rows are zero-padded to 64 * words columns, so
 // vector loads never read past a row; pruned positions expand to exact zeros.
@@ -33,27 +40,33 @@ struct Problem {
   const uint64_t* mask;     // [N, words], bit j of word w = column 64w + j is stored
   const int64_t* offsets;   // [N + 1] start of each row in `values`
   const void* values;       // packed nonzeros (padded at the end for 64-byte over-reads)
-  const void* x;            // [M, 64 * words]: uint16 (bf16 bits), float, or uint8 (int8 code + 128)
+  const void* x;            // [M, 64 * words]: uint16 (bf16 bits), float, uint8 (int8 code + 128) or int32 (code)
   const float* x_scale;     // [M] per-token activation scale (Fmt::I8 only)
   const float* w_scale;     // [N] per-row weight scale (Fmt::I8 / I8F)
-  const int32_t* row_sum;   // [N] sum of each row's int8 codes (Fmt::I8: undoes the +128 of x)
+  const int32_t* row_sum;   // [N] sum of each row's int8 codes (Fmt::I8 with uint8 x: undoes the +128)
   const float* bias;        // [N] or nullptr
   float* y;                 // [M, N]
   const int64_t* bounds;    // [nthreads + 1] the row range of each thread
   int nthreads;
   int64_t prefetch;         // software prefetch distance (bytes) of the value stream (AVX-512 M <= 4)
+  bool outer;               // take the outer-product kernel (outer.h); set by the binding from avx2/avx512::outer
 };
 
 namespace generic { void run(Fmt fmt, const Problem& p); }
-namespace avx2 { void run(Fmt fmt, const Problem& p); }
+namespace avx2 {
+void run(Fmt fmt, const Problem& p);
+// Whether a call with M rows of x takes the outer-product kernel (x as fp32, or int32 codes for W8A8).
+constexpr bool outer(int64_t M) { return M >= kOuterMin; }
+}  // namespace avx2
 namespace avx512 {
 void run(Fmt fmt, const Problem& p);
+constexpr bool outer(int64_t M) { return M > kDirectMax && M <= kOuterMax512; }
 // Vectorized activation encoders (same results as the scalar ones in sparse_gemv.cpp).
 void encode_bf16(const float* x, int64_t M, int64_t K, int64_t kp, uint16_t* out, bool split);
 bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, float* scale);
 }  // namespace avx512
 
 // Which x encoding each (ISA, format) pair expects, decided in one place (sparse_gemv.cpp).
-enum class XKind : int { F32 = 0, BF16 = 1, U8 = 2 };
+enum class XKind : int { F32 = 0, BF16 = 1, U8 = 2, I32 = 3 };
 
 }  // namespace sparsellama

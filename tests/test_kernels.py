@@ -28,7 +28,7 @@ from sparsify.quantization import fake_quantize_per_token
 SHAPES = [(37, 100), (100, 129), (129, 37), (64, 128), (3, 1)]  # (out, in): odd sizes hit every tail
 SPARSITIES = [0.0, 0.5, 0.7, 0.95, 1.0]
 # Every batch 1..17 (each kernel's token blocking and its remainders: AVX-512 in-register ≤ 4 then
-# scratch rows; AVX2 expanded ≤ 3 then 16-row outer-product passes) and one large batch.
+# scratch rows; AVX2 expanded ≤ 7 then 16-row outer-product passes) and one large batch.
 BATCHES = [*range(1, 18), 64]
 
 

@@ -34,9 +34,9 @@ constexpr int64_t kValuePadBytes = 64;
 int64_t g_prefetch = 2048;
 void set_prefetch(int64_t bytes) { g_prefetch = bytes; }
 
-// Benchmark-only override: on AVX2 and AVX-512, batches of at least this many rows take the
-// outer-product kernel and smaller ones the expanding kernels (0: the built-in choice). For
-// measuring where one kernel overtakes the other.
+// Benchmark-only override: on AVX2, batches of at least this many rows take the outer-product
+// kernel and smaller ones the expanding kernel (0: the built-in choice). For measuring where one
+// kernel overtakes the other.
 int64_t g_outer_from = 0;
 void set_outer_from(int64_t rows) { g_outer_from = rows; }
 
@@ -208,9 +208,8 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   // How this kernel reads x: W8A8 codes as uint8 (q + 128, VPDPBUSD's unsigned operand) for the
   // AVX-512 and generic kernels, as int32 q (VPMADDWD's 16-bit lanes) for AVX2; bf16 for AVX-512's
   // bf16 dot product; fp32 otherwise.
-  // The outer-product kernels (outer.h) read fp32 x, or int32 codes for W8A8.
-  const bool outer = g_outer_from > 0 ? isa != kGeneric && M >= g_outer_from
-                                      : (isa == kAvx2 && avx2::outer(M)) || (isa == kAvx512 && avx512::outer(M));
+  // The outer-product kernel (outer.h) reads fp32 x, or int32 codes for W8A8.
+  const bool outer = isa == kAvx2 && (g_outer_from > 0 ? M >= g_outer_from : avx2::outer(M));
   XKind xk = fmt == Fmt::I8 ? (isa == kAvx2 || outer ? XKind::I32 : XKind::U8)
                             : (isa == kAvx512 && !outer && fmt == Fmt::BF16 ? XKind::BF16 : XKind::F32);
   const bool split = xk == XKind::BF16 && x.scalar_type() == torch::kFloat;
@@ -229,7 +228,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   // Tiny problems (tests, toy models) are not worth waking a second thread for.
   int nthreads = at::get_num_threads();
   if (Mk * N * kp < (int64_t(1) << 18)) nthreads = 1;
-  const auto bounds = split_rows(off, N, words, elt, isa == kAvx2 || outer || Mk <= kDirectMax, nthreads);
+  const auto bounds = split_rows(off, N, words, elt, isa == kAvx2 || Mk <= kDirectMax, nthreads);
 
   Problem p;
   p.M = Mk;
@@ -274,7 +273,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("values"), pybind11::arg("w_scale"), pybind11::arg("row_sum"), pybind11::arg("bias"),
         pybind11::arg("act_int8"), pybind11::arg("isa"));
   m.def("set_prefetch", &sparsellama::set_prefetch, "AVX-512 batch-1 software prefetch distance in bytes (tuning)");
-  m.def("set_outer_from", &sparsellama::set_outer_from, "batches from this many rows take the outer-product "
-        "kernel on AVX2/AVX-512 (0: built-in choice; benchmarking only)");
+  m.def("set_outer_from", &sparsellama::set_outer_from, "AVX2: batches from this many rows take the "
+        "outer-product kernel (0: built-in choice; benchmarking only)");
   m.def("best_isa", &sparsellama::best_isa, "0 = generic, 1 = AVX2+FMA, 2 = AVX-512 (BF16, VBMI2, VNNI)");
 }

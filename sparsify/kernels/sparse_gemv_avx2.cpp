@@ -17,7 +17,8 @@
 //
 // The expanded 8-lane vector meets x (fp32, or int32 activation codes for W8A8) with one FMA or
 // VPMADDWD per row of x: up to kTokens rows of x share each expanded vector in registers (batched
-// decode); more rows are done kTokens at a time while the weight row is still in L1.
+// decode); more rows are done kTokens at a time while the weight row is still in L1. From
+// kOuterMin rows of x on, the outer-product kernel of outer.h takes over (see kernels.h).
 //
 // W8A8 exactness: VPMADDWD gives code·256·q per lane, at most 127·256·128 ≈ 4.2e6, so an int32
 // accumulator is moved (>> 8, exact: every term is a multiple of 256) into a running total every

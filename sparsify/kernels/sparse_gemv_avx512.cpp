@@ -27,7 +27,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "kernels.h"
 
@@ -37,23 +36,6 @@
 
 namespace sparsellama {
 namespace avx512 {
-
-struct Vec {  // 16 fp32 lanes: outer.h's batched kernel runs one of these per column of 16 rows of x
-  using F = __m512;
-  using I = __m512i;
-  static constexpr int kLanes = 16;
-  static F zero() { return _mm512_setzero_ps(); }
-  static I izero() { return _mm512_setzero_si512(); }
-  static F set1(float a) { return _mm512_set1_ps(a); }
-  static F load(const float* x) { return _mm512_loadu_ps(x); }
-  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F add(F a, F b) { return _mm512_add_ps(a, b); }
-  static I settle(I total, F a) { return _mm512_add_epi32(total, _mm512_cvtps_epi32(a)); }
-  static void store(float* d, F a) { _mm512_store_ps(d, a); }
-  static void store(int32_t* d, I a) { _mm512_store_si512(d, a); }
-};
-
-#include "outer.h"
 
 namespace {
 
@@ -383,7 +365,6 @@ bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, f
 }
 
 void run(Fmt fmt, const Problem& p) {
-  if (p.outer) return run_outer(fmt, p);
   const int64_t kp = p.words * 64;
 #pragma omp parallel num_threads(p.nthreads)
   {

@@ -621,11 +621,12 @@ def available_paths() -> list[str]:
 def run(*, quick: bool, variants: Sequence[str] | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
         repeats: int | None = None, decode: bool = True, decode_layers: int = 2,
         checkpoint: str | os.PathLike | None = None, isas: Sequence[str] | None = None,
-        shapes: Sequence[tuple[int, int]] = LLAMA2_7B_SHAPES) -> dict:
+        shapes: Sequence[tuple[int, int]] = LLAMA2_7B_SHAPES, layers: bool = True) -> dict:
     """The whole benchmark as one dict (layers, projection, decode, flat ``metrics``).
 
     ``isas``: the kernel paths each sparse layer variant is timed on (default: the best one in the
-    quick mode, every path this CPU has otherwise). Decode runs on the path the runtime picks.
+    quick mode, every path this CPU has otherwise). Decode runs on the path the runtime picks
+    (``SPARSELLAMA_ISA`` caps it). ``layers=False``: decode only.
     """
     load_extension()
     result: dict = {"machine": machine_info()}
@@ -636,12 +637,12 @@ def run(*, quick: bool, variants: Sequence[str] | None = None, batches: Sequence
         variants = variants or [v for v in LAYER_VARIANTS if v != "sparse70_w8a16"]
         variants = with_isas(variants, isas) if isas else variants
         result["layers"] = run_layer_benchmark([(11008, 4096)], [1], variants, repeats or 5, target_s=0.015)
-    else:
+    elif layers:
         variants = with_isas(variants or list(LAYER_VARIANTS), isas or available_paths() or ["torch"])
         result["layers"] = run_layer_benchmark(shapes, batches, variants, repeats or 9)
         result["projected_7b_decoder_linears"] = project_decoder_linears(result["layers"]["rows"])
-        if decode:
-            result["decode"] = run_decode_benchmark(checkpoint, layers=decode_layers)
+    if decode and not quick:
+        result["decode"] = run_decode_benchmark(checkpoint, layers=decode_layers)
     gpu = run_gpu_layer_benchmark([(11008, 4096)] if quick else GPU_SHAPES, (1,) if quick else GPU_BATCHES)
     if gpu is not None:  # only with CUDA: 2:4 semi-structured and torch's int8/int4 GPU paths
         result["gpu"] = gpu
@@ -661,6 +662,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", default=None, help=f"layer variants (default: all; --quick: "
                         f"all but sparse70_w8a16) of {LAYER_VARIANTS}")
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--decode-only", action="store_true", help="the decode benchmark alone (no layers)")
     parser.add_argument("--decode-layers", type=int, default=2)
     parser.add_argument("--checkpoint", type=Path, default=None, help="decode benchmark on this HF checkpoint dir")
     parser.add_argument("--isas", nargs="+", default=None, choices=ISA_NAMES,
@@ -674,11 +676,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else LLAMA2_7B_SHAPES
     result = run(quick=args.quick, variants=args.variants, batches=args.batches, repeats=args.repeats,
                  decode=not args.no_decode, decode_layers=args.decode_layers, checkpoint=args.checkpoint,
-                 isas=args.isas, shapes=shapes)
+                 isas=args.isas, shapes=shapes, layers=not args.decode_only)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "sparse_kernels.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out_dir / "sparse_kernels.png")
-    logger.info("stream %.1f GB/s; wrote %s (%.1f s)", result["layers"]["stream"]["gbps"],
+    logger.info("stream %.1f GB/s; wrote %s (%.1f s)", result.get("layers", {}).get("stream", {}).get("gbps", 0.0),
                 args.out_dir / "sparse_kernels.json", result["seconds"])
     return result
 

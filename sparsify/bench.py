@@ -6,7 +6,9 @@ Layers (W [out, in], x [batch, in]), variants timed in the same run, interleaved
 * ``torch_int8`` — ``torch.ao.quantization.quantize_dynamic`` on an ``nn.Linear`` (W8A8, x86 engine);
 * ``torch_int4`` — ``torch._weight_int4pack_mm_for_cpu``, group 128, bf16 activations;
 * ``sparse50_bf16`` / ``sparse70_bf16`` / ``sparse70_int8`` (W8A8) / ``sparse70_w8a16`` — ours
-  (:mod:`sparsify.kernels`), weights pruned per row by magnitude.
+  (:mod:`sparsify.kernels`), weights pruned per row by magnitude. ``name@isa`` forces a kernel path
+  (``generic``, ``avx2``, ``avx512``); the full run times every sparse variant on every path this
+  CPU has, side by side. Each row records the path it ran on (``isa``), the JSON the CPU model.
 
 For each: ms per call, speedups against every dense/torch baseline, effective bandwidth (bytes of
 the stored weight read per call / time) and its share of the stream bandwidth (``torch.sum`` over a
@@ -56,6 +58,7 @@ from torch import Tensor, nn
 
 from sparsify.bench_gpu import GPU_BATCHES, GPU_SHAPES, flat_gpu_metrics, int4_groups, run_gpu_layer_benchmark
 from sparsify.kernels import PackedWeight, kernel_isa, load_extension, pack, sparse_linear
+from sparsify.kernels.loader import ISA_NAMES
 from sparsify.masks import prunable_linear_names
 from sparsify.runtime import sparsify_model
 
@@ -103,8 +106,15 @@ def _int4_pack(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch._convert_weight_to_int4pack_for_cpu(q, 2), sz, deq
 
 
+def split_isa(name: str) -> tuple[str, str | None]:
+    """``"sparse70_bf16@avx2"`` → ``("sparse70_bf16", "avx2")``; no ``@``: the best path (None)."""
+    base, _, isa = name.partition("@")
+    return base, isa or None
+
+
 def prepare_weight(name: str, dense: Tensor, cache: dict) -> object:
     """Variant ``name``'s stored weight for fp32 ``dense`` [out, in], memoized in ``cache`` (per shape)."""
+    name = split_isa(name)[0]  # every path of a variant reads the same stored weight
     if name in cache:
         return cache[name]
     out, inn = dense.shape
@@ -138,6 +148,21 @@ def prepare_weight(name: str, dense: Tensor, cache: dict) -> object:
         raise ValueError(f"unknown variant {name!r}; known: {LAYER_VARIANTS}")
     cache[name] = state
     return state
+
+
+def variant_isa(name: str) -> str:
+    """The instruction set a layer variant runs on: our kernel path, or torch's dispatch level."""
+    if name.startswith("sparse"):
+        return split_isa(name)[1] or kernel_isa()
+    return f"torch {torch.backends.cpu.get_cpu_capability()}"
+
+
+def with_isas(variants: Sequence[str], isas: Sequence[str]) -> list[str]:
+    """Each sparse variant once per kernel path in ``isas`` (``name@isa``); baselines once."""
+    out = []
+    for v in variants:
+        out += [f"{v}@{isa}" for isa in isas] if v.startswith("sparse") and "@" not in v else [v]
+    return out
 
 
 def _clone(state: object) -> object:
@@ -184,7 +209,8 @@ def _layer_call(name: str, state: object, x32: Tensor, xb: Tensor) -> Callable[[
     if name == "torch_int4":
         packed, sz, _ = state
         return lambda: torch._weight_int4pack_mm_for_cpu(xb, packed, INT4_GROUP, sz)
-    return lambda: sparse_linear(xb, state)
+    isa = split_isa(name)[1]
+    return lambda: sparse_linear(xb, state, isa=isa)
 
 
 CHECK_ROWS = 256  # output features each variant's result is checked on (the check costs setup time)
@@ -232,7 +258,7 @@ def make_layer_variant(
     cache = {} if cache is None else cache
     state = prepare_weight(name, dense, cache)
     nbytes = _weight_bytes(name, state, tuple(dense.shape))
-    key = f"{name}/copies"
+    key = f"{split_isa(name)[0]}/copies"  # the paths of one variant share its copies
     if key not in cache:
         n = min(64, max(1, -(-rotate_bytes // nbytes)))
         cache[key] = [state] + [_clone(state) for _ in range(n - 1)]
@@ -301,7 +327,7 @@ def run_layer_benchmark(
                 ms = medians[name] * 1e3
                 spread = (max(samples[name]) - min(samples[name])) / medians[name]
                 row = {
-                    "shape": f"{out}x{inn}", "batch": batch, "variant": name, "ms": ms,
+                    "shape": f"{out}x{inn}", "batch": batch, "variant": name, "isa": variant_isa(name), "ms": ms,
                     "ms_min": min(samples[name]) * 1e3, "spread": spread,
                     "gbps": info[name]["weight_bytes"] / medians[name] / 1e9,
                     "stream_gbps": block_stream,
@@ -313,7 +339,7 @@ def run_layer_benchmark(
                     if base in medians:
                         row[f"speedup_vs_{short}"] = medians[base] / medians[name]
                 rows.append(row)
-                logger.info("%-10s b=%-3d %-15s %8.3f ms  x%5.2f fp32  %5.1f GB/s (%3.0f%% of %4.1f)  spread %.0f%%",
+                logger.info("%-10s b=%-3d %-22s %8.3f ms  x%5.2f fp32  %5.1f GB/s (%3.0f%% of %4.1f)  spread %.0f%%",
                             row["shape"], batch, name, ms, row.get("speedup_vs_fp32", float("nan")),
                             row["gbps"], row["pct_stream"], block_stream, 100 * spread)
     stream = {"gbps": statistics.median(all_stream), "gbps_min": min(all_stream), "gbps_max": max(all_stream),
@@ -513,7 +539,7 @@ def flat_metrics(result: dict, device: str = "cpu") -> dict[str, float]:
     """``bench/<device>/<shape or model>/<variant>/{ms,speedup_vs_fp32}`` (the DESIGN's metric names)."""
     metrics = {}
     for r in result.get("layers", {}).get("rows", []):
-        key = f"bench/{device}/{r['shape']}_b{r['batch']}/{r['variant']}"
+        key = f"bench/{device}/{r['shape']}_b{r['batch']}/{r['variant'].replace('@', '-')}"
         metrics[f"{key}/ms"] = r["ms"]
         if "speedup_vs_fp32" in r:
             metrics[f"{key}/speedup_vs_fp32"] = r["speedup_vs_fp32"]
@@ -556,28 +582,67 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, format="png", dpi=100)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    """The vector extensions this CPU reports that the kernels care about, e.g. 'avx2 fma avx512f ...'."""
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512_vbmi2")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512"
+
+
 def machine_info() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
-            "kernels": kernel_isa(), "loadavg_1m": os.getloadavg()[0]}
+    """Where the figures come from: CPU model and extensions, torch's dispatch level, our kernel path."""
+    return {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_isa": cpu_isa(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability(), "kernels": kernel_isa(),
+            "kernel_paths": available_paths(), "loadavg_1m": os.getloadavg()[0]}
+
+
+def available_paths() -> list[str]:
+    """Every kernel path this machine can run, portable first (empty without the compiled extension)."""
+    best = kernel_isa()
+    return [] if best == "torch" else list(ISA_NAMES[: ISA_NAMES.index(best) + 1])
 
 
 def run(*, quick: bool, variants: Sequence[str] | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
         repeats: int | None = None, decode: bool = True, decode_layers: int = 2,
-        checkpoint: str | os.PathLike | None = None) -> dict:
-    """The whole benchmark as one dict (layers, projection, decode, flat ``metrics``)."""
+        checkpoint: str | os.PathLike | None = None, isas: Sequence[str] | None = None,
+        shapes: Sequence[tuple[int, int]] = LLAMA2_7B_SHAPES, layers: bool = True) -> dict:
+    """The whole benchmark as one dict (layers, projection, decode, flat ``metrics``).
+
+    ``isas``: the kernel paths each sparse layer variant is timed on (default: the best one in the
+    quick mode, every path this CPU has otherwise). Decode runs on the path the runtime picks
+    (``SPARSELLAMA_ISA`` caps it). ``layers=False``: decode only.
+    """
     load_extension()
     result: dict = {"machine": machine_info()}
+    logger.info("CPU %s (%s); torch dispatch %s; sparse kernels: %s", result["machine"]["cpu_model"],
+                result["machine"]["cpu_isa"], result["machine"]["capability"], result["machine"]["kernels"])
     t0 = time.perf_counter()
     if quick:  # the smoke profile's check: the required variants, fewer and shorter samples
         variants = variants or [v for v in LAYER_VARIANTS if v != "sparse70_w8a16"]
+        variants = with_isas(variants, isas) if isas else variants
         result["layers"] = run_layer_benchmark([(11008, 4096)], [1], variants, repeats or 5, target_s=0.015)
-    else:
-        variants = variants or list(LAYER_VARIANTS)
-        result["layers"] = run_layer_benchmark(LLAMA2_7B_SHAPES, batches, variants, repeats or 9)
+    elif layers:
+        variants = with_isas(variants or list(LAYER_VARIANTS), isas or available_paths() or ["torch"])
+        result["layers"] = run_layer_benchmark(shapes, batches, variants, repeats or 9)
         result["projected_7b_decoder_linears"] = project_decoder_linears(result["layers"]["rows"])
-        if decode:
-            result["decode"] = run_decode_benchmark(checkpoint, layers=decode_layers)
+    if decode and not quick:
+        result["decode"] = run_decode_benchmark(checkpoint, layers=decode_layers)
     gpu = run_gpu_layer_benchmark([(11008, 4096)] if quick else GPU_SHAPES, (1,) if quick else GPU_BATCHES)
     if gpu is not None:  # only with CUDA: 2:4 semi-structured and torch's int8/int4 GPU paths
         result["gpu"] = gpu
@@ -597,19 +662,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", default=None, help=f"layer variants (default: all; --quick: "
                         f"all but sparse70_w8a16) of {LAYER_VARIANTS}")
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--decode-only", action="store_true", help="the decode benchmark alone (no layers)")
     parser.add_argument("--decode-layers", type=int, default=2)
     parser.add_argument("--checkpoint", type=Path, default=None, help="decode benchmark on this HF checkpoint dir")
+    parser.add_argument("--isas", nargs="+", default=None, choices=ISA_NAMES,
+                        help="kernel paths to time each sparse layer variant on (default: all this CPU has)")
+    parser.add_argument("--shapes", nargs="+", default=None, help="layer shapes OUTxIN (default: Llama-2-7B's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else LLAMA2_7B_SHAPES
     result = run(quick=args.quick, variants=args.variants, batches=args.batches, repeats=args.repeats,
-                 decode=not args.no_decode, decode_layers=args.decode_layers, checkpoint=args.checkpoint)
+                 decode=not args.no_decode, decode_layers=args.decode_layers, checkpoint=args.checkpoint,
+                 isas=args.isas, shapes=shapes, layers=not args.decode_only)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "sparse_kernels.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out_dir / "sparse_kernels.png")
-    logger.info("stream %.1f GB/s; wrote %s (%.1f s)", result["layers"]["stream"]["gbps"],
+    logger.info("stream %.1f GB/s; wrote %s (%.1f s)", result.get("layers", {}).get("stream", {}).get("gbps", 0.0),
                 args.out_dir / "sparse_kernels.json", result["seconds"])
     return result
 

@@ -36,5 +36,8 @@ def run(cfg: Config, *, model: str) -> StageResult:
     stream = result["layers"]["stream"]["gbps"]
     metrics["bench/cpu/stream_gbps"] = stream
     log.info("benchmark: %s", {k: round(v, 3) for k, v in metrics.items() if "speedup" in k})
-    return StageResult(metrics=metrics, outputs=[out], variant="all",
+    # Every figure is only meaningful with the machine and kernel path it ran on.
+    machine = result["machine"]
+    params = {f"bench.{k}": str(machine[k]) for k in ("kernels", "cpu_model", "cpu_isa", "capability", "threads")}
+    return StageResult(metrics=metrics, outputs=[out], variant="all", params=params,
                        artifacts=[out / "sparse_kernels.json", out / "sparse_kernels.png"])

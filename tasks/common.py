@@ -141,6 +141,7 @@ class StageResult:
     variant: str = "dense"
     artifacts: list[Path] = field(default_factory=list)  # small files worth attaching to the MLflow run
     history: list[dict] = field(default_factory=list)  # per-step curves, logged as metric histories
+    params: dict[str, str] = field(default_factory=dict)  # run facts that are not numbers (e.g. the kernel ISA)
 
 
 @lru_cache(maxsize=1)

@@ -121,7 +121,7 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
         common = set.intersection(*(set(r) for r in result.history)) if result.history else set()
         atomic_write_json(cfg.root / stage.plot_file, [{k: r[k] for k in r if k in common} for r in result.history])
     atomic_write_json(layout.stamp(stage.name), {"fingerprint": fp, "variant": result.variant})
-    tracker.log(run_id, metrics=result.metrics, tags={"variant": result.variant})
+    tracker.log(run_id, metrics=result.metrics, params=result.params, tags={"variant": result.variant})
     tracker.log_history(run_id, result.history, prefix="train")
     tracker.artifacts(run_id, result.artifacts)
     tracker.end(run_id, "FINISHED")

@@ -27,7 +27,9 @@ from sparsify.quantization import fake_quantize_per_token
 
 SHAPES = [(37, 100), (100, 129), (129, 37), (64, 128), (3, 1)]  # (out, in): odd sizes hit every tail
 SPARSITIES = [0.0, 0.5, 0.7, 0.95, 1.0]
-BATCHES = [1, 2, 3, 4, 5, 16, 64]  # 1-4: in-register kernels, 5+: expanded-row scratch
+# Every batch 1..17 (each kernel's token blocking and its remainders: AVX-512 in-register ≤ 4 then
+# scratch rows; AVX2 expanded ≤ 7 then 16-row outer-product passes) and one large batch.
+BATCHES = [*range(1, 18), 64]
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +200,48 @@ def test_int8_kernels_match_dequantized_reference(compiled_isas, isa, act_int8):
             yb = sparse_linear(x.bfloat16(), p, bias, isa=isa)  # bf16 in → bf16 out, same codes path
             xqb = fake_quantize_per_token(x.bfloat16().float()) if act_int8 else x.bfloat16()
             assert_close(yb, *reference(xqb, dequantize(p), bias), 1e-5)
+
+
+@pytest.mark.parametrize("isa", ISA_NAMES)
+def test_w8a8_integer_sums_are_exact(compiled_isas, isa):
+    """W8A8 on every path gives the reference's exact integer sums (the same fp32 result bit for bit),
+    including worst-case magnitudes: every code ±127 against activations at ±128, long rows (the
+    AVX2 kernels move partial sums out of fp32/int16-scaled accumulators every few mask words)."""
+    if isa not in compiled_isas:
+        pytest.skip(f"{isa} kernels not available here")
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for shape, sparsity in [((37, 100), 0.7), ((129, 37), 0.0), ((5, 4160), 0.0), ((9, 5000), 0.5)]:
+        w = sparse_weight(*shape, sparsity, seed=shape[0])
+        cases.append((pack(w, dtype=torch.int8), torch.randn(17, shape[1], generator=g)))
+    # Worst case: all codes +127 (row 1: −127) and x = −amax everywhere (q = −128) but one +amax.
+    codes = torch.full((3, 4160), 127, dtype=torch.int8)
+    codes[1] = -127
+    x = -torch.ones(17, 4160)
+    x[:, 0] = 1.0
+    cases.append((pack(codes, dtype=torch.int8, scales=torch.ones(3)), x))
+    for p, x in cases:
+        for batch in (1, 2, 3, 4, 5, 8, 16, 17):
+            assert torch.equal(sparse_linear(x[:batch], p, isa=isa), torch_sparse_linear(x[:batch], p)), batch
+
+
+def test_avx2_code_has_no_avx512_instructions(compiled_isas):
+    """The AVX2 kernels run on CPUs without AVX-512: not one zmm register or mask-register operand."""
+    import shutil
+    import subprocess
+
+    if "avx2" not in compiled_isas or shutil.which("objdump") is None:
+        pytest.skip("needs the AVX2 kernels and objdump")
+    obj = loader.build_directory() / "sparse_gemv_avx2.o"
+    if not obj.is_file():
+        pytest.skip("no object file in the build directory")
+    text = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(obj)], capture_output=True,
+                          text=True, check=True).stdout
+    functions = [f for f in text.split("\n\n") if "sparsellama::avx2::" in f.split("\n", 1)[0]]
+    assert functions
+    for f in functions:
+        bad = [line for line in f.splitlines()[1:] if "zmm" in line or "{%k" in line]
+        assert not bad, f.split("\n", 1)[0] + "\n" + "\n".join(bad[:5])
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp32", "w8a8", "w8a16"])

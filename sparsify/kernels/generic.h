@@ -1,6 +1,5 @@
-// Portable sparse GEMM kernels: plain C++ loops the compiler vectorizes for the including
-// translation unit's target. sparse_gemv.cpp includes this at the baseline ISA (any CPU) and
-// sparse_gemv_avx2.cpp under `#pragma GCC target("avx2,fma")`, each inside its own namespace.
+// Portable sparse GEMM kernels: plain C++ loops the compiler vectorizes for the baseline ISA (any
+// CPU); sparse_gemv.cpp includes this inside namespace `generic`.
 //
 // Each weight row is expanded into a zeroed dense scratch row by visiting its set mask bits
 // (there is no portable register expand), then dotted with every row of x. x is fp32 for the float formats and

@@ -23,6 +23,14 @@ constexpr int kRowBlock = 4;
 // Up to this many rows of x, the AVX-512 kernels expand W in registers and use it for every row
 // of x at once (no scratch): bandwidth-bound decode and tiny batches.
 constexpr int kDirectMax = 4;
+// From this many rows of x on, the AVX2 kernels multiply by outer products (outer.h), one FMA
+// per stored weight, instead of expanding W 8 columns at a time for every 8 rows of x (which
+// does a dense matmul's arithmetic). Measured at 11008x4096, 70%, on Zen 4 with the AVX2 path:
+// the outer kernel costs ~8 ms whatever M (its per-weight loop, not the FMAs, bounds it), the
+// expanding one ~1.06 ms per row of x (bf16: 5.2 ms at M = 5, 8.5 at 8, 16.8 at 16).
+// On AVX-512 the expanding kernels won at every M up to 16 (VPEXPAND does 16-64 columns at once),
+// so they never take it.
+constexpr int kOuterMin = 8;
 
 // One call, described with raw pointers. All x rows are zero-padded to 64 * words columns, so
 // vector loads never read past a row; pruned positions expand to exact zeros.
@@ -33,19 +41,24 @@ struct Problem {
   const uint64_t* mask;     // [N, words], bit j of word w = column 64w + j is stored
   const int64_t* offsets;   // [N + 1] start of each row in `values`
   const void* values;       // packed nonzeros (padded at the end for 64-byte over-reads)
-  const void* x;            // [M, 64 * words]: uint16 (bf16 bits), float, or uint8 (int8 code + 128)
+  const void* x;            // [M, 64 * words]: uint16 (bf16 bits), float, uint8 (int8 code + 128) or int32 (code)
   const float* x_scale;     // [M] per-token activation scale (Fmt::I8 only)
   const float* w_scale;     // [N] per-row weight scale (Fmt::I8 / I8F)
-  const int32_t* row_sum;   // [N] sum of each row's int8 codes (Fmt::I8: undoes the +128 of x)
+  const int32_t* row_sum;   // [N] sum of each row's int8 codes (Fmt::I8 with uint8 x: undoes the +128)
   const float* bias;        // [N] or nullptr
   float* y;                 // [M, N]
   const int64_t* bounds;    // [nthreads + 1] the row range of each thread
   int nthreads;
   int64_t prefetch;         // software prefetch distance (bytes) of the value stream (AVX-512 M <= 4)
+  bool outer;               // take the outer-product kernel (outer.h, AVX2); set by the binding from avx2::outer
 };
 
 namespace generic { void run(Fmt fmt, const Problem& p); }
-namespace avx2 { void run(Fmt fmt, const Problem& p); }
+namespace avx2 {
+void run(Fmt fmt, const Problem& p);
+// Whether a call with M rows of x takes the outer-product kernel (x as fp32, or int32 codes for W8A8).
+constexpr bool outer(int64_t M) { return M >= kOuterMin; }
+}  // namespace avx2
 namespace avx512 {
 void run(Fmt fmt, const Problem& p);
 // Vectorized activation encoders (same results as the scalar ones in sparse_gemv.cpp).
@@ -54,6 +67,6 @@ bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, f
 }  // namespace avx512
 
 // Which x encoding each (ISA, format) pair expects, decided in one place (sparse_gemv.cpp).
-enum class XKind : int { F32 = 0, BF16 = 1, U8 = 2 };
+enum class XKind : int { F32 = 0, BF16 = 1, U8 = 2, I32 = 3 };
 
 }  // namespace sparsellama

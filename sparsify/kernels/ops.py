@@ -7,20 +7,31 @@ per-token int8 codes and exact integer sums. It unpacks the weight on every call
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 from torch import Tensor
 
 from sparsify.kernels.format import PackedWeight, dequantize, unpack
 from sparsify.kernels.loader import ISA_NAMES, available_isa, load_extension
 
+logger = logging.getLogger(__name__)
+
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 _isa_cache: dict = {}
 
 
 def kernel_isa() -> str:
-    """Instruction set the kernels use here: 'avx512', 'avx2', 'generic', or 'torch' (fallback)."""
+    """Instruction set the kernels use here: 'avx512', 'avx2', 'generic', or 'torch' (fallback).
+
+    Chosen once, at the first call (CPU features, torch's dispatch cap, ``SPARSELLAMA_ISA``), and logged.
+    """
     if "isa" not in _isa_cache:
         _isa_cache["isa"] = available_isa()
+        isa = _isa_cache["isa"]
+        logger.info("sparse kernels: the %s path%s", "pure-torch" if isa < 0 else ISA_NAMES[isa],
+                    f" (SPARSELLAMA_ISA={os.environ['SPARSELLAMA_ISA']})" if os.environ.get("SPARSELLAMA_ISA") else "")
     isa = _isa_cache["isa"]
     return "torch" if isa < 0 else ISA_NAMES[isa]
 

@@ -34,6 +34,12 @@ constexpr int64_t kValuePadBytes = 64;
 int64_t g_prefetch = 2048;
 void set_prefetch(int64_t bytes) { g_prefetch = bytes; }
 
+// Benchmark-only override: on AVX2, batches of at least this many rows take the outer-product
+// kernel and smaller ones the expanding kernel (0: the built-in choice). For measuring where one
+// kernel overtakes the other.
+int64_t g_outer_from = 0;
+void set_outer_from(int64_t rows) { g_outer_from = rows; }
+
 int64_t best_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();  // cpuid + the OS's xgetbv state: AVX-512 counts only if the OS saves zmm
@@ -127,17 +133,18 @@ std::pair<torch::Tensor, torch::Tensor> quantize_x(const torch::Tensor& x, int64
 // Row ranges per thread. Batches up to kDirectMax are bandwidth-bound: balance the bytes each
 // thread streams (values + mask), so rows of uneven sparsity do not leave a thread idle. Larger
 // batches are compute-bound on the expanded rows: balance row counts, in whole kRowBlock blocks.
+// `direct`: the kernel expands in registers for this M (every M on AVX2: no scratch rows).
 std::vector<int64_t> split_rows(const int64_t* offsets, int64_t N, int64_t words, int64_t elt,
-                                int64_t Mk, int nthreads) {
+                                bool direct, int nthreads) {
   std::vector<int64_t> b(nthreads + 1, N);
   b[0] = 0;
-  auto cost = [&](int64_t r) { return Mk <= kDirectMax ? (offsets[r] - offsets[0]) * elt + r * words * 8 : r; };
+  auto cost = [&](int64_t r) { return direct ? (offsets[r] - offsets[0]) * elt + r * words * 8 : r; };
   const double total = double(cost(N));
   int64_t r = 0;
   for (int t = 1; t < nthreads; ++t) {
     const double target = total * t / nthreads;
     while (r < N && double(cost(r)) < target) ++r;
-    int64_t cut = Mk <= kDirectMax ? r : std::min<int64_t>(N, (r + kRowBlock - 1) / kRowBlock * kRowBlock);
+    int64_t cut = direct ? r : std::min<int64_t>(N, (r + kRowBlock - 1) / kRowBlock * kRowBlock);
     b[t] = std::max(cut, b[t - 1]);
   }
   return b;
@@ -198,12 +205,18 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   TORCH_CHECK(isa >= kGeneric && isa <= best_isa(), "sparse_linear: isa ", isa, " is not supported by this CPU");
   if (M == 0 || N == 0) return torch::zeros(out_shape, x.options());
 
-  // How this kernel reads x.
-  XKind xk = fmt == Fmt::I8 ? XKind::U8 : (isa == kAvx512 && fmt == Fmt::BF16 ? XKind::BF16 : XKind::F32);
+  // How this kernel reads x: W8A8 codes as uint8 (q + 128, VPDPBUSD's unsigned operand) for the
+  // AVX-512 and generic kernels, as int32 q (VPMADDWD's 16-bit lanes) for AVX2; bf16 for AVX-512's
+  // bf16 dot product; fp32 otherwise.
+  // The outer-product kernel (outer.h) reads fp32 x, or int32 codes for W8A8.
+  const bool outer = isa == kAvx2 && (g_outer_from > 0 ? M >= g_outer_from : avx2::outer(M));
+  XKind xk = fmt == Fmt::I8 ? (isa == kAvx2 || outer ? XKind::I32 : XKind::U8)
+                            : (isa == kAvx512 && !outer && fmt == Fmt::BF16 ? XKind::BF16 : XKind::F32);
   const bool split = xk == XKind::BF16 && x.scalar_type() == torch::kFloat;
   torch::Tensor xe, xscale;
-  if (xk == XKind::U8) {
+  if (xk == XKind::U8 || xk == XKind::I32) {
     std::tie(xe, xscale) = quantize_x(x, kp, isa == kAvx512);
+    if (xk == XKind::I32) xe = (xe.to(torch::kInt) - 128).contiguous();
   } else if (K == kp && (xk == XKind::BF16) == (x.scalar_type() == torch::kBFloat16)) {
     xe = x;  // already the kernel's layout: no copy
   } else {
@@ -215,7 +228,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   // Tiny problems (tests, toy models) are not worth waking a second thread for.
   int nthreads = at::get_num_threads();
   if (Mk * N * kp < (int64_t(1) << 18)) nthreads = 1;
-  const auto bounds = split_rows(off, N, words, elt, Mk, nthreads);
+  const auto bounds = split_rows(off, N, words, elt, isa == kAvx2 || Mk <= kDirectMax, nthreads);
 
   Problem p;
   p.M = Mk;
@@ -225,7 +238,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   p.offsets = off;
   p.values = values.data_ptr();
   p.x = xe.data_ptr();
-  p.x_scale = xk == XKind::U8 ? xscale.data_ptr<float>() : nullptr;
+  p.x_scale = fmt == Fmt::I8 ? xscale.data_ptr<float>() : nullptr;
   p.w_scale = is_int8 ? w_scale->data_ptr<float>() : nullptr;
   p.row_sum = fmt == Fmt::I8 ? row_sum->data_ptr<int32_t>() : nullptr;
   p.bias = bias.has_value() && !split ? bias->data_ptr<float>() : nullptr;  // split: added once below
@@ -233,6 +246,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   p.bounds = bounds.data();
   p.nthreads = nthreads;
   p.prefetch = g_prefetch;
+  p.outer = outer;
   {
     pybind11::gil_scoped_release no_gil;
     if (isa == kAvx512) avx512::run(fmt, p);
@@ -259,5 +273,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("values"), pybind11::arg("w_scale"), pybind11::arg("row_sum"), pybind11::arg("bias"),
         pybind11::arg("act_int8"), pybind11::arg("isa"));
   m.def("set_prefetch", &sparsellama::set_prefetch, "AVX-512 batch-1 software prefetch distance in bytes (tuning)");
+  m.def("set_outer_from", &sparsellama::set_outer_from, "AVX2: batches from this many rows take the "
+        "outer-product kernel (0: built-in choice; benchmarking only)");
   m.def("best_isa", &sparsellama::best_isa, "0 = generic, 1 = AVX2+FMA, 2 = AVX-512 (BF16, VBMI2, VNNI)");
 }

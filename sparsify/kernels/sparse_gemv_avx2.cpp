@@ -1,5 +1,29 @@
-// The portable kernels of generic.h compiled for AVX2 + FMA (auto-vectorized, 8 fp32 lanes);
-// dispatched only after a runtime check. No torch headers here (see kernels.h).
+// AVX2 + FMA sparse GEMM kernels (Haswell and later, Zen 1-3): no AVX-512 instruction anywhere in
+// this file (the target pragma allows avx2, fma, bmi, bmi2, popcnt only), so it runs on CPUs
+// without AVX-512; dispatched only after a runtime CPU check.
+//
+// Why this design: AVX2 has no VPEXPAND, and the portable kernel's workaround (scatter a row into
+// a zeroed dense scratch row, then a dense dot) does more work than the dense matmul. Here every
+// mask byte (8 columns) is expanded in a register by ONE in-lane byte shuffle: the byte's stored
+// values (at most 8, contiguous in `values`) are broadcast into both 128-bit lanes, and VPSHUFB
+// with a 32-byte control from a 256-entry table (indexed by the mask byte) moves the k-th value's
+// bytes into the 32-bit lane of the k-th set bit and zeroes the other lanes (control byte 0x80).
+// Where in the 32-bit lane the value's bytes land makes the conversion free:
+//   bf16  → bytes 2-3: the lane IS the fp32 value (bf16 is the top half of an fp32; exact);
+//   int8  → byte 1 (W8A8): the low 16 bits hold code·256, the high 16 bits 0, for VPMADDWD;
+//   int8  → byte 3 (W8A16): code·2^24, an arithmetic shift right by 24 gives the int32 code.
+// fp32 values are 32 bytes per 8 columns, more than a lane holds: VPERMPS with an index table and
+// a lane mask instead. The popcount of the mask byte advances the value pointer.
+//
+// The expanded 8-lane vector meets x (fp32, or int32 activation codes for W8A8) with one FMA or
+// VPMADDWD per row of x: up to kTokens rows of x share each expanded vector in registers (batched
+// decode); more rows are done kTokens at a time while the weight row is still in L1. From
+// kOuterMin rows of x on, the outer-product kernel of outer.h takes over (see kernels.h).
+//
+// W8A8 exactness: VPMADDWD gives code·256·q per lane, at most 127·256·128 ≈ 4.2e6, so an int32
+// accumulator is moved (>> 8, exact: every term is a multiple of 256) into a running total every
+// kSettleWords mask words, long before it could overflow. The total is Σ q·code, the same integer
+// the AVX-512 kernel gets as Σ (q+128)·code − 128·row_sum.
 #include <omp.h>
 
 #include <cstdlib>
@@ -11,13 +35,267 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,popcnt")
+#include <immintrin.h>
+
 namespace sparsellama {
 namespace avx2 {
-#include "generic.h"
+namespace {
+
+// Rows of x that share one expanded weight vector (accumulators in registers: 16 ymm in all).
+constexpr int kTokens = 8;
+// W8A8: mask words between moves of the code·256 accumulators into the totals. A lane gets at most
+// 8 products per word (fewer with several accumulator sets): 32 · 8 · 4.2e6 < 2^31.
+constexpr int kSettleWords = 32;
+
+// ----------------------------------------------------------------- expansion tables
+
+struct alignas(64) ShuffleTable {
+  uint8_t ctrl[256][32];
+};
+
+// VPSHUFB controls: the k-th set bit's 32-bit lane gets the k-th stored value's `elt` bytes at byte
+// `at` of the lane; every other byte 0x80 (zero). The source is the same 16 bytes in both 128-bit
+// lanes, so lanes 4-7 (the high half) index it like lanes 0-3.
+constexpr ShuffleTable make_shuffles(int elt, int at) {
+  ShuffleTable t{};
+  for (int b = 0; b < 256; ++b) {
+    int rank = 0;
+    for (int k = 0; k < 8; ++k) {
+      for (int i = 0; i < 4; ++i) t.ctrl[b][4 * k + i] = 0x80;
+      if (b >> k & 1) {
+        for (int i = 0; i < elt; ++i) t.ctrl[b][4 * k + at + i] = uint8_t(rank * elt + i);
+        ++rank;
+      }
+    }
+  }
+  return t;
+}
+
+struct alignas(64) PermuteTable {
+  int32_t idx[256][8];
+};
+
+// VPERMPS indices for fp32 values: the k-th set bit's lane takes value k; other lanes get −1,
+// which VPERMPS reads as 7 (it uses the low 3 bits) and the sign marks for zeroing.
+constexpr PermuteTable make_permutes() {
+  PermuteTable t{};
+  for (int b = 0; b < 256; ++b) {
+    int rank = 0;
+    for (int k = 0; k < 8; ++k) t.idx[b][k] = (b >> k & 1) ? rank++ : -1;
+  }
+  return t;
+}
+
+// Constant-initialized (computed by the compiler): no code runs at load time on CPUs without AVX2.
+constexpr ShuffleTable kBF16Shuffle = make_shuffles(2, 2);
+constexpr ShuffleTable kI8Shuffle = make_shuffles(1, 1);
+constexpr ShuffleTable kI8FShuffle = make_shuffles(1, 3);
+constexpr PermuteTable kF32Permute = make_permutes();
+
+// The kernels pass a mask byte as `row` = byte · 32, the byte offset of its 32-byte table row:
+// (m >> (8j − 5)) & 0x1FE0 gets it from the mask word in two instructions, with no separate
+// scaling (addressing modes scale by 8 at most), and its popcount is the byte's.
+template <class Table>
+inline __m256i table_row(const Table& t, unsigned row) {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(&t) + row));
+}
+
+inline __m256i shuffle16(const void* v, const ShuffleTable& t, unsigned row) {
+  const __m256i src = _mm256_broadcastsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(v)));
+  return _mm256_shuffle_epi8(src, table_row(t, row));
+}
+
+inline __m256i shuffle8(const void* v, const ShuffleTable& t, unsigned row) {
+  int64_t eight;  // 8 bytes suffice (at most 8 values of 1 byte); VPBROADCASTQ fills both lanes
+  std::memcpy(&eight, v, 8);
+  return _mm256_shuffle_epi8(_mm256_set1_epi64x(eight), table_row(t, row));
+}
+
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline int32_t hsum(__m256i a) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// ----------------------------------------------------------------- batches (M >= kOuterMin)
+
+struct Vec {  // 8 fp32 lanes: outer.h's batched kernel runs two of these per column of 16 rows of x
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static I izero() { return _mm256_setzero_si256(); }
+  static F set1(float a) { return _mm256_set1_ps(a); }
+  static F load(const float* x) { return _mm256_loadu_ps(x); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static I settle(I total, F a) { return _mm256_add_epi32(total, _mm256_cvtps_epi32(a)); }
+  static void store(float* d, F a) { _mm256_store_ps(d, a); }
+  static void store(int32_t* d, I a) { _mm256_store_si256(reinterpret_cast<__m256i*>(d), a); }
+};
+
+#include "outer.h"
+
+// ----------------------------------------------------------------- formats (M < kOuterMin)
+// A format: the stored value type V and epilogue (finish) from outer.h, the x element type XE, how
+// one mask byte's values expand to an 8-lane vector W, the accumulator and its dot product with 8
+// elements of x, and its reduction to one number.
+
+struct FloatAcc {  // fp32 accumulators, FMA with 8 fp32 x
+  using XE = float;
+  using W = __m256;
+  using Acc = __m256;
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static Acc dot(Acc a, W w, const float* x) { return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), a); }
+  static Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
+  static void settle(Acc&, Acc&) {}
+  static float reduce(Acc a, Acc) { return hsum(a); }
+};
+
+struct FmtBF16 : FloatAcc, Outer<Fmt::BF16> {
+  static W expand(unsigned row, const V* v) { return _mm256_castsi256_ps(shuffle16(v, kBF16Shuffle, row)); }
+};
+
+struct FmtF32 : FloatAcc, Outer<Fmt::F32> {
+  static W expand(unsigned row, const V* v) {
+    const __m256i idx = table_row(kF32Permute, row);
+    const __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), idx);
+    return _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_srai_epi32(idx, 31)), w);  // zero the −1 lanes
+  }
+};
+
+struct FmtI8F : FloatAcc, Outer<Fmt::I8F> {  // W8A16: Σ x·code in fp32, then the row's scale
+  static W expand(unsigned row, const V* v) {
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(shuffle8(v, kI8FShuffle, row), 24));
+  }
+};
+
+struct FmtI8 : Outer<Fmt::I8> {  // W8A8: x is int32 activation codes q; integer sums, exact
+  using XE = int32_t;
+  using W = __m256i;
+  using Acc = __m256i;
+  static Acc zero() { return _mm256_setzero_si256(); }
+  static W expand(unsigned row, const V* v) { return shuffle8(v, kI8Shuffle, row); }
+  static Acc dot(Acc a, W w, const int32_t* x) {
+    return _mm256_add_epi32(a, _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))));
+  }
+  static Acc add(Acc a, Acc b) { return _mm256_add_epi32(a, b); }
+  // Moves the code·256 partial sums into the total (exact: multiples of 256).
+  static void settle(Acc& part, Acc& total) {
+    total = _mm256_add_epi32(total, _mm256_srai_epi32(part, 8));
+    part = zero();
+  }
+  // The exact integer sum, rounded to fp32 once (as the reference rounds its exact sum).
+  static float reduce(Acc part, Acc total) {
+    settle(part, total);
+    return float(hsum(total));
+  }
+};
+
+// ----------------------------------------------------------------- the kernel
+
+// Independent accumulator sets per row of x: the FMA/VPMADDWD latency (4-5 cycles) needs about 4
+// dependency chains in flight; with T rows of x there are T chains per set already.
+constexpr int sets_for(int T) { return T >= 4 ? 1 : (T >= 2 ? 2 : 4); }
+
+// Weight rows [r0, r1) times the T rows of x starting at t0.
+template <class F, int T>
+void rows_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0) {
+  constexpr int S = sets_for(T);
+  constexpr bool kInt = std::is_same<F, FmtI8>::value;
+  const int64_t kp = p.words * 64;
+  const auto* x = static_cast<const typename F::XE*>(p.x) + t0 * kp;
+  const auto* vals = static_cast<const typename F::V*>(p.values);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint64_t* mk = p.mask + r * p.words;
+    const typename F::V* v = vals + p.offsets[r];
+    typename F::Acc acc[S][T], total[T];
+    for (int t = 0; t < T; ++t) {
+      total[t] = F::zero();
+      for (int s = 0; s < S; ++s) acc[s][t] = F::zero();
+    }
+    for (int64_t w = 0; w < p.words; ++w) {
+      // Software prefetch of the value and mask streams (as in the AVX-512 kernels): the hardware
+      // prefetcher alone leaves the two interleaved streams short of DRAM bandwidth.
+      _mm_prefetch(reinterpret_cast<const char*>(v) + p.prefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mk + w) + p.prefetch / 4, _MM_HINT_T0);
+      const uint64_t m = mk[w];
+      if (m == 0) continue;  // 64 pruned columns: nothing stored, nothing to add
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const unsigned row = unsigned(j == 0 ? m << 5 : m >> (8 * j - 5)) & 0x1FE0;  // mask byte j · 32
+        const typename F::W wv = F::expand(row, v);
+        v += __builtin_popcount(row);
+        const typename F::XE* xc = x + w * 64 + j * 8;
+        for (int t = 0; t < T; ++t) acc[j % S][t] = F::dot(acc[j % S][t], wv, xc + t * kp);
+      }
+      if (kInt && (w + 1) % kSettleWords == 0)
+        for (int s = 0; s < S; ++s)
+          for (int t = 0; t < T; ++t) F::settle(acc[s][t], total[t]);
+    }
+    for (int t = 0; t < T; ++t) {
+      typename F::Acc a = acc[0][t];
+      for (int s = 1; s < S; ++s) {
+        if (kInt) F::settle(acc[s][t], total[t]);
+        else a = F::add(a, acc[s][t]);
+      }
+      p.y[(t0 + t) * p.N + r] = F::finish(F::reduce(a, total[t]), p, t0 + t, r);
+    }
+  }
+}
+
+template <class F>
+void rows(const Problem& p, int64_t r0, int64_t r1) {
+  // Row blocks small enough that a block's weights stay in L1/L2 while every group of kTokens rows
+  // of x passes over them: W is read from memory once, whatever M.
+  constexpr int64_t kRows = 8;
+  for (int64_t rb = r0; rb < r1; rb += kRows) {
+    const int64_t re = rb + kRows < r1 ? rb + kRows : r1;
+    for (int64_t t0 = 0; t0 < p.M; t0 += kTokens) {
+      switch (p.M - t0 < kTokens ? p.M - t0 : kTokens) {
+        case 1: rows_block<F, 1>(p, rb, re, t0); break;
+        case 2: rows_block<F, 2>(p, rb, re, t0); break;
+        case 3: rows_block<F, 3>(p, rb, re, t0); break;
+        case 4: rows_block<F, 4>(p, rb, re, t0); break;
+        case 5: rows_block<F, 5>(p, rb, re, t0); break;
+        case 6: rows_block<F, 6>(p, rb, re, t0); break;
+        case 7: rows_block<F, 7>(p, rb, re, t0); break;
+        default: rows_block<F, 8>(p, rb, re, t0); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void run(Fmt fmt, const Problem& p) {
+  if (p.outer) return run_outer(fmt, p);
+#pragma omp parallel num_threads(p.nthreads)
+  {
+    const int nth = omp_get_num_threads();
+    for (int part = omp_get_thread_num(); part < p.nthreads; part += nth) {
+      const int64_t r0 = p.bounds[part], r1 = p.bounds[part + 1];
+      switch (fmt) {
+        case Fmt::BF16: rows<FmtBF16>(p, r0, r1); break;
+        case Fmt::F32: rows<FmtF32>(p, r0, r1); break;
+        case Fmt::I8: rows<FmtI8>(p, r0, r1); break;
+        case Fmt::I8F: rows<FmtI8F>(p, r0, r1); break;
+      }
+    }
+  }
+}
+
 }  // namespace avx2
 }  // namespace sparsellama
 #pragma GCC pop_options
-#else
+
+#else  // not x86-64: never dispatched (best_isa() is 0), but the symbol must exist.
 namespace sparsellama {
 namespace avx2 {
 void run(Fmt, const Problem&) {}

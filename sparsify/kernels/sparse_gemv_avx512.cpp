@@ -36,6 +36,7 @@
 
 namespace sparsellama {
 namespace avx512 {
+
 namespace {
 
 // Mask pieces are read through narrower integer types than the uint64 words they live in.

@@ -1,0 +1,274 @@
+"""The recipe's cost at Llama-2-7B layer sizes, measured on this machine (issue #13, item 7).
+
+Builds a Llama-2-7B-shaped checkpoint with random weights and few decoder layers in a
+temp dir (hidden 4096, MLP 11008, 32 heads; 2 layers and vocab 4096 by default: the
+per-layer cost is what scales to 32 layers), then measures, each in its own subprocess
+so that peak memory (``ru_maxrss``) belongs to one measurement only:
+
+* ``prune``: SparseGPT 50% (:func:`sparsify.layerwise.prune_model`),
+* ``gptq-w8`` / ``gptq-w4g128``: GPTQ W8 per channel and W4 group 128, no SmoothQuant
+  (:func:`sparsify.layerwise.quantize_model`),
+* ``train`` / ``train-ckpt``: one optimizer step of :func:`sparsify.trainer.train`
+  (AdamW, batch 1 × ``--train-seq`` tokens) without / with gradient checkpointing.
+
+Writes ``OUT/llama7b_cost.json`` (machine, ISA, threads, torch version, calibration size,
+and per measurement: total and per-decoder-layer seconds, peak RSS, RSS after loading the
+model) and ``OUT/llama7b_cost.md``. A 2-layer 7B shape takes minutes per measurement: run
+it alone (``flock -x /tmp/sparsellama-cpu.lock ...`` on a shared machine).
+
+    python benchmarks/llama7b_cost.py OUT [--calib 32x512] [--measure prune,gptq-w8] [--dtype bfloat16]
+    python benchmarks/llama7b_cost.py OUT --hidden 64 --intermediate 128 --heads 4 --vocab 128 --calib 4x16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MEASUREMENTS = ("prune", "gptq-w8", "gptq-w4g128", "train", "train-ckpt")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def current_rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
+def cpu_info() -> dict:
+    """CPU model and the ISA extensions that decide which kernels torch uses."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu": model, "isa": [f for f in wanted if f in flags], "torch_capability":
+            torch.backends.cpu.get_cpu_capability()}
+
+
+def gemm_tflops(threads: int, d: int, f: int) -> dict[str, float]:
+    """Measured matmul throughput, fp32 and bf16, at the model's MLP shape (4096 tokens × d → f):
+    the rate the time formulas divide their FLOPs by (median of 3 after a warm-up)."""
+    torch.set_num_threads(threads)
+    rates = {}
+    for name, dtype in DTYPES.items():
+        a, b = torch.randn(4096, d, dtype=dtype), torch.randn(d, f, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        rates[name] = 2 * 4096 * d * f / sorted(times)[1] / 1e12
+    return rates
+
+
+# --------------------------------------------------------------------------- the formulas (README "Cost at 7B")
+
+
+def prune_flops(d: int, f: int, tokens: int, seq_len: int, passes: int) -> dict[str, float]:
+    """FLOPs of pruning one decoder layer with SparseGPT (the terms of the README's formula).
+
+    forward: ``passes`` runs of the layer (2: record inputs, then pass on the pruned outputs;
+    1 for the last layer), 2 FLOPs per weight per token plus attention's QKᵀ and AV;
+    hessian: one XᵀX per distinct input (q/k/v share d², gate/up share d², o d², down f²);
+    sweep: SparseGPT's lazy block updates, Σ out·in² over the 7 Linears, plus the
+    Cholesky/inverse/Cholesky of each H (≈ 4/3·in³) and the error's triangular solve (Σ out·in²).
+    """
+    linears = [(d, d)] * 4 + [(f, d)] * 2 + [(d, f)]  # (out, in): q k v o, gate up, down
+    weights = sum(o * i for o, i in linears)
+    sweep = sum(o * i * i for o, i in linears)
+    return {
+        "forward": passes * (2 * tokens * weights + 4 * tokens * seq_len * d),
+        "hessian": 2 * tokens * (3 * d * d + f * f),
+        "sweep": 2 * sweep + sum(4 / 3 * i**3 for _, i in linears),
+    }
+
+
+def predicted_prune(result: dict, gb_after_imports: float) -> dict:
+    """Seconds and peak RSS of the prune measurement from the formulas and the measured GEMM rate."""
+    sh, (n, length) = result["shape"], result["calibration"]
+    d, f, layers = sh["hidden"], sh["intermediate"], sh["layers"]
+    rate = result["gemm_tflops"][result["dtype"]] * 1e12
+    hessian_rate = result["gemm_tflops"]["float32"] * 1e12  # Hessians and the sweep are fp32 always
+    seconds = []
+    for index in range(layers):
+        flops = prune_flops(d, f, n * length, length, 1 if index == layers - 1 else 2)
+        seconds.append(flops["forward"] / rate + (flops["hessian"] + flops["sweep"]) / hessian_rate)
+    b = 2 if result["dtype"] == "bfloat16" else 4
+    params = layers * (4 * d * d + 3 * d * f + 2 * d) + 2 * sh["vocab"] * d + d
+    tokens_per_batch = result["calib_batch"] * length
+    forward_phase = 4 * (3 * d * d + f * f) + tokens_per_batch * (3 * f * b + 2 * f * 4)
+    sweep_phase = 4 * 2 * f * f + 4 * 3 * d * f  # H and U of down_proj; its W work copy, start, solve
+    peak = gb_after_imports * 2**30 + params * b + n * length * d * b + max(forward_phase, sweep_phase)
+    return {"seconds_per_layer": seconds, "seconds": sum(seconds), "peak_rss_gb": peak / 2**30}
+
+
+def build_checkpoint(args: argparse.Namespace, path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(4096, args.train_seq, args.calib[1]), tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------- one measurement (a subprocess)
+
+
+def _measure(kind: str, args: argparse.Namespace) -> dict:
+    from sparsify.config import TrainConfig
+    from sparsify.layerwise import prune_model, quantize_model
+    from sparsify.model import load_model
+    from sparsify.pruning import PruneConfig
+    from sparsify.quantization import QuantConfig
+    from sparsify.trainer import train
+
+    torch.set_num_threads(args.threads)
+    rss_imports = current_rss_gb()
+    model = load_model(args.checkpoint, dtype=DTYPES[args.dtype])
+    rss_loaded = current_rss_gb()
+    n, length = args.calib
+    calib = torch.randint(0, args.vocab, (n, length), generator=torch.Generator().manual_seed(1))
+    row: dict = {"rss_after_imports_gb": rss_imports, "rss_after_load_gb": rss_loaded}
+    start = time.perf_counter()
+    if kind == "prune":
+        cfg = PruneConfig(method="sparsegpt", sparsity=0.5, num_samples=n, seq_len=length)
+        result = prune_model(model, calib, cfg, progress=False, batch_size=args.batch)
+        row["seconds_per_layer"] = result.seconds_per_decoder_layer
+    elif kind.startswith("gptq"):
+        bits, group = (8, None) if kind == "gptq-w8" else (4, 128)
+        cfg = QuantConfig(method="gptq", weight_bits=bits, group_size=group, activation_bits=None,
+                          smoothquant=False, num_samples=n, seq_len=length)
+        result = quantize_model(model, calib, cfg, progress=False, batch_size=args.batch)
+        row["seconds_per_layer"] = result.seconds_per_decoder_layer
+    else:
+        cfg = TrainConfig(steps=1, batch_size=1, warmup_steps=0, eval_every=1, log_every=1,
+                          gradient_checkpointing=kind == "train-ckpt")
+        blocks = torch.randint(0, args.vocab, (1, args.train_seq + 1)).numpy()
+        result = train(model, blocks, None, cfg, seed=0, progress=False)
+        row["seconds_per_layer"] = [result.seconds / args.layers] * args.layers  # one step, spread evenly
+        row["train_tokens"] = args.train_seq
+    row["seconds"] = time.perf_counter() - start
+    row["peak_rss_gb"] = peak_rss_gb()
+    return row
+
+
+def run_isolated(kind: str, args: argparse.Namespace, checkpoint: Path) -> dict:
+    """``kind`` measured in a fresh interpreter: its peak RSS is its own."""
+    argv = [sys.executable, __file__, "--worker", kind, "--checkpoint", str(checkpoint), *args.passthrough]
+    # The worker imports `sparsify` from this script's tree (a git worktree would otherwise get
+    # whichever checkout the venv's editable install points at).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement {kind} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(result: dict) -> str:
+    m, s = result["machine"], result["shape"]
+    head = (f"Llama-2-7B-shaped, {s['layers']} decoder layers (hidden {s['hidden']}, MLP {s['intermediate']}, "
+            f"{s['heads']} heads, vocab {s['vocab']}), random weights in {result['dtype']}; "
+            f"{m['cpu']} ({', '.join(m['isa'])}), {result['threads']} threads, torch {result['torch']}; "
+            f"calibration {result['calibration'][0]}×{result['calibration'][1]} tokens (mini-batch "
+            f"{result['calib_batch']}); training step batch 1 × {result['train_seq']} tokens, AdamW.\n\n")
+    lines = ["| measurement | total s | s per decoder layer | peak RSS GB | RSS after load GB |",
+             "|---|---:|---|---:|---:|"]
+    for kind, r in result["measurements"].items():
+        per_layer = ", ".join(f"{t:.1f}" for t in r["seconds_per_layer"])
+        lines.append(f"| {kind} | {r['seconds']:.1f} | {per_layer} | {r['peak_rss_gb']:.2f} | "
+                     f"{r['rss_after_load_gb']:.2f} |")
+    rates = ", ".join(f"{k} {v:.2f}" for k, v in result["gemm_tflops"].items())
+    text = head + "\n".join(lines) + f"\n\nMeasured GEMM rate (TFLOP/s): {rates}.\n"
+    if "prune_formula" in result:
+        p, m = result["prune_formula"], result["measurements"]["prune"]
+        text += (f"\nFormula vs measurement, prune: {p['seconds']:.1f} s predicted vs {m['seconds']:.1f} s "
+                 f"({p['seconds'] / m['seconds'] - 1:+.0%}); peak RSS {p['peak_rss_gb']:.2f} GB predicted vs "
+                 f"{m['peak_rss_gb']:.2f} GB ({p['peak_rss_gb'] / m['peak_rss_gb'] - 1:+.0%}).\n")
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", nargs="?", type=Path, default=Path("reports"))
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--calib", type=lambda s: tuple(int(v) for v in s.lower().split("x")), default=(32, 512),
+                        help="calibration sequences x tokens, e.g. 32x512")
+    parser.add_argument("--batch", type=int, default=8, help="calibration sequences per forward")
+    parser.add_argument("--train-seq", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--measure", default=",".join(MEASUREMENTS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = set(args.measure.split(",")) - set(MEASUREMENTS)
+    if unknown:
+        parser.error(f"--measure: unknown {sorted(unknown)}; choose from {', '.join(MEASUREMENTS)}")
+    # What a worker needs to rebuild the same run (everything but out/measure/worker/checkpoint).
+    args.passthrough = [
+        f"--hidden={args.hidden}", f"--intermediate={args.intermediate}", f"--heads={args.heads}",
+        f"--layers={args.layers}", f"--vocab={args.vocab}", f"--calib={args.calib[0]}x{args.calib[1]}",
+        f"--batch={args.batch}", f"--train-seq={args.train_seq}", f"--threads={args.threads}", f"--dtype={args.dtype}",
+    ]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.worker:
+        print(json.dumps(_measure(args.worker, args)))  # noqa: T201  (the parent reads the last line)
+        return
+    from sparsify.io import atomic_write_json, atomic_write_text
+
+    result = {
+        "machine": cpu_info(), "threads": args.threads, "torch": torch.__version__, "dtype": args.dtype,
+        "shape": {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
+                  "layers": args.layers, "vocab": args.vocab},
+        "calibration": list(args.calib), "calib_batch": args.batch, "train_seq": args.train_seq,
+        "measurements": {}, "gemm_tflops": gemm_tflops(args.threads, args.hidden, args.intermediate),
+    }
+    with tempfile.TemporaryDirectory(prefix="llama7b-") as tmp:
+        checkpoint = Path(tmp) / "model"
+        build_checkpoint(args, checkpoint)
+        for kind in args.measure.split(","):
+            result["measurements"][kind] = run_isolated(kind, args, checkpoint)
+            logging.warning("%s: %s", kind, result["measurements"][kind])
+    if "prune" in result["measurements"]:
+        result["prune_formula"] = predicted_prune(result, result["measurements"]["prune"]["rss_after_imports_gb"])
+    atomic_write_json(args.out / "llama7b_cost.json", result)
+    atomic_write_text(args.out / "llama7b_cost.md", markdown(result))
+    print(markdown(result))  # noqa: T201  (a script's report on stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -105,23 +105,55 @@ def prune_flops(d: int, f: int, tokens: int, seq_len: int, passes: int) -> dict[
     }
 
 
-def predicted_prune(result: dict, gb_after_imports: float) -> dict:
-    """Seconds and peak RSS of the prune measurement from the formulas and the measured GEMM rate."""
+def _linear_shapes(d: int, f: int) -> list[tuple[int, int]]:
+    return [(d, d)] * 4 + [(f, d)] * 2 + [(d, f)]  # (out, in): q k v o, gate up, down
+
+
+def predict(result: dict) -> dict[str, dict]:
+    """Seconds and peak RSS of each measurement from the README's formulas and the measured GEMM rate.
+
+    Calibration (prune, GPTQ), per decoder layer: the FLOPs of :func:`prune_flops` (GPTQ adds
+    reconstruction_error's two products for GPTQ and for the RTN baseline, less the solve: 7·Σ out·in²);
+    forward at the weights' dtype rate, the rest at the fp32 rate. Peak: what is resident
+    after the imports, + the model, + the activation buffer N·L·d·b, + the larger of the
+    forward phase (the layer's Hessians, 4·(3d² + f²), and one mini-batch's MLP activations
+    with the hooks' fp32 copies) and down_proj's sweep (H and U, 8f², and three fp32 copies
+    of W, 12df).
+    Training step (AdamW, fp32): (6 + 2 with checkpointing)·P_matmul·T + attention
+    (3 + 1)·4·T²·d per layer at the fp32 rate; peak: max(weights + gradients + activations,
+    weights + gradients + Adam's two moments) = max(8P + A, 16P), activations A = 4·T·(12d + 4f)
+    bytes per layer (per layer only its input, 4·T·d, with checkpointing, plus one layer's
+    full set while it is recomputed) + the logits' 12·T·V.
+    """
     sh, (n, length) = result["shape"], result["calibration"]
-    d, f, layers = sh["hidden"], sh["intermediate"], sh["layers"]
-    rate = result["gemm_tflops"][result["dtype"]] * 1e12
-    hessian_rate = result["gemm_tflops"]["float32"] * 1e12  # Hessians and the sweep are fp32 always
-    seconds = []
-    for index in range(layers):
-        flops = prune_flops(d, f, n * length, length, 1 if index == layers - 1 else 2)
-        seconds.append(flops["forward"] / rate + (flops["hessian"] + flops["sweep"]) / hessian_rate)
+    d, f, layers, vocab = sh["hidden"], sh["intermediate"], sh["layers"], sh["vocab"]
+    fp32 = result["gemm_tflops"]["float32"] * 1e12  # Hessians, sweeps and the training step are fp32
     b = 2 if result["dtype"] == "bfloat16" else 4
-    params = layers * (4 * d * d + 3 * d * f + 2 * d) + 2 * sh["vocab"] * d + d
-    tokens_per_batch = result["calib_batch"] * length
-    forward_phase = 4 * (3 * d * d + f * f) + tokens_per_batch * (3 * f * b + 2 * f * 4)
-    sweep_phase = 4 * 2 * f * f + 4 * 3 * d * f  # H and U of down_proj; its W work copy, start, solve
-    peak = gb_after_imports * 2**30 + params * b + n * length * d * b + max(forward_phase, sweep_phase)
-    return {"seconds_per_layer": seconds, "seconds": sum(seconds), "peak_rss_gb": peak / 2**30}
+    params = layers * (4 * d * d + 3 * d * f + 2 * d) + 2 * vocab * d + d
+    predictions: dict[str, dict] = {}
+    for kind, row in result["measurements"].items():
+        base = row["rss_after_imports_gb"] * 2**30
+        if kind == "prune" or kind.startswith("gptq"):
+            rate = result["gemm_tflops"][result["dtype"]] * 1e12
+            # GPTQ: no triangular solve, but two reconstruction_error calls of two products each
+            extra = 0 if kind == "prune" else 7 * sum(o * i * i for o, i in _linear_shapes(d, f))
+            seconds = []
+            for index in range(layers):
+                flops = prune_flops(d, f, n * length, length, 1 if index == layers - 1 else 2)
+                seconds.append(flops["forward"] / rate + (flops["hessian"] + flops["sweep"] + extra) / fp32)
+            forward_phase = 4 * (3 * d * d + f * f) + result["calib_batch"] * length * (3 * f * b + 2 * f * 4)
+            sweep_phase = 4 * 2 * f * f + 4 * 3 * d * f
+            peak = base + params * b + n * length * d * b + max(forward_phase, sweep_phase)
+        else:
+            t, checkpointing = result["train_seq"], kind == "train-ckpt"
+            matmul_params = layers * (4 * d * d + 3 * d * f) + vocab * d
+            flops = (6 + 2 * checkpointing) * matmul_params * t + (3 + checkpointing) * 4 * t * t * d * layers
+            seconds = [flops / fp32 / layers] * layers
+            full_layer = 4 * t * (12 * d + 4 * f)
+            acts = (layers * 4 * t * d + full_layer if checkpointing else layers * full_layer) + 12 * t * vocab
+            peak = base + max(8 * params + acts, 16 * params)
+        predictions[kind] = {"seconds_per_layer": seconds, "seconds": sum(seconds), "peak_rss_gb": peak / 2**30}
+    return predictions
 
 
 def build_checkpoint(args: argparse.Namespace, path: Path) -> None:
@@ -203,12 +235,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {kind} | {r['seconds']:.1f} | {per_layer} | {r['peak_rss_gb']:.2f} | "
                      f"{r['rss_after_load_gb']:.2f} |")
     rates = ", ".join(f"{k} {v:.2f}" for k, v in result["gemm_tflops"].items())
-    text = head + "\n".join(lines) + f"\n\nMeasured GEMM rate (TFLOP/s): {rates}.\n"
-    if "prune_formula" in result:
-        p, m = result["prune_formula"], result["measurements"]["prune"]
-        text += (f"\nFormula vs measurement, prune: {p['seconds']:.1f} s predicted vs {m['seconds']:.1f} s "
-                 f"({p['seconds'] / m['seconds'] - 1:+.0%}); peak RSS {p['peak_rss_gb']:.2f} GB predicted vs "
-                 f"{m['peak_rss_gb']:.2f} GB ({p['peak_rss_gb'] / m['peak_rss_gb'] - 1:+.0%}).\n")
+    text = head + "\n".join(lines) + f"\n\nMeasured GEMM rate (TFLOP/s): {rates}.\n\n"
+    text += ("| formula vs measurement | predicted s | measured s | error | predicted peak GB | "
+             "measured peak GB | error |\n|---|---:|---:|---:|---:|---:|---:|\n")
+    for kind, p in predict(result).items():
+        m = result["measurements"][kind]
+        text += (f"| {kind} | {p['seconds']:.1f} | {m['seconds']:.1f} | {p['seconds'] / m['seconds'] - 1:+.0%} | "
+                 f"{p['peak_rss_gb']:.2f} | {m['peak_rss_gb']:.2f} | {p['peak_rss_gb'] / m['peak_rss_gb'] - 1:+.0%} |\n")
     return text
 
 
@@ -227,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--measure", default=",".join(MEASUREMENTS))
+    parser.add_argument("--render", type=Path, help="rewrite OUT/llama7b_cost.md (and formulas) from this JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -250,6 +284,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     from sparsify.io import atomic_write_json, atomic_write_text
 
+    if args.render:  # re-derive the formulas' columns of an earlier run
+        result = json.loads(args.render.read_text())
+        result["formulas"] = predict(result)
+        atomic_write_json(args.out / "llama7b_cost.json", result)
+        atomic_write_text(args.out / "llama7b_cost.md", markdown(result))
+        print(markdown(result))  # noqa: T201
+        return
     result = {
         "machine": cpu_info(), "threads": args.threads, "torch": torch.__version__, "dtype": args.dtype,
         "shape": {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
@@ -263,8 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind in args.measure.split(","):
             result["measurements"][kind] = run_isolated(kind, args, checkpoint)
             logging.warning("%s: %s", kind, result["measurements"][kind])
-    if "prune" in result["measurements"]:
-        result["prune_formula"] = predicted_prune(result, result["measurements"]["prune"]["rss_after_imports_gb"])
+    result["formulas"] = predict(result)
     atomic_write_json(args.out / "llama7b_cost.json", result)
     atomic_write_text(args.out / "llama7b_cost.md", markdown(result))
     print(markdown(result))  # noqa: T201  (a script's report on stdout)

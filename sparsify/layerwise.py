@@ -19,11 +19,12 @@ How it works
    padding, so these are the same for every row and broadcast over any mini-batch.
 2. **Per decoder layer** ``i``: move the layer to ``device``; forward hooks on its
    prunable Linears accumulate ``H = 2XXᵀ/n`` (fp32 running average) over all calibration
-   sequences in mini-batches; prune every Linear from its H — all from the *dense*
+   sequences in mini-batches, one H per distinct input (q/k/v share one, gate/up share
+   one: :class:`_InputRecorder`); prune every Linear from its H — all from the *dense*
    layer's inputs, as the SparseGPT reference does; recompute the layer's outputs with
    the pruned weights, which overwrite the activation buffer in place and become layer
-   ``i+1``'s inputs (so each layer is calibrated on what the pruned model feeds it);
-   move the layer back.
+   ``i+1``'s inputs (so each layer is calibrated on what the pruned model feeds it; the
+   last layer's outputs are not needed and not computed); move the layer back.
 3. **OWL** (``cfg.owl``): a pre-pass propagates the calibration set through the *dense*
    model layer by layer (only ‖X_j‖², no Hessians), computes each decoder layer's outlier
    ratio over all its prunable Linears, and maps the ratios to per-layer sparsities
@@ -33,17 +34,20 @@ How it works
 Memory
 ------
 With hidden size d, MLP width f, N calibration sequences of L tokens, mini-batch B,
-b bytes per model weight/activation (2 for bf16), and Σin² over a layer's Linears
-(Llama: q, k, v, o, gate, up have in = d, down has in = f, so Σin² = 6d² + f²):
+b bytes per model weight/activation (2 for bf16), and Σin² over a layer's distinct
+Linear inputs (Llama: q/k/v share one of width d, o has d, gate/up share one of d, down
+has f, so Σin² = 3d² + f²):
 
 * host: the model, plus one activation buffer ``N·L·d·b`` (outputs overwrite inputs).
 * device (one decoder layer at a time): its weights ``(4d² + 3df)·b`` + the Hessians
-  ``4·Σin²`` bytes (each freed once its Linear is pruned) + the SparseGPT workspace of
-  the widest Linear ``≈ 4·(3·in² + 2·out·in)`` bytes + one mini-batch's forward
-  ``≈ B·L·(4d + 3f)·b`` (plus ``B·heads·L²·b`` for eager attention scores).
+  ``4·Σin²`` bytes (each freed once its Linears are pruned) + the SparseGPT workspace of
+  the widest Linear ``≈ 4·max(3·in², 2·in² + 3·out·in)`` bytes (H and the factorisation
+  buffer plus LAPACK's copy; then H, U, and W's work copy, its start and the error's solve) + one mini-batch's forward ``≈ B·L·(3f·b + 8f)`` (MLP
+  activations and the hooks' fp32 copies; plus ``B·heads·L²·b`` for eager attention).
 
 Llama-2-7B (d=4096, f=11008), bf16, N=128, L=2048: host buffer 2.1 GB; device ≈ 0.4 GB
-weights + 0.9 GB Hessians + 1.8 GB workspace + the mini-batch. Quantization needs the
+weights + 0.7 GB Hessians + 1.5 GB workspace + the mini-batch. README "Cost at 7B" has
+the measured figures and the time formula. Quantization needs the
 same (GPTQ's workspace is SparseGPT's) and keeps, next to each fake-quantized weight, its
 int8 codes (1 byte per weight) and scales.
 

@@ -331,6 +331,7 @@ class _Prepared(NamedTuple):
     upper: Tensor  # U, upper Cholesky factor of (H + λI)⁻¹
     damping: float  # λ
     retries: int  # Cholesky retries (more dampening)
+    dead: Tensor  # bool [in]: inputs that are always zero
 
 
 def _prepare(W: Tensor, H: Tensor, dampening: float) -> _Prepared:
@@ -344,14 +345,16 @@ def _prepare(W: Tensor, H: Tensor, dampening: float) -> _Prepared:
         raise ValueError(f"H must be [{W.shape[1]}, {W.shape[1]}] for weight {tuple(W.shape)}, got {tuple(H.shape)}")
     if not torch.isfinite(H).all():
         raise ValueError("H has nan/inf entries (non-finite calibration activations?)")
-    W = W.detach().to(dtype=dtype, copy=True)
     H = H.detach().to(device=W.device, dtype=dtype)  # read only below: no copy unless it must change
     dead = H.diagonal() == 0
     if bool(dead.any()):
         H = H.clone()
         H.diagonal()[dead] = 1
-        W[:, dead] = 0
-    return _Prepared(W, *_inverse_hessian_cholesky(H, dampening))
+    upper, damping, retries = _inverse_hessian_cholesky(H, dampening)
+    # The work copy after the factorisation, whose buffers are the peak of a wide layer's pruning.
+    work = W.detach().to(dtype=dtype, copy=True)
+    work[:, dead] = 0
+    return _Prepared(work, upper, damping, retries, dead)
 
 
 # select(scores, start, stop) -> keep-mask of columns [start, stop); scores = w² / U_jj² of those columns
@@ -420,21 +423,27 @@ def _obs_sweep(
     return _Sweep(W, mask, loss)
 
 
-def _sweep_relative_error(start: Tensor, sweep: _Sweep, U: Tensor, damping: float) -> float:
-    """:func:`reconstruction_error` of a sweep's result, without its two out×in×in products.
+# :func:`reconstruction_error` of a sweep's result without its two out×in×in products.
+# With H_λ = H + λI: each OBS step raises the quadratic loss tr(ΔW H_λ ΔWᵀ) by exactly its
+# err² (the free columns are at their optimum given the fixed ones), so the sweep's summed
+# err² is that loss at the end; and H_λ = U⁻¹U⁻ᵀ (as H_λ⁻¹ = UᵀU) makes tr(W H_λ Wᵀ) =
+# ‖W U⁻¹‖², one triangular solve (¼ of the products' flops). Subtracting λ‖·‖² from both
+# gives them under H. Dead inputs change nothing (H is zero on their rows and columns).
+# Equal to reconstruction_error up to rounding (tested).
 
-    With H_λ = H + λI: each OBS step raises the quadratic loss tr(ΔW H_λ ΔWᵀ) by exactly
-    its err² (the free columns are at their optimum given the fixed ones), so the sweep's
-    summed err² is that loss at the end; and H_λ = U⁻¹U⁻ᵀ (as H_λ⁻¹ = UᵀU) makes
-    tr(W H_λ Wᵀ) = ‖W U⁻¹‖², one triangular solve (¼ of the products' flops). Subtracting
-    λ‖·‖² from both gives the error under H. ``start`` is the sweep's starting W (dead
-    inputs zeroed, which changes nothing: H is zero on those rows and columns). Equal to
-    reconstruction_error up to rounding (1e-12 relative in fp64, tested).
-    """
-    num = sweep.loss - damping * (sweep.weight - start).square().sum()
-    den = torch.linalg.solve_triangular(U, start, upper=True, left=False).square().sum()
-    den = den - damping * start.square().sum()
-    num, den = float(num), float(den)
+
+def _output_energy(prepared: _Prepared) -> Tensor:
+    """tr(W H Wᵀ) of the sweep's starting weights; call before the sweep updates them."""
+    start, U = prepared.work, prepared.upper
+    energy = torch.linalg.solve_triangular(U, start, upper=True, left=False).square().sum()
+    return energy - prepared.damping * start.square().sum()
+
+
+def _sweep_relative_error(W: Tensor, prepared: _Prepared, sweep: _Sweep, energy: Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) for the sweep's result; ``W`` is the unchanged original weight."""
+    delta = sweep.weight - W.detach().to(sweep.weight.dtype)
+    delta[:, prepared.dead] = 0  # the start had them zeroed: ΔW counted from there
+    num, den = float(sweep.loss - prepared.damping * delta.square().sum()), float(energy)
     if den <= 0:
         return 0.0 if num <= 0 else math.inf
     return max(num, 0.0) / den
@@ -456,8 +465,9 @@ def _sparsegpt(
         raise ValueError(f"block_size must be positive (and a multiple of M for N:M), got {block_size}")
     if dampening < 0:
         raise ValueError(f"dampening must be >= 0, got {dampening}")
-    work, U, damping, retries = _prepare(W, H, dampening)
-    start = work.clone()  # for the error (the sweep updates work in place)
+    prepared = _prepare(W, H, dampening)
+    work, U = prepared.work, prepared.upper
+    energy = _output_energy(prepared)
     keep = None if keep_mask is None else keep_mask.to(work.device)
     rows, cols = work.shape
 
@@ -484,8 +494,8 @@ def _sparsegpt(
             return _prune_lowest(scores.reshape(1, -1), quota, block_keep).reshape(scores.shape)
 
         sweep = _obs_sweep(work, U, block_size, select, select_every=None)
-    error = _sweep_relative_error(start, sweep, U, damping)
-    return LinearPruneResult(sweep.weight.to(W.dtype), sweep.mask, retries, error)
+    error = _sweep_relative_error(W, prepared, sweep, energy)
+    return LinearPruneResult(sweep.weight.to(W.dtype), sweep.mask, prepared.retries, error)
 
 
 def sparsegpt_prune(
@@ -515,7 +525,7 @@ def _sparsegpt_fixed_mask(W: Tensor, H: Tensor, mask: Tensor, *, block_size: int
     For tests: when, in every row, all pruned columns precede the kept ones and there is no
     dampening, the sweep must reproduce the exact least-squares reconstruction.
     """
-    work, U, _, _ = _prepare(W, H, dampening)
+    work, U, *_ = _prepare(W, H, dampening)
     mask = mask.to(work.device)
     sweep = _obs_sweep(work, U, block_size, lambda scores, a, b: mask[:, a:b], select_every=None)
     return sweep.weight.to(W.dtype)

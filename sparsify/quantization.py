@@ -350,7 +350,7 @@ def gptq_quantize(
     order = torch.argsort(H.diagonal(), descending=True, stable=True).to(W.device) if act_order else None
     if order is not None:
         W0, H, keep = W0[:, order], H[order][:, order], keep[:, order]
-    work, U, _, retries = _prepare(W0, H, dampening)
+    work, U, _, retries, _ = _prepare(W0, H, dampening)
     original_column = order if order is not None else torch.arange(cols, device=W.device)
     group_of = (original_column // (g or cols)).tolist()  # the scale column of each swept column
     qmax = scheme.qmax

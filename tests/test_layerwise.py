@@ -153,6 +153,20 @@ def test_last_layer_outputs_are_not_recomputed(model, calib):
     assert counts == [2 * batches, batches]
 
 
+def test_bf16_model_is_pruned_with_fp32_hessians_and_stays_bf16(dense, calib):
+    """prune.dtype=bfloat16: the weights and activations are bf16, the statistics and the sweep fp32."""
+    fp32, bf16 = copy.deepcopy(dense), copy.deepcopy(dense).to(torch.bfloat16)
+    expected, result = run(fp32, calib, config()), run(bf16, calib, config())
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    check_masks(bf16, result.masks)
+    assert sparsity_report(bf16)["global"] == 0.5
+    # bf16 inputs move some near-tied scores; most of the mask agrees with the fp32 run
+    agree = sum(int((expected.masks[k] == result.masks[k]).sum()) for k in expected.masks)
+    assert agree / sum(m.numel() for m in expected.masks.values()) > 0.9
+    errors = [r["error"] for r in result.layers]
+    assert all(0 < e < 1 for e in errors)
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_nm_structure_in_every_group(model, calib, method):
     result = run(model, calib, config(method=method, structure="2:4"))

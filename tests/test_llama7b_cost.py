@@ -15,9 +15,10 @@ def test_cost_benchmark_runs_at_a_tiny_shape(tmp_path):
     bench.main([str(tmp_path), "--hidden=128", "--intermediate=256", "--heads=4", "--vocab=128", "--calib=4x16",
                 "--batch=2", "--train-seq=16", "--threads=1", "--measure=prune,gptq-w4g128,train-ckpt"])
     result = json.loads((tmp_path / "llama7b_cost.json").read_text())
-    assert {"machine", "threads", "torch", "dtype", "shape", "calibration", "gemm_tflops", "prune_formula"} <= set(result)
+    assert {"machine", "threads", "torch", "dtype", "shape", "calibration", "gemm_tflops", "formulas"} <= set(result)
     assert result["calibration"] == [4, 16] and result["machine"]["isa"] is not None
     assert set(result["measurements"]) == {"prune", "gptq-w4g128", "train-ckpt"}
     for row in result["measurements"].values():
         assert len(row["seconds_per_layer"]) == 2 and row["peak_rss_gb"] > 0 and row["seconds"] > 0
-    assert (tmp_path / "llama7b_cost.md").read_text().count("\n| ") >= 4
+    assert set(result["formulas"]) == set(result["measurements"])
+    assert (tmp_path / "llama7b_cost.md").read_text().count("\n| ") >= 8

@@ -115,10 +115,11 @@ def predict(result: dict) -> dict[str, dict]:
     Calibration (prune, GPTQ), per decoder layer: the FLOPs of :func:`prune_flops` (GPTQ adds
     reconstruction_error's two products for GPTQ and for the RTN baseline, less the solve: 7·Σ out·in²);
     forward at the weights' dtype rate, the rest at the fp32 rate. Peak: what is resident
-    after the imports, + the model, + the activation buffer N·L·d·b, + the larger of the
-    forward phase (the layer's Hessians, 4·(3d² + f²), and one mini-batch's MLP activations
-    with the hooks' fp32 copies) and down_proj's sweep (H and U, 8f², and three fp32 copies
-    of W, 12df).
+    after the imports, + the model, + the masks (1 byte per weight of the decoder layers),
+    + the activation buffer N·L·d·b, + the largest of: the forward phase (the layer's
+    Hessians, 4·(3d² + f²), and one mini-batch's MLP activations with the hooks' fp32
+    copies), down_proj's factorisation (12f²) and its sweep (H and U, 8f², two fp32
+    copies of W, 8df). GPTQ's codes (1 byte per weight) are counted as masks.
     Training step (AdamW, fp32): (6 + 2 with checkpointing)·P_matmul·T + attention
     (3 + 1)·4·T²·d per layer at the fp32 rate; peak: max(weights + gradients + activations,
     weights + gradients + Adam's two moments) = max(8P + A, 16P), activations A = 4·T·(12d + 4f)
@@ -141,9 +142,13 @@ def predict(result: dict) -> dict[str, dict]:
             for index in range(layers):
                 flops = prune_flops(d, f, n * length, length, 1 if index == layers - 1 else 2)
                 seconds.append(flops["forward"] / rate + (flops["hessian"] + flops["sweep"] + extra) / fp32)
-            forward_phase = 4 * (3 * d * d + f * f) + result["calib_batch"] * length * (3 * f * b + 2 * f * 4)
-            sweep_phase = 4 * 2 * f * f + 4 * 3 * d * f
-            peak = base + params * b + n * length * d * b + max(forward_phase, sweep_phase)
+            # the MLP's gate, act, up and their product in the model's dtype, the hook's fp32 copies
+            mini_batch = result["calib_batch"] * length * (4 * f * b + 4 * f * (2 if b == 2 else 1))
+            forward_phase = 4 * (3 * d * d + f * f) + mini_batch
+            factor_phase = 4 * 3 * f * f  # down_proj's H, the factorisation buffer, LAPACK's copy of it
+            sweep_phase = 4 * 2 * f * f + 4 * 2 * d * f  # H, U; W's work copy, the error's delta
+            masks = layers * (4 * d * d + 3 * d * f)  # bool, 1 byte per pruned weight, kept for the result
+            peak = base + params * b + masks + n * length * d * b + max(forward_phase, factor_phase, sweep_phase)
         else:
             t, checkpointing = result["train_seq"], kind == "train-ckpt"
             matmul_params = layers * (4 * d * d + 3 * d * f) + vocab * d

@@ -305,19 +305,23 @@ def _inverse_hessian_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, floa
     mean_diag = H.diagonal().mean()
     for attempt in range(_CHOLESKY_RETRIES + 1):
         damp = dampening * 10**attempt
-        # One in×in buffer besides H (for a 7B down_proj each is 0.5 GB in fp32): H + λI, then
-        # L, then (LLᵀ)⁻¹, then U, each overwriting the last (LAPACK works in place; the
-        # values are those of the out-of-place calls). Adding λ to the diagonal gives the
-        # same values as H + λI without materialising I.
-        work = H.clone()
-        work.diagonal().add_(damp * mean_diag)
-        info = torch.empty((), dtype=torch.int32, device=H.device)
-        torch.linalg.cholesky_ex(work, out=(work, info))
+        # One in×in buffer besides H (for a 7B down_proj each is 0.5 GB in fp32): λ goes onto
+        # H's own diagonal for the factorisation and the diagonal is restored exactly after
+        # (the values of H + λI without a copy or I); then (LLᵀ)⁻¹ and U overwrite L in place.
+        # L comes back column-major (LAPACK's layout) and the in-place steps keep it, so U has
+        # the values and layout of the out-of-place calls: a row-major U changes the sweep's
+        # rounding, and with it the masks.
+        diagonal = H.diagonal().clone()
+        H.diagonal().add_(damp * mean_diag)
+        try:
+            factor, info = torch.linalg.cholesky_ex(H)
+        finally:
+            H.diagonal().copy_(diagonal)
         if info == 0:
-            torch.cholesky_inverse(work, out=work)
-            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+            torch.cholesky_inverse(factor, out=factor)
+            torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info))
             if info == 0:
-                return work, float(damp * mean_diag), attempt
+                return factor, float(damp * mean_diag), attempt
         if attempt < _CHOLESKY_RETRIES:
             log.warning("Cholesky failed with dampening %.3g; retrying with %.3g", damp, damp * 10)
     raise RuntimeError(
@@ -345,7 +349,8 @@ def _prepare(W: Tensor, H: Tensor, dampening: float) -> _Prepared:
         raise ValueError(f"H must be [{W.shape[1]}, {W.shape[1]}] for weight {tuple(W.shape)}, got {tuple(H.shape)}")
     if not torch.isfinite(H).all():
         raise ValueError("H has nan/inf entries (non-finite calibration activations?)")
-    H = H.detach().to(device=W.device, dtype=dtype)  # read only below: no copy unless it must change
+    # No copy unless it must change (the factorisation changes its diagonal and restores it)
+    H = H.detach().to(device=W.device, dtype=dtype)
     dead = H.diagonal() == 0
     if bool(dead.any()):
         H = H.clone()

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from sparsify.pruning import (
     PruneConfig,
+    _inverse_hessian_cholesky,
     _prune_lowest,
     _sparsegpt_fixed_mask,
     magnitude_prune,
@@ -392,3 +393,16 @@ def test_error_from_the_sweep_equals_reconstruction_error(dtype, rel, structure)
     result = prune_linear(W, H, cfg, keep_mask=keep)
     assert result.error == pytest.approx(reconstruction_error(W, result.weight, H), rel=rel)
     assert 0 < result.error < 1
+
+
+def test_factorisation_in_place_equals_the_out_of_place_calls_and_leaves_h_unchanged():
+    """Bitwise, layout included: the sweep's rounding (so the masks) depends on U's memory layout."""
+    X = correlated_inputs(96, 400, seed=8, dtype=torch.float32)
+    H = hessian(X)
+    before = H.clone()
+    U, damping, retries = _inverse_hessian_cholesky(H, 0.01)
+    damped = H + 0.01 * H.diagonal().mean() * torch.eye(96)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.equal(U, expected) and U.stride() == expected.stride()
+    assert torch.equal(H, before) and retries == 0
+    assert damping == pytest.approx(0.01 * float(H.diagonal().mean()))

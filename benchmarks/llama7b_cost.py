@@ -116,10 +116,10 @@ def predict(result: dict) -> dict[str, dict]:
     reconstruction_error's two products for GPTQ and for the RTN baseline, less the solve: 7·Σ out·in²);
     forward at the weights' dtype rate, the rest at the fp32 rate. Peak: what is resident
     after the imports, + the model, + the masks (1 byte per weight of the decoder layers),
-    + the activation buffer N·L·d·b, + the largest of: the forward phase (the layer's
+    + the activation buffer N·L·d·b, + the larger of: the forward phase (the layer's
     Hessians, 4·(3d² + f²), and one mini-batch's MLP activations with the hooks' fp32
-    copies), down_proj's factorisation (12f²) and its sweep (H and U, 8f², two fp32
-    copies of W, 8df). GPTQ's codes (1 byte per weight) are counted as masks.
+    copies) and down_proj's sweep (H and U, 8f², two fp32 copies of W, 8df; its
+    factorisation needs H and one buffer, 8f²). GPTQ's codes (1 byte per weight) are counted as masks.
     Training step (AdamW, fp32): (6 + 2 with checkpointing)·P_matmul·T + attention
     (3 + 1)·4·T²·d per layer at the fp32 rate; peak: max(weights + gradients + activations,
     weights + gradients + Adam's two moments) = max(8P + A, 16P), activations A = 4·T·(12d + 4f)
@@ -145,10 +145,9 @@ def predict(result: dict) -> dict[str, dict]:
             # the MLP's gate, act, up and their product in the model's dtype, the hook's fp32 copies
             mini_batch = result["calib_batch"] * length * (4 * f * b + 4 * f * (2 if b == 2 else 1))
             forward_phase = 4 * (3 * d * d + f * f) + mini_batch
-            factor_phase = 4 * 3 * f * f  # down_proj's H, the factorisation buffer, LAPACK's copy of it
-            sweep_phase = 4 * 2 * f * f + 4 * 2 * d * f  # H, U; W's work copy, the error's delta
+            sweep_phase = 4 * 2 * f * f + 4 * 2 * d * f  # down_proj's H, U; W's work copy, the error's delta
             masks = layers * (4 * d * d + 3 * d * f)  # bool, 1 byte per pruned weight, kept for the result
-            peak = base + params * b + masks + n * length * d * b + max(forward_phase, factor_phase, sweep_phase)
+            peak = base + params * b + masks + n * length * d * b + max(forward_phase, sweep_phase)
         else:
             t, checkpointing = result["train_seq"], kind == "train-ckpt"
             matmul_params = layers * (4 * d * d + 3 * d * f) + vocab * d
@@ -159,6 +158,61 @@ def predict(result: dict) -> dict[str, dict]:
             peak = base + max(8 * params + acts, 16 * params)
         predictions[kind] = {"seconds_per_layer": seconds, "seconds": sum(seconds), "peak_rss_gb": peak / 2**30}
     return predictions
+
+
+# An H100 SXM 80 GB: dense bf16 989 TFLOP/s, fp32 (no TF32: the Hessians need the mantissa) 67 TFLOP/s.
+# Assumed fractions of peak (not measured here: this session had no GPU): calibration forwards 50%,
+# fp32 Hessians and factorisations 60%, training 40% (MFU); SparseGPT's column loop is bound by
+# kernel launches, ~10 small kernels of ~5 µs per input column.
+GPU = {"name": "H100 SXM 80 GB", "memory_gb": 80, "bf16": 989e12 * 0.5, "fp32": 67e12 * 0.6,
+       "train": 989e12 * 0.4, "column_s": 10 * 5e-6}
+
+
+def gpu_extrapolation(d: int = 4096, f: int = 11008, layers: int = 32, vocab: int = 32000,
+                      calib: tuple[int, int] = (128, 2048), seq: int = 4096) -> list[dict]:
+    """Llama-2-7B (32 layers) on :data:`GPU`s from the same formulas: per stage, memory per GPU,
+    GPUs needed, hours. Calibration in bf16 weights, one GPU, batch 8 sequences; training with
+    FSDP (fp32 master weights, gradients and AdamW moments sharded: 16P/G), bf16 autocast,
+    gradient checkpointing, a bf16 KD teacher replicated per GPU, micro-batch 1 × ``seq``."""
+    n, length = calib
+    layer_params = 4 * d * d + 3 * d * f
+    params = layers * (layer_params + 2 * d) + 2 * vocab * d + d
+    columns = 6 * d + f
+    per_layer = 0.0
+    for index in range(layers):
+        flops = prune_flops(d, f, n * length, length, 1 if index == layers - 1 else 2)
+        per_layer += flops["forward"] / GPU["bf16"] + (flops["hessian"] + flops["sweep"]) / GPU["fp32"]
+    calib_time = per_layer + layers * columns * GPU["column_s"]
+    gptq_time = calib_time + layers * 7 * sum(o * i * i for o, i in _linear_shapes(d, f)) / GPU["fp32"]
+    forward_phase = 4 * (3 * d * d + f * f) + 8 * length * 16 * f  # Hessians + a mini-batch of 8 (bf16)
+    calib_device = (layer_params * 2 + max(forward_phase, 8 * f * f + 8 * d * f)) / 2**30
+    calib_host = (params * 2 + layers * layer_params + n * length * d * 2) / 2**30
+    rows = [
+        {"stage": "prune (SparseGPT, 128×2048 tokens)", "gpu_gb": calib_device, "host_gb": calib_host,
+         "gpus": 1, "hours": calib_time / 3600},
+        {"stage": "quantize (GPTQ, per scheme)", "gpu_gb": calib_device + layer_params / 2**30, "host_gb": calib_host,
+         "gpus": 1, "hours": gptq_time / 3600},
+    ]
+    matmul_params = layers * layer_params + vocab * d
+    per_token = (6 + 2 + 2) * matmul_params + (3 + 1 + 1) * 4 * seq * d * layers  # + recompute + teacher
+    gpu_hours_per_billion = per_token * 1e9 / GPU["train"] / 3600
+    activations = (layers * seq * d * 2 + seq * (12 * d + 4 * f) * 2 + 12 * seq * vocab) / 2**30
+    for gpus in (2, 4, 8):
+        memory = 16 * params / gpus / 2**30 + 2 * params / 2**30 + activations
+        rows.append({"stage": f"sparse pretraining / KD fine-tuning, FSDP over {gpus}", "gpu_gb": memory,
+                     "host_gb": None, "gpus": gpus, "hours": gpu_hours_per_billion / gpus,
+                     "per": "1B tokens", "fits": memory < GPU["memory_gb"] * 0.9})
+    return rows
+
+
+def gpu_markdown(rows: list[dict]) -> str:
+    lines = [f"| stage | memory per GPU (GB) | host (GB) | GPUs | hours |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        host = f"{r['host_gb']:.1f}" if r["host_gb"] is not None else "-"
+        hours = f"{r['hours']:.2f}" + (f" per {r['per']}" if "per" in r else "")
+        fits = "" if r.get("fits", True) else " (does not fit)"
+        lines.append(f"| {r['stage']} | {r['gpu_gb']:.1f}{fits} | {host} | {r['gpus']} | {hours} |")
+    return "\n".join(lines) + "\n"
 
 
 def build_checkpoint(args: argparse.Namespace, path: Path) -> None:
@@ -265,6 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--measure", default=",".join(MEASUREMENTS))
+    parser.add_argument("--gpu-table", action="store_true", help="print the 32-layer GPU extrapolation and exit")
     parser.add_argument("--render", type=Path, help="rewrite OUT/llama7b_cost.md (and formulas) from this JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -289,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     from sparsify.io import atomic_write_json, atomic_write_text
 
+    if args.gpu_table:
+        print(gpu_markdown(gpu_extrapolation()))  # noqa: T201
+        return
     if args.render:  # re-derive the formulas' columns of an earlier run
         result = json.loads(args.render.read_text())
         result["formulas"] = predict(result)

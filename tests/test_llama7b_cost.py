@@ -22,3 +22,15 @@ def test_cost_benchmark_runs_at_a_tiny_shape(tmp_path):
         assert len(row["seconds_per_layer"]) == 2 and row["peak_rss_gb"] > 0 and row["seconds"] > 0
     assert set(result["formulas"]) == set(result["measurements"])
     assert (tmp_path / "llama7b_cost.md").read_text().count("\n| ") >= 8
+
+
+def test_gpu_extrapolation_rows():
+    spec = importlib.util.spec_from_file_location("llama7b_cost", REPO / "benchmarks" / "llama7b_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.gpu_extrapolation()
+    training = [r for r in rows if r["gpus"] > 1]
+    assert [r["gpus"] for r in training] == [2, 4, 8]
+    assert training[0]["gpu_gb"] > training[1]["gpu_gb"] > training[2]["gpu_gb"]  # FSDP shards the optimizer
+    assert all(r["hours"] > 0 and r["gpu_gb"] > 0 for r in rows)
+    assert "| stage |" in bench.gpu_markdown(rows)

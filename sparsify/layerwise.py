@@ -19,11 +19,12 @@ How it works
    padding, so these are the same for every row and broadcast over any mini-batch.
 2. **Per decoder layer** ``i``: move the layer to ``device``; forward hooks on its
    prunable Linears accumulate ``H = 2XXᵀ/n`` (fp32 running average) over all calibration
-   sequences in mini-batches; prune every Linear from its H — all from the *dense*
+   sequences in mini-batches, one H per distinct input (q/k/v share one, gate/up share
+   one: :class:`_InputRecorder`); prune every Linear from its H — all from the *dense*
    layer's inputs, as the SparseGPT reference does; recompute the layer's outputs with
    the pruned weights, which overwrite the activation buffer in place and become layer
-   ``i+1``'s inputs (so each layer is calibrated on what the pruned model feeds it);
-   move the layer back.
+   ``i+1``'s inputs (so each layer is calibrated on what the pruned model feeds it; the
+   last layer's outputs are not needed and not computed); move the layer back.
 3. **OWL** (``cfg.owl``): a pre-pass propagates the calibration set through the *dense*
    model layer by layer (only ‖X_j‖², no Hessians), computes each decoder layer's outlier
    ratio over all its prunable Linears, and maps the ratios to per-layer sparsities
@@ -33,17 +34,20 @@ How it works
 Memory
 ------
 With hidden size d, MLP width f, N calibration sequences of L tokens, mini-batch B,
-b bytes per model weight/activation (2 for bf16), and Σin² over a layer's Linears
-(Llama: q, k, v, o, gate, up have in = d, down has in = f, so Σin² = 6d² + f²):
+b bytes per model weight/activation (2 for bf16), and Σin² over a layer's distinct
+Linear inputs (Llama: q/k/v share one of width d, o has d, gate/up share one of d, down
+has f, so Σin² = 3d² + f²):
 
 * host: the model, plus one activation buffer ``N·L·d·b`` (outputs overwrite inputs).
 * device (one decoder layer at a time): its weights ``(4d² + 3df)·b`` + the Hessians
-  ``4·Σin²`` bytes (each freed once its Linear is pruned) + the SparseGPT workspace of
-  the widest Linear ``≈ 4·(3·in² + 2·out·in)`` bytes + one mini-batch's forward
-  ``≈ B·L·(4d + 3f)·b`` (plus ``B·heads·L²·b`` for eager attention scores).
+  ``4·Σin²`` bytes (each freed once its Linears are pruned) + the SparseGPT workspace of
+  the widest Linear ``≈ 4·(2·in² + 2·out·in)`` bytes (H and U, W's work copy and the
+  error's delta; the factorisation itself needs H and one in×in buffer) + one mini-batch's forward ``≈ B·L·(3f·b + 8f)`` (MLP
+  activations and the hooks' fp32 copies; plus ``B·heads·L²·b`` for eager attention).
 
 Llama-2-7B (d=4096, f=11008), bf16, N=128, L=2048: host buffer 2.1 GB; device ≈ 0.4 GB
-weights + 0.9 GB Hessians + 1.8 GB workspace + the mini-batch. Quantization needs the
+weights + 0.7 GB Hessians + 1.3 GB workspace + the mini-batch. README "Cost at 7B" has
+the measured figures and the time formula. Quantization needs the
 same (GPTQ's workspace is SparseGPT's) and keeps, next to each fake-quantized weight, its
 int8 codes (1 byte per weight) and scales.
 
@@ -70,6 +74,7 @@ import math
 import os
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,21 +331,59 @@ class _InputStats:
             self.absmax.div_(s)
 
 
+class _InputRecorder:
+    """Forward-hook target feeding each Linear's inputs into :class:`_InputStats`, one per distinct input.
+
+    Linears called on the very same input tensor in a forward (Llama: q/k/v_proj on the
+    normed hidden states, gate/up_proj on the MLP input) share one statistics object: H
+    depends only on X, so this is exact, the shared H is bit-identical to each one a
+    Linear would accumulate alone, and it costs one accumulation instead of three (or two).
+    Sharing is found at run time by tensor identity (weak references: no input is kept
+    alive), so it needs no knowledge of the architecture, and every mini-batch must pair
+    the same Linears (checked).
+    """
+
+    def __init__(self, make: Callable[[nn.Linear], _InputStats], share: bool) -> None:
+        self.make, self.share = make, share
+        self.stats: dict[str, _InputStats] = {}
+        self.owner: dict[str, str] = {}  # Linear name -> the Linear whose stats it uses (itself if it owns them)
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (input, first Linear fed it)
+
+    def __call__(self, name: str, linear: nn.Linear, x: Tensor) -> None:
+        entry = self._seen.get(id(x)) if self.share else None
+        first = entry[1] if entry is not None and entry[0]() is x else None
+        if first is None:  # a new input: this Linear owns (or creates) the stats it goes into
+            if self.owner.setdefault(name, name) != name:
+                raise RuntimeError(f"{name} shared {self.owner[name]}'s input before but not in this forward")
+            self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}  # drop dead entries
+            self._seen[id(x)] = (weakref.ref(x), name)
+            if name not in self.stats:
+                self.stats[name] = self.make(linear)
+            self.stats[name].add(x)
+        elif self.owner.setdefault(name, first) != first:
+            raise RuntimeError(f"{name} read {first}'s input in this forward, but not before")
+        else:
+            self.stats[name] = self.stats[first]
+
+
 @contextlib.contextmanager
 def _recording_inputs(
-    linears: Mapping[str, nn.Linear], *, full: bool, absmax: bool = False
+    linears: Mapping[str, nn.Linear], *, full: bool, absmax: bool = False, share: bool = True
 ) -> Iterator[dict[str, _InputStats]]:
-    """Forward hooks feeding each Linear's inputs into its :class:`_InputStats` while the block runs."""
-    stats = {
-        name: _InputStats(linear.in_features, linear.weight.device, full, absmax=absmax)
-        for name, linear in linears.items()
-    }
+    """Forward hooks feeding each Linear's inputs into its :class:`_InputStats` while the block runs.
+
+    The dict maps every Linear that ran to its statistics; Linears that read the same
+    input get the same object (see :class:`_InputRecorder`; ``share=False`` gives each its own).
+    """
+    recorder = _InputRecorder(
+        lambda linear: _InputStats(linear.in_features, linear.weight.device, full, absmax=absmax), share
+    )
     handles = [
-        linear.register_forward_hook(lambda module, args, output, s=stats[name]: s.add(args[0]))
+        linear.register_forward_hook(lambda module, args, output, name=name: recorder(name, module, args[0]))
         for name, linear in linears.items()
     ]
     try:
-        yield stats
+        yield recorder.stats
     finally:
         for handle in handles:
             handle.remove()
@@ -358,8 +401,13 @@ def _prune_decoder_layer(
     cfg: PruneConfig,
     old_masks: Mapping[str, Tensor] | None,
     batch_size: int,
+    propagate: bool,
 ) -> None:
-    """Prune one decoder layer (already on its device) and advance ``progress`` past it."""
+    """Prune one decoder layer (already on its device) and advance ``progress`` past it.
+
+    ``propagate``: recompute the layer's outputs into the activation buffer (the next
+    layer's inputs); False for the last decoder layer, whose outputs nothing reads.
+    """
     acts, target = progress.activations, progress.targets[index]
     with _recording_inputs(linears, full=True) as stats:
         _run_layer(layer, acts, kwargs, batch_size, write_back=None)
@@ -375,7 +423,6 @@ def _prune_decoder_layer(
             result = prune_linear(W, H, cfg, sparsity=target, keep_mask=keep)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
-        error = reconstruction_error(W, result.weight, H)
         W.copy_(result.weight)
         progress.masks[name] = result.mask.cpu()
         progress.retries += result.cholesky_retries
@@ -384,11 +431,12 @@ def _prune_decoder_layer(
             "decoder_layer": index,
             "target_sparsity": target,
             "sparsity": 1.0 - result.mask.float().mean().item(),
-            "error": error,
+            "error": result.error,
             "seconds": time.perf_counter() - start,
             "cholesky_retries": result.cholesky_retries,
         })
-    _run_layer(layer, acts, kwargs, batch_size, write_back=f"decoder layer {index}")
+    if propagate:
+        _run_layer(layer, acts, kwargs, batch_size, write_back=f"decoder layer {index}")
     progress.next_layer = index + 1
 
 
@@ -425,10 +473,12 @@ def _smooth_decoder_layer(
     """SmoothQuant on one decoder layer from the recorded max|X_j|, then its inputs' statistics rescaled to X / s."""
     prefix = layer_name + "."
     absmax = {name[len(prefix) :].removesuffix(".weight"): st.absmax for name, st in stats.items()}
+    rescaled: set[int] = set()  # consumers of one input share their statistics: rescale those once
     for consumer, s in smooth_decoder_layer(layer, absmax, alpha).items():
         st = stats.get(f"{prefix}{consumer}.weight")
-        if st is not None:
+        if st is not None and id(st) not in rescaled:
             st.rescale_inputs(s)
+            rescaled.add(id(st))
 
 
 def _quantize_decoder_layer(
@@ -441,11 +491,13 @@ def _quantize_decoder_layer(
     masks: Mapping[str, Tensor] | None,
     batch_size: int,
     layer_name: str,
+    propagate: bool,
 ) -> None:
     """Quantize one decoder layer (already on its device) and advance ``progress`` past it.
 
     Every Linear is quantized from the float layer's inputs (after smoothing), like pruning;
-    the outputs passed on are computed with fake-quantized weights and activations.
+    the outputs passed on (``propagate``, as in :func:`_prune_decoder_layer`) are computed
+    with fake-quantized weights and activations.
     """
     acts = progress.activations
     # Zeros to keep, fixed before smoothing rescales the weights: the masks, or the existing zeros.
@@ -476,7 +528,8 @@ def _quantize_decoder_layer(
         progress.records.append(
             record | {"seconds": time.perf_counter() - start, "cholesky_retries": result.cholesky_retries}
         )
-    _run_layer(layer, acts, kwargs, batch_size, write_back=f"decoder layer {index}")
+    if propagate:
+        _run_layer(layer, acts, kwargs, batch_size, write_back=f"decoder layer {index}")
     progress.next_layer = index + 1
 
 
@@ -487,7 +540,8 @@ class _LayerJob(Protocol):
     """What a layer-wise pass does to a decoder layer, and how a finished layer is saved and restored."""
 
     def process(
-        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict
+        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict,
+        propagate: bool,
     ) -> None: ...
 
     def saved_tensors(
@@ -504,9 +558,12 @@ class _PruneJob:
     batch_size: int
 
     def process(
-        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict
+        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict,
+        propagate: bool,
     ) -> None:
-        _prune_decoder_layer(index, layer, linears, progress, kwargs, self.cfg, self.old_masks, self.batch_size)
+        _prune_decoder_layer(
+            index, layer, linears, progress, kwargs, self.cfg, self.old_masks, self.batch_size, propagate
+        )
 
     def saved_tensors(
         self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress
@@ -532,10 +589,12 @@ class _QuantizeJob:
     prefix: str  # module path of the decoder layers, e.g. "model.layers"
 
     def process(
-        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict
+        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict,
+        propagate: bool,
     ) -> None:
         _quantize_decoder_layer(
-            index, layer, linears, progress, kwargs, self.cfg, self.masks, self.batch_size, f"{self.prefix}.{index}"
+            index, layer, linears, progress, kwargs, self.cfg, self.masks, self.batch_size, f"{self.prefix}.{index}",
+            propagate,
         )
 
     def saved_tensors(
@@ -709,7 +768,10 @@ def _run_layerwise(
         for index in range(state.next_layer, len(layers)):
             layer_start = time.perf_counter()
             with _on_device(layers[index], device) as layer:
-                job.process(index, layer, linears_by_layer[index], state, _to_device(kwargs, device))
+                job.process(
+                    index, layer, linears_by_layer[index], state, _to_device(kwargs, device),
+                    propagate=index + 1 < len(layers),
+                )
             state.seconds.append(time.perf_counter() - layer_start)
             state.elapsed = elapsed_before + time.perf_counter() - begin
             errors = [r["error"] for r in state.records if r["decoder_layer"] == index]

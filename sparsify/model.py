@@ -30,6 +30,30 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX).
+
+    Elsewhere bf16 is emulated and slower than fp32, so "auto" dtypes fall back to fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def weights_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype for a config's ``dtype`` key: float32, bfloat16, or auto (bf16 where native, else fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def build_llama(arch: ArchConfig, tokenizer, seed: int) -> LlamaForCausalLM:
     """A randomly initialised Llama of the given shape, its vocabulary taken from `tokenizer`."""
     config = LlamaConfig(

@@ -350,7 +350,7 @@ def gptq_quantize(
     order = torch.argsort(H.diagonal(), descending=True, stable=True).to(W.device) if act_order else None
     if order is not None:
         W0, H, keep = W0[:, order], H[order][:, order], keep[:, order]
-    work, U, retries = _prepare(W0, H, dampening)
+    work, U, _, retries, _ = _prepare(W0, H, dampening)
     original_column = order if order is not None else torch.arange(cols, device=W.device)
     group_of = (original_column // (g or cols)).tolist()  # the scale column of each swept column
     qmax = scheme.qmax
@@ -362,7 +362,7 @@ def gptq_quantize(
         s = scales[:, group_of[col]].to(block.dtype)
         return torch.round(block[:, j] / s).clamp_(-qmax, qmax) * s
 
-    new_W, _ = _obs_sweep(work, U, block_size, lambda _scores, a, b: keep[:, a:b], None, rounder)
+    new_W = _obs_sweep(work, U, block_size, lambda _scores, a, b: keep[:, a:b], None, rounder).weight
     if order is not None:
         new_W = new_W[:, torch.argsort(order)]
     # new_W holds exactly code · scale, so dividing by the scale recovers the codes.

@@ -69,6 +69,7 @@ from sparsify.distill import KDWeights, check_teacher, cross_entropy_sum, freeze
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.masks import find_decoder_layers, validate_masks
 from sparsify.metrics import check_token_ids
+from sparsify.model import bf16_supported
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +341,23 @@ def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+@contextlib.contextmanager
+def _activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """HF activation (gradient) checkpointing of every decoder layer, non-reentrant (works with
+    inputs that need no gradient, and with FSDP), for the block only: the model given back to
+    the caller behaves as it came."""
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
+
+
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     if enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         log.warning("this GPU does not support bf16; training in fp32")
@@ -354,7 +372,8 @@ STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE = (
     "trainer_state.json", "model.safetensors", "optimizer.pt", "rng.safetensors")
 # Fields that change what is logged, or how the work is laid out, but not the weights'
 # trajectory: a run may resume with them changed. Everything else must match.
-_NOT_TRAJECTORY = frozenset({"eval_every", "eval_blocks", "log_every", "checkpoint_every", "fsdp"})
+_NOT_TRAJECTORY = frozenset({"eval_every", "eval_blocks", "log_every", "checkpoint_every", "fsdp",
+                             "gradient_checkpointing"})
 
 
 def trajectory_config(cfg: TrainConfig, seed: int) -> dict[str, Any]:
@@ -449,8 +468,12 @@ def evaluate(model: nn.Module, source: BatchSource, *, max_rows: int, batch_size
 
 
 def _teacher_for(student: nn.Module, teacher: nn.Module | None, weights: KDWeights,
-                 device: torch.device) -> nn.Module | None:
-    """The frozen teacher on `device` when a KD term needs it, else None (it never runs)."""
+                 device: torch.device, bf16: bool) -> nn.Module | None:
+    """The frozen teacher on `device` when a KD term needs it, else None (it never runs).
+
+    With ``bf16`` (``train.teacher_bf16``) and a device that computes bf16 natively, its
+    weights are cast to bf16 (in place: the caller's teacher is the stage's own copy).
+    """
     if not weights.needs_teacher:
         if teacher is not None:
             log.warning("a teacher was given but kd_kl and kd_squarehead are 0: it is not used")
@@ -458,7 +481,13 @@ def _teacher_for(student: nn.Module, teacher: nn.Module | None, weights: KDWeigh
     if teacher is None:
         raise ValueError("kd_kl or kd_squarehead > 0 needs a teacher model")
     check_teacher(student, teacher, weights)
-    return freeze(teacher).to(device)
+    dtype = None
+    if bf16:
+        if bf16_supported(device):
+            dtype = torch.bfloat16
+        else:
+            log.warning("train.teacher_bf16: %s has no native bf16; the teacher stays in its dtype", device)
+    return freeze(teacher).to(device=device, dtype=dtype)
 
 
 def _accumulate_gradients(wrapped: nn.Module, teacher: nn.Module | None, batches: list[Batch],
@@ -558,7 +587,7 @@ def train(
                          f"over the {info.world} processes")
     device = _resolve_device(device, info)
     weights = KDWeights.from_config(cfg)
-    teacher = _teacher_for(model, teacher, weights, device)
+    teacher = _teacher_for(model, teacher, weights, device, cfg.teacher_bf16)
     source = as_source(train_data)
     val_source = as_source(val_data) if val_data is not None else None
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -597,7 +626,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=result.start_step, desc="train", unit="step",
                disable=not (progress and info.is_main))
     t0, tokens = time.perf_counter(), 0
-    with bar:
+    with bar, _activation_checkpointing(model, cfg.gradient_checkpointing):
         for step in range(result.start_step, cfg.steps):
             lr = lr_at(step, cfg)
             for group in opt.param_groups:

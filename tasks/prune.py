@@ -16,7 +16,7 @@ from sparsify.data import Corpus, load_tokenizer
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.layerwise import prune_model
 from sparsify.masks import load_masks, plot_sparsity, save_masks, sparsity_report
-from sparsify.model import load_model, pick_device, save_checkpoint
+from sparsify.model import load_model, pick_device, save_checkpoint, weights_dtype
 from sparsify.pruning import PruneConfig
 from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexities
 
@@ -35,11 +35,11 @@ def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) ->
     layout = Layout.of(cfg)
     src, out = cfg.root / source, cfg.root / output
     corpus = Corpus.open(layout.corpus)
-    model = load_model(src)
-    tokenizer = load_tokenizer(src)
-    old_masks = input_masks(src)
     pcfg = PruneConfig.model_validate({**cfg.prune.model_dump(), "sparsity": sparsity})
     device = pick_device(cfg.project.device)
+    model = load_model(src, dtype=weights_dtype(pcfg.dtype, device))
+    tokenizer = load_tokenizer(src)
+    old_masks = input_masks(src)
     resume = resume_dir(cfg, name)
     result = prune_model(model, corpus.calibration(), pcfg, old_masks=old_masks, device=device, resume_dir=resume)
 

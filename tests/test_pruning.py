@@ -11,6 +11,8 @@ from pydantic import ValidationError
 
 from sparsify.pruning import (
     PruneConfig,
+    _inverse_hessian_cholesky,
+    _prune_lowest,
     _sparsegpt_fixed_mask,
     magnitude_prune,
     outlier_ratio,
@@ -347,3 +349,60 @@ def test_outlier_ratio_counts_scores_above_threshold_times_mean():
     scores = torch.ones(100)
     scores[:2] = 100.0  # mean 2.98, so the threshold is 14.9: exactly these two are outliers
     assert outlier_ratio([scores[:50], scores[50:]], 5.0) == pytest.approx(0.02)
+
+
+# --------------------------------------------------------------------------- mask selection
+
+
+def stable_sort_reference(scores, n_prune, keep):
+    """The definition: per row, prune the n lowest in (score, position) order; keep's zeros first."""
+    if keep is not None:
+        scores = scores.masked_fill(~keep, -math.inf)
+    order = torch.argsort(scores, dim=1, stable=True)
+    kept_in_order = torch.arange(scores.shape[1])[None, :] >= n_prune[:, None]
+    return torch.empty_like(scores, dtype=torch.bool).scatter_(1, order, kept_in_order)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+@pytest.mark.parametrize("with_keep", [True, False])
+def test_prune_lowest_equals_a_stable_sort_with_ties(uniform, with_keep):
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        rows, cols = int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(1, 40, (1,), generator=gen))
+        scores = torch.randint(0, 5, (rows, cols), generator=gen).float()  # many ties
+        keep = torch.rand(rows, cols, generator=gen) > 0.3 if with_keep else None
+        forced = torch.zeros(rows, dtype=torch.long) if keep is None else (~keep).sum(1)
+        if uniform:
+            n = int(torch.randint(int(forced.max()), cols + 1, (1,), generator=gen))
+            n_prune = torch.full((rows,), n)
+        else:
+            n_prune = torch.stack([torch.randint(int(f), cols + 1, (1,), generator=gen)[0] for f in forced])
+        expected = stable_sort_reference(scores, n_prune, keep)
+        assert torch.equal(_prune_lowest(scores, n_prune, keep), expected)
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [(F64, 1e-9), (torch.float32, 1e-3)])
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_error_from_the_sweep_equals_reconstruction_error(dtype, rel, structure):
+    """SparseGPT's reported error comes from the sweep's OBS losses; it must be the defined one."""
+    X = correlated_inputs(64, 512, seed=5, dtype=dtype)
+    X[3] = 0  # a dead input: zeroed weight, H_jj set to 1 inside
+    H, W = hessian(X), random_weight(48, 64, seed=6, dtype=dtype)
+    keep = torch.rand(48, 64, generator=torch.Generator().manual_seed(7)) > 0.2
+    cfg = PruneConfig(sparsity=0.5, structure=structure, block_size=16, dampening=0.05)
+    result = prune_linear(W, H, cfg, keep_mask=keep)
+    assert result.error == pytest.approx(reconstruction_error(W, result.weight, H), rel=rel)
+    assert 0 < result.error < 1
+
+
+def test_factorisation_in_place_equals_the_out_of_place_calls_and_leaves_h_unchanged():
+    """Bitwise, layout included: the sweep's rounding (so the masks) depends on U's memory layout."""
+    X = correlated_inputs(96, 400, seed=8, dtype=torch.float32)
+    H = hessian(X)
+    before = H.clone()
+    U, damping, retries = _inverse_hessian_cholesky(H, 0.01)
+    damped = H + 0.01 * H.diagonal().mean() * torch.eye(96)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.equal(U, expected) and U.stride() == expected.stride()
+    assert torch.equal(H, before) and retries == 0
+    assert damping == pytest.approx(0.01 * float(H.diagonal().mean()))

@@ -208,3 +208,35 @@ def test_validation_loss_on_blocks_is_mean_nll():
     model, blocks = tiny_llama(), random_blocks()
     got = evaluate(model, PackedBlocks(blocks), max_rows=10, batch_size=4)
     assert got == pytest.approx(mean_nll(model, blocks, max_blocks=10, batch_size=4), rel=1e-6)
+
+
+def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_training():
+    """Same losses and weights with and without it; with it, each decoder layer's forward runs again in backward."""
+    runs = {}
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        calls = [0]
+        for layer in model.model.layers:
+            # HF checkpoints a layer's forward (its own hooks stay outside), and the recomputation may stop
+            # once it has what backward needs: count calls of the layer's first module.
+            layer.input_layernorm.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        result = train(model, random_blocks(), None, tiny_config(steps=3, gradient_checkpointing=checkpointing),
+                       seed=0, progress=False)
+        assert not model.is_activation_checkpointing  # the caller gets the model back as it gave it
+        runs[checkpointing] = (result, model, calls[0])
+    (plain, plain_model, plain_calls), (ckpt, ckpt_model, ckpt_calls) = runs[False], runs[True]
+    assert ckpt_calls == 2 * plain_calls  # 3 steps × 2 micro-batches × 2 layers, recomputed once each
+    assert [r["loss"] for r in ckpt.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-6)
+    for (name, a), b in zip(plain_model.state_dict().items(), ckpt_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_teacher_in_bf16_without_gradients_where_supported(caplog):
+    student, teacher = tiny_llama(), tiny_llama(seed=1)
+    result = train(student, random_blocks(), None, tiny_config(steps=2, kd_kl=1.0, teacher_bf16=True), seed=0,
+                   teacher=teacher, progress=False)
+    assert all(np.isfinite(row["loss"]) and np.isfinite(row["kl"]) for row in result.history)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    expected = torch.bfloat16 if trainer.bf16_supported(torch.device("cpu")) else torch.float32
+    assert {p.dtype for p in teacher.parameters()} == {expected}
+    assert {p.dtype for p in student.parameters()} == {torch.float32}

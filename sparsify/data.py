@@ -313,15 +313,16 @@ class TokenWriter:
         self._f = path.open("wb")
 
     def write(self, ids: np.ndarray, source: int = 0) -> None:
-        if len(ids) and int(ids.max()) >= np.iinfo(self.dtype).max + 1:
-            raise DataError(f"token id {int(ids.max())} does not fit the corpus dtype {self.dtype.name}")
+        top = int(ids.max()) if len(ids) else -1
+        if top > np.iinfo(self.dtype).max:
+            raise DataError(f"token id {top} does not fit the corpus dtype {self.dtype.name}")
         self._f.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
         if self.spans and self.spans[-1][0] == source and self.spans[-1][2] == self.count:
             self.spans[-1][2] += len(ids)
         else:
             self.spans.append([source, self.count, self.count + len(ids)])
         self.count += len(ids)
-        self.max_id = max(self.max_id, int(ids.max()) if len(ids) else -1)
+        self.max_id = max(self.max_id, top)
 
     def close(self) -> None:
         self._f.close()

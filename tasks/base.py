@@ -17,7 +17,7 @@ from sparsify.masks import sparsity_report
 from sparsify.model import build_llama, count_parameters, load_model, pick_device, save_checkpoint
 from sparsify.trainer import train
 from tasks.common import (Layout, StageResult, is_main_process, provenance, release_resume, resume_dir,
-                          val_perplexities)
+                          val_perplexities, val_perplexity)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def run(cfg: Config) -> StageResult:
         model.to(device)
     else:
         model = build_llama(cfg.base.arch, tokenizer, seed=cfg.project.seed).to(device)
-        metrics["ppl/val_init"] = val_perplexities(cfg, model, corpus, device)["ppl/val"]
+        metrics["ppl/val_init"] = val_perplexity(cfg, model, corpus, device)
         resume = resume_dir(cfg, "base")
         result = train(model, corpus.blocks("train"), val, tc, seed=cfg.project.seed, device=device,
                        checkpoint_dir=resume)

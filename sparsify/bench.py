@@ -5,8 +5,9 @@ Layers (W [out, in], x [batch, in]), variants timed in the same run, interleaved
 * ``dense_fp32`` — ``F.linear`` fp32 (MKL); ``dense_bf16`` — ``F.linear`` bf16 (oneDNN);
 * ``torch_int8`` — ``torch.ao.quantization.quantize_dynamic`` on an ``nn.Linear`` (W8A8, x86 engine);
 * ``torch_int4`` — ``torch._weight_int4pack_mm_for_cpu``, group 128, bf16 activations;
-* ``sparse50_bf16`` / ``sparse70_bf16`` / ``sparse70_int8`` (W8A8) / ``sparse70_w8a16`` — ours
-  (:mod:`sparsify.kernels`), weights pruned per row by magnitude. ``name@isa`` forces a kernel path
+* ``sparse50_bf16`` / ``sparse70_bf16`` / ``sparse70_int8`` (W8A8) / ``sparse70_w8a16`` /
+  ``sparse70_int4`` (W4A8) / ``sparse70_w4a16`` (INT4: groups of 128) — ours (:mod:`sparsify.kernels`),
+  weights pruned per row by magnitude. ``name@isa`` forces a kernel path
   (``generic``, ``avx2``, ``avx512``); the full run times every sparse variant on every path this
   CPU has, side by side. Each row records the path it ran on (``isa``), the JSON the CPU model.
 
@@ -68,11 +69,13 @@ LLAMA2_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in): q/
 DEFAULT_BATCHES = (1, 16)
 LAYER_VARIANTS = (
     "dense_fp32", "dense_bf16", "torch_int8", "torch_int4",
-    "sparse50_bf16", "sparse70_bf16", "sparse70_int8", "sparse70_w8a16",
+    "sparse50_bf16", "sparse70_bf16", "sparse70_int8", "sparse70_w8a16", "sparse70_int4", "sparse70_w4a16",
 )
 BASELINES = {"fp32": "dense_fp32", "bf16": "dense_bf16", "int8": "torch_int8", "int4": "torch_int4"}
 # sparse70_int8: the decoder layers sparse INT8, lm_head dense bf16; sparse70_int8_head: lm_head INT8 too.
-DECODE_VARIANTS = ("dense_fp32", "dense_bf16", "sparse70_bf16", "sparse70_int8", "sparse70_int8_head")
+# sparse70_int4_head: decoder layers sparse INT4 (W4A8, groups of 128), lm_head INT8.
+DECODE_VARIANTS = ("dense_fp32", "dense_bf16", "sparse70_bf16", "sparse70_int8", "sparse70_int8_head",
+                   "sparse70_int4_head")
 INT4_GROUP = 128
 # Each timed call reads a different copy of the weight, cycling through copies that together
 # exceed 4x this machine's 32 MB L3: every call streams its weight from DRAM, as in real decode
@@ -142,6 +145,8 @@ def prepare_weight(name: str, dense: Tensor, cache: dict) -> object:
             state = pack(cache[key], dtype=torch.bfloat16)
         elif kind in ("int8", "w8a16"):
             state = pack(cache[key], dtype=torch.int8, act_int8=kind == "int8")
+        elif kind in ("int4", "w4a16"):
+            state = pack(cache[key], dtype=torch.int4, act_int8=kind == "int4", group_size=INT4_GROUP)
         else:
             raise ValueError(f"unknown sparse variant {name!r}")
     else:
@@ -219,7 +224,7 @@ CHECK_ROWS = 256  # output features each variant's result is checked on (the che
 def _head_rows(packed: PackedWeight, rows: int) -> PackedWeight:
     """The first ``rows`` output rows of a packed weight (values start at offset 0)."""
     rows = min(rows, packed.shape[0])
-    end = int(packed.offsets[rows]) + len(packed.values) - packed.nnz  # keep the padding
+    end = int(packed.offsets[rows]) + len(packed.values) - int(packed.offsets[-1])  # keep the padding
     return dataclasses.replace(
         packed, shape=(rows, packed.shape[1]), bitmask=packed.bitmask[:rows], offsets=packed.offsets[: rows + 1],
         values=packed.values[:end], scales=None if packed.scales is None else packed.scales[:rows],
@@ -395,6 +400,9 @@ def build_decode_model(
 
 def _decode_models(base: nn.Module, variants: Sequence[str], min_sparsity: float) -> dict[str, tuple[nn.Module, dict]]:
     models = {}
+    # INT4 groups of 128 where they tile every width (Llama shapes); one scale per row otherwise (toy shapes).
+    widths = (base.config.hidden_size, base.config.intermediate_size)
+    group = INT4_GROUP if all(w % INT4_GROUP == 0 for w in widths) else None
     for name in variants:
         if name == "dense_fp32":
             models[name] = (base, {})
@@ -402,7 +410,8 @@ def _decode_models(base: nn.Module, variants: Sequence[str], min_sparsity: float
         m = copy.deepcopy(base).to(torch.bfloat16)
         replaced = {}
         if name.startswith("sparse"):
-            replaced = sparsify_model(m, min_sparsity=min_sparsity, int8="int8" in name, lm_head=name.endswith("_head"))
+            replaced = sparsify_model(m, min_sparsity=min_sparsity, int8="int8" in name, int4="int4" in name,
+                                      group_size=group, lm_head=name.endswith("_head"))
         elif name != "dense_bf16":
             raise ValueError(f"unknown decode variant {name!r}; known: {DECODE_VARIANTS}")
         models[name] = (m, replaced)

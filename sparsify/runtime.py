@@ -12,8 +12,14 @@ INT8 (``int8=True`` or ``"w8a8"``): per-output-channel symmetric weight codes, a
 quantized per token at run time and multiplied with VNNI (the fastest kernel: 1 byte per kept
 weight, 64 columns per instruction) — W8A8, the scheme the paper deploys. ``"w8a16"`` keeps float
 activations (the codes are widened to fp32 in registers): slower to compute, no activation error.
-A Linear already quantized by :mod:`sparsify.quantization` (per-channel INT8) keeps its exact
-codes and scales, and its activation scheme decides W8A8 vs W8A16.
+A Linear already quantized by :mod:`sparsify.quantization` (per-channel INT8, or INT4 in groups
+that are a multiple of 64) keeps its exact codes and scales, and its scheme decides the kernel
+(W8A8, W8A16, W4A8, W4A16) whichever of ``int8`` / ``int4`` asked for quantized kernels.
+
+INT4 (``int4=True`` or ``"w4a8"``, or ``"w4a16"``): 4-bit codes with one scale per row and
+``group_size`` input columns (128, the quantize stage's default) — ~0.28 bytes per weight at 70%,
+two thirds of INT8's. W4A8 multiplies with int8 activations (VNNI on AVX-512, VPMADDWD on AVX2);
+W4A16 keeps them float and computes exactly the weight-only scheme the quantize stage evaluates.
 
 ``SparseLinear`` is an inference module: its compressed tensors are plain attributes, not
 parameters or buffers, so ``model.to(dtype)`` cannot re-type them and ``state_dict()`` does not
@@ -34,6 +40,7 @@ from sparsify.masks import find_decoder_layers, matches_any
 logger = logging.getLogger(__name__)
 
 INT8_MODES = ("w8a8", "w8a16")
+INT4_MODES = ("w4a8", "w4a16")
 
 
 class SparseLinear(nn.Module):
@@ -60,14 +67,19 @@ class SparseLinear(nn.Module):
         mask: Tensor | None = None,
         dtype: torch.dtype = torch.bfloat16,
         int8: bool | str = False,
+        int4: bool | str = False,
+        group_size: int | None = 128,
     ) -> SparseLinear:
-        """Compress ``linear``'s weight (keep-mask: ``mask`` or its nonzeros) in ``dtype``, or as INT8."""
-        mode = _int8_mode(int8)
+        """Compress ``linear``'s weight (keep-mask: ``mask`` or its nonzeros) in ``dtype``, or as INT8 / INT4
+        (per-row groups of ``group_size`` columns; None: one scale per row)."""
+        mode = _quant_mode(int8, int4)
         weight = linear.weight.detach()
         if weight.device.type != "cpu":
             raise ValueError(f"sparse kernels run on the CPU; the weight is on {weight.device}")
-        if mode:
+        if mode in INT8_MODES:
             packed = pack(weight, mask, torch.int8, act_int8=mode == "w8a8")
+        elif mode in INT4_MODES:
+            packed = pack(weight, mask, torch.int4, act_int8=mode == "w4a8", group_size=group_size)
         else:
             packed = pack(weight, mask, dtype)
         return cls(packed, linear.bias)
@@ -81,20 +93,30 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = str(self.packed.dtype).removeprefix("torch.")
-        if self.packed.dtype == torch.int8:
-            kind = "int8 w8a8" if self.packed.act_int8 else "int8 w8a16"
+        if self.packed.dtype in (torch.int8, torch.int4):
+            bits = 8 if self.packed.dtype == torch.int8 else 4
+            kind = f"{kind} w{bits}a{8 if self.packed.act_int8 else 16}"
+            if self.packed.group_size is not None:
+                kind += f" group_size={self.packed.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"values={kind}, sparsity={self.packed.sparsity:.3f}, kernels={kernel_isa()}")
 
 
-def _int8_mode(int8: bool | str) -> str | None:
-    if int8 is False or int8 is None:
-        return None
-    if int8 is True:
-        return "w8a8"
-    if int8 in INT8_MODES:
-        return int8
-    raise ValueError(f"int8 must be a bool or one of {INT8_MODES}, got {int8!r}")
+def _quant_mode(int8: bool | str, int4: bool | str) -> str | None:
+    """The quantized kernel asked for: one of INT8_MODES + INT4_MODES, or None (float values)."""
+    modes = []
+    for flag, allowed, name in ((int8, INT8_MODES, "int8"), (int4, INT4_MODES, "int4")):
+        if flag is False or flag is None:
+            continue
+        if flag is True:
+            modes.append(allowed[0])
+        elif flag in allowed:
+            modes.append(flag)
+        else:
+            raise ValueError(f"{name} must be a bool or one of {allowed}, got {flag!r}")
+    if len(modes) > 1:
+        raise ValueError("int8 and int4 are exclusive: pick one weight precision")
+    return modes[0] if modes else None
 
 
 def _quantized_pack(name: str, linear: nn.Linear, mode: str | None) -> PackedWeight | None:
@@ -110,17 +132,19 @@ def _quantized_pack(name: str, linear: nn.Linear, mode: str | None) -> PackedWei
             logger.warning("%s: W%dA%d model packed as float weights: its activation quantization is dropped",
                            name, scheme.weight_bits, scheme.activation_bits)
         return None
+    if scheme.activation_bits not in (None, 8):
+        raise ValueError(f"{name}: activation bits {scheme.activation_bits} not supported (8 or none)")
+    codes, scales = state.codes.detach().cpu(), state.scales.detach().cpu().float()
+    if scheme.weight_bits == 4:
+        if scheme.group_size is not None and scheme.group_size % 64:
+            raise ValueError(f"{name}: the INT4 kernels need groups that are a multiple of 64 columns, got {scheme}; "
+                             "use int4=False to run its dequantized weights")
+        return pack(codes, dtype=torch.int4, scales=scales, group_size=scheme.group_size,
+                    act_int8=scheme.activation_bits == 8)
     if scheme.weight_bits != 8 or scheme.group_size is not None:
         raise ValueError(f"{name}: the INT8 kernels need per-channel 8-bit weights, got {scheme}; "
                          "use int8=False to run its dequantized weights")
-    if scheme.activation_bits not in (None, 8):
-        raise ValueError(f"{name}: activation bits {scheme.activation_bits} not supported (8 or none)")
-    return pack(
-        state.codes.detach().cpu(),
-        dtype=torch.int8,
-        scales=state.scales.detach().float().reshape(-1),
-        act_int8=scheme.activation_bits == 8,
-    )
+    return pack(codes, dtype=torch.int8, scales=scales.reshape(-1), act_int8=scheme.activation_bits == 8)
 
 
 @torch.no_grad()
@@ -130,24 +154,27 @@ def sparsify_model(
     min_sparsity: float = 0.3,
     dtype: torch.dtype = torch.bfloat16,
     int8: bool | str = False,
+    int4: bool | str = False,
+    group_size: int | None = 128,
     ignore: Sequence[str] = (),
     lm_head: bool = False,
 ) -> dict[str, float]:
     """Replace, in place, the decoder-layer Linears with weight sparsity ≥ ``min_sparsity`` by SparseLinear.
 
     ``dtype`` (bfloat16 or float32) stores the values of float layers; ``int8`` (True / "w8a8" /
-    "w8a16") stores INT8 codes instead. ``ignore``: module-name patterns to leave dense
-    (:func:`sparsify.masks.matches_any`). ``lm_head`` (INT8 only): also store the output
-    projection as INT8 (dense, per-channel scales). Returns ``{module name: sparsity}`` of the
-    replaced layers.
+    "w8a16") stores INT8 codes instead, ``int4`` (True / "w4a8" / "w4a16") INT4 codes in groups of
+    ``group_size`` columns. ``ignore``: module-name patterns to leave dense
+    (:func:`sparsify.masks.matches_any`). ``lm_head`` (INT8 or INT4): also store the output
+    projection as dense per-channel INT8 (W8A8 with ``w*a8`` modes, else W8A16). Returns
+    ``{module name: sparsity}`` of the replaced layers.
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
-    mode = _int8_mode(int8)
+    mode = _quant_mode(int8, int4)
     if lm_head and mode is None:
-        raise ValueError("lm_head=True needs int8: a dense float lm_head gains nothing from the sparse kernels")
+        raise ValueError("lm_head=True needs int8 or int4: a dense float lm_head gains nothing from the sparse kernels")
     prefix, _ = find_decoder_layers(model)
     replaced: dict[str, float] = {}
     for name, module in list(model.named_modules()):
@@ -163,7 +190,8 @@ def sparsify_model(
         if packed is not None:
             sparse = SparseLinear(packed, module.bias)
         else:
-            sparse = SparseLinear.from_linear(module, dtype=dtype, int8=mode or False)
+            sparse = SparseLinear.from_linear(module, dtype=dtype, int8=mode if mode in INT8_MODES else False,
+                                              int4=mode if mode in INT4_MODES else False, group_size=group_size)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, sparse)
         replaced[name] = sparsity
@@ -175,8 +203,9 @@ def sparsify_model(
             raise ValueError(f"lm_head: sparse kernels run on the CPU; the weight is on {head.weight.device}")
         weight, name = head.weight.detach(), _module_name(model, head)
         # A tied lm_head shares its weight with the input embeddings, which keep the float copy.
+        head_mode = "w8a8" if mode.endswith("a8") else "w8a16"  # INT8 whatever the layers' bits: see the docstring
         model.set_output_embeddings(SparseLinear.from_linear(head, mask=torch.ones_like(weight, dtype=torch.bool),
-                                                             int8=mode))
+                                                             int8=head_mode))
         replaced[name] = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
     logger.info("sparsify_model: %d Linear layers on the sparse kernels (%s)", len(replaced), kernel_isa())
     return replaced

@@ -377,3 +377,120 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         w = sparse_weight(37, 100, 0.7)
         x = torch.randn(3, 100)
         assert_close(sparse_linear(x, pack(w, dtype=torch.float32)), *reference(x, w, None), 1e-5)
+
+
+# --------------------------------------------------------------------------- int4
+
+INT4_SHAPES = [(37, 128, 64), (9, 256, 128), (100, 129, None), (5, 130, None), (64, 384, 128), (3, 1, None)]
+
+
+def int4_weight(out: int, inn: int, group: int | None, sparsity: float, seed: int) -> PackedWeight:
+    """A packed INT4 weight (row 0 empty, row 1 dense) and, past column 64, runs of empty mask words."""
+    w = sparse_weight(out, inn, sparsity, seed=seed)
+    if inn > 128 and out > 2:
+        w[2:, 64:128] = 0  # whole mask words without a stored code
+    return pack(w, dtype=torch.int4, group_size=group, act_int8=seed % 2 == 0)
+
+
+@pytest.mark.parametrize("shape", INT4_SHAPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_int4_pack_round_trip_and_layout(shape, sparsity):
+    """Codes and scales are sparsify.quantization's INT4 grid; unpack(pack(w)) returns them exactly;
+    the bytes follow the documented layout (per mask word, ceil(p/2) bytes, code + 8, low nibble first)."""
+    from sparsify.quantization import quantize_codes, weight_scales
+
+    out, inn, group = shape
+    w = sparse_weight(out, inn, sparsity, seed=out + inn)
+    p = pack(w, dtype=torch.int4, group_size=group)
+    p.validate()
+    assert p.dtype == torch.int4 and p.values.dtype == torch.uint8
+    scales = weight_scales(w, 4, group, keep=w != 0, dtype=torch.float32)
+    codes = quantize_codes(w, scales, 4, group)
+    assert torch.equal(unpack(p), codes) and torch.equal(p.scales, scales)
+    assert torch.equal(p.mask(), w != 0)
+    # Brute-force layout check: walk each row's mask words and nibbles in Python.
+    values, offsets = p.values.tolist(), p.offsets.tolist()
+    for r in range(out):
+        pos = offsets[r]
+        for word in range(-(-inn // 64)):
+            cols = [c for c in range(word * 64, min(inn, word * 64 + 64)) if w[r, c] != 0]
+            for k, c in enumerate(cols):
+                nibble = values[pos + k // 2] >> (4 * (k % 2)) & 0xF
+                assert nibble - 8 == codes[r, c]
+            pos += (len(cols) + 1) // 2
+        assert pos == offsets[r + 1]
+    deq = dequantize(p)
+    assert torch.allclose(deq, codes.float() * scales.repeat_interleave(group or inn, 1)[:, :inn])
+
+
+@pytest.mark.parametrize("isa", ["torch", *ISA_NAMES])
+def test_int4_kernels_match_dequantized_reference(compiled_isas, isa):
+    """W4A8 and W4A16 on every path against an independent reference: x (fake-quantized per token for
+    W4A8) times the dequantized weight, in float64 — every batch size, odd widths, empty words."""
+    if isa != "torch" and isa not in compiled_isas:
+        pytest.skip(f"{isa} kernels not available here")
+    for i, ((out, inn, group), sparsity) in enumerate((s, p) for s in INT4_SHAPES for p in (0.0, 0.7, 0.95)):
+        p = int4_weight(out, inn, group, sparsity, seed=i)
+        bias = torch.randn(out) if i % 3 else None
+        for batch in BATCHES:
+            x = torch.randn(batch, inn)
+            xq = fake_quantize_per_token(x) if p.act_int8 else x
+            assert_close(sparse_linear(x, p, bias, isa=isa), *reference(xq, dequantize(p), bias), 1e-5)
+
+
+@pytest.mark.parametrize("isa", ISA_NAMES)
+def test_w4a8_group_sums_are_exact(compiled_isas, isa):
+    """W4A8: every path computes each group's exact integer sum — worst-case magnitudes (codes ±7
+    against q = −128) and words with no stored code (the AVX-512 kernel's 8·Σq correction must count
+    those columns too). With unit scales the result is that integer times the token's scale, so
+    kernel and float64 reference agree bit for bit."""
+    if isa not in compiled_isas:
+        pytest.skip(f"{isa} kernels not available here")
+    codes = torch.full((4, 4096), 7, dtype=torch.int8)
+    codes[1] = -7
+    codes[2, 64:1024] = 0  # empty mask words inside groups
+    codes[3, ::3] = 0
+    x = -torch.ones(17, 4096)
+    x[:, 0] = 1.0
+    x[5:] = torch.randn(12, 4096)
+    for group in (64, 128, None):
+        groups = 1 if group is None else 4096 // group
+        p = pack(codes, dtype=torch.int4, scales=torch.ones(4, groups), group_size=group)
+        for batch in (1, 2, 3, 4, 5, 8, 9, 16, 17):
+            assert torch.equal(sparse_linear(x[:batch], p, isa=isa), torch_sparse_linear(x[:batch], p)), (group, batch)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(group_size=96), "multiple of 64"),
+        (dict(group_size=100), "multiple of 64"),
+        (dict(group_size=64, dtype=torch.int8), "group_size applies to dtype=torch.int4"),
+    ],
+)
+def test_int4_pack_rejects_bad_groups(kwargs, match):
+    w = sparse_weight(4, 192, 0.5)
+    with pytest.raises(ValueError, match=match):
+        pack(w, **({"dtype": torch.int4} | kwargs))
+
+
+def test_int4_rejects_codes_off_the_grid_and_corrupt_tensors(compiled_isas):
+    codes = torch.zeros(2, 128, dtype=torch.int8)
+    codes[0, 0] = 8
+    with pytest.raises(ValueError, match=r"\[-7, 7\]"):
+        pack(codes, dtype=torch.int4, scales=torch.ones(2, 1))
+    p = pack(sparse_weight(3, 128, 0.5), dtype=torch.int4, group_size=64)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="scales"):
+        dataclasses.replace(p, scales=p.scales[:, :1].contiguous()).validate()
+    bad = p.values.clone()
+    bad[0] = 0  # nibble 0 = code −8: off the symmetric grid
+    with pytest.raises(ValueError, match=r"\[-7, 7\]"):
+        dataclasses.replace(p, values=bad).validate()
+    with pytest.raises(ValueError, match="offsets"):
+        dataclasses.replace(p, offsets=p.offsets + torch.arange(4)).validate()
+    if compiled_isas:
+        with pytest.raises(RuntimeError, match="group_size"):
+            load_extension().sparse_linear(torch.randn(1, 128), p.bitmask, p.offsets, p.values, p.scales, None, None,
+                                           True, 0, 96)

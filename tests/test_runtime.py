@@ -98,6 +98,81 @@ def test_int8_model_matches_its_quantized_reference(mode, lm_head):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
+def test_int4_model_matches_its_quantized_reference(mode):
+    """INT4 on the sparse kernels: the fp32 model holding each replaced Linear's dequantized INT4 weight
+    (+ the per-token activation grid for W4A8) gives the same logits; lm_head as INT8."""
+    dense = tiny_llama()
+    sparse = copy.deepcopy(dense)
+    replaced = sparsify_model(sparse, int4=mode, group_size=None, min_sparsity=0.5, lm_head=True)
+    assert len(replaced) == 15
+    ref = copy.deepcopy(dense)
+    for name, module in sparse.named_modules():
+        if isinstance(module, SparseLinear):
+            want = torch.int8 if name == "lm_head" else torch.int4
+            assert module.packed.dtype == want and module.packed.act_int8 == (mode == "w4a8"), name
+            linear = ref.get_submodule(name)
+            linear.weight.copy_(dequantize(module.packed))
+            if mode == "w4a8":
+                linear.register_forward_pre_hook(FakeQuantInput())
+    # Each replaced Linear, on the inputs it sees, against its reference (tight: no rounding flip has
+    # had a chance to propagate); then the whole model, where W4A8's per-token rounding of a later
+    # layer's input may flip on a near-tie and move logits by one activation step.
+    checked = []
+
+    def check(module, args, out):
+        x = args[0].float().reshape(-1, module.in_features)
+        xq = fake_quantize_per_token(x) if module.packed.act_int8 else x
+        want = xq @ dequantize(module.packed).T
+        assert torch.allclose(out.reshape(want.shape), want, atol=1e-4, rtol=1e-4)
+        checked.append(module)
+
+    handles = [m.register_forward_hook(check) for m in sparse.modules() if isinstance(m, SparseLinear)]
+    b = sparse(PROMPTS).logits
+    for h in handles:
+        h.remove()
+    assert len(checked) == 15
+    a = ref(PROMPTS).logits
+    assert torch.allclose(a, b, atol=1e-3 if mode == "w4a16" else 2e-2, rtol=1e-3)
+    # Groups must tile each Linear's input: down_proj's 160 columns are not a multiple of 64.
+    with pytest.raises(ValueError, match="multiple of 64"):
+        sparsify_model(tiny_llama(), int4=True, group_size=64)
+
+
+@torch.no_grad()
+def test_runs_an_int4_model_quantized_by_sparsify_quantization_exactly():
+    """A W4A16 model from sparsify.quantization (groups of 64) keeps its codes and scales: the runtime
+    computes the in-memory quantized model's logits; groups the kernels cannot tile are refused."""
+    model = tiny_llama()
+    config = model.config
+    config.intermediate_size = 192  # every width a multiple of 64
+    model = LlamaForCausalLM(config).eval()
+    scheme = QuantScheme(weight_bits=4, group_size=64, activation_bits=None)
+    for name in prunable_linear_names(model):
+        linear = model.get_submodule(name.removesuffix(".weight"))
+        with torch.no_grad():
+            w = linear.weight
+            w.masked_fill_(w.abs() <= w.abs().kthvalue(int(w.shape[1] * 0.7), dim=1, keepdim=True).values, 0)
+        q = rtn_quantize(linear.weight.detach(), scheme, mask=linear.weight != 0)
+        attach_quantization(linear, q.weight, q.codes, q.scales, scheme)
+    sparse = copy.deepcopy(model)
+    replaced = sparsify_model(sparse, int4=True)
+    assert len(replaced) == 14
+    up = sparse.model.layers[0].mlp.up_proj
+    assert up.packed.dtype == torch.int4 and not up.packed.act_int8 and up.packed.group_size == 64
+    assert torch.equal(dequantize(up.packed), model.model.layers[0].mlp.up_proj.weight.float())
+    a, b = model(PROMPTS).logits, sparse(PROMPTS).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    odd = tiny_llama()
+    linear = odd.model.layers[0].mlp.up_proj
+    oscheme = QuantScheme(weight_bits=4, group_size=32, activation_bits=None)
+    q = rtn_quantize(linear.weight.detach(), oscheme, mask=linear.weight != 0)
+    attach_quantization(linear, q.weight, q.codes, q.scales, oscheme)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        sparsify_model(odd, int4=True)
+
+
+@torch.no_grad()
 def test_uses_codes_of_a_model_quantized_by_sparsify_quantization():
     model = tiny_llama()
     scheme = QuantScheme(weight_bits=8, group_size=None, activation_bits=8)
@@ -142,6 +217,10 @@ def test_what_is_replaced():
         sparsify_model(model, dtype=torch.float16)
     with pytest.raises(ValueError, match="int8"):
         sparsify_model(model, int8="w4a8")
+    with pytest.raises(ValueError, match="int4"):
+        sparsify_model(model, int4="w8a8")
+    with pytest.raises(ValueError, match="exclusive"):
+        sparsify_model(model, int8=True, int4=True)
     with pytest.raises(ValueError, match="lm_head=True needs int8"):
         sparsify_model(model, lm_head=True)
 
@@ -200,7 +279,7 @@ def test_decode_benchmark_on_a_tiny_model_agrees_across_variants():
     assert fp32["speedup_vs_fp32"] == 1.0 and fp32["prefill_speedup_vs_fp32"] == 1.0
     for name, v in variants.items():
         assert v["greedy_tokens"] == v["generate_tokens"], name  # the timed loop decodes what generate() does
-        if "int8" not in name:  # INT8 may flip a near-tie on a random model; the float paths may not
+        if "int8" not in name and "int4" not in name:  # quantized paths may flip a near-tie; float ones may not
             assert v["greedy_tokens"] == fp32["greedy_tokens"], name
         assert v["ms_per_token"] > 0 and v["prefill_tok_s"] > 0 and v["prefill_len"] == 16
     assert variants["sparse70_int8_head"]["sparse_layers"] == variants["sparse70_int8"]["sparse_layers"] + 1

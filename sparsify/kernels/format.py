@@ -12,9 +12,19 @@ A weight ``W [out, in]`` with a keep-mask (``True`` = stored, as in :mod:`sparsi
 * ``row_sums`` — int32 ``[out]`` (int8 only): the sum of each row's codes, which the W8A8 kernel
   needs to undo the +128 offset of its unsigned activations.
 
+INT4 (``dtype=torch.int4``; values are uint8 bytes): symmetric 4-bit codes c in [−7, 7] with one
+fp32 scale per row and group of ``group_size`` input columns (``scales`` ``[out, groups]``;
+``group_size=None``: one group per row), ``W ≈ c · scale``. The codes of each 64-column mask word
+with p set bits fill ceil(p / 2) bytes of their own — code k of the word in the low (k even) or
+high (k odd) nibble of byte k // 2 — so every word starts on a byte and a kernel can unpack it
+with whole-vector loads; the nibble holds c + 8 (offset binary, 1..15), so the kernels widen it
+with a mask and no sign extension. ``offsets`` count bytes. Group sizes are multiples of 64 (whole
+mask words per group), the quantize stage's 128 included.
+
 Bytes per weight at sparsity s: 1/8 (mask) + (1 − s) · bytes per value — 0.725 for 70% bf16,
-0.425 for 70% int8 (dense bf16: 2, fp32: 4). A kept weight may be zero (an int8 weight that
-rounds to code 0 stays kept), so the mask, not the values, says what is stored.
+0.425 for 70% int8, ~0.28 for 70% int4 with groups of 128 (dense bf16: 2, fp32: 4). A kept weight
+may be zero (an int8 weight that rounds to code 0 stays kept), so the mask, not the values, says
+what is stored.
 """
 
 from __future__ import annotations
@@ -25,9 +35,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-VALUE_DTYPES = (torch.bfloat16, torch.float32, torch.int8)
+VALUE_DTYPES = (torch.bfloat16, torch.float32, torch.int8, torch.int4)
 PAD_BYTES = 64  # vector over-read allowance after the last value
 INT8_QMAX = 127  # symmetric grid: codes in [-127, 127], as sparsify.quantization uses for weights
+INT4_QMAX = 7
+INT4_OFFSET = 8  # nibble = code + 8
+WORD = 64  # columns per mask word
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,18 +53,26 @@ class PackedWeight:
     values: Tensor
     scales: Tensor | None = None
     row_sums: Tensor | None = None
-    # int8 only: quantize activations per token to int8 (W8A8, VNNI) or keep them float (W8A16).
+    # int8/int4: quantize activations per token to int8 (W8A8, W4A8) or keep them float (W8A16, W4A16).
     act_int8: bool = True
+    # int4 only: input columns per scale (a multiple of 64); None: one scale per row.
+    group_size: int | None = None
 
     @property
     def dtype(self) -> torch.dtype:
-        """Storage dtype of the values: bfloat16, float32 or int8."""
-        return self.values.dtype
+        """What the values hold: bfloat16, float32, int8 or int4 (int4 codes live in uint8 bytes)."""
+        return torch.int4 if self.values.dtype == torch.uint8 else self.values.dtype
 
     @property
     def nnz(self) -> int:
         """Stored entries (the mask's kept count)."""
-        return int(self.offsets[-1])
+        return int(_popcount_rows(self.bitmask).sum()) if self.dtype == torch.int4 else int(self.offsets[-1])
+
+    @property
+    def group_words(self) -> int:
+        """Mask words per scale group (int4): the kernels fold a group's sum into the row every this many words."""
+        words = self.bitmask.shape[1] // 8
+        return words if self.group_size is None else self.group_size // WORD
 
     @property
     def sparsity(self) -> float:
@@ -61,7 +82,8 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes a kernel call streams: mask + stored values + offsets (+ scales, row sums)."""
-        n = self.bitmask.numel() + self.nnz * self.values.element_size() + self.offsets.numel() * 8
+        stored = int(self.offsets[-1]) if self.dtype == torch.int4 else self.nnz * self.values.element_size()
+        n = self.bitmask.numel() + stored + self.offsets.numel() * 8
         if self.scales is not None:
             n += self.scales.numel() * 4
         if self.row_sums is not None:
@@ -77,8 +99,9 @@ class PackedWeight:
         """Raise ValueError if the tensors are inconsistent (a kernel would read out of bounds)."""
         out, cols = self.shape
         words = -(-cols // 64)
-        if self.values.dtype not in VALUE_DTYPES or self.values.dim() != 1:
-            raise ValueError(f"values must be 1-D {', '.join(map(str, VALUE_DTYPES))}, got {self.values.dtype}")
+        if self.dtype not in VALUE_DTYPES or self.values.dim() != 1:
+            raise ValueError(f"values must be 1-D {', '.join(map(str, VALUE_DTYPES))} (int4: uint8 bytes), "
+                             f"got {self.values.dtype}")
         if self.bitmask.dtype != torch.uint8 or tuple(self.bitmask.shape) != (out, 8 * words):
             raise ValueError(f"bitmask must be uint8 {(out, 8 * words)}, got {self.bitmask.dtype} "
                              f"{tuple(self.bitmask.shape)}")
@@ -88,16 +111,19 @@ class PackedWeight:
             t = getattr(self, name)
             if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
                 raise ValueError(f"{name} must be a contiguous CPU tensor")
-        counts = _popcount_rows(self.bitmask)
+        counts = _int4_row_bytes(self.bitmask) if self.dtype == torch.int4 else _popcount_rows(self.bitmask)
         expected = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
         if not torch.equal(self.offsets, expected):
             raise ValueError("offsets do not match the bitmask's per-row counts")
         pad = PAD_BYTES // self.values.element_size()
-        if self.values.numel() < self.nnz + pad:
-            raise ValueError(f"values must hold {self.nnz} entries + {pad} padding, got {self.values.numel()}")
-        if int(counts.sum()) != int(self.mask().sum()):
+        stored = int(self.offsets[-1])
+        if self.values.numel() < stored + pad:
+            raise ValueError(f"values must hold {stored} entries + {pad} padding, got {self.values.numel()}")
+        if self.nnz != int(self.mask().sum()):
             raise ValueError("bitmask has bits set past in_features")
-        if self.values.dtype == torch.int8:
+        if self.dtype == torch.int4:
+            self._validate_int4()
+        elif self.values.dtype == torch.int8:
             if self.scales is None or self.scales.dtype != torch.float32 or tuple(self.scales.shape) != (out,):
                 raise ValueError(f"int8 values need float32 scales [{out}]")
             if self.row_sums is None or self.row_sums.dtype != torch.int32 or tuple(self.row_sums.shape) != (out,):
@@ -106,6 +132,24 @@ class PackedWeight:
                 raise ValueError("row_sums do not match the codes")
         elif self.scales is not None or self.row_sums is not None:
             raise ValueError("scales/row_sums belong to int8 values only")
+        if self.group_size is not None and self.dtype != torch.int4:
+            raise ValueError("group_size belongs to int4 values only")
+
+    def _validate_int4(self) -> None:
+        out, cols = self.shape
+        g = self.group_size
+        if g is not None and (g <= 0 or g % WORD or cols % g):
+            raise ValueError(f"int4 group_size must be a positive multiple of {WORD} that divides in_features={cols}, "
+                             f"got {g}")
+        groups = 1 if g is None else cols // g
+        if self.scales is None or self.scales.dtype != torch.float32 or tuple(self.scales.shape) != (out, groups):
+            raise ValueError(f"int4 values need float32 scales [{out}, {groups}], got "
+                             f"{None if self.scales is None else (self.scales.dtype, tuple(self.scales.shape))}")
+        if self.row_sums is not None:
+            raise ValueError("int4 values take no row_sums")
+        nibbles = _int4_nibbles(self.values[: int(self.offsets[-1])], self.bitmask)
+        if bool(((nibbles < INT4_OFFSET - INT4_QMAX) | (nibbles > INT4_OFFSET + INT4_QMAX)).any()):
+            raise ValueError(f"int4 codes must lie in [-{INT4_QMAX}, {INT4_QMAX}] (nibbles 1..15)")
 
 
 
@@ -117,6 +161,60 @@ def _popcount_rows(bitmask: Tensor) -> Tensor:
     bits = bitmask.numpy()
     counts = np.bitwise_count(bits) if hasattr(np, "bitwise_count") else _POPCOUNT8[bits]  # numpy >= 2.0
     return torch.from_numpy(counts.sum(1, dtype=np.int64))
+
+
+def _word_counts(bitmask: Tensor) -> np.ndarray:
+    """Set bits per 64-bit mask word, int64 ``[out, words]``."""
+    words = bitmask.numpy().view("<u8")
+    counts = np.bitwise_count(words) if hasattr(np, "bitwise_count") else _POPCOUNT8[bitmask.numpy()].reshape(
+        words.shape[0], words.shape[1], 8).sum(-1)
+    return counts.astype(np.int64)
+
+
+def _int4_row_bytes(bitmask: Tensor) -> Tensor:
+    """Bytes of int4 codes per row: ceil(p / 2) for each mask word with p set bits."""
+    return torch.from_numpy(((_word_counts(bitmask) + 1) // 2).sum(1))
+
+
+def _int4_positions(bitmask: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(byte index, nibble shift 0/4) of every kept entry, in row-major order, in the int4 layout."""
+    counts = _word_counts(bitmask).reshape(-1)  # words in row-major order
+    word_bytes = np.concatenate([[0], np.cumsum((counts + 1) // 2)])[:-1]
+    word_kept = np.concatenate([[0], np.cumsum(counts)])[:-1]
+    word_of = np.repeat(np.arange(counts.size), counts)  # the word of each kept entry
+    rank = np.arange(word_of.size) - word_kept[word_of]
+    return word_bytes[word_of] + rank // 2, 4 * (rank % 2)
+
+
+def _int4_nibbles(values: Tensor, bitmask: Tensor) -> Tensor:
+    """The stored nibbles (code + 8) of every kept entry, row-major, int16."""
+    index, shift = _int4_positions(bitmask)
+    return torch.from_numpy((values.numpy()[index].astype(np.int16) >> shift) & 0xF)
+
+
+def _pack_int4(kept_codes: Tensor, bitmask: Tensor) -> Tensor:
+    """Kept codes (row-major, int8 in [-7, 7]) → the int4 bytes (without padding)."""
+    index, shift = _int4_positions(bitmask)
+    nibbles = kept_codes.numpy().astype(np.uint8) + INT4_OFFSET
+    total = int(_int4_row_bytes(bitmask).sum())
+    out = np.zeros(total, dtype=np.uint8)
+    low = shift == 0  # low and high nibbles in two passes: no byte is written twice in one
+    out[index[low]] = nibbles[low]
+    out[index[~low]] |= nibbles[~low] << 4
+    return torch.from_numpy(out)
+
+
+def quantize_groups(weight: Tensor, mask: Tensor, group_size: int | None) -> tuple[Tensor, Tensor]:
+    """Symmetric INT4 round-to-nearest per row and group: (codes int8 in [-7, 7], fp32 scales [out, groups]).
+
+    The grid of :mod:`sparsify.quantization` (``scale = max|w| / 7`` over the kept weights of the group,
+    1 for an empty group), so pruned weights stay exactly 0.
+    """
+    from sparsify.quantization import quantize_codes, weight_scales  # one INT4 grid for the project
+
+    w = weight.float().masked_fill(~mask, 0)
+    scales = weight_scales(w, 4, group_size, keep=mask, dtype=torch.float32)
+    return quantize_codes(w, scales, 4, group_size), scales
 
 
 def _row_sums(codes: Tensor, offsets: Tensor) -> Tensor:
@@ -153,6 +251,7 @@ def pack(
     *,
     scales: Tensor | None = None,
     act_int8: bool = True,
+    group_size: int | None = None,
 ) -> PackedWeight:
     """Compress a 2-D weight ``[out, in]``.
 
@@ -164,6 +263,9 @@ def pack(
     * ``torch.int8`` — a float weight is quantized per output channel (:func:`quantize_rows`);
       an int8 weight is taken as the codes and needs ``scales`` (``[out]`` or ``[out, 1]``).
       ``act_int8`` selects W8A8 (activations quantized per token at run time, VNNI) or W8A16.
+    * ``torch.int4`` — the same for 4-bit codes with one scale per row and ``group_size`` columns
+      (None: per row): a float weight is quantized (:func:`quantize_groups`); int8 codes in [-7, 7]
+      need ``scales`` ``[out, groups]``. ``act_int8``: W4A8 or W4A16.
     """
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D tensor [out, in], got {getattr(weight, 'shape', type(weight))}")
@@ -173,8 +275,10 @@ def pack(
     is_codes = weight.dtype == torch.int8
     if not (weight.is_floating_point() or is_codes):
         raise ValueError(f"weight must be floating point (or int8 codes), got {weight.dtype}")
-    if is_codes and dtype != torch.int8:
-        raise ValueError("int8 codes can only be packed with dtype=torch.int8")
+    if is_codes and dtype not in (torch.int8, torch.int4):
+        raise ValueError("int8 codes can only be packed with dtype=torch.int8 or torch.int4")
+    if group_size is not None and dtype != torch.int4:
+        raise ValueError("group_size applies to dtype=torch.int4 only")
     if is_codes != (scales is not None):
         raise ValueError("scales go with (and only with) an int8 codes weight")
     if mask is None:
@@ -187,6 +291,8 @@ def pack(
             raise ValueError("weight has nonzero entries where the mask prunes them")
     out = weight.shape[0]
     row_sums = None
+    if dtype == torch.int4:
+        return _pack_int4_weight(weight, mask, scales, act_int8, group_size)
     if dtype == torch.int8:
         if is_codes:
             scales = scales.detach().cpu().float().reshape(-1)
@@ -209,13 +315,47 @@ def pack(
     return PackedWeight(tuple(weight.shape), bitmask, offsets, values, scales, row_sums, act_int8)
 
 
+def _pack_int4_weight(
+    weight: Tensor, mask: Tensor, scales: Tensor | None, act_int8: bool, group_size: int | None
+) -> PackedWeight:
+    out, cols = weight.shape
+    if group_size is not None and (group_size <= 0 or group_size % WORD or cols % group_size):
+        raise ValueError(f"int4 group_size must be a positive multiple of {WORD} that divides in_features={cols}, "
+                         f"got {group_size}")
+    groups = 1 if group_size is None else cols // group_size
+    if weight.dtype == torch.int8:
+        if bool((weight.abs() > INT4_QMAX).any()):
+            raise ValueError(f"int4 codes must lie in [-{INT4_QMAX}, {INT4_QMAX}]")
+        scales = scales.detach().cpu().float().reshape(out, -1).contiguous()
+        if scales.shape[1] != groups:
+            raise ValueError(f"scales must be [{out}, {groups}] for group_size={group_size}, got {tuple(scales.shape)}")
+        codes = weight
+    else:
+        codes, scales = quantize_groups(weight, mask, group_size)
+    bitmask = _pack_bits(mask)
+    data = _pack_int4(codes[mask], bitmask)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), _int4_row_bytes(bitmask).cumsum(0)])
+    values = torch.cat([data, torch.zeros(PAD_BYTES, dtype=torch.uint8)])
+    return PackedWeight((out, cols), bitmask, offsets, values, scales, None, act_int8, group_size)
+
+
 def unpack(packed: PackedWeight) -> Tensor:
-    """The dense weight in the storage dtype (int8: the codes; see :func:`dequantize`). Exact."""
+    """The dense weight in the storage dtype (int8 and int4: the codes, as int8; see :func:`dequantize`). Exact."""
+    if packed.dtype == torch.int4:
+        kept = (_int4_nibbles(packed.values, packed.bitmask) - INT4_OFFSET).to(torch.int8)
+        return torch.zeros(packed.shape, dtype=torch.int8).masked_scatter_(packed.mask(), kept)
     dense = torch.zeros(packed.shape, dtype=packed.dtype)
     return dense.masked_scatter_(packed.mask(), packed.values[: packed.nnz])
 
 
+def group_scales(packed: PackedWeight) -> Tensor:
+    """The fp32 scale of every weight position ``[out, in]`` (int8: its row's; int4: its group's)."""
+    out, cols = packed.shape
+    per = cols if packed.group_size is None else packed.group_size
+    return packed.scales.reshape(out, -1).repeat_interleave(per, dim=1)[:, :cols]
+
+
 def dequantize(packed: PackedWeight) -> Tensor:
-    """The dense weight as fp32: values as stored, int8 codes times their row scales."""
+    """The dense weight as fp32: values as stored, int8/int4 codes times their scales."""
     dense = unpack(packed).float()
-    return dense * packed.scales[:, None] if packed.dtype == torch.int8 else dense
+    return dense * group_scales(packed) if packed.dtype in (torch.int8, torch.int4) else dense

@@ -16,7 +16,11 @@ enum class Fmt : int {
   F32 = 1,   // fp32 values, float activations
   I8 = 2,    // int8 codes + fp32 scale per output row, int8 activations (W8A8, VNNI)
   I8F = 3,   // int8 codes + fp32 scale per output row, float activations (W8A16: dequantize in registers)
+  I4 = 4,    // int4 codes (nibble = code + 8) + fp32 scale per row and group, int8 activations (W4A8)
+  I4F = 5,   // int4 codes + fp32 scale per row and group, float activations (W4A16)
 };
+
+constexpr bool is_int4(Fmt f) { return f == Fmt::I4 || f == Fmt::I4F; }
 
 // Rows of W handed to the inner loops at once by the batched (M > kDirectMax) kernels.
 constexpr int kRowBlock = 4;
@@ -43,7 +47,7 @@ struct Problem {
   const void* values;       // packed nonzeros (padded at the end for 64-byte over-reads)
   const void* x;            // [M, 64 * words]: uint16 (bf16 bits), float, uint8 (int8 code + 128) or int32 (code)
   const float* x_scale;     // [M] per-token activation scale (Fmt::I8 only)
-  const float* w_scale;     // [N] per-row weight scale (Fmt::I8 / I8F)
+  const float* w_scale;     // [N] per-row weight scale (Fmt::I8 / I8F); [N, words / group_words] (Fmt::I4 / I4F)
   const int32_t* row_sum;   // [N] sum of each row's int8 codes (Fmt::I8 with uint8 x: undoes the +128)
   const float* bias;        // [N] or nullptr
   float* y;                 // [M, N]
@@ -51,7 +55,14 @@ struct Problem {
   int nthreads;
   int64_t prefetch;         // software prefetch distance (bytes) of the value stream (AVX-512 M <= 4)
   bool outer;               // take the outer-product kernel (outer.h, AVX2); set by the binding from avx2::outer
+  int64_t group_words;      // int4: mask words per scale group (words: one group per row)
+  // [M, groups, 16] 8·Σ q over the columns that meet 32-bit lane i of a 64-byte vector (bytes 4i..4i+3
+  // of every word) in each group (Fmt::I4 on AVX-512, int8 x)
+  const int32_t* x_lane_sum;
 };
+
+// int4: each 64-column mask word with p set bits owns ceil(p / 2) bytes of nibbles.
+inline int64_t int4_bytes(uint64_t m) { return (__builtin_popcountll(m) + 1) >> 1; }
 
 namespace generic { void run(Fmt fmt, const Problem& p); }
 namespace avx2 {
@@ -67,6 +78,6 @@ bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, f
 }  // namespace avx512
 
 // Which x encoding each (ISA, format) pair expects, decided in one place (sparse_gemv.cpp).
-enum class XKind : int { F32 = 0, BF16 = 1, U8 = 2, I32 = 3 };
+enum class XKind : int { F32 = 0, BF16 = 1, U8 = 2, I32 = 3, S8 = 4 };
 
 }  // namespace sparsellama

@@ -1,8 +1,8 @@
 """``sparse_linear(x, packed, bias)``: the kernel call with input checks and a pure-torch fallback.
 
 The fallback (no compiler, non-CPU-kernel platform, or autograd through x) computes the same
-function as the kernels: float formats in fp32 from the exact stored values; W8A8 with the same
-per-token int8 codes and exact integer sums. It unpacks the weight on every call — slow, never wrong.
+function as the kernels: float formats in fp32 from the exact stored values; W8A8 and W4A8 with the
+same per-token int8 codes and exact integer sums (per scale group for INT4). It unpacks the weight on every call — slow, never wrong.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def torch_sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -> Tensor:
     """Reference/fallback: ``x [M, in]`` (float) → fp32 ``[M, out]``, the kernels' arithmetic in torch."""
-    if packed.dtype == torch.int8 and packed.act_int8:
+    if packed.dtype == torch.int4:
+        y = _int4_reference(x, packed)
+    elif packed.dtype == torch.int8 and packed.act_int8:
         codes, xs = quantize_activations(x)
         # Integer dot products in float64 are exact (|sum| < 2^53), like the kernels' int32 sums.
         acc = (codes.double() @ unpack(packed).double().T).float()
@@ -63,6 +65,19 @@ def torch_sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = N
     else:
         y = x.float() @ dequantize(packed).T
     return y + bias if bias is not None else y
+
+
+def _int4_reference(x: Tensor, packed: PackedWeight) -> Tensor:
+    """INT4: each group's dot product (exact integers for W4A8, fp32 for W4A16) times its scale, summed."""
+    out, cols = packed.shape
+    per = cols if packed.group_size is None else packed.group_size
+    codes = unpack(packed).reshape(out, -1, per)  # [out, groups, per]
+    if packed.act_int8:
+        q, xs = quantize_activations(x)
+        acc = torch.einsum("mgk,ngk->mng", q.double().reshape(len(q), -1, per), codes.double())
+        return ((acc * packed.scales.double()).sum(-1) * xs.double()[:, None]).float()
+    acc = torch.einsum("mgk,ngk->mng", x.float().reshape(len(x), -1, per), codes.float())
+    return (acc * packed.scales).sum(-1)
 
 
 def _check_input(x: Tensor, packed: PackedWeight) -> None:
@@ -103,5 +118,5 @@ def sparse_linear(
     # Fast path (decode calls this ~7 times per layer per token): the C++ side views x as [M, in].
     return load_extension().sparse_linear(
         x if x.is_contiguous() else x.contiguous(), packed.bitmask, packed.offsets, packed.values,
-        packed.scales, packed.row_sums, bias, packed.act_int8, ISA_NAMES.index(name),
+        packed.scales, packed.row_sums, bias, packed.act_int8, ISA_NAMES.index(name), packed.group_size or 0,
     )

@@ -154,7 +154,7 @@ std::vector<int64_t> split_rows(const int64_t* offsets, int64_t N, int64_t words
 torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitmask, const torch::Tensor& offsets,
                             const torch::Tensor& values, const std::optional<torch::Tensor>& w_scale,
                             const std::optional<torch::Tensor>& row_sum, const std::optional<torch::Tensor>& bias,
-                            bool act_int8, int64_t isa) {
+                            bool act_int8, int64_t isa, int64_t group_size) {
   TORCH_CHECK(x_in.device().is_cpu(), "sparse_linear: x must be on the CPU, got ", x_in.device());
   TORCH_CHECK(x_in.dim() >= 1 && x_in.is_contiguous(), "sparse_linear: x must be a contiguous tensor [..., in]");
   TORCH_CHECK(x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16,
@@ -178,8 +178,17 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
     case torch::kBFloat16: fmt = Fmt::BF16; break;
     case torch::kFloat: fmt = Fmt::F32; break;
     case torch::kChar: fmt = act_int8 ? Fmt::I8 : Fmt::I8F; break;
-    default: TORCH_CHECK(false, "sparse_linear: values must be bfloat16, float32 or int8, got ", values.scalar_type());
+    case torch::kByte: fmt = act_int8 ? Fmt::I4 : Fmt::I4F; break;  // int4: two codes per byte
+    default:
+      TORCH_CHECK(false, "sparse_linear: values must be bfloat16, float32, int8 or uint8 (int4), got ",
+                  values.scalar_type());
   }
+  const bool int4 = is_int4(fmt);
+  TORCH_CHECK(int4 || group_size == 0, "sparse_linear: group_size applies to int4 values only");
+  TORCH_CHECK(group_size == 0 || (group_size > 0 && group_size % 64 == 0 && K % group_size == 0),
+              "sparse_linear: int4 group_size must be a positive multiple of 64 dividing in_features=", K,
+              " (0: one group per row), got ", group_size);
+  const int64_t group_words = group_size ? group_size / 64 : words, groups = words / group_words;
   const int64_t elt = values.element_size();
   const int64_t* off = offsets.data_ptr<int64_t>();
   TORCH_CHECK(off[0] >= 0 && off[N] >= off[0] && (off[N] * elt + kValuePadBytes) <= values.numel() * elt,
@@ -190,12 +199,19 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
                     w_scale->size(0) == N && w_scale->is_contiguous(),
                 "sparse_linear: int8 values need contiguous float32 scales [out]");
   }
+  if (int4) {
+    TORCH_CHECK(w_scale.has_value() && w_scale->scalar_type() == torch::kFloat && w_scale->dim() == 2 &&
+                    w_scale->size(0) == N && w_scale->size(1) == groups && w_scale->is_contiguous(),
+                "sparse_linear: int4 values need contiguous float32 scales [out, ", groups, "]");
+  }
   if (fmt == Fmt::I8) {
     TORCH_CHECK(row_sum.has_value() && row_sum->scalar_type() == torch::kInt && row_sum->dim() == 1 &&
                     row_sum->size(0) == N && row_sum->is_contiguous(),
                 "sparse_linear: W8A8 needs contiguous int32 row sums [out]");
-    // int32 accumulators: |Σ (q+128)·w| ≤ 255·128·K must stay below 2^31.
-    TORCH_CHECK(K <= 65536, "sparse_linear: W8A8 supports in_features <= 65536, got ", K);
+  }
+  if (fmt == Fmt::I8 || int4) {
+    // int32 accumulators: |Σ (q+128)·w| ≤ 255·128·K must stay below 2^31 (int4: group sums exact in fp32).
+    TORCH_CHECK(K <= 65536, "sparse_linear: int8 and int4 weights support in_features <= 65536, got ", K);
   }
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->dim() == 1 && bias->size(0) == N &&
@@ -209,14 +225,22 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   // AVX-512 and generic kernels, as int32 q (VPMADDWD's 16-bit lanes) for AVX2; bf16 for AVX-512's
   // bf16 dot product; fp32 otherwise.
   // The outer-product kernel (outer.h) reads fp32 x, or int32 codes for W8A8.
-  const bool outer = isa == kAvx2 && (g_outer_from > 0 ? M >= g_outer_from : avx2::outer(M));
-  XKind xk = fmt == Fmt::I8 ? (isa == kAvx2 || outer ? XKind::I32 : XKind::U8)
-                            : (isa == kAvx512 && !outer && fmt == Fmt::BF16 ? XKind::BF16 : XKind::F32);
+  // int4 never takes it: its expanding kernels unpack nibbles once per weight row, for every M.
+  const bool outer = isa == kAvx2 && !int4 && (g_outer_from > 0 ? M >= g_outer_from : avx2::outer(M));
+  XKind xk;
+  if (fmt == Fmt::I8) xk = isa == kAvx2 || outer ? XKind::I32 : XKind::U8;
+  else if (fmt == Fmt::I4) xk = isa == kAvx512 ? XKind::S8 : XKind::I32;
+  else xk = isa == kAvx512 && !outer && fmt == Fmt::BF16 ? XKind::BF16 : XKind::F32;
   const bool split = xk == XKind::BF16 && x.scalar_type() == torch::kFloat;
-  torch::Tensor xe, xscale;
-  if (xk == XKind::U8 || xk == XKind::I32) {
+  torch::Tensor xe, xscale, xgroup;
+  if (xk == XKind::U8 || xk == XKind::I32 || xk == XKind::S8) {
     std::tie(xe, xscale) = quantize_x(x, kp, isa == kAvx512);
     if (xk == XKind::I32) xe = (xe.to(torch::kInt) - 128).contiguous();
+    if (xk == XKind::S8) {  // AVX-512 W4A8 multiplies signed q by the unsigned nibbles (see there)
+      const auto q = xe.to(torch::kShort) - 128;
+      xgroup = (q.view({M, groups, group_words, 16, 4}).sum({2, 4}, false, torch::kInt) * 8).contiguous();
+      xe = q.to(torch::kChar).contiguous();
+    }
   } else if (K == kp && (xk == XKind::BF16) == (x.scalar_type() == torch::kBFloat16)) {
     xe = x;  // already the kernel's layout: no copy
   } else {
@@ -228,7 +252,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   // Tiny problems (tests, toy models) are not worth waking a second thread for.
   int nthreads = at::get_num_threads();
   if (Mk * N * kp < (int64_t(1) << 18)) nthreads = 1;
-  const auto bounds = split_rows(off, N, words, elt, isa == kAvx2 || Mk <= kDirectMax, nthreads);
+  const auto bounds = split_rows(off, N, words, elt, isa == kAvx2 || Mk <= kDirectMax || int4, nthreads);
 
   Problem p;
   p.M = Mk;
@@ -238,8 +262,8 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   p.offsets = off;
   p.values = values.data_ptr();
   p.x = xe.data_ptr();
-  p.x_scale = fmt == Fmt::I8 ? xscale.data_ptr<float>() : nullptr;
-  p.w_scale = is_int8 ? w_scale->data_ptr<float>() : nullptr;
+  p.x_scale = fmt == Fmt::I8 || fmt == Fmt::I4 ? xscale.data_ptr<float>() : nullptr;
+  p.w_scale = is_int8 || int4 ? w_scale->data_ptr<float>() : nullptr;
   p.row_sum = fmt == Fmt::I8 ? row_sum->data_ptr<int32_t>() : nullptr;
   p.bias = bias.has_value() && !split ? bias->data_ptr<float>() : nullptr;  // split: added once below
   p.y = y.data_ptr<float>();
@@ -247,6 +271,8 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   p.nthreads = nthreads;
   p.prefetch = g_prefetch;
   p.outer = outer;
+  p.group_words = group_words;
+  p.x_lane_sum = xgroup.defined() ? xgroup.data_ptr<int32_t>() : nullptr;
   {
     pybind11::gil_scoped_release no_gil;
     if (isa == kAvx512) avx512::run(fmt, p);
@@ -271,7 +297,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sparsellama::sparse_linear, "y[M, out] = x[M, in] · Wᵀ (+ bias), float32 result "
         "in x's dtype", pybind11::arg("x"), pybind11::arg("bitmask"), pybind11::arg("offsets"),
         pybind11::arg("values"), pybind11::arg("w_scale"), pybind11::arg("row_sum"), pybind11::arg("bias"),
-        pybind11::arg("act_int8"), pybind11::arg("isa"));
+        pybind11::arg("act_int8"), pybind11::arg("isa"), pybind11::arg("group_size") = 0);
   m.def("set_prefetch", &sparsellama::set_prefetch, "AVX-512 batch-1 software prefetch distance in bytes (tuning)");
   m.def("set_outer_from", &sparsellama::set_outer_from, "AVX2: batches from this many rows take the "
         "outer-product kernel (0: built-in choice; benchmarking only)");

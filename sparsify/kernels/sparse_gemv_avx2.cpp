@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "kernels.h"
 
@@ -250,6 +251,110 @@ void rows_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0) {
   }
 }
 
+// ----------------------------------------------------------------- int4 (W4A8, W4A16)
+// Each weight row's nibbles are first unpacked, 32 codes per 16 bytes, into a per-thread buffer of
+// signed int8 codes (a word with an odd count keeps its padding nibble, skipped below); from there
+// the int8 formats' byte-wise expansion runs unchanged (FmtI8: W4A8 with int32 x codes; FmtI8F:
+// W4A16). Every group_words words the group's sum meets the group's scale in fp32 row totals.
+
+// fn(integral_constant<int, J>) for each J, in order: an unrolled loop whose index is a constant.
+template <int... J, class Fn>
+inline void unroll(std::integer_sequence<int, J...>, Fn&& fn) {
+  (fn(std::integral_constant<int, J>{}), ...);
+}
+
+inline void unpack_row_int4(const uint8_t* v, int64_t n, int8_t* out) {
+  const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  for (int64_t i = 0; i < n; i += 16) {  // reads ≤ 15 bytes past the row: the values are padded
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i));
+    const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, low), eight);
+    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low), eight);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), _mm_unpacklo_epi8(lo, hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
+  }
+}
+
+template <class F, int T>
+void int4_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0, int8_t* codes) {
+  constexpr int S = sets_for(T);
+  constexpr bool kInt = std::is_same<F, FmtI8>::value;
+  const int64_t kp = p.words * 64, gw = p.group_words, groups = p.words / gw;
+  const auto* x = static_cast<const typename F::XE*>(p.x) + t0 * kp;
+  const auto* bytes = static_cast<const uint8_t*>(p.values);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint64_t* mk = p.mask + r * p.words;
+    unpack_row_int4(bytes + p.offsets[r], p.offsets[r + 1] - p.offsets[r], codes);
+    const int8_t* v = codes;
+    const float* sc = p.w_scale + r * groups;
+    __m256 row[T];
+    for (int t = 0; t < T; ++t) row[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      typename F::Acc acc[S][T], total[T];
+      for (int t = 0; t < T; ++t) {
+        total[t] = F::zero();
+        for (int s = 0; s < S; ++s) acc[s][t] = F::zero();
+      }
+      for (int64_t w = g * gw; w < (g + 1) * gw; ++w) {
+        const uint64_t m = mk[w];
+        if (m == 0) continue;
+        // The eight mask bytes, unrolled at compile time so that acc[j % S] stays in registers
+        // (a loop here was left rolled by GCC and the accumulators went to the stack).
+        const typename F::XE* xw = x + w * 64;
+        unroll(std::make_integer_sequence<int, 8>{}, [&](auto j) {
+          constexpr int J = decltype(j)::value;
+          const unsigned sel = unsigned(J == 0 ? m << 5 : m >> (8 * J - 5)) & 0x1FE0;
+          const typename F::W wv = F::expand(sel, v);
+          v += __builtin_popcount(sel);
+          for (int t = 0; t < T; ++t) acc[J % S][t] = F::dot(acc[J % S][t], wv, xw + J * 8 + t * kp);
+        });
+        v += __builtin_popcountll(m) & 1;  // the word's padding nibble
+        if (kInt && (w + 1 - g * gw) % kSettleWords == 0)
+          for (int s = 0; s < S; ++s)
+            for (int t = 0; t < T; ++t) F::settle(acc[s][t], total[t]);
+      }
+      const __m256 scale = _mm256_set1_ps(sc[g]);
+      for (int t = 0; t < T; ++t) {
+        if constexpr (kInt) {  // the group's exact Σ q·c (≤ 1024 words · 64 · 7 · 128 < 2^24: exact in fp32)
+          for (int s = 0; s < S; ++s) F::settle(acc[s][t], total[t]);
+          row[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total[t]), scale, row[t]);
+        } else {
+          typename F::Acc a = acc[0][t];
+          for (int s = 1; s < S; ++s) a = F::add(a, acc[s][t]);
+          row[t] = _mm256_fmadd_ps(a, scale, row[t]);
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      float y = hsum(row[t]);
+      if constexpr (kInt) y *= p.x_scale[t0 + t];
+      p.y[(t0 + t) * p.N + r] = p.bias ? y + p.bias[r] : y;
+    }
+  }
+}
+
+template <class F>
+void int4_rows(const Problem& p, int64_t r0, int64_t r1) {
+  // Unpacked codes of one row: ≤ in_features + one padding nibble per word, + 64 bytes of over-read.
+  int8_t* codes = static_cast<int8_t*>(std::aligned_alloc(64, (p.words * 65 + 127) / 64 * 64 + 64));
+  constexpr int64_t kRows = 8;
+  for (int64_t rb = r0; rb < r1; rb += kRows) {
+    const int64_t re = rb + kRows < r1 ? rb + kRows : r1;
+    for (int64_t t0 = 0; t0 < p.M; t0 += kTokens) {
+      switch (p.M - t0 < kTokens ? p.M - t0 : kTokens) {
+        case 1: int4_block<F, 1>(p, rb, re, t0, codes); break;
+        case 2: int4_block<F, 2>(p, rb, re, t0, codes); break;
+        case 3: int4_block<F, 3>(p, rb, re, t0, codes); break;
+        case 4: int4_block<F, 4>(p, rb, re, t0, codes); break;
+        case 5: int4_block<F, 5>(p, rb, re, t0, codes); break;
+        case 6: int4_block<F, 6>(p, rb, re, t0, codes); break;
+        case 7: int4_block<F, 7>(p, rb, re, t0, codes); break;
+        default: int4_block<F, 8>(p, rb, re, t0, codes); break;
+      }
+    }
+  }
+  std::free(codes);
+}
+
 template <class F>
 void rows(const Problem& p, int64_t r0, int64_t r1) {
   // Row blocks small enough that a block's weights stay in L1/L2 while every group of kTokens rows
@@ -286,6 +391,8 @@ void run(Fmt fmt, const Problem& p) {
         case Fmt::F32: rows<FmtF32>(p, r0, r1); break;
         case Fmt::I8: rows<FmtI8>(p, r0, r1); break;
         case Fmt::I8F: rows<FmtI8F>(p, r0, r1); break;
+        case Fmt::I4: int4_rows<FmtI8>(p, r0, r1); break;
+        case Fmt::I4F: int4_rows<FmtI8F>(p, r0, r1); break;
       }
     }
   }

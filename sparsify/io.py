@@ -74,6 +74,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the complete directory `tmp` into place as `path` (two renames, see :func:`atomic_dir`).
+
+    For outputs written by several processes into one agreed temporary directory, where the
+    single-writer context manager does not fit (sharded checkpoints)."""
+    tmp, path = Path(tmp), Path(path)
     old = None
     if path.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))

@@ -33,6 +33,13 @@ back with ``weights_only=True``), the RNG state and, in ``trainer_state.json``, 
 logged history and fingerprints of the training config and the masks. The directory
 is replaced as a whole and only once the new checkpoint is complete, and a state with
 non-finite weights is never written, so a divergence keeps the last good checkpoint.
+
+Under FSDP the checkpoint is sharded (format 2): every rank writes its own shards of the
+weights and optimizer state with ``torch.distributed.checkpoint`` (``shards/``), so no
+process ever holds the whole model and optimizer — at 7B that is ~80 GB of fp32 weights
+and Adam moments a gathered checkpoint would pull into rank 0's host memory. A sharded
+checkpoint resumes on any number of ranks (DCP reshards on load), with or without FSDP;
+:func:`checkpoint_weights` reads its full weights in one process.
 """
 
 from __future__ import annotations
@@ -44,7 +51,10 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +63,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.nn.parallel import DistributedDataParallel
@@ -66,7 +79,7 @@ from tqdm.auto import tqdm
 
 from sparsify.config import TrainConfig
 from sparsify.distill import KDWeights, check_teacher, cross_entropy_sum, freeze, objective, target_positions
-from sparsify.io import atomic_dir, atomic_write_json
+from sparsify.io import atomic_dir, atomic_write_json, replace_dir
 from sparsify.masks import find_decoder_layers, validate_masks
 from sparsify.metrics import check_token_ids
 from sparsify.model import bf16_supported
@@ -367,9 +380,10 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
 
 # --------------------------------------------------------------------------- checkpoints
 
-CHECKPOINT_FORMAT = 1
-STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE = (
-    "trainer_state.json", "model.safetensors", "optimizer.pt", "rng.safetensors")
+CHECKPOINT_FORMAT = 1  # one process wrote the gathered weights and optimizer state
+SHARDED_FORMAT = 2  # every rank wrote its shards (torch.distributed.checkpoint) under SHARDS_DIR
+STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE, SHARDS_DIR = (
+    "trainer_state.json", "model.safetensors", "optimizer.pt", "rng.safetensors", "shards")
 # Fields that change what is logged, or how the work is laid out, but not the weights'
 # trajectory: a run may resume with them changed. Everything else must match.
 _NOT_TRAJECTORY = frozenset({"eval_every", "eval_blocks", "log_every", "checkpoint_every", "fsdp",
@@ -386,27 +400,39 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())  # FSDP2 parameters are DTensors
+
+
 def _state_dict_options(model: nn.Module) -> StateDictOptions:
     """Full (gathered, on CPU) state dicts under FSDP; the plain ones otherwise."""
-    sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
-    return StateDictOptions(full_state_dict=True, cpu_offload=True) if sharded else StateDictOptions()
+    return StateDictOptions(full_state_dict=True, cpu_offload=True) if _is_sharded(model) else StateDictOptions()
+
+
+def _rng_state() -> dict[str, Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
                     info: DistInfo) -> None:
     """Replace the checkpoint in `path` with the current one, atomically.
 
-    Every rank must call this (FSDP gathers shards collectively); rank 0 writes. The new
-    files go to a temporary sibling directory that is renamed over `path` only once all
-    are written, so a crash mid-write keeps the previous checkpoint.
+    Every rank must call this. A sharded (FSDP) model: every rank writes its shards. Otherwise
+    rank 0 writes the whole state. The new files go to a temporary sibling directory that is
+    renamed over `path` only once all are written, so a crash mid-write keeps the previous
+    checkpoint.
     """
+    if _is_sharded(model):
+        _save_sharded(path, model, optimizer, state, info)
+        return
     options = _state_dict_options(model)
     weights = get_model_state_dict(model, options=options)
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     if info.is_main:
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state()
+        rng = _rng_state()
         with atomic_dir(path) as tmp:
             # clone: tied weights share storage, which safetensors refuses to write
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, tmp / WEIGHTS_FILE)
@@ -417,6 +443,46 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         dist.barrier()
 
 
+def _save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                  info: DistInfo) -> None:
+    # One temporary directory that every rank agrees on (DCP's writers need the same path);
+    # rank 0 clears a stale one a killed run may have left, and moves the finished one into place.
+    tmp = path.with_name(f".{path.name}.tmp-sharded")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if info.world > 1:
+        dist.barrier()
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=tmp / SHARDS_DIR)  # collective: each rank its shards
+    if info.is_main:
+        save_file(_rng_state(), tmp / RNG_FILE)
+        atomic_write_json(tmp / STATE_FILE, {**state, "format": SHARDED_FORMAT})
+        replace_dir(tmp, path)
+    if info.world > 1:
+        dist.barrier()
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """What a sharded checkpoint holds, as this process sees it: its shards under FSDP (DTensors),
+    whole tensors otherwise; DCP maps either onto the stored shards."""
+    out: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        out["optim"] = get_optimizer_state_dict(model, optimizer)  # initializes Adam's moments to load into
+    return out
+
+
+def checkpoint_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The full model weights of a checkpoint directory, either format, in this one process."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return load_file(path / WEIGHTS_FILE)
+    if not (path / SHARDS_DIR).is_dir():
+        raise FileNotFoundError(f"{path} holds no training checkpoint ({WEIGHTS_FILE} or {SHARDS_DIR}/)")
+    with tempfile.TemporaryDirectory() as tmp:  # DCP's own converter: shards → one torch.save file
+        dcp_to_torch_save(path / SHARDS_DIR, Path(tmp) / "full.pt")
+        return torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)["model"]
+
+
 def read_checkpoint_state(path: Path, expected_config: dict, masks_fp: str) -> dict | None:
     """The checkpoint's ``trainer_state.json`` (None if there is none), after checking that
     it was written by this training configuration and these masks."""
@@ -424,8 +490,9 @@ def read_checkpoint_state(path: Path, expected_config: dict, masks_fp: str) -> d
     if not state_path.is_file():
         return None
     state = json.loads(state_path.read_text())
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    if state.get("format") not in (CHECKPOINT_FORMAT, SHARDED_FORMAT):
+        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT} "
+                         f"or {SHARDED_FORMAT}")
     if state["config_fingerprint"] != fingerprint(expected_config):
         saved = state["config"]
         diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {expected_config.get(k)!r} now"
@@ -534,10 +601,19 @@ def _weights_finite(model: nn.Module, info: DistInfo, device: torch.device) -> b
 
 def _continue_from(state: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                    bound: BoundMasks, result: TrainResult) -> None:
-    """Load a checkpoint's optimizer and RNG state and the history it logged so far
-    (its weights were loaded before wrapping)."""
-    optim_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=_state_dict_options(model))
+    """Load a checkpoint's optimizer and RNG state and the history it logged so far (a gathered
+    checkpoint's weights were loaded before wrapping; a sharded one's are loaded here, into
+    whatever layout this run has)."""
+    if state["format"] == SHARDED_FORMAT:
+        target = _sharded_state(model, optimizer)
+        with warnings.catch_warnings():  # one process, no group: DCP says it loads alone, which is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, checkpoint_id=path / SHARDS_DIR)
+        set_model_state_dict(model, target["model"])
+        set_optimizer_state_dict(model, optimizer, target["optim"])
+    else:
+        optim_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=_state_dict_options(model))
     enforce_masks(bound, optimizer)
     rng = load_file(path / RNG_FILE)
     torch.set_rng_state(rng["cpu"])
@@ -597,7 +673,7 @@ def train(
     model.to(device).train()
     masks_fp = masks_fingerprint(masks)
     state = read_checkpoint_state(ckpt, expected, masks_fp) if ckpt is not None and resume else None
-    if state is not None:  # before wrapping: FSDP would shard these weights, DDP broadcast them
+    if state is not None and state["format"] == CHECKPOINT_FORMAT:  # before wrapping: FSDP shards, DDP broadcasts
         model.load_state_dict(load_file(ckpt / WEIGHTS_FILE, device=str(device)), strict=True)
     wrapped = _wrap(model, cfg, info, device)
     bound = bind_masks(model, masks)
@@ -665,7 +741,7 @@ def train(
             if ckpt is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or last):
                 if not _weights_finite(model, info, device):
                     raise diverged("the weights became non-finite", step)
-                save_checkpoint(ckpt, model, opt, {
+                save_checkpoint(ckpt, model, opt, {  # format: SHARDED_FORMAT when the model is sharded
                     "format": CHECKPOINT_FORMAT, "step": step + 1, "config": expected,
                     "config_fingerprint": fingerprint(expected), "masks_fingerprint": masks_fp,
                     "final_train_loss": loss, "history": result.history, "evals": result.evals,

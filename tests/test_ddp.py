@@ -22,7 +22,18 @@ import torch
 from safetensors.torch import load_file
 
 from sparsify.sft import SFTDataset
-from sparsify.trainer import STATE_FILE, Batch, PackedBlocks, TrainResult, train
+from sparsify.trainer import (
+    CHECKPOINT_FORMAT,
+    SHARDED_FORMAT,
+    SHARDS_DIR,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    Batch,
+    PackedBlocks,
+    TrainResult,
+    checkpoint_weights,
+    train,
+)
 from tests.test_sft import CharTokenizer
 from tests.test_trainer import Killed, half_masks, random_blocks, tiny_config, tiny_llama
 
@@ -110,9 +121,30 @@ def test_two_process_ddp_matches_one_process(tmp_path):
             assert torch.allclose(ddp_weights[key], value, rtol=1e-4, atol=1e-5), (name, key)
         for key, keep in half_masks(model).items():
             assert torch.count_nonzero(ddp_weights[key][~keep]) == 0, (name, key)
-        # One checkpoint, written by rank 0 at the last step, and no leftover temporary directories.
-        assert json.loads((tmp_path / f"ckpt-{name}" / STATE_FILE).read_text())["world_size"] == 2
+        # One checkpoint of the last step, and no leftover temporary directories.
+        ckpt = tmp_path / f"ckpt-{name}"
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        assert state["world_size"] == 2 and state["step"] == 6
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".ckpt-{name}")]
+        if name == "fsdp_resume":  # sharded: each rank wrote its own shards, no gathered copy
+            assert state["format"] == SHARDED_FORMAT and not (ckpt / WEIGHTS_FILE).exists()
+            assert len(list((ckpt / SHARDS_DIR).glob("*.distcp"))) == 2
+        else:
+            assert state["format"] == CHECKPOINT_FORMAT
+        saved = checkpoint_weights(ckpt)
+        for key, value in model.state_dict().items():
+            assert torch.allclose(saved[key], value, rtol=1e-4, atol=1e-5), (name, key)
+
+    # The sharded checkpoint resumes in one process without FSDP (DCP reshards 2 → 1) into a fresh
+    # model: weights and optimizer state loaded, nothing left to train, the reference's weights.
+    model, _ = references["blocks"]
+    resumed = tiny_llama(seed=7)
+    cfg = tiny_config(steps=6, batch_size=4, grad_accum=2, checkpoint_every=3)
+    result = train(resumed, random_blocks(), random_blocks(), cfg, seed=0, masks=half_masks(model),
+                   progress=False, checkpoint_dir=tmp_path / "ckpt-fsdp_resume")
+    assert result.start_step == 6 and len(result.history) == 6
+    for key, value in model.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[key], value, rtol=1e-4, atol=1e-5), key
 
 
 @pytest.mark.gpu
@@ -133,7 +165,7 @@ def test_fsdp_on_one_gpu_matches_plain_training(tmp_path):
             result = train(model, blocks, None, tiny_config(fsdp=fsdp, checkpoint_every=3), seed=0, masks=masks,
                            device="cuda", progress=False, checkpoint_dir=tmp_path / f"fsdp-{fsdp}")
             results.append([row["loss"] for row in result.history])
-            weights = load_file(tmp_path / f"fsdp-{fsdp}" / "model.safetensors")
+            weights = checkpoint_weights(tmp_path / f"fsdp-{fsdp}")
             assert all(torch.count_nonzero(weights[k][~m]) == 0 for k, m in masks.items())
         assert torch.allclose(torch.tensor(results[0]), torch.tensor(results[1]), rtol=1e-4)
     finally:

@@ -354,11 +354,13 @@ def evaluate_model(
     return flat
 
 
-def load_for_eval(path: str | os.PathLike):
+def load_for_eval(path: str | os.PathLike, dtype=None):
     """Load a saved HF causal-LM checkpoint directory -> ``(model, tokenizer)``, in eval mode.
 
-    Never reaches for the hub: a path that is not a local directory, or a
-    directory that does not load, is a ValueError naming the path and cause.
+    ``dtype`` (e.g. ``torch.bfloat16``): load the weights straight into it — a 7B teacher in bf16
+    never exists in fp32 (27 GB) first; None: the checkpoint's own dtype. Never reaches for the
+    hub: a path that is not a local directory, or a directory that does not load, is a
+    ValueError naming the path and cause.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -367,7 +369,8 @@ def load_for_eval(path: str | os.PathLike):
         raise ValueError(f"cannot load checkpoint {path}: not a directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                     **({} if dtype is None else {"dtype": dtype}))
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... by case
         raise ValueError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     model.eval()

@@ -202,6 +202,9 @@ def test_load_for_eval_roundtrip(model, tokenizer, tmp_path):
     assert not loaded.training
     assert loaded_tokenizer("#### 7").input_ids == tokenizer("#### 7").input_ids
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    bf16, _ = ev.load_for_eval(tmp_path, dtype=torch.bfloat16)  # read straight into bf16 (a 7B teacher)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert torch.equal(bf16.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16())
 
 
 def test_load_for_eval_errors_name_path_and_cause(tmp_path):

@@ -19,7 +19,8 @@
 //
 // `Vec` provides: F (an fp32 vector of Vec::kLanes lanes), I (int32 vector of as many lanes),
 // zero(), izero(), set1(float), load(const float*), fmadd(a, b, c) = a·b + c, add(F, F),
-// settle(I, F) = I + int32(F) (exact: F holds integers), store(float*, F), store(int32_t*, I).
+// settle(I, F) = I + int32(F) (exact: F holds integers), to_float(I), store(float*, F),
+// store(int32_t*, I), and unpack_int4(bytes, n, int8_t* codes) (INT4 nibbles → signed codes).
 // Not a standalone header: include it after "kernels.h", <cstring>, <cstdlib>, <type_traits>.
 
 namespace {
@@ -71,6 +72,25 @@ struct Outer<Fmt::I8> {  // W8A8: s is the exact Σ q·code, rounded to fp32 onc
   }
 };
 
+// INT4: the stored values are the row's codes after Vec::unpack_int4 (int8, with each odd word's
+// padding code), and every group of group_words words is folded into the row totals with its scale.
+template <>
+struct Outer<Fmt::I4> {  // W4A8: Σ_g scale_g · (exact Σ q·c over the group), then the token's scale
+  using V = int8_t;
+  static float value(const V* v) { return float(*v); }
+  static float finish(float s, const Problem& p, int64_t t, int64_t r) {
+    const float y = s * p.x_scale[t];
+    return p.bias ? y + p.bias[r] : y;
+  }
+};
+
+template <>
+struct Outer<Fmt::I4F> {  // W4A16: Σ_g scale_g · Σ x·c
+  using V = int8_t;
+  static float value(const V* v) { return float(*v); }
+  static float finish(float s, const Problem& p, int64_t, int64_t r) { return p.bias ? s + p.bias[r] : s; }
+};
+
 // xt[k * 16 + t] = x[t0 + t][k] as fp32 (W8A8: x holds int32 codes, converted exactly), rows past M zero.
 inline void transpose_x(const Problem& p, bool codes, int64_t t0, float* xt) {
   const int64_t kp = p.words * 64;
@@ -89,20 +109,29 @@ inline void transpose_x(const Problem& p, bool codes, int64_t t0, float* xt) {
 
 // Weight rows [r0, r1) times rows [t0, t0 + 16) of x, given those rows transposed in xt.
 template <Fmt Fm>
-void outer_rows(const Problem& p, int64_t r0, int64_t r1, int64_t t0, const float* xt) {
+void outer_rows(const Problem& p, int64_t r0, int64_t r1, int64_t t0, const float* xt, int8_t* codes) {
   using O = Outer<Fm>;
-  constexpr bool kInt = Fm == Fmt::I8;
+  constexpr bool kInt = Fm == Fmt::I8 || Fm == Fmt::I4;  // exact integer sums, moved into int32 totals
+  constexpr bool kI4 = is_int4(Fm);
   constexpr int NV = kOuterTokens / Vec::kLanes;  // vectors per column of x
   constexpr int S = 4 / NV;                       // stored weights per step: 4 independent FMA chains
-  const auto* vals = static_cast<const typename O::V*>(p.values);
+  const int64_t gw = kI4 ? p.group_words : p.words, groups = p.words / gw;
   const int64_t n = p.M - t0 < kOuterTokens ? p.M - t0 : kOuterTokens;
   for (int64_t r = r0; r < r1; ++r) {
     const uint64_t* mk = p.mask + r * p.words;
-    const typename O::V* v = vals + p.offsets[r];
-    typename Vec::F acc[S][NV];
+    const typename O::V* v;
+    if constexpr (kI4) {
+      const auto* bytes = static_cast<const uint8_t*>(p.values);
+      Vec::unpack_int4(bytes + p.offsets[r], p.offsets[r + 1] - p.offsets[r], codes);
+      v = codes;
+    } else {
+      v = static_cast<const typename O::V*>(p.values) + p.offsets[r];
+    }
+    typename Vec::F acc[S][NV], rowf[NV];
     typename Vec::I total[NV];
     for (int i = 0; i < NV; ++i) {
       total[i] = Vec::izero();
+      rowf[i] = Vec::zero();
       for (int s = 0; s < S; ++s) acc[s][i] = Vec::zero();
     }
     for (int64_t w = 0; w < p.words; ++w) {
@@ -118,12 +147,29 @@ void outer_rows(const Problem& p, int64_t r0, int64_t r1, int64_t t0, const floa
           for (int i = 0; i < NV; ++i) acc[s][i] = Vec::fmadd(wv, Vec::load(xc + i * Vec::kLanes), acc[s][i]);
         }
       }
-      if (kInt && ((w + 1) % kOuterSettleWords == 0 || w + 1 == p.words)) {
+      if constexpr (kI4) v += __builtin_popcountll(mk[w]) & 1;  // the word's padding code
+      const bool group_end = (w + 1) % gw == 0;
+      if (kInt && ((w + 1) % kOuterSettleWords == 0 || w + 1 == p.words || (kI4 && group_end))) {
         for (int i = 0; i < NV; ++i) {
           typename Vec::F sum = acc[0][i];
           for (int s = 1; s < S; ++s) sum = Vec::add(sum, acc[s][i]);
           total[i] = Vec::settle(total[i], sum);
           for (int s = 0; s < S; ++s) acc[s][i] = Vec::zero();
+        }
+      }
+      if (kI4 && group_end) {  // the group's sums (exact integers for W4A8) meet its scale
+        const typename Vec::F scale = Vec::set1(p.w_scale[r * groups + w / gw]);
+        for (int i = 0; i < NV; ++i) {
+          typename Vec::F sum;
+          if constexpr (kInt) {
+            sum = Vec::to_float(total[i]);
+            total[i] = Vec::izero();
+          } else {
+            sum = acc[0][i];
+            for (int s = 1; s < S; ++s) sum = Vec::add(sum, acc[s][i]);
+            for (int s = 0; s < S; ++s) acc[s][i] = Vec::zero();
+          }
+          rowf[i] = Vec::fmadd(sum, scale, rowf[i]);
         }
       }
     }
@@ -132,10 +178,11 @@ void outer_rows(const Problem& p, int64_t r0, int64_t r1, int64_t t0, const floa
     for (int i = 0; i < NV; ++i) {
       typename Vec::F sum = acc[0][i];
       for (int s = 1; s < S; ++s) sum = Vec::add(sum, acc[s][i]);
-      Vec::store(sf + i * Vec::kLanes, sum);
+      Vec::store(sf + i * Vec::kLanes, kI4 ? rowf[i] : sum);
       Vec::store(si + i * Vec::kLanes, total[i]);
     }
-    for (int64_t t = 0; t < n; ++t) p.y[(t0 + t) * p.N + r] = O::finish(kInt ? float(si[t]) : sf[t], p, t0 + t, r);
+    for (int64_t t = 0; t < n; ++t)
+      p.y[(t0 + t) * p.N + r] = O::finish(kInt && !kI4 ? float(si[t]) : sf[t], p, t0 + t, r);
   }
 }
 
@@ -145,19 +192,25 @@ inline void run_outer(Fmt fmt, const Problem& p) {
   const int64_t kp = p.words * 64;
   float* xt = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kp * kOuterTokens));
   for (int64_t t0 = 0; t0 < p.M; t0 += kOuterTokens) {
-    transpose_x(p, fmt == Fmt::I8, t0, xt);
+    transpose_x(p, fmt == Fmt::I8 || fmt == Fmt::I4, t0, xt);
 #pragma omp parallel num_threads(p.nthreads)
     {
+      // int4: one row's unpacked codes (≤ in_features + a padding code per word, + vector over-read).
+      int8_t* codes = is_int4(fmt) ? static_cast<int8_t*>(std::aligned_alloc(64, (p.words * 65 + 127) / 64 * 64 + 64))
+                                   : nullptr;
       const int nth = omp_get_num_threads();
       for (int part = omp_get_thread_num(); part < p.nthreads; part += nth) {
         const int64_t r0 = p.bounds[part], r1 = p.bounds[part + 1];
         switch (fmt) {
-          case Fmt::BF16: outer_rows<Fmt::BF16>(p, r0, r1, t0, xt); break;
-          case Fmt::F32: outer_rows<Fmt::F32>(p, r0, r1, t0, xt); break;
-          case Fmt::I8: outer_rows<Fmt::I8>(p, r0, r1, t0, xt); break;
-          case Fmt::I8F: outer_rows<Fmt::I8F>(p, r0, r1, t0, xt); break;
+          case Fmt::BF16: outer_rows<Fmt::BF16>(p, r0, r1, t0, xt, codes); break;
+          case Fmt::F32: outer_rows<Fmt::F32>(p, r0, r1, t0, xt, codes); break;
+          case Fmt::I8: outer_rows<Fmt::I8>(p, r0, r1, t0, xt, codes); break;
+          case Fmt::I8F: outer_rows<Fmt::I8F>(p, r0, r1, t0, xt, codes); break;
+          case Fmt::I4: outer_rows<Fmt::I4>(p, r0, r1, t0, xt, codes); break;
+          case Fmt::I4F: outer_rows<Fmt::I4F>(p, r0, r1, t0, xt, codes); break;
         }
       }
+      std::free(codes);
     }
   }
   std::free(xt);

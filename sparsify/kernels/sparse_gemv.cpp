@@ -225,11 +225,10 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   // AVX-512 and generic kernels, as int32 q (VPMADDWD's 16-bit lanes) for AVX2; bf16 for AVX-512's
   // bf16 dot product; fp32 otherwise.
   // The outer-product kernel (outer.h) reads fp32 x, or int32 codes for W8A8.
-  // int4 never takes it: its expanding kernels unpack nibbles once per weight row, for every M.
-  const bool outer = isa == kAvx2 && !int4 && (g_outer_from > 0 ? M >= g_outer_from : avx2::outer(M));
+  const bool outer = isa == kAvx2 && (g_outer_from > 0 ? M >= g_outer_from : avx2::outer(M));
   XKind xk;
   if (fmt == Fmt::I8) xk = isa == kAvx2 || outer ? XKind::I32 : XKind::U8;
-  else if (fmt == Fmt::I4) xk = isa == kAvx512 ? XKind::S8 : XKind::I32;
+  else if (fmt == Fmt::I4) xk = isa == kAvx512 ? XKind::S8 : XKind::I32;  // AVX2 outer: int32 codes too
   else xk = isa == kAvx512 && !outer && fmt == Fmt::BF16 ? XKind::BF16 : XKind::F32;
   const bool split = xk == XKind::BF16 && x.scalar_type() == torch::kFloat;
   torch::Tensor xe, xscale, xgroup;

@@ -126,6 +126,18 @@ inline int32_t hsum(__m256i a) {
 
 // ----------------------------------------------------------------- batches (M >= kOuterMin)
 
+// INT4: a row's nibbles (code + 8, low nibble first) → signed int8 codes, 32 per 16 bytes.
+inline void unpack_row_int4(const uint8_t* v, int64_t n, int8_t* out) {
+  const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  for (int64_t i = 0; i < n; i += 16) {  // reads ≤ 15 bytes past the row: the values are padded
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i));
+    const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, low), eight);
+    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low), eight);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), _mm_unpacklo_epi8(lo, hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
+  }
+}
+
 struct Vec {  // 8 fp32 lanes: outer.h's batched kernel runs two of these per column of 16 rows of x
   using F = __m256;
   using I = __m256i;
@@ -137,6 +149,8 @@ struct Vec {  // 8 fp32 lanes: outer.h's batched kernel runs two of these per co
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static I settle(I total, F a) { return _mm256_add_epi32(total, _mm256_cvtps_epi32(a)); }
+  static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  static void unpack_int4(const uint8_t* v, int64_t n, int8_t* out) { unpack_row_int4(v, n, out); }
   static void store(float* d, F a) { _mm256_store_ps(d, a); }
   static void store(int32_t* d, I a) { _mm256_store_si256(reinterpret_cast<__m256i*>(d), a); }
 };
@@ -261,17 +275,6 @@ void rows_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0) {
 template <int... J, class Fn>
 inline void unroll(std::integer_sequence<int, J...>, Fn&& fn) {
   (fn(std::integral_constant<int, J>{}), ...);
-}
-
-inline void unpack_row_int4(const uint8_t* v, int64_t n, int8_t* out) {
-  const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-  for (int64_t i = 0; i < n; i += 16) {  // reads ≤ 15 bytes past the row: the values are padded
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i));
-    const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, low), eight);
-    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low), eight);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), _mm_unpacklo_epi8(lo, hi));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
-  }
 }
 
 template <class F, int T>

@@ -662,6 +662,10 @@ def train(
         raise ValueError(f"train.batch_size ({cfg.batch_size}) is the global micro-batch and must divide evenly "
                          f"over the {info.world} processes")
     device = _resolve_device(device, info)
+    if cfg.bf16 == "auto":  # resolved here, so the checkpoint's fingerprint records what ran
+        cfg = cfg.model_copy(update={"bf16": bf16_supported(device)})
+        if info.is_main:
+            log.info("train.bf16=auto: %s on %s", "bf16 autocast" if cfg.bf16 else "fp32 (no native bf16)", device)
     weights = KDWeights.from_config(cfg)
     teacher = _teacher_for(model, teacher, weights, device, cfg.teacher_bf16)
     source = as_source(train_data)

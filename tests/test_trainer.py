@@ -204,6 +204,24 @@ def test_bf16_autocast_trains_and_keeps_masks():
     assert all(params[n].dtype == torch.float32 and torch.count_nonzero(params[n][~m]) == 0 for n, m in masks.items())
 
 
+def test_bf16_auto_resolves_to_the_device_and_is_recorded(tmp_path, monkeypatch):
+    """train.bf16='auto' means bf16 autocast exactly where the device has native bf16; the checkpoint
+    records the resolved choice, so a resume on another kind of machine is refused, not silently mixed."""
+    real = trainer._autocast
+    for native in (True, False):
+        monkeypatch.setattr(trainer, "bf16_supported", lambda device, native=native: native)
+        seen = []
+        monkeypatch.setattr(trainer, "_autocast", lambda device, enabled: seen.append(enabled) or real(device, enabled))
+        ckpt = tmp_path / f"native-{native}"
+        train(tiny_llama(), random_blocks(), None, tiny_config(steps=2, bf16="auto", checkpoint_every=2), seed=0,
+              progress=False, checkpoint_dir=ckpt)
+        assert seen == [native]
+        assert json.loads((ckpt / STATE_FILE).read_text())["config"]["bf16"] is native
+    with pytest.raises(ValueError, match="different training configuration"):  # bf16 then, fp32 now
+        train(tiny_llama(), random_blocks(), None, tiny_config(steps=2, bf16="auto", checkpoint_every=2), seed=0,
+              progress=False, checkpoint_dir=tmp_path / "native-True")
+
+
 def test_validation_loss_on_blocks_is_mean_nll():
     model, blocks = tiny_llama(), random_blocks()
     got = evaluate(model, PackedBlocks(blocks), max_rows=10, batch_size=4)

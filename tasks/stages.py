@@ -20,17 +20,13 @@ from functools import partial
 
 from sparsify.config import Config
 from tasks import base, benchmark, data, evaluate, prune, quantize, report, taskdata, train_stages
+from tasks.codedeps import code_files
 from tasks.common import Evaluated, StageResult
 
 CORPUS = "data/corpus"
 TASK_DATA = "data/tasks"
 HELDOUT = taskdata.HELDOUT
 
-PRUNE_CODE = ("sparsify/pruning.py", "sparsify/layerwise.py", "sparsify/masks.py", "tasks/prune.py")
-TRAIN_CODE = ("sparsify/trainer.py", "sparsify/distill.py", "sparsify/sft.py", "tasks/train_stages.py")
-QUANT_CODE = ("sparsify/quantization.py", "sparsify/export.py", "sparsify/layerwise.py", "tasks/quantize.py")
-EVAL_CODE = ("sparsify/evaluation.py", "sparsify/downstream.py", "sparsify/recovery.py", "sparsify/sandbox.py",
-             "sparsify/sft.py", "tasks/evaluate.py")
 
 
 @dataclass(frozen=True)
@@ -40,7 +36,6 @@ class Stage:
     params: tuple[str, ...]  # params.yaml keys the stage reads (DVC params)
     deps: tuple[str, ...]  # outputs of earlier stages, relative to project.root
     outs: tuple[str, ...]
-    code: tuple[str, ...]  # source files whose change reruns the stage under `dvc repro`
     # dvc.yaml writes the stages of one family as one entry, `foreach`/`matrix` over `item`:
     # the values (sparsity level, task, ...) that vary between the family's stages.
     family: str = ""
@@ -48,6 +43,13 @@ class Stage:
     resumable: bool = False  # keeps resume state in `.resume/<name>` (a persistent DVC output)
     trains: bool = False  # writes its training curve to `plots/<name>.json`
     gpu: bool = False  # wants an accelerator: runs on orchestration.gpu_deployment's work pool when set
+
+    @property
+    def code(self) -> tuple[str, ...]:
+        """The source files whose change reruns the stage (fingerprint skip and `dvc repro`), derived
+        from what the stage's module imports (:mod:`tasks.codedeps`), never listed by hand."""
+        fn = self.run.func if isinstance(self.run, partial) else self.run
+        return code_files(fn.__module__)
 
     @property
     def metrics_file(self) -> str:
@@ -70,7 +72,7 @@ def _prune(name: str, sparsity: float, source: str, family: str, item: dict[str,
     output = f"models/{name}"
     return Stage(name=name, run=partial(prune.run, name=name, sparsity=sparsity, source=source, output=output),
                  params=("project.device", "prune", "pipeline.sparsities", "evaluate.val_blocks"),
-                 deps=(source, CORPUS), outs=(output,), code=PRUNE_CODE,
+                 deps=(source, CORPUS), outs=(output,),
                  family=family, item=tuple(item.items()), resumable=True, gpu=True)
 
 
@@ -84,7 +86,6 @@ def _finetune(name: str, task: str, source: str, teacher: str | None, variant: s
         params=("project.seed", "project.device", "finetune"),
         deps=(source, TASK_DATA, *([teacher] if teacher else [])),
         outs=(output,),
-        code=TRAIN_CODE,
         family=family, item=tuple(item.items()), resumable=True, trains=True, gpu=True,
     )
 
@@ -123,13 +124,11 @@ def evaluated_models(cfg: Config) -> list[Evaluated]:
 
 def stages(cfg: Config) -> tuple[Stage, ...]:
     table = [
-        Stage(name="data", run=data.run, params=("project.seed", "data", "base.source"), deps=(), outs=(CORPUS,),
-              code=("sparsify/data.py", "tasks/data.py")),
+        Stage(name="data", run=data.run, params=("project.seed", "data", "base.source"), deps=(), outs=(CORPUS,)),
         Stage(name="taskdata", run=taskdata.run, params=("project.seed", "downstream"), deps=(CORPUS,),
-              outs=(TASK_DATA,), code=("sparsify/downstream.py", "tasks/taskdata.py")),
+              outs=(TASK_DATA,)),
         Stage(name="base", run=base.run, params=("project.seed", "project.device", "base", "evaluate.val_blocks"),
               deps=(CORPUS,), outs=("models/base",),
-              code=("sparsify/model.py", "sparsify/trainer.py", "sparsify/metrics.py", "tasks/base.py"),
               resumable=True, trains=True, gpu=True),
     ]
     # Prune → sparse-pretrain, level by level, each level from the previous level's pretrained model.
@@ -145,7 +144,6 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             params=("project.seed", "project.device", "pretrain", "evaluate.val_blocks"),
             deps=(f"models/prune{lv}", CORPUS, "models/base"),
             outs=(output,),
-            code=TRAIN_CODE,
             family="pretrain", item=(("level", lv),), resumable=True, trains=True, gpu=True,
         ))
         previous = output
@@ -156,7 +154,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             run=partial(train_stages.pretrain_dense_control, name="pretrain-dense", output="models/pretrain-dense",
                         levels=len(levels)),
             params=("project.seed", "project.device", "pretrain", "pipeline.sparsities", "evaluate.val_blocks"),
-            deps=("models/base", CORPUS), outs=("models/pretrain-dense",), code=TRAIN_CODE,
+            deps=("models/base", CORPUS), outs=("models/pretrain-dense",),
             resumable=True, trains=True, gpu=True,
         ))
 
@@ -186,7 +184,6 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             params=("project.device", "quantize", "evaluate.val_blocks"),
             deps=(f"models/{source}", CORPUS),
             outs=(output,),
-            code=QUANT_CODE,
             family=family, item=(("scheme", scheme), ("task" if family == "quant-ft" else "level", varying)),
             resumable=True, gpu=True,
         ))
@@ -200,7 +197,6 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             params=("downstream.tasks", "evaluate", "finetune.max_length"),  # targets are cut as fine-tuning cuts them
             deps=(f"models/{m.model}", TASK_DATA, *([reference] if reference else [])),
             outs=(f"reports/eval/{m.model}.json", f"reports/eval/{m.model}.samples.jsonl"),
-            code=EVAL_CODE,
             # Dense models have no reference, so one dependency fewer: a family of their own.
             family="eval" if m.reference else "eval-dense",
             item=(("model", m.model), ("reference", m.reference)) if m.reference else (("model", m.model),),
@@ -213,7 +209,6 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
         params=("benchmark",),
         deps=(f"models/{sparsest}",),
         outs=("reports/benchmark",),
-        code=("sparsify/bench.py", "sparsify/runtime.py", "sparsify/kernels", "tasks/benchmark.py"),
     ))
     table.append(Stage(
         name="report",
@@ -222,7 +217,6 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
         deps=(*(f"reports/eval/{m.model}.json" for m in models), "reports/benchmark",
               *(["models/pretrain-dense"] if cfg.pipeline.dense_control else [])),
         outs=("reports/run",),
-        code=("sparsify/report.py", "tasks/report.py"),
     ))
     return tuple(table)
 

@@ -23,7 +23,7 @@ from sparsify.masks import sparsity_report
 from sparsify.model import load_model, pick_device
 from sparsify.pruning import PruneConfig
 from tasks.common import Layout, StageResult, val_perplexity
-from tasks.stages import CORPUS, PRUNE_CODE, Stage
+from tasks.stages import CORPUS, Stage
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def sweep_stages(pts: list[Point]) -> tuple[Stage, ...]:
         raise ValueError("the pruning sweep has no points: give at least one method and one sparsity or structure")
     table = [Stage(name=p.name, run=partial(prune_point, point=p), params=("project.device", "prune",
                                                                          "evaluate.val_blocks"),
-                   deps=("models/base", CORPUS), outs=(f"{OUT}/{p.name}.json",), code=PRUNE_CODE + ("tasks/sweep.py",))
+                   deps=("models/base", CORPUS), outs=(f"{OUT}/{p.name}.json",))
              for p in pts]
     table.append(Stage(name="sweep-report", run=partial(report, pts=pts), params=(),
-                       deps=tuple(s.outs[0] for s in table), outs=(f"{OUT}/prune_sweep.md",), code=("tasks/sweep.py",)))
+                       deps=tuple(s.outs[0] for s in table), outs=(f"{OUT}/prune_sweep.md",)))
     return tuple(table)

@@ -85,15 +85,15 @@ def test_a_family_that_fits_no_template_is_written_stage_by_stage(tmp_path, monk
     import tasks.stages as st
 
     def member(lv: str) -> st.Stage:
-        return st.Stage(name=f"p{lv}", run=lambda cfg: None, params=("prune",), deps=("data/corpus",),
-                        outs=(f"models/p{lv}",), code=(), family="p", item=(("level", lv),))
+        return st.Stage(name=f"p{lv}", run=st.prune.run, params=("prune",), deps=("data/corpus",),
+                        outs=(f"models/p{lv}",), family="p", item=(("level", lv),))
 
     table = (member("a"), member("b"), member("c"))
     assert st._family_entry("p", list(table)) is None
     monkeypatch.setattr(st, "stages", lambda cfg: table)
     doc, names = st.dvc_layout(load_config(PARAMS))
     assert list(doc["stages"]) == ["pa", "pb", "pc"] and names == {"pa": "pa", "pb": "pb", "pc": "pc"}
-    assert doc["stages"]["pb"]["deps"] == ["data/corpus"]
+    assert doc["stages"]["pb"]["deps"] == ["data/corpus", *table[1].code]
     table = (member("1"), member("2"))
     monkeypatch.setattr(st, "stages", lambda cfg: table)
     doc, names = st.dvc_layout(load_config(PARAMS))

@@ -7,6 +7,11 @@
   sparsellama benchmark [--profile NAME] [--set ...]         the kernel benchmark alone (Prefect flow)
   sparsellama serve [--host 127.0.0.1] [--port 4200]         Prefect server + deployments for the UI
   sparsellama dvc-yaml [--write | --check]                   dvc.yaml from the stage table
+  sparsellama generate MODEL [PROMPT] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
+                       [--stop TEXT ...]                     stream a completion on the sparse CPU runtime
+  sparsellama chat MODEL [--system TEXT] [...]               chat in the terminal (the tokenizer's template)
+  sparsellama serve-model MODEL [--host 127.0.0.1] [--port 8000]
+                                                             an OpenAI-compatible HTTP server
 """
 
 from __future__ import annotations
@@ -29,6 +34,26 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="a profile from the file's `profiles:` (e.g. smoke)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any key, e.g. --set prune.sparsity=0.7 (repeatable)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a pipeline output folder: the sparse format (or a folder with a sparse/ "
+                                 "one) or a Hugging Face checkpoint")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens of context (default: the model's max_position_embeddings)")
+    p.add_argument("--min-sparsity", type=float, default=0.3,
+                   help="HF folders: decoder Linears at least this sparse run on the sparse kernels")
+    p.add_argument("--threads", type=int, default=None, help="torch/kernel threads (default: torch's)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible samples)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text before this string (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=4200)
     srv.add_argument("--config", default="params.yaml")
+    gen = sub.add_parser("generate", help="stream a completion of PROMPT (or stdin) on the sparse CPU runtime")
+    _model_args(gen)
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
+    _sampling_args(gen)
+    chat = sub.add_parser("chat", help="chat with a model in the terminal (its tokenizer's chat template)")
+    _model_args(chat)
+    chat.add_argument("--system", default=None, help="a system message first")
+    _sampling_args(chat)
+    srvm = sub.add_parser("serve-model", help="serve a model over an OpenAI-compatible HTTP API")
+    _model_args(srvm)
+    srvm.add_argument("--host", default="127.0.0.1")
+    srvm.add_argument("--port", type=int, default=8000)
+    srvm.add_argument("--served-name", default=None, help="the model id clients send (default: the folder name)")
+    srvm.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    srvm.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch (default 64)")
     dvc = sub.add_parser("dvc-yaml", help="print dvc.yaml generated from the stage table")
     dvc.add_argument("--config", default="params.yaml", help="parameters file (default: params.yaml)")
     mode = dvc.add_mutually_exclusive_group()
@@ -69,6 +109,88 @@ def render_dvc_yaml(config: str | Path = "params.yaml") -> str:
     return header + yaml.safe_dump(dvc_yaml(load_config(config)), sort_keys=False)
 
 
+def _load_engine(args: argparse.Namespace, **engine_options):
+    import torch
+
+    from sparsify.engine import Engine
+    from sparsify.loading import load_runtime_model
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    loaded = load_runtime_model(args.model, min_sparsity=args.min_sparsity)
+    return loaded, Engine(loaded.model, loaded.tokenizer, max_context=args.max_context, **engine_options)
+
+
+def _sampling(args: argparse.Namespace):
+    from sparsify.generation import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _report(result) -> None:
+    print(f"\n[{len(result.token_ids)} tokens ({result.finish_reason}) in {result.seconds:.2f} s: "
+          f"{result.tokens_per_second:.1f} tokens/s decoding; prompt {result.prompt_tokens} tokens, "
+          f"first token after {result.time_to_first_token:.2f} s]", file=sys.stderr)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from sparsify.engine import stream_generation
+
+    params = _sampling(args)  # bad options fail before the model loads
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    loaded, engine = _load_engine(args, max_batch=1, max_queue=0)
+    try:
+        result = stream_generation(engine, loaded.tokenizer(prompt).input_ids, params, _write)
+    finally:
+        engine.stop()
+    _write("\n")
+    _report(result)
+    return 0
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    from sparsify.engine import stream_generation
+    from sparsify.generation import chat_prompt_ids
+
+    params = _sampling(args)
+    loaded, engine = _load_engine(args, max_batch=1, max_queue=0)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    chat_prompt_ids(loaded.tokenizer, messages + [{"role": "user", "content": ""}])  # no template: fail now
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {loaded.path} (empty line or Ctrl-D ends)", file=sys.stderr)
+    try:
+        while True:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            ids = chat_prompt_ids(loaded.tokenizer, messages)
+            result = stream_generation(engine, ids, params, _write)
+            _write("\n")
+            _report(result)
+            messages.append({"role": "assistant", "content": result.text})
+    finally:
+        engine.stop()
+    return 0
+
+
+def serve_model_command(args: argparse.Namespace) -> int:
+    from sparsify.server import serve
+
+    loaded, engine = _load_engine(args, max_batch=args.max_batch, max_queue=args.max_queue)
+    serve(engine, name=args.served_name or loaded.name, host=args.host, port=args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -76,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore"):  # Prefect's client logs every API request at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if args.command == "generate":
+            return generate_command(args)
+        if args.command == "chat":
+            return chat_command(args)
+        if args.command == "serve-model":
+            return serve_model_command(args)
         if args.command == "dvc-yaml":
             text = render_dvc_yaml(args.config)
             if args.write:
@@ -118,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
             benchmark(profile=args.profile, overrides=args.overrides, config_path=args.config)
             return 0
-    except (ConfigError, DataError, ValueError, FileNotFoundError, RootBusy) as exc:
+    except (ConfigError, DataError, ValueError, FileNotFoundError, RootBusy, NotImplementedError) as exc:
         print(f"sparsellama: error: {exc}", file=sys.stderr)
         return 2
     return 0

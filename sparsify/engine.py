@@ -382,13 +382,13 @@ class Engine:
                 if not request.cancelled:  # one output per token, even when its text is still held back
                     self._emit(request, Output(delta, [token]))
             else:
-                done.append((request, reason, delta))
+                done.append((request, reason, delta, token))
         with self._cond:
             self._steps += 1
             self._generated += len(batch)
             self._recent.append((now, len(batch)))
-            for request, reason, delta in done:
-                self._finish(request, reason, delta)
+            for request, reason, delta, token in done:
+                self._finish(request, reason, delta, [token])
             self._running = [r for r in self._running if not r.finished]
         return len(batch)
 
@@ -401,7 +401,9 @@ class Engine:
             logger.exception("request %d: output callback failed; cancelling it", request.id)
             request.cancelled = True
 
-    def _finish(self, request: Request, reason: str, delta: str, error: str | None = None) -> None:
+    def _finish(self, request: Request, reason: str, delta: str, token_ids: Sequence[int] = (),
+                error: str | None = None) -> None:
+        """End a request; its last output carries the rest of its text and ``token_ids`` not sent yet."""
         if request.finished:
             return
         request.finished = True
@@ -411,7 +413,7 @@ class Engine:
         self._count_finished(reason)
         request.cache = None  # free the KV memory now
         if reason != "cancelled" or not request.cancelled:
-            self._emit(request, Output(text, request.generated[-1:] if request.generated else [], True, reason,
+            self._emit(request, Output(text, list(token_ids), True, reason,
                                        len(request.prompt_ids), len(request.generated), error))
 
     def _count_finished(self, reason: str) -> None:
@@ -451,3 +453,43 @@ def default_eos_ids(model: nn.Module, tokenizer) -> list[int]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+@dataclass
+class GenerationResult:
+    """One finished generation and its timing."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    seconds: float  # submit to last token
+    time_to_first_token: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode rate: tokens after the first over the time after the first (prefill excluded)."""
+        decode = self.seconds - self.time_to_first_token
+        return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else 0.0
+
+
+def stream_generation(engine: Engine, prompt_ids: Sequence[int], params: SamplingParams,
+                      write: Callable[[str], None] | None = None) -> GenerationResult:
+    """Generate, handing each text delta to ``write`` as it comes; the whole result at the end."""
+    start = time.perf_counter()
+    first = None
+    pieces, ids = [], []
+    out = None
+    for out in engine.generate(prompt_ids, params):
+        if first is None and out.token_ids:
+            first = time.perf_counter() - start
+        ids.extend(out.token_ids)
+        if out.text:
+            pieces.append(out.text)
+            if write is not None:
+                write(out.text)
+    if out is not None and out.error:
+        raise RuntimeError(f"generation failed: {out.error}")
+    seconds = time.perf_counter() - start
+    return GenerationResult("".join(pieces), ids, out.finish_reason if out else "error", len(prompt_ids), seconds,
+                            first if first is not None else seconds)

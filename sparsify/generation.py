@@ -145,8 +145,9 @@ class TextStream:
         self._hold = max((len(s) for s in self.stop), default=1) - 1
 
     def _release(self, upto: int) -> str:
+        upto = max(self.shown, upto)  # never a negative index (the text may be shorter than the hold-back)
         delta = self.text[self.shown:upto]
-        self.shown = max(self.shown, upto)
+        self.shown = upto
         return delta
 
     def _add(self, piece: str) -> tuple[str, bool]:
@@ -172,3 +173,16 @@ class TextStream:
                 return delta
             return delta + self._release(len(self.text))
         return self._release(len(self.text))
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, ready for the assistant's turn.
+
+    The template writes its own special tokens (BOS...), so none are added again.
+    ValueError if the tokenizer has no chat template (a base model).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template (a base model?): use plain completion "
+                         "(`sparsellama generate`, /v1/completions) instead")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids

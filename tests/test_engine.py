@@ -176,6 +176,9 @@ def test_stop_strings_cut_the_text_and_hold_back_prefixes(tokenizer):
     stream = TextStream(tokenizer, ("zz",))
     shown = "".join(stream.push(t)[0] for t in ids) + stream.finish()
     assert shown == text  # no stop string: everything, including what was held back
+    stream = TextStream(tokenizer, ("a much longer stop string",))  # longer than the whole text
+    deltas = [stream.push(t)[0] for t in ids]
+    assert deltas == [""] * len(ids) and stream.finish() == text
 
 
 def test_engine_refuses_what_does_not_fit_and_bounds_its_queue(models, tokenizer):

@@ -312,6 +312,11 @@ class Engine:
                 self._thread = threading.Thread(target=self._loop, name="sparsellama-engine", daemon=True)
                 self._thread.start()
 
+    @property
+    def is_running(self) -> bool:
+        """Whether the step thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop the step thread; running and waiting requests end with finish_reason 'cancelled'."""
         with self._cond:

@@ -154,6 +154,27 @@ class HTTPCounters:
         self.requests: Counter[tuple[str, int]] = Counter()
 
 
+class CountRequests:
+    """ASGI middleware counting responses by path and status. A plain ASGI wrapper, not Starlette's
+    BaseHTTPMiddleware, which wraps ``receive`` so that ``Request.is_disconnected()`` never sees the
+    client leave."""
+
+    def __init__(self, app, counters: HTTPCounters) -> None:
+        self.app = app
+        self.counters = counters
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counters.requests[(scope["path"], message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def render_metrics(engine: Engine, http: HTTPCounters) -> str:
     """Prometheus text exposition (version 0.0.4) of the server's and the engine's counters."""
     s = engine.stats()
@@ -215,11 +236,7 @@ def create_app(engine: Engine, name: str):
 
     app = FastAPI(title="sparsellama", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def count(request: HTTPRequest, call_next):
-        response = await call_next(request)
-        http.requests[(request.url.path, response.status_code)] += 1
-        return response
+    app.add_middleware(CountRequests, counters=http)
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
@@ -263,13 +280,20 @@ def create_app(engine: Engine, name: str):
 
     async def collect(http_request: HTTPRequest, request: Request, outputs: asyncio.Queue) -> tuple[str, Output]:
         pieces = []
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         try:
             while True:
                 try:
                     out = await asyncio.wait_for(outputs.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
+                    out = None
+                # Checked on a clock, not only when idle: a decoding request gets an output every step.
+                if loop.time() >= next_check:
+                    next_check = loop.time() + DISCONNECT_POLL_S
                     if await http_request.is_disconnected():  # nobody will read the answer: free the slot
-                        raise APIError(499, "the client closed the request", code="client_disconnected") from None
+                        raise APIError(499, "the client closed the request", code="client_disconnected")
+                if out is None:
                     continue
                 pieces.append(out.text)
                 if out.finished:

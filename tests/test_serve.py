@@ -185,6 +185,21 @@ def test_full_queue_is_refused_and_disconnects_free_their_slots(client, server):
     assert client.completions.create(model="tiny-sparse", prompt="free again", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_a_client_that_stops_waiting_for_a_whole_answer_frees_its_slot(server):
+    before = metrics(server)
+    body = {"model": "tiny-sparse", "prompt": "x", "max_tokens": CONTEXT - 8, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    cancelled = 'sparsellama_requests_finished_total{reason="cancelled"}'
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = metrics(server)
+        if now.get(cancelled, 0) > before.get(cancelled, 0) and now["sparsellama_running_sequences"] == 0:
+            break
+        time.sleep(0.1)
+    assert now.get(cancelled, 0) - before.get(cancelled, 0) == 1 and now["sparsellama_running_sequences"] == 0
+
+
 def test_metrics_are_prometheus_text(server, client):
     client.completions.create(model="tiny-sparse", prompt="count me", max_tokens=2)
     m = metrics(server)

@@ -9,6 +9,8 @@ chunk). The run stops by itself: N requests per client, a timeout per request.
     python benchmarks/serve_load.py MODEL_DIR [--clients 1 4 16] [--requests 8] [--max-tokens 64]
                                     [--out serve_load.json]        # starts the server itself
     python benchmarks/serve_load.py --base-url http://127.0.0.1:8000/v1 --model NAME ...
+    python benchmarks/serve_load.py --make-synthetic /tmp/mid --shape hidden=1024,intermediate=2816,layers=8,\
+        heads=16,kv_heads=16,vocab=32000 --sparsity 0.7 ...      # a random 70% INT8 model of that shape
 
 The tests (tests/test_serve.py) run it with small bounds; run it by hand with bigger ones. Speed
 figures depend on the machine: the JSON records the CPU and the kernels' ISA.
@@ -158,6 +160,67 @@ def run_load(base_url: str, model: str, *, clients: tuple[int, ...] = (1, 4, 16)
             "prompt": prompt, "machine": machine(), "levels": levels}
 
 
+def byte_tokenizer(vocab_size: int = 258):
+    """A byte-level tokenizer with no merges and a simple chat template: the 256 bytes, filler tokens
+    ``<unused_i>`` up to ``vocab_size - 2`` (so a random model's every id decodes to text), then BOS and EOS
+    at ``vocab_size - 2`` and ``vocab_size - 1``. Any text round-trips; nothing is trained or downloaded."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 258:
+        raise ValueError(f"vocab_size must be >= 258 (256 bytes + BOS + EOS), got {vocab_size}")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {f"<unused_{i}>": i for i in range(256, vocab_size - 2)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<s>", "</s>")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab_size - 2)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    hf.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
+                        "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    return hf
+
+
+def make_synthetic_model(out: str | os.PathLike, *, hidden: int, intermediate: int, layers: int, heads: int,
+                         kv_heads: int, vocab: int, context: int = 4096, sparsity: float = 0.7,
+                         int8: bool = True, seed: int = 0) -> Path:
+    """A random Llama of the given shape, decoder Linears pruned to ``sparsity`` per row (magnitude), INT8
+    W8A8 (round-to-nearest, per channel) for the decoder Linears and ``lm_head`` when ``int8``, written in the
+    project's sparse format with a byte-level tokenizer. For load tests of bigger shapes than the tests use."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsify.export import save_sparse_model
+    from sparsify.masks import prunable_linear_names
+    from sparsify.quantization import QuantScheme, attach_quantization, rtn_quantize
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=context, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    masks = {}
+    scheme = QuantScheme(weight_bits=8, group_size=None, activation_bits=8)
+    with torch.no_grad():
+        for name in prunable_linear_names(model):
+            w = model.get_parameter(name)
+            k = int(w.shape[1] * sparsity)
+            thr = w.abs().kthvalue(k, dim=1, keepdim=True).values if k else torch.zeros(w.shape[0], 1)
+            masks[name] = w.abs() > thr
+            w.mul_(masks[name])
+        if int8:
+            for name in [*masks, "lm_head.weight"]:
+                linear = model.get_submodule(name.removesuffix(".weight"))
+                q = rtn_quantize(linear.weight.detach(), scheme, mask=masks.get(name))
+                attach_quantization(linear, q.weight, q.codes, q.scales, scheme)
+    out = Path(out)
+    save_sparse_model(model, masks, out)
+    byte_tokenizer(vocab).save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", nargs="?", help="start `sparsellama serve-model` on this folder")
@@ -169,7 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="def main():")
     p.add_argument("--threads", type=int, default=None, help="the started server's torch threads")
     p.add_argument("--out", default="serve_load.json")
+    p.add_argument("--make-synthetic", metavar="DIR", default=None,
+                   help="write a random sparse model to DIR first (shape from --shape) and serve it")
+    p.add_argument("--shape", default="hidden=1024,intermediate=2816,layers=8,heads=16,kv_heads=16,vocab=32000",
+                   help="the synthetic model's shape (key=value,...)")
+    p.add_argument("--sparsity", type=float, default=0.7)
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="synthetic: keep fp32 values")
     args = p.parse_args(argv)
+    if args.make_synthetic:
+        shape = {k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(","))}
+        args.model_dir = str(make_synthetic_model(args.make_synthetic, sparsity=args.sparsity, int8=args.int8,
+                                                  **shape))
     if bool(args.model_dir) == bool(args.base_url):
         p.error("give MODEL_DIR or --base-url (with --model)")
     proc = None

@@ -12,8 +12,8 @@ request's asyncio queue. Bad requests get a 4xx JSON body in OpenAI's error shap
 (``{"error": {"message", "type", "param", "code"}}``) — malformed JSON, a bad field (negative
 temperature...), an unknown model (404), a prompt or ``max_tokens`` beyond the context — and a full
 queue gets 503 with ``Retry-After``; the server keeps running. A client that disconnects (mid-stream
-or while waiting for a whole answer) has its sequence cancelled, which frees its batch slot before
-the next step.
+or while waiting for a whole answer) has its sequence cancelled (a watcher task polls for the
+disconnect), which frees its batch slot before the next step, or its place in the queue.
 
 Extensions beyond OpenAI's fields (as vLLM has them): ``top_k`` and ``ignore_eos``.
 """
@@ -42,7 +42,7 @@ from sparsify.generation import SamplingParams, chat_prompt_ids
 
 logger = logging.getLogger(__name__)
 
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+DISCONNECT_POLL_S = 0.5  # how often each request checks that its client is still there
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -257,9 +257,27 @@ def create_app(engine: Engine, name: str):
             raise APIError(404, f"The model `{model}` does not exist (this server has `{name}`)", param="model",
                            code="model_not_found")
 
-    def submit(prompt_ids: list[int], params: SamplingParams) -> tuple[Request, asyncio.Queue]:
+    watchers: set[asyncio.Task] = set()  # strong references: asyncio keeps only weak ones to tasks
+
+    async def watch_disconnect(http_request: HTTPRequest, request: Request, outputs: asyncio.Queue) -> None:
+        """Cancel ``request`` as soon as its client is gone, and wake its consumer with None.
+
+        Its own task, polling: with ASGI 2.4 servers (uvicorn) Starlette learns of a disconnect only when a
+        send fails, so a queued request (nothing to send yet) would keep its place, and a response generator
+        abandoned after a failed send is closed only when garbage-collected.
+        """
+        while not request.finished:
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            if not request.finished and await http_request.is_disconnected():
+                engine.cancel(request)
+                outputs.put_nowait(None)
+                logger.info("request %d: client disconnected, sequence cancelled", request.id)
+                return
+
+    def submit(http_request: HTTPRequest, prompt_ids: list[int],
+               params: SamplingParams) -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[Output] = asyncio.Queue()
+        outputs: asyncio.Queue[Output | None] = asyncio.Queue()
         try:
             request = engine.submit(prompt_ids, params,
                                     lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
@@ -270,6 +288,9 @@ def create_app(engine: Engine, name: str):
                            headers={"Retry-After": "1"}) from err
         except ValueError as err:
             raise APIError(400, str(err), param="prompt") from err
+        task = asyncio.create_task(watch_disconnect(http_request, request, outputs))
+        watchers.add(task)
+        task.add_done_callback(watchers.discard)
         return request, outputs
 
     def max_tokens(requested: int | None, prompt_len: int, default: int | None) -> int:
@@ -278,23 +299,13 @@ def create_app(engine: Engine, name: str):
         room = engine.max_context - prompt_len
         return max(1, min(default, room) if default else room)
 
-    async def collect(http_request: HTTPRequest, request: Request, outputs: asyncio.Queue) -> tuple[str, Output]:
+    async def collect(request: Request, outputs: asyncio.Queue) -> tuple[str, Output]:
         pieces = []
-        loop = asyncio.get_running_loop()
-        next_check = loop.time() + DISCONNECT_POLL_S
         try:
             while True:
-                try:
-                    out = await asyncio.wait_for(outputs.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    out = None
-                # Checked on a clock, not only when idle: a decoding request gets an output every step.
-                if loop.time() >= next_check:
-                    next_check = loop.time() + DISCONNECT_POLL_S
-                    if await http_request.is_disconnected():  # nobody will read the answer: free the slot
-                        raise APIError(499, "the client closed the request", code="client_disconnected")
-                if out is None:
-                    continue
+                out = await outputs.get()
+                if out is None:  # the client left; nobody reads this answer
+                    raise APIError(499, "the client closed the request", code="client_disconnected")
                 pieces.append(out.text)
                 if out.finished:
                     if out.error:
@@ -311,6 +322,8 @@ def create_app(engine: Engine, name: str):
                 yield _sse(first)
             while True:
                 out = await outputs.get()
+                if out is None:  # the client left
+                    return
                 if out.text or out.finished:
                     yield _sse(chunk(out))
                 if out.finished:
@@ -318,10 +331,9 @@ def create_app(engine: Engine, name: str):
                         yield _sse(chunk(None) | {"choices": [], "usage": _usage(out)})
                     yield _sse("[DONE]")
                     return
-        finally:  # the client went away (the task is cancelled) or the stream ended
+        finally:  # ended, or closed after a failed send
             if not request.finished:
                 engine.cancel(request)
-                logger.info("request %d: client disconnected, sequence cancelled", request.id)
 
     @app.get("/health")
     async def health():
@@ -359,7 +371,7 @@ def create_app(engine: Engine, name: str):
         else:
             prompt_ids = list(body.prompt)
         params = body.sampling(max_tokens(body.max_tokens, len(prompt_ids), 16))  # OpenAI's default: 16
-        request, outputs = submit(prompt_ids, params)
+        request, outputs = submit(http_request, prompt_ids, params)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(out: Output | None) -> dict:
@@ -370,7 +382,7 @@ def create_app(engine: Engine, name: str):
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(request, outputs, chunk, include), media_type="text/event-stream")
-        text, last = await collect(http_request, request, outputs)
+        text, last = await collect(request, outputs)
         return {"id": rid, "object": "text_completion", "created": now, "model": name,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}],
                 "usage": _usage(last)}
@@ -390,7 +402,7 @@ def create_app(engine: Engine, name: str):
             raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from err
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling(max_tokens(requested, len(prompt_ids), None))
-        request, outputs = submit(prompt_ids, params)
+        request, outputs = submit(http_request, prompt_ids, params)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(out: Output | None) -> dict:
@@ -407,7 +419,7 @@ def create_app(engine: Engine, name: str):
                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}]}
             return StreamingResponse(stream(request, outputs, chunk, include, first), media_type="text/event-stream")
-        text, last = await collect(http_request, request, outputs)
+        text, last = await collect(request, outputs)
         return {"id": rid, "object": "chat.completion", "created": now, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": last.finish_reason}],

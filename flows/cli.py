@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     srvm.add_argument("--served-name", default=None, help="the model id clients send (default: the folder name)")
     srvm.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     srvm.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch (default 64)")
+    srvm.add_argument("--prefill-chunk", type=int, default=512,
+                      help="prompt tokens per step over the joining requests (default 512): longer prompts are "
+                           "prefilled over several steps while the others keep decoding")
     dvc = sub.add_parser("dvc-yaml", help="print dvc.yaml generated from the stage table")
     dvc.add_argument("--config", default="params.yaml", help="parameters file (default: params.yaml)")
     mode = dvc.add_mutually_exclusive_group()
@@ -186,7 +189,8 @@ def chat_command(args: argparse.Namespace) -> int:
 def serve_model_command(args: argparse.Namespace) -> int:
     from sparsify.server import serve
 
-    loaded, engine = _load_engine(args, max_batch=args.max_batch, max_queue=args.max_queue)
+    loaded, engine = _load_engine(args, max_batch=args.max_batch, max_queue=args.max_queue,
+                                  prefill_chunk=args.prefill_chunk)
     serve(engine, name=args.served_name or loaded.name, host=args.host, port=args.port)
     return 0
 

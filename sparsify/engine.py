@@ -198,6 +198,7 @@ class Request:
     finished: bool = False
     stream: TextStream | None = None
     generator: torch.Generator | None = None
+    prefilled: int = 0  # prompt tokens already in the cache (prefill may take several steps)
 
 
 @dataclass
@@ -222,9 +223,14 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                  max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
-                 rate_window_s: float = 10.0) -> None:
+                 prefill_chunk: int = 512, rate_window_s: float = 10.0) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        # Prompt tokens per step over all joining sequences: a long prompt is prefilled over several
+        # steps, so the sequences already decoding keep getting a token every step meanwhile.
+        self.prefill_chunk = prefill_chunk
         self.runner = BatchedLlama(model)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -355,10 +361,20 @@ class Engine:
                 request.generator = None if request.params.greedy else make_generator(request.params.seed)
                 self._prompt_tokens += len(request.prompt_ids)
                 self._running.append(request)
-            batch = list(self._running)
+            running = list(self._running)
+        batch, new_ids, budget = [], [], self.prefill_chunk
+        for r in running:
+            if r.prefilled < len(r.prompt_ids):  # still prefilling: a share of this step's prompt budget
+                if budget <= 0:
+                    continue
+                take = min(budget, len(r.prompt_ids) - r.prefilled)
+                new_ids.append(r.prompt_ids[r.prefilled:r.prefilled + take])
+                budget -= take
+            else:
+                new_ids.append(r.generated[-1:])
+            batch.append(r)
         if not batch:
             return 0
-        new_ids = [r.prompt_ids if not r.generated else r.generated[-1:] for r in batch]
         try:
             logits = self.runner.forward(new_ids, [r.cache for r in batch])
         except Exception as err:  # a failing step ends its requests, not the engine
@@ -369,10 +385,15 @@ class Engine:
                 self._running = [r for r in self._running if r not in batch]
             return len(batch)
         now = time.perf_counter()
-        done = []
-        for request, row in zip(batch, logits):
+        done, sampled = [], 0
+        for request, ids, row in zip(batch, new_ids, logits):
+            if request.prefilled < len(request.prompt_ids):
+                request.prefilled += len(ids)
+                if request.prefilled < len(request.prompt_ids):
+                    continue  # more of the prompt next step: no token yet
             token = next_token(row, request.params, request.generator)
             request.generated.append(token)
+            sampled += 1
             if request.first_token is None:
                 request.first_token = now
                 self._observe_ttft(now - request.submitted)
@@ -390,8 +411,8 @@ class Engine:
                 done.append((request, reason, delta, token))
         with self._cond:
             self._steps += 1
-            self._generated += len(batch)
-            self._recent.append((now, len(batch)))
+            self._generated += sampled
+            self._recent.append((now, sampled))
             for request, reason, delta, token in done:
                 self._finish(request, reason, delta, [token])
             self._running = [r for r in self._running if not r.finished]

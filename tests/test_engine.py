@@ -111,6 +111,30 @@ def test_engine_greedy_equals_transformers_generate(models, tokenizer):
         engine.stop()
 
 
+def test_long_prompts_are_prefilled_in_chunks_while_others_decode(models, tokenizer):
+    dense, sparse = models
+    engine = Engine(sparse, tokenizer, max_batch=4, prefill_chunk=8)
+    long_prompt = "import os\nimport sys\n\ndef main(argv):\n    for name in argv:\n        print(name)\n"
+    long_ids, short_ids = tokenizer(long_prompt).input_ids, tokenizer("x = 1").input_ids
+    assert len(long_ids) > 24
+    got = {"short": [], "long": []}
+    short = engine.submit(short_ids, SamplingParams(max_tokens=12), lambda o: got["short"].append(o))
+    engine.step()  # the short prompt (<= 8 tokens) is prefilled and gets its first token
+    assert len(short.generated) == 1
+    long = engine.submit(long_ids, SamplingParams(max_tokens=12), lambda o: got["long"].append(o))
+    steps = 0
+    while not long.generated:
+        before = len(short.generated)
+        engine.step()
+        steps += 1
+        assert len(short.generated) == before + 1 or short.finished  # decoding never waits for the prefill
+    assert steps == -(-len(long_ids) // 8)  # 8 prompt tokens a step
+    while engine.step():
+        pass
+    for key, prompt in (("short", "x = 1"), ("long", long_prompt)):
+        assert "".join(o.text for o in got[key]) == hf_greedy(dense, tokenizer, prompt, 12)[1]
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(models, tokenizer):
     _, sparse = models
     engine = Engine(sparse, tokenizer)

@@ -220,6 +220,19 @@ def load_tokenizer(*folders: Path):
     raise ModelLoadError(f"no tokenizer found in {', '.join(tried) or folders}; pass the folder that holds one")
 
 
+def _generation_config(*folders: Path):
+    """The first ``generation_config.json`` in ``folders``, or None."""
+    from transformers import GenerationConfig
+
+    for folder in folders:
+        if (folder / "generation_config.json").is_file():
+            try:
+                return GenerationConfig.from_pretrained(folder, local_files_only=True)
+            except Exception as err:
+                raise ModelLoadError(f"cannot read {folder / 'generation_config.json'}: {err}") from err
+    return None
+
+
 def _meta_model(config_dir: Path) -> nn.Module:
     """The model of ``config_dir/config.json`` with its parameters on the meta device (no memory)."""
     from accelerate import init_empty_weights
@@ -293,6 +306,9 @@ def load_runtime_model(path: str | os.PathLike, *, min_sparsity: float = 0.3) ->
     if file is not None:
         model, sparse = load_sparse_format(file)
         tokenizer = load_tokenizer(file.parent, file.parent.parent)
+        generation = _generation_config(file.parent, file.parent.parent)
+        if generation is not None:  # e.g. Llama 3's list of EOS ids, which config.json may not hold
+            model.generation_config = generation
         fmt = "sparse"
         root = file.parent
     else:

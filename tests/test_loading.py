@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
+from sparsify.engine import default_eos_ids
+from sparsify.export import save_sparse_model
 from sparsify.kernels import load_extension
 from sparsify.loading import ModelLoadError, load_runtime_model, read_safetensors_mmap
 from sparsify.quantization import QuantScheme
@@ -114,10 +117,13 @@ def test_int4_layers_are_refused_by_name(tmp_path, tokenizer):
 def test_quantize_stage_layout_and_tied_embeddings(tmp_path, tokenizer):
     """<output>/sparse is found from <output>, the tokenizer from <output>; a tied lm_head stays tied."""
     model, masks = sparse_llama(tie_word_embeddings=True)
-    write_sparse_folder(model, masks, tmp_path / "out" / "sparse")
+    save_sparse_model(model, masks, tmp_path / "out" / "sparse")  # config.json only, as the quantize stage writes
     tokenizer.save_pretrained(tmp_path / "out")
+    GenerationConfig(bos_token_id=300, eos_token_id=[304, 301]).save_pretrained(tmp_path / "out")
     loaded = load_runtime_model(tmp_path / "out")
     assert loaded.format == "sparse" and loaded.name == "out"
+    assert loaded.model.generation_config.eos_token_id == [304, 301]  # the parent's generation config
+    assert default_eos_ids(loaded.model, loaded.tokenizer) == [301, 304]
     assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
     torch.testing.assert_close(loaded.model(IDS).logits, model(IDS).logits, atol=1e-4, rtol=1e-4)
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ import tasks  # noqa: F401  (environment defaults first)
 from sparsify.config import ConfigError, load_config
 from sparsify.data import DataError
 from tasks.common import RootBusy
+
+DEFAULT_MAX_TOKENS = 256  # generate / chat, when --max-tokens is not given
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +50,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"tokens to generate at most (default: {DEFAULT_MAX_TOKENS}, or what the context leaves)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
@@ -127,8 +131,15 @@ def _load_engine(args: argparse.Namespace, **engine_options):
 def _sampling(args: argparse.Namespace):
     from sparsify.generation import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    return SamplingParams(max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+
+
+def _fit(params, args: argparse.Namespace, engine, prompt_len: int):
+    """Without --max-tokens, generate at most what the context leaves (an explicit value beyond it is an error)."""
+    if args.max_tokens is not None:
+        return params
+    return dataclasses.replace(params, max_tokens=max(1, min(DEFAULT_MAX_TOKENS, engine.max_context - prompt_len)))
 
 
 def _write(text: str) -> None:
@@ -148,8 +159,12 @@ def generate_command(args: argparse.Namespace) -> int:
     params = _sampling(args)  # bad options fail before the model loads
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     loaded, engine = _load_engine(args, max_batch=1, max_queue=0)
+    ids = loaded.tokenizer(prompt).input_ids
     try:
-        result = stream_generation(engine, loaded.tokenizer(prompt).input_ids, params, _write)
+        result = stream_generation(engine, ids, _fit(params, args, engine, len(ids)), _write)
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
     finally:
         engine.stop()
     _write("\n")
@@ -158,7 +173,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def chat_command(args: argparse.Namespace) -> int:
-    from sparsify.engine import stream_generation
+    from sparsify.engine import ContextLengthError, stream_generation
     from sparsify.generation import chat_prompt_ids
 
     params = _sampling(args)
@@ -177,10 +192,18 @@ def chat_command(args: argparse.Namespace) -> int:
                 break
             messages.append({"role": "user", "content": line.rstrip("\n")})
             ids = chat_prompt_ids(loaded.tokenizer, messages)
-            result = stream_generation(engine, ids, params, _write)
+            try:
+                result = stream_generation(engine, ids, _fit(params, args, engine, len(ids)), _write)
+            except ContextLengthError as err:  # the conversation outgrew the context: start a new one
+                print(f"[{err}; the conversation starts over]", file=sys.stderr)
+                messages = messages[:1] if args.system else []
+                continue
             _write("\n")
             _report(result)
             messages.append({"role": "assistant", "content": result.text})
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
     finally:
         engine.stop()
     return 0

@@ -344,7 +344,14 @@ class Engine:
                     self._cond.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as err:  # a bug in a step must not leave every client waiting forever
+                logger.exception("engine step failed outside the forward")
+                with self._cond:
+                    for request in self._running:
+                        self._finish(request, "error", "", error=f"{type(err).__name__}: {err}")
+                    self._running = []
 
     def step(self) -> int:
         """Admit waiting requests, run one batched forward, hand out one token per sequence. Returns the batch size."""
@@ -391,7 +398,12 @@ class Engine:
                 request.prefilled += len(ids)
                 if request.prefilled < len(request.prompt_ids):
                     continue  # more of the prompt next step: no token yet
-            token = next_token(row, request.params, request.generator)
+            try:
+                token = next_token(row, request.params, request.generator)
+            except RuntimeError as err:  # e.g. non-finite logits under sampling: this request ends, not the batch
+                logger.error("request %d: sampling failed: %s", request.id, err)
+                done.append((request, "error", "", None, f"sampling failed: {err}"))
+                continue
             request.generated.append(token)
             sampled += 1
             if request.first_token is None:
@@ -408,13 +420,13 @@ class Engine:
                 if not request.cancelled:  # one output per token, even when its text is still held back
                     self._emit(request, Output(delta, [token]))
             else:
-                done.append((request, reason, delta, token))
+                done.append((request, reason, delta, token, None))
         with self._cond:
             self._steps += 1
             self._generated += sampled
             self._recent.append((now, sampled))
-            for request, reason, delta, token in done:
-                self._finish(request, reason, delta, [token])
+            for request, reason, delta, token, error in done:
+                self._finish(request, reason, delta, [] if token is None else [token], error)
             self._running = [r for r in self._running if not r.finished]
         return len(batch)
 

@@ -238,3 +238,19 @@ def test_cancel_frees_the_slot_between_steps(models, tokenizer):
     engine.cancel(request)
     assert engine.step() == 0 and request.finished and request.cache is None
     assert engine.stats().requests_finished == {"cancelled": 1} and len(outputs) == 2
+
+
+def test_a_failing_sequence_ends_alone(tokenizer):
+    """Non-finite logits under sampling end that request with an error; the batch decodes on."""
+    model, _ = sparse_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] = float("nan")
+    engine = Engine(model, tokenizer)
+    bad, good = [], []
+    engine.submit([300, 7], SamplingParams(max_tokens=4, temperature=1.0), bad.append)
+    engine.submit([300, 8], SamplingParams(max_tokens=4, ignore_eos=True), good.append)
+    while engine.step():
+        pass
+    assert bad[-1].finished and bad[-1].finish_reason == "error" and "sampling failed" in bad[-1].error
+    assert good[-1].finish_reason == "length" and good[-1].completion_tokens == 4
+    assert engine.stats().requests_finished == {"error": 1, "length": 1}

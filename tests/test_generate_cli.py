@@ -96,3 +96,16 @@ def test_errors_are_one_line(folder, tmp_path, tokenizer, capsys):
     plain.save_pretrained(base)
     assert main(["chat", str(base)]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_without_max_tokens_the_context_bounds_the_answer(folder, tokenizer, monkeypatch, capsys):
+    _, path = folder
+    prompt = "for i in range(10):"
+    n = len(tokenizer(prompt).input_ids)
+    assert main(["generate", str(path), prompt, "--max-context", str(n + 5)]) == 0
+    assert "[5 tokens (length)" in capsys.readouterr().err
+    # chat: a turn that no longer fits restarts the conversation (the system message stays) and goes on
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n" + "word " * 40 + "\nhi\n\n"))
+    assert main(["chat", str(path), "--system", "s", "--max-context", "40", "--max-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "the conversation starts over" in err and err.count("tokens/s") == 2

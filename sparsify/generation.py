@@ -15,6 +15,10 @@ Pure pieces the engine (:mod:`sparsify.engine`) composes for every sequence of a
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -84,12 +88,35 @@ def next_token(logits: Tensor, params: SamplingParams, generator: torch.Generato
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+_BYTE_FALLBACK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def byte_fallback_ids(tokenizer) -> frozenset[int]:
+    """Ids of SentencePiece byte-fallback tokens (``<0xE2>``...) when the tokenizer's decoder uses them
+    (Llama 2), else empty. Cached per tokenizer."""
+    try:
+        return _BYTE_FALLBACK[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ids: frozenset[int] = frozenset()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and "ByteFallback" in json.dumps(json.loads(backend.to_str()).get("decoder")):
+        ids = frozenset(i for token, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token))
+    with contextlib.suppress(TypeError):
+        _BYTE_FALLBACK[tokenizer] = ids
+    return ids
+
+
 class IncrementalDetokenizer:
     """Text deltas of a growing token sequence (special tokens skipped).
 
     Keeps two offsets into the ids (as vLLM does): ``prefix`` starts the window that is decoded
     for context, ``read`` ends the part already turned into text. A delta is released only when
-    it does not end in U+FFFD (an incomplete multi-byte character).
+    it does not end in U+FFFD (an incomplete multi-byte character). With SentencePiece byte
+    fallback, a run of byte tokens is decoded as one group (a later invalid byte turns the whole
+    run into U+FFFDs), so nothing is released while the last token is a byte token: the streamed
+    text then always equals one decode of all the ids.
     """
 
     def __init__(self, tokenizer, window: int = 5) -> None:
@@ -100,9 +127,12 @@ class IncrementalDetokenizer:
         self.prefix = 0
         self.read = 0
         self.window = window
+        self._byte_ids = byte_fallback_ids(tokenizer)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
+        if self.ids[-1] in self._byte_ids:
+            return ""
         decode = self.tokenizer.decode
         before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = decode(self.ids[self.prefix:], skip_special_tokens=True)

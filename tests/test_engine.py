@@ -254,3 +254,36 @@ def test_a_failing_sequence_ends_alone(tokenizer):
     assert bad[-1].finished and bad[-1].finish_reason == "error" and "sampling failed" in bad[-1].error
     assert good[-1].finish_reason == "length" and good[-1].completion_tokens == 4
     assert engine.stats().requests_finished == {"error": 1, "length": 1}
+
+
+@pytest.fixture(scope="module", params=["llama2", "llama3"])
+def family_checkpoint(request, tmp_path_factory):
+    """Tiny checkpoints in the real families' conventions (tests/llama_fixtures.py): Llama-2's
+    SentencePiece-style tokenizer (▁ spaces, byte fallback), Llama-3's byte-level one with EOS ids list."""
+    from tests.llama_fixtures import llama_checkpoint
+
+    return request.param, llama_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_real_tokenizer_conventions_stream_the_transformers_text(family_checkpoint):
+    family, path = family_checkpoint
+    loaded = load_runtime_model(path)
+    tok = loaded.tokenizer
+    # Incremental text equals one decode of everything, for arbitrary ids (byte tokens, ▁ spaces, specials).
+    rng = random.Random(1)
+    ids = [rng.randrange(1000) for _ in range(300)] + tok("naïve café — 東京 🙂", add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.push(t) for t in ids) + detok.flush() == tok.decode(ids, skip_special_tokens=True)
+    engine = Engine(loaded.model, tok)
+    try:
+        prompt = "def main():\n    return"
+        prompt_ids = tok(prompt).input_ids
+        with torch.no_grad():
+            out = loaded.model.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False,
+                                        pad_token_id=tok.eos_token_id)
+        expected = tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+        assert "".join(o.text for o in engine.generate(prompt_ids, SamplingParams(max_tokens=16))) == expected
+        if family == "llama3":
+            assert {128001, 128008, 128009} <= engine.eos_token_ids
+    finally:
+        engine.stop()

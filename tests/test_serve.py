@@ -222,3 +222,14 @@ def test_load_levels_complete_without_failures(server, tmp_path):
         assert level["failures"] == 0, level["errors"]
         assert level["generated_tokens"] == clients * n * 16
         assert level["latency_p50_s"] <= level["latency_p95_s"] and level["ttft_p50_s"] <= level["latency_p50_s"]
+
+
+def test_serving_modules_import_no_orchestration():
+    """sparsify/ stays a library: the loader, engine and server pull no prefect/mlflow/dvc."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import sparsify.loading, sparsify.engine, sparsify.generation, sparsify.server; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -262,9 +262,10 @@ def create_app(engine: Engine, name: str):
     async def watch_disconnect(http_request: HTTPRequest, request: Request, outputs: asyncio.Queue) -> None:
         """Cancel ``request`` as soon as its client is gone, and wake its consumer with None.
 
-        Its own task, polling: with ASGI 2.4 servers (uvicorn) Starlette learns of a disconnect only when a
-        send fails, so a queued request (nothing to send yet) would keep its place, and a response generator
-        abandoned after a failed send is closed only when garbage-collected.
+        Its own task, polling, because Starlette watches for disconnects only while it streams a response
+        from an ASGI < 2.4 server (uvicorn's HTTP is 2.3): a client waiting for a whole answer would keep its
+        slot, and under ASGI 2.4 a stream learns of it only when a send fails (a queued request sends
+        nothing) and its abandoned generator is closed only when garbage-collected.
         """
         while not request.finished:
             await asyncio.sleep(DISCONNECT_POLL_S)
@@ -323,6 +324,10 @@ def create_app(engine: Engine, name: str):
             while True:
                 out = await outputs.get()
                 if out is None:  # the client left
+                    return
+                if out.error:  # headers are sent: the error goes in the stream, as OpenAI's API sends it
+                    yield _sse(APIError(500, f"generation failed: {out.error}", type="server_error").body())
+                    yield _sse("[DONE]")
                     return
                 if out.text or out.finished:
                     yield _sse(chunk(out))

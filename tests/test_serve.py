@@ -165,7 +165,8 @@ def test_full_queue_is_refused_and_disconnects_free_their_slots(client, server):
         streams = [http.stream("POST", server + "/completions", json=body) for _ in range(MAX_BATCH + MAX_QUEUE)]
         responses = [s.__enter__() for s in streams]  # headers arrive once each request is queued
         assert all(r.status_code == 200 for r in responses)
-        next(responses[0].iter_lines())  # the first ones are decoding
+        lines = responses[0].iter_lines()  # kept: dropping the iterator would close that stream
+        next(lines)  # the first ones are decoding
         with pytest.raises(openai.APIStatusError) as err:
             client.completions.create(model="tiny-sparse", prompt="one more", max_tokens=2)
         assert err.value.status_code == 503 and err.value.body["code"] == "server_overloaded"

@@ -15,7 +15,8 @@
 * **A Hugging Face folder** (dense, or holding the zeros of a pruned model): loaded by
   transformers (which memory-maps safetensors), then decoder Linears at least ``min_sparsity``
   sparse are swapped for SparseLinear (:func:`sparsify.runtime.sparsify_model`) in the model's
-  own float dtype, so the arithmetic is the dense model's.
+  own float dtype, so the arithmetic is the dense model's. A compressed-tensors checkpoint is left
+  to transformers' integration (its Linears hold compressed weights and activation quantization).
 
 Encodings: ``float`` (bf16/fp32 values; fp16 is widened to fp32, exactly) and ``int8``
 (per-channel codes, W8A8 or W8A16 by the layer's activation bits). ``int4`` is refused with an
@@ -323,7 +324,13 @@ def load_runtime_model(path: str | os.PathLike, *, min_sparsity: float = 0.3) ->
         tokenizer = load_tokenizer(path)
         dtype = next(model.parameters()).dtype
         sparse = {}
-        if dtype in (torch.bfloat16, torch.float32):
+        if getattr(model.config, "quantization_config", None) is not None:
+            # A compressed-tensors checkpoint: its Linears hold compressed weights and their own activation
+            # quantization, which transformers' integration runs; packing them would drop that. The quantize
+            # stage writes the same model in the project's sparse format (<output>/sparse) for the kernels.
+            logger.warning("%s: a compressed-tensors checkpoint runs through transformers (not on the sparse "
+                           "kernels); load the project's sparse format of it for the kernels", path)
+        elif dtype in (torch.bfloat16, torch.float32):
             sparse = sparsify_model(model, min_sparsity=min_sparsity, dtype=dtype)
         else:
             logger.warning("%s: %s weights stay dense (the kernels store bf16, fp32 or int8)", path, dtype)

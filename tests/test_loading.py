@@ -171,3 +171,25 @@ def test_mmap_reader_matches_safetensors(tmp_path):
         for key in f.keys():  # noqa: SIM118
             assert ours[key].dtype == f.get_tensor(key).dtype and torch.equal(ours[key], f.get_tensor(key)), key
     assert json.loads(metadata["tied"]) == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+@torch.no_grad()
+def test_compressed_tensors_checkpoint_runs_through_transformers(tmp_path, tokenizer):
+    """A compressed-tensors folder (no sparse/ beside it) is not packed: its Linears hold compressed weights and
+    their own activation quantization, which transformers' integration runs exactly."""
+    from sparsify.engine import Engine
+    from sparsify.export import save_compressed_tensors
+    from sparsify.generation import SamplingParams
+
+    source, masks = sparse_llama()
+    model = quantize_rtn(source, masks, QuantScheme(weight_bits=8, group_size=None, activation_bits=8))
+    save_compressed_tensors(model, tmp_path / "ct", tokenizer=tokenizer)
+    loaded = load_runtime_model(tmp_path / "ct")
+    assert loaded.format == "hf" and loaded.sparse_layers == {}
+    torch.testing.assert_close(loaded.model(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    try:
+        outs = list(engine.generate([300, 5, 6], SamplingParams(max_tokens=5, ignore_eos=True)))
+    finally:
+        engine.stop()
+    assert outs[-1].completion_tokens == 5

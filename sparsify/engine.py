@@ -290,8 +290,9 @@ class Engine:
         """Stop a request (e.g. its client went away): it leaves the batch before the next step."""
         with self._cond:
             request.cancelled = True
-            if request in self._waiting:
+            if request in self._waiting:  # never admitted: it ends here, with no output
                 self._waiting.remove(request)
+                request.finished = True
                 self._count_finished("cancelled")
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Output]:

@@ -354,24 +354,15 @@ def evaluate_model(
     return flat
 
 
-def load_for_eval(path: str | os.PathLike, *, runtime: bool = False):
+def load_for_eval(path: str | os.PathLike):
     """Load a saved HF causal-LM checkpoint directory -> ``(model, tokenizer)``, in eval mode.
 
     Never reaches for the hub: a path that is not a local directory, or a
     directory that does not load, is a ValueError naming the path and cause.
-    ``runtime``: load it onto the sparse CPU runtime instead
-    (:func:`sparsify.loading.load_runtime_model`: the project's sparse format when the folder
-    has one, else its sparse Linears swapped for the kernels), as it is deployed; evaluate it
-    on the CPU. A layer the kernels cannot run (INT4) raises NotImplementedError.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if runtime:
-        from sparsify.loading import load_runtime_model
-
-        loaded = load_runtime_model(path)
-        return loaded.model.eval(), loaded.tokenizer
     if not path.is_dir():
         raise ValueError(f"cannot load checkpoint {path}: not a directory")
     try:

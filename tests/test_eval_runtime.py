@@ -12,6 +12,7 @@ import pytest
 from sparsify import downstream as ds
 from sparsify import evaluation as ev
 from sparsify.kernels import load_extension
+from sparsify.loading import load_runtime_model
 from sparsify.runtime import SparseLinear
 
 from tests.serve_fixtures import sparse_llama, tiny_tokenizer, write_sparse_folder
@@ -37,7 +38,11 @@ def folders(tmp_path_factory):
 
 def scores(path, include, runtime: bool, samples) -> tuple[dict[str, dict[str, float]], list[str]]:
     """The metrics, and what the model generated for the generation task's documents."""
-    model, tokenizer = ev.load_for_eval(path, runtime=runtime)
+    if runtime:
+        loaded = load_runtime_model(path)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        model, tokenizer = ev.load_for_eval(path)
     assert any(isinstance(m, SparseLinear) for m in model.modules()) == runtime
     metrics = ev.evaluate_model(model, tokenizer, TASKS, include_path=include, limit=3, batch_size=2, device="cpu",
                                 samples_path=samples)

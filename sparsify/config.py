@@ -241,6 +241,9 @@ class EvaluateConfig(Section):
     limit: int | None = Field(default=None, gt=0)  # documents per task (None: the whole test split)
     batch_size: int = Field(default=8, gt=0)
     extra_tasks: list[str] = []  # standard lm-eval tasks (arc_easy, hellaswag, ...) on machines that have them
+    # Score the model as it is deployed: loaded onto the sparse CPU runtime (sparsify.loading), the
+    # same kernels `sparsellama generate` / `serve-model` run; on the CPU.
+    runtime: bool = False
 
 
 class BenchmarkConfig(Section):

@@ -18,6 +18,7 @@ from sparsify.config import Config
 from sparsify.downstream import TaskSpec, get_task, read_task_jsonl
 from sparsify.evaluation import evaluate_model, load_for_eval, write_lmeval_tasks
 from sparsify.io import atomic_write_json, atomic_write_jsonl
+from sparsify.loading import load_runtime_model
 from sparsify.recovery import recovery_where_defined
 from sparsify.sft import SFTDataset, target_nll
 from tasks.common import Layout, StageResult
@@ -71,10 +72,20 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
     include = cfg.root / ".lmeval" / model  # generated task YAML, rewritten on every run
     write_lmeval_tasks(specs, include)
 
-    net, tokenizer = load_for_eval(layout.model(model))
+    runtime, why_not = cfg.evaluate.runtime, None
+    if runtime:
+        try:
+            loaded = load_runtime_model(layout.model(model))
+            net, tokenizer = loaded.model, loaded.tokenizer
+        except NotImplementedError as err:  # e.g. INT4: not deployable on the runtime yet; say so in the results
+            log.warning("%s: cannot run on the sparse CPU runtime (%s); scoring it with transformers", model, err)
+            runtime, why_not = False, str(err)
+    if not runtime:
+        net, tokenizer = load_for_eval(layout.model(model))
     names = [spec.name for spec, _ in specs] + list(cfg.evaluate.extra_tasks)
     results = evaluate_model(net, tokenizer, names, include_path=include, limit=cfg.evaluate.limit,
-                             batch_size=cfg.evaluate.batch_size, samples_path=samples_path(layout, model))
+                             batch_size=cfg.evaluate.batch_size, samples_path=samples_path(layout, model),
+                             device="cpu" if runtime else None)  # the kernels run on the CPU
     per_doc_nll = {}
     for spec, path in specs:
         if spec.output_type == "generate_until" and spec.name in results:
@@ -91,5 +102,6 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
             raise ValueError(f"no evaluation of the reference model {reference!r} at {ref_file}; run eval-{reference}")
         metrics.update(recovery_where_defined(results, json.loads(ref_file.read_text())["results"])[0])
     out = results_path(layout, model)
-    atomic_write_json(out, {"model": model, "variant": variant, "reference": reference, "results": results})
+    atomic_write_json(out, {"model": model, "variant": variant, "reference": reference, "results": results,
+                            "runtime": runtime, **({"runtime_unavailable": why_not} if why_not else {})})
     return StageResult(metrics=metrics, outputs=[out, samples], variant=variant, artifacts=[out, samples])

@@ -1,0 +1,339 @@
+"""Load a pipeline output straight into the sparse CPU runtime.
+
+:func:`load_runtime_model` takes a folder and returns a model whose sparse Linears are
+:class:`sparsify.runtime.SparseLinear` modules, plus the tokenizer:
+
+* **The project's sparse format** (``sparse_model.safetensors`` + ``config.json``, written by
+  :func:`sparsify.export.save_sparse_model`; the quantize stage writes it under ``<output>/sparse``,
+  which is found from ``<output>`` too). Each encoded weight becomes a
+  :class:`sparsify.kernels.PackedWeight` directly (:func:`packed_from_layer`): no dense copy of a
+  sparse weight is ever built. The file is memory-mapped: dense tensors (embeddings, norms, a
+  float ``lm_head``), the bitmasks (when ``in_features`` is a multiple of 64, as in every Llama
+  shape, the file's rows already are whole 64-bit words) and the row offsets are views of the
+  mapping. The packed values are copied once, because the kernels' format requires 64 bytes of
+  zeros after them (vector loads may read past the last row).
+* **A Hugging Face folder** (dense, or holding the zeros of a pruned model): loaded by
+  transformers (which memory-maps safetensors), then decoder Linears at least ``min_sparsity``
+  sparse are swapped for SparseLinear (:func:`sparsify.runtime.sparsify_model`) in the model's
+  own float dtype, so the arithmetic is the dense model's. A compressed-tensors checkpoint is left
+  to transformers' integration (its Linears hold compressed weights and activation quantization).
+
+Encodings: ``float`` (bf16/fp32 values; fp16 is widened to fp32, exactly) and ``int8``
+(per-channel codes, W8A8 or W8A16 by the layer's activation bits). ``int4`` is refused with an
+error naming the layer until the kernels have an INT4 format; adding it is one function,
+:func:`_pack_int4`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sparsify.export import SPARSE_FILE, SPARSE_FORMAT, SPARSE_VERSION, SparseLayer
+from sparsify.kernels import PackedWeight
+from sparsify.kernels.format import PAD_BYTES
+from sparsify.runtime import SparseLinear, sparsify_model
+
+logger = logging.getLogger(__name__)
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class ModelLoadError(ValueError):
+    """A folder that cannot be loaded into the runtime; the message names the path and the cause."""
+
+
+# --------------------------------------------------------------------------- memory-mapped safetensors
+
+
+def read_safetensors_mmap(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file as a view of a private (copy-on-write) memory map, and its metadata.
+
+    Nothing is read until a tensor is touched; the pages are the OS page cache's. A tensor whose
+    offset is not aligned to its element size (the format does not promise alignment) is copied.
+    """
+    file = Path(file)
+    try:
+        with file.open("rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if header_len <= 0 or header_len > file.stat().st_size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(header_len))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{file} is not a readable safetensors file: {err}") from err
+    metadata = header.pop("__metadata__", None) or {}
+    start = 8 + header_len
+    # "c": copy-on-write, so the buffer is writable for torch (no warning) yet the file is never modified.
+    mapping = np.memmap(file, dtype=np.uint8, mode="c")
+    tensors: dict[str, Tensor] = {}
+    for name, info in header.items():
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelLoadError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        begin, end = (start + o for o in info["data_offsets"])
+        raw = torch.from_numpy(mapping[begin:end])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if begin % itemsize:
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors, metadata
+
+
+# --------------------------------------------------------------------------- SparseLayer -> PackedWeight
+
+
+def _padded_values(values: Tensor) -> Tensor:
+    """``values`` followed by the format's 64 bytes of zeros (one copy)."""
+    pad = PAD_BYTES // values.element_size()
+    out = torch.empty(values.numel() + pad, dtype=values.dtype)
+    out[: values.numel()].copy_(values)
+    out[values.numel():].zero_()
+    return out
+
+
+def _kernel_bitmask(bitmask: Tensor, in_features: int) -> Tensor:
+    """The export's rows (``ceil(in/8)`` bytes) as the kernels' rows (whole 64-bit words): a view when they agree."""
+    out = bitmask.shape[0]
+    width = 8 * -(-in_features // 64)
+    if bitmask.shape[1] == width:
+        return bitmask if bitmask.is_contiguous() else bitmask.contiguous()
+    padded = torch.zeros(out, width, dtype=torch.uint8)
+    padded[:, : bitmask.shape[1]] = bitmask
+    return padded
+
+
+def _check_layer(name: str, layer: SparseLayer) -> None:
+    out, cols = layer.shape
+    if tuple(layer.bitmask.shape) != (out, -(-cols // 8)) or layer.bitmask.dtype != torch.uint8:
+        raise ModelLoadError(f"{name}: bitmask must be uint8 [{out}, {-(-cols // 8)}], "
+                             f"got {layer.bitmask.dtype} {tuple(layer.bitmask.shape)}")
+    if tuple(layer.row_ptr.shape) != (out + 1,) or layer.row_ptr.dtype != torch.int64:
+        raise ModelLoadError(f"{name}: row_ptr must be int64 [{out + 1}]")
+
+
+def _pack_float(name: str, layer: SparseLayer) -> PackedWeight:
+    values = layer.values
+    if values.dtype == torch.float16:  # no fp16 kernels; fp32 holds every fp16 value exactly
+        values = values.float()
+    elif values.dtype not in (torch.float32, torch.bfloat16):
+        raise ModelLoadError(f"{name}: float encoding with {values.dtype} values is not supported")
+    return PackedWeight(tuple(layer.shape), _kernel_bitmask(layer.bitmask, layer.shape[1]), layer.row_ptr,
+                        _padded_values(values))
+
+
+def _pack_int8(name: str, layer: SparseLayer) -> PackedWeight:
+    out = layer.shape[0]
+    if layer.values.dtype != torch.int8:
+        raise ModelLoadError(f"{name}: int8 encoding needs int8 values, got {layer.values.dtype}")
+    if layer.group_size is not None:
+        raise ModelLoadError(f"{name}: the INT8 kernels need per-channel scales, this layer has groups of "
+                             f"{layer.group_size} columns")
+    if layer.scales is None or layer.scales.numel() != out:
+        raise ModelLoadError(f"{name}: int8 encoding needs one scale per output channel ({out})")
+    if layer.activation_bits not in (None, 8):
+        raise ModelLoadError(f"{name}: activation bits {layer.activation_bits} are not supported (8 or none)")
+    codes = layer.values
+    rows = torch.repeat_interleave(torch.arange(out), layer.row_ptr.diff())
+    row_sums = torch.zeros(out, dtype=torch.int64).index_add_(0, rows, codes.long()).to(torch.int32)
+    # bf16/fp16/fp32 scales are exact in fp32: the dequantized weight is the stored model's.
+    scales = layer.scales.reshape(out).float().contiguous()
+    return PackedWeight(tuple(layer.shape), _kernel_bitmask(layer.bitmask, layer.shape[1]), layer.row_ptr,
+                        _padded_values(codes), scales, row_sums, act_int8=layer.activation_bits == 8)
+
+
+def _pack_int4(name: str, layer: SparseLayer) -> PackedWeight:
+    raise NotImplementedError(
+        f"{name}: INT4 layers (group size {layer.group_size}) cannot run on the sparse CPU kernels yet: they "
+        "have no INT4 packed format. Quantize with weight_bits=8, or load the dense compressed-tensors "
+        "checkpoint next to this folder with transformers")
+
+
+_PACKERS = {"float": _pack_float, "int8": _pack_int8, "int4": _pack_int4}
+
+
+def packed_from_layer(name: str, layer: SparseLayer) -> PackedWeight:
+    """The kernels' :class:`PackedWeight` of one layer of the sparse format, without densifying it."""
+    packer = _PACKERS.get(layer.encoding)
+    if packer is None:
+        raise ModelLoadError(f"{name}: unknown encoding {layer.encoding!r} (known: {sorted(_PACKERS)})")
+    _check_layer(name, layer)
+    packed = packer(name, layer)
+    try:
+        packed.validate()
+    except ValueError as err:
+        raise ModelLoadError(f"{name}: stored layer is inconsistent: {err}") from err
+    return packed
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+@dataclass
+class RuntimeModel:
+    """A model on the sparse runtime, its tokenizer, and what was loaded."""
+
+    model: nn.Module
+    tokenizer: Any
+    path: Path
+    format: str  # "sparse" (the project's format) or "hf"
+    sparse_layers: dict[str, float] = field(default_factory=dict)  # module name -> sparsity
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path.name != "sparse" else self.path.parent.name
+
+
+def find_sparse_file(path: Path) -> Path | None:
+    """The sparse-format file of ``path``: in it, or in its ``sparse/`` subfolder (the quantize stage's layout)."""
+    for candidate in (path / SPARSE_FILE, path / "sparse" / SPARSE_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_tokenizer(*folders: Path):
+    """The first tokenizer found in ``folders`` (local files only); ModelLoadError if none has one."""
+    from transformers import AutoTokenizer
+
+    tried = []
+    for folder in folders:
+        if folder is None or not folder.is_dir():
+            continue
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            tried.append(str(folder))
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as err:  # transformers raises many types by case
+            raise ModelLoadError(f"cannot load the tokenizer in {folder}: {type(err).__name__}: {err}") from err
+    raise ModelLoadError(f"no tokenizer found in {', '.join(tried) or folders}; pass the folder that holds one")
+
+
+def _generation_config(*folders: Path):
+    """The first ``generation_config.json`` in ``folders``, or None."""
+    from transformers import GenerationConfig
+
+    for folder in folders:
+        if (folder / "generation_config.json").is_file():
+            try:
+                return GenerationConfig.from_pretrained(folder, local_files_only=True)
+            except Exception as err:
+                raise ModelLoadError(f"cannot read {folder / 'generation_config.json'}: {err}") from err
+    return None
+
+
+def _meta_model(config_dir: Path) -> nn.Module:
+    """The model of ``config_dir/config.json`` with its parameters on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"cannot read {config_dir / 'config.json'}: {type(err).__name__}: {err}") from err
+    # Buffers (e.g. the rotary inv_freq) are computed for real: only parameters are empty.
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@torch.no_grad()
+def load_sparse_format(file: Path) -> tuple[nn.Module, dict[str, float]]:
+    """The model stored in the project's sparse format, its sparse Linears as SparseLinear."""
+    tensors, metadata = read_safetensors_mmap(file)
+    if metadata.get("format") != SPARSE_FORMAT:
+        raise ModelLoadError(f"{file} is not in the {SPARSE_FORMAT} format (format={metadata.get('format')!r})")
+    if metadata.get("version") != SPARSE_VERSION:
+        raise ModelLoadError(f"{file}: unsupported {SPARSE_FORMAT} version {metadata.get('version')!r}")
+    model = _meta_model(file.parent)
+    modules = dict(model.named_modules())
+    sparse: dict[str, float] = {}
+    for name, info in json.loads(metadata["layers"]).items():
+        module_name = name.removesuffix(".weight")
+        linear = modules.get(module_name)
+        if not isinstance(linear, nn.Linear) or not name.endswith(".weight"):
+            raise ModelLoadError(f"{file}: sparse weight {name!r} is not the weight of an nn.Linear of this model")
+        if tuple(info["shape"]) != (linear.out_features, linear.in_features):
+            raise ModelLoadError(f"{file}: {name} has shape {info['shape']}, the model's Linear is "
+                                 f"{[linear.out_features, linear.in_features]}")
+        try:
+            layer = SparseLayer(
+                shape=tuple(info["shape"]), dtype=getattr(torch, info["dtype"]), encoding=info["encoding"],
+                bitmask=tensors.pop(f"{name}.bitmask"), values=tensors.pop(f"{name}.values"),
+                row_ptr=tensors.pop(f"{name}.row_ptr"), scales=tensors.pop(f"{name}.scales", None),
+                group_size=info["group_size"], activation_bits=info["activation_bits"])
+        except KeyError as err:
+            raise ModelLoadError(f"{file}: {name} is missing its tensor {err}") from err
+        packed = packed_from_layer(name, layer)
+        bias = tensors.pop(f"{module_name}.bias", None)
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, SparseLinear(packed, bias))
+        sparse[module_name] = packed.sparsity
+    for alias, source in json.loads(metadata.get("tied", "{}")).items():
+        tensors[alias] = tensors[source]
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise ModelLoadError(f"{file}: tensors the model does not have: {sorted(unexpected)[:5]}")
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise ModelLoadError(f"{file}: no stored tensor for {on_meta[:5]} (missing: {sorted(missing)[:5]})")
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in sparse:
+        model.tie_weights()
+    return model.eval(), sparse
+
+
+def load_runtime_model(path: str | os.PathLike, *, min_sparsity: float = 0.3) -> RuntimeModel:
+    """Load ``path`` (a sparse-format folder, a folder with a ``sparse/`` one, or a HF folder) onto the runtime.
+
+    ``min_sparsity`` applies to HF folders only: decoder Linears at least that sparse run on the
+    kernels, in the model's dtype (bf16 or fp32; other float dtypes stay dense). The tokenizer is
+    the folder's own, else (for ``<output>/sparse``) its parent's.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"cannot load {path}: not a directory (models load from local folders only)")
+    file = find_sparse_file(path)
+    if file is not None:
+        model, sparse = load_sparse_format(file)
+        tokenizer = load_tokenizer(file.parent, file.parent.parent)
+        generation = _generation_config(file.parent, file.parent.parent)
+        if generation is not None:  # e.g. Llama 3's list of EOS ids, which config.json may not hold
+            model.generation_config = generation
+        fmt = "sparse"
+        root = file.parent
+    else:
+        from transformers import AutoModelForCausalLM
+
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"cannot load {path}: no config.json and no {SPARSE_FILE}")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto").eval()
+        except Exception as err:
+            raise ModelLoadError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+        tokenizer = load_tokenizer(path)
+        dtype = next(model.parameters()).dtype
+        sparse = {}
+        if getattr(model.config, "quantization_config", None) is not None:
+            # A compressed-tensors checkpoint: its Linears hold compressed weights and their own activation
+            # quantization, which transformers' integration runs; packing them would drop that. The quantize
+            # stage writes the same model in the project's sparse format (<output>/sparse) for the kernels.
+            logger.warning("%s: a compressed-tensors checkpoint runs through transformers (not on the sparse "
+                           "kernels); load the project's sparse format of it for the kernels", path)
+        elif dtype in (torch.bfloat16, torch.float32):
+            sparse = sparsify_model(model, min_sparsity=min_sparsity, dtype=dtype)
+        else:
+            logger.warning("%s: %s weights stay dense (the kernels store bf16, fp32 or int8)", path, dtype)
+        fmt, root = "hf", path
+    logger.info("loaded %s (%s format): %d Linear layers on the sparse kernels", path, fmt, len(sparse))
+    return RuntimeModel(model=model, tokenizer=tokenizer, path=root, format=fmt, sparse_layers=sparse)

@@ -18,10 +18,10 @@
   own float dtype, so the arithmetic is the dense model's. A compressed-tensors checkpoint is left
   to transformers' integration (its Linears hold compressed weights and activation quantization).
 
-Encodings: ``float`` (bf16/fp32 values; fp16 is widened to fp32, exactly) and ``int8``
-(per-channel codes, W8A8 or W8A16 by the layer's activation bits). ``int4`` is refused with an
-error naming the layer until the kernels have an INT4 format; adding it is one function,
-:func:`_pack_int4`.
+Encodings: ``float`` (bf16/fp32 values; fp16 is widened to fp32, exactly), ``int8``
+(per-channel codes, W8A8 or W8A16 by the layer's activation bits) and ``int4`` (codes in groups
+that are a multiple of 64 columns, W4A16 or W4A8): the export's row-padded two's-complement
+nibbles are re-packed into the kernels' per-mask-word layout from the kept codes alone.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from sparsify.export import SPARSE_FILE, SPARSE_FORMAT, SPARSE_VERSION, SparseLayer
 from sparsify.kernels import PackedWeight
-from sparsify.kernels.format import PAD_BYTES
+from sparsify.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows
 from sparsify.runtime import SparseLinear, sparsify_model
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,11 @@ _ST_DTYPES = {
 
 class ModelLoadError(ValueError):
     """A folder that cannot be loaded into the runtime; the message names the path and the cause."""
+
+
+class UnsupportedLayer(ModelLoadError):
+    """A well-formed layer the kernels have no path for (e.g. INT4 groups that are not whole mask
+    words): the model is fine and runs elsewhere (transformers), just not on the sparse runtime."""
 
 
 # --------------------------------------------------------------------------- memory-mapped safetensors
@@ -138,12 +143,12 @@ def _pack_int8(name: str, layer: SparseLayer) -> PackedWeight:
     if layer.values.dtype != torch.int8:
         raise ModelLoadError(f"{name}: int8 encoding needs int8 values, got {layer.values.dtype}")
     if layer.group_size is not None:
-        raise ModelLoadError(f"{name}: the INT8 kernels need per-channel scales, this layer has groups of "
+        raise UnsupportedLayer(f"{name}: the INT8 kernels need per-channel scales, this layer has groups of "
                              f"{layer.group_size} columns")
     if layer.scales is None or layer.scales.numel() != out:
         raise ModelLoadError(f"{name}: int8 encoding needs one scale per output channel ({out})")
     if layer.activation_bits not in (None, 8):
-        raise ModelLoadError(f"{name}: activation bits {layer.activation_bits} are not supported (8 or none)")
+        raise UnsupportedLayer(f"{name}: activation bits {layer.activation_bits} are not supported (8 or none)")
     codes = layer.values
     rows = torch.repeat_interleave(torch.arange(out), layer.row_ptr.diff())
     row_sums = torch.zeros(out, dtype=torch.int64).index_add_(0, rows, codes.long()).to(torch.int32)
@@ -153,11 +158,42 @@ def _pack_int8(name: str, layer: SparseLayer) -> PackedWeight:
                         _padded_values(codes), scales, row_sums, act_int8=layer.activation_bits == 8)
 
 
+def _int4_kept_codes(name: str, layer: SparseLayer) -> Tensor:
+    """The export's INT4 codes of the set bits, row-major, as int8: each row's bytes hold its codes
+    two per byte (low nibble first, two's complement), the row padded to whole bytes. Decoded from
+    the per-row counts alone — no dense mask or weight."""
+    out = layer.shape[0]
+    counts = popcount_rows(layer.bitmask)
+    if not torch.equal(layer.row_ptr, torch.cat([counts.new_zeros(1), ((counts + 1) // 2).cumsum(0)])):
+        raise ModelLoadError(f"{name}: int4 row offsets do not match the bitmask's counts")
+    nibbles = torch.stack([layer.values & 0xF, layer.values >> 4], dim=1).reshape(-1).to(torch.int8)
+    rows = torch.repeat_interleave(torch.arange(out), counts)
+    starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+    index = 2 * layer.row_ptr[:-1][rows] + (torch.arange(int(counts.sum())) - starts[rows])
+    return (nibbles[index] ^ 8) - 8  # sign-extend the 4-bit two's complement
+
+
 def _pack_int4(name: str, layer: SparseLayer) -> PackedWeight:
-    raise NotImplementedError(
-        f"{name}: INT4 layers (group size {layer.group_size}) cannot run on the sparse CPU kernels yet: they "
-        "have no INT4 packed format. Quantize with weight_bits=8, or load the dense compressed-tensors "
-        "checkpoint next to this folder with transformers")
+    out, cols = layer.shape
+    if layer.values.dtype != torch.uint8:
+        raise ModelLoadError(f"{name}: int4 encoding needs uint8 values, got {layer.values.dtype}")
+    g = layer.group_size
+    if g is not None and (g % 64 or cols % g):
+        raise UnsupportedLayer(f"{name}: the INT4 kernels need groups that are a multiple of 64 columns dividing "
+                             f"{cols}, this layer has groups of {g}; load the compressed-tensors checkpoint with "
+                             "transformers instead")
+    groups = 1 if g is None else cols // g
+    if layer.scales is None or layer.scales.numel() != out * groups:
+        raise ModelLoadError(f"{name}: int4 encoding needs {out} x {groups} scales")
+    if layer.activation_bits not in (None, 8):
+        raise UnsupportedLayer(f"{name}: activation bits {layer.activation_bits} are not supported (8 or none)")
+    try:
+        kept = _int4_kept_codes(name, layer)
+        # bf16/fp16/fp32 scales are exact in fp32: the dequantized weight is the stored model's.
+        return pack_int4_kept(tuple(layer.shape), _kernel_bitmask(layer.bitmask, cols), kept,
+                              layer.scales.reshape(out, groups).float(), g, act_int8=layer.activation_bits == 8)
+    except ValueError as err:
+        raise ModelLoadError(f"{name}: stored int4 layer is inconsistent: {err}") from err
 
 
 _PACKERS = {"float": _pack_float, "int8": _pack_int8, "int4": _pack_int4}

@@ -18,7 +18,7 @@ from sparsify.config import Config
 from sparsify.downstream import TaskSpec, get_task, read_task_jsonl
 from sparsify.evaluation import evaluate_model, load_for_eval, write_lmeval_tasks
 from sparsify.io import atomic_write_json, atomic_write_jsonl
-from sparsify.loading import load_runtime_model
+from sparsify.loading import UnsupportedLayer, load_runtime_model
 from sparsify.recovery import recovery_where_defined
 from sparsify.sft import SFTDataset, target_nll
 from tasks.common import Layout, StageResult
@@ -77,7 +77,7 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
         try:
             loaded = load_runtime_model(layout.model(model))
             net, tokenizer = loaded.model, loaded.tokenizer
-        except NotImplementedError as err:  # e.g. INT4: not deployable on the runtime yet; say so in the results
+        except UnsupportedLayer as err:  # e.g. INT4 groups the kernels cannot tile; say so in the results
             log.warning("%s: cannot run on the sparse CPU runtime (%s); scoring it with transformers", model, err)
             runtime, why_not = False, str(err)
     if not runtime:

@@ -1,4 +1,4 @@
-"""Loading pipeline outputs onto the sparse runtime: the project's sparse format (float, INT8; INT4 refused)
+"""Loading pipeline outputs onto the sparse runtime: the project's sparse format (float, INT8, INT4)
 and HF folders. Logits equal the dense model holding the same zeros; sparse weights are never densified."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import GenerationConfig
 from sparsify.engine import default_eos_ids
 from sparsify.export import save_sparse_model
 from sparsify.kernels import load_extension
-from sparsify.loading import ModelLoadError, load_runtime_model, read_safetensors_mmap
+from sparsify.loading import ModelLoadError, UnsupportedLayer, load_runtime_model, read_safetensors_mmap
 from sparsify.quantization import QuantScheme
 from sparsify.runtime import SparseLinear, sparsify_model
 
@@ -105,11 +105,34 @@ def test_int8_sparse_format_loads_its_codes(tmp_path, tokenizer, activation_bits
     assert (got - expected).abs().max() <= 0.005 * expected.abs().max()
 
 
-def test_int4_layers_are_refused_by_name(tmp_path, tokenizer):
+@torch.no_grad()
+@pytest.mark.parametrize("activation_bits", [None, 8], ids=["w4a16", "w4a8"])
+def test_int4_sparse_format_loads_its_codes(tmp_path, tokenizer, activation_bits):
+    """INT4 layers (per-row scales: the tiny model's 160-wide down_proj fits no group of 64) are re-packed
+    from the export's row-padded nibbles into the kernels' layout with their exact codes and scales."""
+    source, masks = sparse_llama()
+    scheme = QuantScheme(weight_bits=4, group_size=None, activation_bits=activation_bits)
+    model = quantize_rtn(source, masks, scheme)
+    folder = write_sparse_folder(model, masks, tmp_path / "q4", tokenizer)
+    loaded = load_runtime_model(folder)
+    up = loaded.model.model.layers[1].mlp.up_proj
+    assert isinstance(up, SparseLinear) and up.packed.dtype == torch.int4
+    assert up.packed.act_int8 == (activation_bits == 8) and up.packed.group_size is None
+    ref = model.model.layers[1].mlp.up_proj
+    assert torch.equal(up.dense_weight(), ref.weight.float())  # codes · scales: the quantized model's weight
+    in_memory = copy.deepcopy(model)  # the same codes packed in memory run the same kernels: the same logits
+    sparsify_model(in_memory, int4=True)
+    got = loaded.model(IDS).logits
+    assert torch.equal(got, in_memory(IDS).logits)
+    expected = model(IDS).logits
+    assert (got - expected).abs().max() <= (1e-4 if activation_bits is None else 0.005) * expected.abs().max()
+
+
+def test_int4_groups_the_kernels_cannot_tile_are_refused_by_name(tmp_path, tokenizer):
     source, masks = sparse_llama()
     model = quantize_rtn(source, masks, QuantScheme(weight_bits=4, group_size=32, activation_bits=None))
     folder = write_sparse_folder(model, masks, tmp_path / "q4", tokenizer)
-    with pytest.raises(NotImplementedError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: INT4"):
+    with pytest.raises(UnsupportedLayer, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: .*multiple of 64"):
         load_runtime_model(folder)
 
 

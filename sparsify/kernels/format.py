@@ -66,7 +66,7 @@ class PackedWeight:
     @property
     def nnz(self) -> int:
         """Stored entries (the mask's kept count)."""
-        return int(_popcount_rows(self.bitmask).sum()) if self.dtype == torch.int4 else int(self.offsets[-1])
+        return int(popcount_rows(self.bitmask).sum()) if self.dtype == torch.int4 else int(self.offsets[-1])
 
     @property
     def group_words(self) -> int:
@@ -111,7 +111,7 @@ class PackedWeight:
             t = getattr(self, name)
             if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
                 raise ValueError(f"{name} must be a contiguous CPU tensor")
-        counts = _int4_row_bytes(self.bitmask) if self.dtype == torch.int4 else _popcount_rows(self.bitmask)
+        counts = _int4_row_bytes(self.bitmask) if self.dtype == torch.int4 else popcount_rows(self.bitmask)
         expected = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
         if not torch.equal(self.offsets, expected):
             raise ValueError("offsets do not match the bitmask's per-row counts")
@@ -156,8 +156,8 @@ class PackedWeight:
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
-def _popcount_rows(bitmask: Tensor) -> Tensor:
-    """Set bits per row of a uint8 bitmask, int64."""
+def popcount_rows(bitmask: Tensor) -> Tensor:
+    """Set bits per row of a uint8 bitmask (any row width), int64 ``[out]``."""
     bits = bitmask.numpy()
     counts = np.bitwise_count(bits) if hasattr(np, "bitwise_count") else _POPCOUNT8[bits]  # numpy >= 2.0
     return torch.from_numpy(counts.sum(1, dtype=np.int64))
@@ -309,10 +309,37 @@ def pack(
     else:
         kept = weight[mask].to(dtype)
     bitmask = _pack_bits(mask)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), _popcount_rows(bitmask).cumsum(0)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), popcount_rows(bitmask).cumsum(0)])
     pad = PAD_BYTES // kept.element_size()
     values = torch.cat([kept, torch.zeros(pad, dtype=kept.dtype)])
     return PackedWeight(tuple(weight.shape), bitmask, offsets, values, scales, row_sums, act_int8)
+
+
+def pack_int4_kept(
+    shape: tuple[int, int],
+    bitmask: Tensor,
+    kept_codes: Tensor,
+    scales: Tensor,
+    group_size: int | None,
+    act_int8: bool,
+) -> PackedWeight:
+    """An INT4 PackedWeight from its kernel bitmask (``[out, 8·words]``), the codes of its set bits in
+    row-major order (int8 in [-7, 7]) and fp32 scales ``[out, groups]``: never a dense weight (a
+    loader's path from a stored sparse model). Validated."""
+    if kept_codes.dtype != torch.int8 or kept_codes.dim() != 1:
+        raise ValueError(f"kept_codes must be 1-D int8, got {kept_codes.dtype} {tuple(kept_codes.shape)}")
+    if bool((kept_codes.abs() > INT4_QMAX).any()):
+        raise ValueError(f"int4 codes must lie in [-{INT4_QMAX}, {INT4_QMAX}]")
+    nnz = int(popcount_rows(bitmask).sum())
+    if kept_codes.numel() != nnz:
+        raise ValueError(f"{kept_codes.numel()} codes for a bitmask with {nnz} set bits")
+    data = _pack_int4(kept_codes, bitmask)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), _int4_row_bytes(bitmask).cumsum(0)])
+    values = torch.cat([data, torch.zeros(PAD_BYTES, dtype=torch.uint8)])
+    packed = PackedWeight(tuple(shape), bitmask, offsets, values, scales.float().contiguous(), None, act_int8,
+                          group_size)
+    packed.validate()
+    return packed
 
 
 def _pack_int4_weight(

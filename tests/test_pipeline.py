@@ -184,12 +184,56 @@ def _dvc(repo: Path, *args: str) -> str:
     return out.stdout
 
 
+def output_paths() -> set[str]:
+    """Every path (relative to the root) the pipeline writes: each stage's outputs, metrics, plots and
+    resume state from the stage table, and the tracking and orchestration state beside them."""
+    paths = {"mlflow.db", "mlartifacts", ".prefect", ".stamps", ".lmeval", ".pipeline.lock", ".dvc/cache", ".dvc/tmp"}
+    for s in STAGES:
+        paths.update([*s.outs, s.metrics_file, s.plot_file, s.resume_dir])
+    return paths
+
+
+def copy_checkout(dest: Path) -> None:
+    """The checkout's code into ``dest``, never a user's pipeline outputs (after a `make pipeline` in
+    this checkout, copied outputs would be committed in the copy and dvc would refuse them as tracked
+    by git). An output's top folder is left out whole (models/, reports/, ...) unless git tracks files
+    in it (data/ holds data/README.md): then only the output itself."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    tracked_tops = {t.split("/")[0] for t in tracked if "/" in t}
+    skip = set()
+    for o in output_paths():
+        top = o.split("/")[0]
+        skip.add(o if top in tracked_tops else top)
+    tooling = {".venv", ".git", "__pycache__", ".cache", ".pytest_cache"}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        rel = Path(folder).relative_to(REPO)
+        return {n for n in names if n in tooling or n.endswith(".egg-info") or (rel / n).as_posix() in skip}
+
+    shutil.copytree(REPO, dest, ignore=ignore)
+
+
+def test_copy_checkout_leaves_pipeline_outputs_behind(tmp_path, monkeypatch):
+    """The DVC test's copy of a checkout after a `make pipeline` in it: code and data/README.md
+    copied; every output the stage table names left behind."""
+    fake = tmp_path / "checkout"
+    for rel in ("sparsify/x.py", "data/README.md", "data/tasks/arithmetic.jsonl", "data/corpus/train.bin",
+                "reports/eval/base.json", "plots/base.json", "metrics/base.json", "models/base/config.json",
+                "models/prune70/config.json", ".resume/base/x", "mlflow.db"):
+        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
+        (fake / rel).write_text("x")
+    for cmd in (["init", "-q"], ["add", "sparsify/x.py", "data/README.md"]):
+        subprocess.run(["git", *cmd], cwd=fake, check=True)
+    monkeypatch.setattr(sys.modules[__name__], "REPO", fake)
+    copy_checkout(tmp_path / "copy")
+    copied = sorted(p.relative_to(tmp_path / "copy").as_posix() for p in (tmp_path / "copy").rglob("*") if p.is_file())
+    assert copied == ["data/README.md", "sparsify/x.py"]
+
+
 @pytest.mark.slow
 def test_dvc_repro_reruns_only_what_changed(tmp_path):
     repo = tmp_path / "repo"
-    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "models", "metrics", "mlflow.db",
-                                    "mlartifacts", ".prefect", ".cache", "corpus", "*.egg-info")
-    shutil.copytree(REPO, repo, ignore=ignore)
+    copy_checkout(repo)
     # The smoke profile with one sparsity level, one task and one quantization scheme, resolved into
     # the params.yaml that dvc reads; dvc.yaml regenerated from it (fewer stages keep this test short).
     raw = resolve_raw(load_raw(PARAMS), "smoke", overrides=[

@@ -221,10 +221,19 @@ def pack_int4_rows(codes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def unpack_int4_rows(packed: Tensor, mask: Tensor) -> Tensor:
     """The int8 codes at ``mask``'s entries (row-major) from :func:`pack_int4_rows`' bytes."""
+    return int4_row_codes(packed, mask.sum(1))
+
+
+def int4_row_codes(packed: Tensor, counts: Tensor) -> Tensor:
+    """The int8 codes of :func:`pack_int4_rows`' bytes, row-major, from each row's code count alone
+    (no dense mask: what a loader has from a bitmask's popcounts)."""
     nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1).to(torch.int8)
     signed = (nibbles ^ 8) - 8  # sign-extend 4-bit two's complement
-    slots, _ = _padded_positions(mask, 2)
-    return signed[slots]
+    counts = counts.long()
+    byte_starts = torch.cat([counts.new_zeros(1), ((counts + 1) // 2).cumsum(0)[:-1]])  # rows padded to bytes
+    code_starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+    rows = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    return signed[2 * byte_starts[rows] + torch.arange(int(counts.sum())) - code_starts[rows]]
 
 
 # --------------------------------------------------------------------------- the sparse format

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sparsify.export import SPARSE_FILE, SPARSE_FORMAT, SPARSE_VERSION, SparseLayer
+from sparsify.export import SPARSE_FILE, SPARSE_FORMAT, SPARSE_VERSION, SparseLayer, int4_row_codes
 from sparsify.kernels import PackedWeight
 from sparsify.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows
 from sparsify.runtime import SparseLinear, sparsify_model
@@ -159,18 +159,12 @@ def _pack_int8(name: str, layer: SparseLayer) -> PackedWeight:
 
 
 def _int4_kept_codes(name: str, layer: SparseLayer) -> Tensor:
-    """The export's INT4 codes of the set bits, row-major, as int8: each row's bytes hold its codes
-    two per byte (low nibble first, two's complement), the row padded to whole bytes. Decoded from
-    the per-row counts alone — no dense mask or weight."""
-    out = layer.shape[0]
+    """The export's INT4 codes of the set bits, row-major, from the bitmask's per-row counts (no dense
+    mask or weight), after checking the stored row offsets agree with those counts."""
     counts = popcount_rows(layer.bitmask)
     if not torch.equal(layer.row_ptr, torch.cat([counts.new_zeros(1), ((counts + 1) // 2).cumsum(0)])):
         raise ModelLoadError(f"{name}: int4 row offsets do not match the bitmask's counts")
-    nibbles = torch.stack([layer.values & 0xF, layer.values >> 4], dim=1).reshape(-1).to(torch.int8)
-    rows = torch.repeat_interleave(torch.arange(out), counts)
-    starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-    index = 2 * layer.row_ptr[:-1][rows] + (torch.arange(int(counts.sum())) - starts[rows])
-    return (nibbles[index] ^ 8) - 8  # sign-extend the 4-bit two's complement
+    return int4_row_codes(layer.values, counts)
 
 
 def _pack_int4(name: str, layer: SparseLayer) -> PackedWeight:

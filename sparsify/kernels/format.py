@@ -324,8 +324,9 @@ def pack_int4_kept(
     act_int8: bool,
 ) -> PackedWeight:
     """An INT4 PackedWeight from its kernel bitmask (``[out, 8·words]``), the codes of its set bits in
-    row-major order (int8 in [-7, 7]) and fp32 scales ``[out, groups]``: never a dense weight (a
-    loader's path from a stored sparse model). Validated."""
+    row-major order (int8 in [-7, 7]) and fp32 scales ``[out, groups]``: never a dense weight (what
+    :func:`pack` and a loader of a stored sparse model both build on). Call ``validate()`` on
+    tensors from outside."""
     if kept_codes.dtype != torch.int8 or kept_codes.dim() != 1:
         raise ValueError(f"kept_codes must be 1-D int8, got {kept_codes.dtype} {tuple(kept_codes.shape)}")
     if bool((kept_codes.abs() > INT4_QMAX).any()):
@@ -336,10 +337,8 @@ def pack_int4_kept(
     data = _pack_int4(kept_codes, bitmask)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), _int4_row_bytes(bitmask).cumsum(0)])
     values = torch.cat([data, torch.zeros(PAD_BYTES, dtype=torch.uint8)])
-    packed = PackedWeight(tuple(shape), bitmask, offsets, values, scales.float().contiguous(), None, act_int8,
-                          group_size)
-    packed.validate()
-    return packed
+    return PackedWeight(tuple(shape), bitmask, offsets, values, scales.float().contiguous(), None, act_int8,
+                        group_size)
 
 
 def _pack_int4_weight(
@@ -350,20 +349,14 @@ def _pack_int4_weight(
         raise ValueError(f"int4 group_size must be a positive multiple of {WORD} that divides in_features={cols}, "
                          f"got {group_size}")
     groups = 1 if group_size is None else cols // group_size
-    if weight.dtype == torch.int8:
-        if bool((weight.abs() > INT4_QMAX).any()):
-            raise ValueError(f"int4 codes must lie in [-{INT4_QMAX}, {INT4_QMAX}]")
+    if weight.dtype == torch.int8:  # the kept codes' range is checked by pack_int4_kept (pruned ones are 0)
         scales = scales.detach().cpu().float().reshape(out, -1).contiguous()
         if scales.shape[1] != groups:
             raise ValueError(f"scales must be [{out}, {groups}] for group_size={group_size}, got {tuple(scales.shape)}")
         codes = weight
     else:
         codes, scales = quantize_groups(weight, mask, group_size)
-    bitmask = _pack_bits(mask)
-    data = _pack_int4(codes[mask], bitmask)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), _int4_row_bytes(bitmask).cumsum(0)])
-    values = torch.cat([data, torch.zeros(PAD_BYTES, dtype=torch.uint8)])
-    return PackedWeight((out, cols), bitmask, offsets, values, scales, None, act_int8, group_size)
+    return pack_int4_kept((out, cols), _pack_bits(mask), codes[mask], scales, group_size, act_int8)
 
 
 def unpack(packed: PackedWeight) -> Tensor:

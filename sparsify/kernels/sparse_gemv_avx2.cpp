@@ -265,6 +265,30 @@ void rows_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0) {
   }
 }
 
+// Weight rows [r0, r1) in blocks small enough that a block's weights stay in L1/L2 while every group
+// of up to kTokens rows of x passes over them (W is read from memory once, whatever M):
+// block(rb, re, t0, std::integral_constant<int, T>) for rows [t0, t0 + T) of x.
+template <class Block>
+void token_blocks(const Problem& p, int64_t r0, int64_t r1, Block&& block) {
+  constexpr int64_t kRows = 8;
+  static_assert(kTokens == 8, "the switch below has one case per token count");
+  for (int64_t rb = r0; rb < r1; rb += kRows) {
+    const int64_t re = rb + kRows < r1 ? rb + kRows : r1;
+    for (int64_t t0 = 0; t0 < p.M; t0 += kTokens) {
+      switch (p.M - t0 < kTokens ? p.M - t0 : kTokens) {
+        case 1: block(rb, re, t0, std::integral_constant<int, 1>{}); break;
+        case 2: block(rb, re, t0, std::integral_constant<int, 2>{}); break;
+        case 3: block(rb, re, t0, std::integral_constant<int, 3>{}); break;
+        case 4: block(rb, re, t0, std::integral_constant<int, 4>{}); break;
+        case 5: block(rb, re, t0, std::integral_constant<int, 5>{}); break;
+        case 6: block(rb, re, t0, std::integral_constant<int, 6>{}); break;
+        case 7: block(rb, re, t0, std::integral_constant<int, 7>{}); break;
+        default: block(rb, re, t0, std::integral_constant<int, 8>{}); break;
+      }
+    }
+  }
+}
+
 // ----------------------------------------------------------------- int4 (W4A8, W4A16)
 // Each weight row's nibbles are first unpacked, 32 codes per 16 bytes, into a per-thread buffer of
 // signed int8 codes (a word with an odd count keeps its padding nibble, skipped below); from there
@@ -339,45 +363,17 @@ template <class F>
 void int4_rows(const Problem& p, int64_t r0, int64_t r1) {
   // Unpacked codes of one row: ≤ in_features + one padding nibble per word, + 64 bytes of over-read.
   int8_t* codes = static_cast<int8_t*>(std::aligned_alloc(64, (p.words * 65 + 127) / 64 * 64 + 64));
-  constexpr int64_t kRows = 8;
-  for (int64_t rb = r0; rb < r1; rb += kRows) {
-    const int64_t re = rb + kRows < r1 ? rb + kRows : r1;
-    for (int64_t t0 = 0; t0 < p.M; t0 += kTokens) {
-      switch (p.M - t0 < kTokens ? p.M - t0 : kTokens) {
-        case 1: int4_block<F, 1>(p, rb, re, t0, codes); break;
-        case 2: int4_block<F, 2>(p, rb, re, t0, codes); break;
-        case 3: int4_block<F, 3>(p, rb, re, t0, codes); break;
-        case 4: int4_block<F, 4>(p, rb, re, t0, codes); break;
-        case 5: int4_block<F, 5>(p, rb, re, t0, codes); break;
-        case 6: int4_block<F, 6>(p, rb, re, t0, codes); break;
-        case 7: int4_block<F, 7>(p, rb, re, t0, codes); break;
-        default: int4_block<F, 8>(p, rb, re, t0, codes); break;
-      }
-    }
-  }
+  token_blocks(p, r0, r1, [&](int64_t rb, int64_t re, int64_t t0, auto T) {
+    int4_block<F, decltype(T)::value>(p, rb, re, t0, codes);
+  });
   std::free(codes);
 }
 
 template <class F>
 void rows(const Problem& p, int64_t r0, int64_t r1) {
-  // Row blocks small enough that a block's weights stay in L1/L2 while every group of kTokens rows
-  // of x passes over them: W is read from memory once, whatever M.
-  constexpr int64_t kRows = 8;
-  for (int64_t rb = r0; rb < r1; rb += kRows) {
-    const int64_t re = rb + kRows < r1 ? rb + kRows : r1;
-    for (int64_t t0 = 0; t0 < p.M; t0 += kTokens) {
-      switch (p.M - t0 < kTokens ? p.M - t0 : kTokens) {
-        case 1: rows_block<F, 1>(p, rb, re, t0); break;
-        case 2: rows_block<F, 2>(p, rb, re, t0); break;
-        case 3: rows_block<F, 3>(p, rb, re, t0); break;
-        case 4: rows_block<F, 4>(p, rb, re, t0); break;
-        case 5: rows_block<F, 5>(p, rb, re, t0); break;
-        case 6: rows_block<F, 6>(p, rb, re, t0); break;
-        case 7: rows_block<F, 7>(p, rb, re, t0); break;
-        default: rows_block<F, 8>(p, rb, re, t0); break;
-      }
-    }
-  }
+  token_blocks(p, r0, r1, [&](int64_t rb, int64_t re, int64_t t0, auto T) {
+    rows_block<F, decltype(T)::value>(p, rb, re, t0);
+  });
 }
 
 }  // namespace

@@ -12,8 +12,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparsify.kernels import dequantize, load_extension, pack
 from sparsify.masks import prunable_linear_names
-from sparsify.quantization import QuantScheme, attach_quantization, fake_quantize_per_token, rtn_quantize
+from sparsify.quantization import QuantScheme, fake_quantize_per_token
 from sparsify.runtime import SparseLinear, sparsify_model
+
+from tests.serve_fixtures import quantize_rtn
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,10 +23,10 @@ def extension():
     return load_extension()  # built once; None → everything below runs on the torch fallback
 
 
-def tiny_llama(sparsity: float = 0.7, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(sparsity: float = 0.7, seed: int = 0, intermediate: int = 160) -> LlamaForCausalLM:
     """2 layers, hidden 64, intermediate 160 (not a multiple of 64), decoder Linears pruned per row."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -35,6 +37,12 @@ def tiny_llama(sparsity: float = 0.7, seed: int = 0) -> LlamaForCausalLM:
                 thr = p.abs().kthvalue(k, dim=1, keepdim=True).values
                 p.masked_fill_(p.abs() <= thr, 0)
     return model
+
+
+def quantized(model: LlamaForCausalLM, scheme: QuantScheme, names: list[str] | None = None) -> LlamaForCausalLM:
+    """A copy with the named decoder weights (all by default) quantized round-to-nearest, keeping their zeros."""
+    names = names or prunable_linear_names(model)
+    return quantize_rtn(model, {n: model.get_parameter(n) != 0 for n in names}, scheme)
 
 
 PROMPTS = torch.tensor([[5, 17, 99, 3, 42, 8, 1], [64, 2, 2, 77, 13, 120, 31]])
@@ -143,18 +151,7 @@ def test_int4_model_matches_its_quantized_reference(mode):
 def test_runs_an_int4_model_quantized_by_sparsify_quantization_exactly():
     """A W4A16 model from sparsify.quantization (groups of 64) keeps its codes and scales: the runtime
     computes the in-memory quantized model's logits; groups the kernels cannot tile are refused."""
-    model = tiny_llama()
-    config = model.config
-    config.intermediate_size = 192  # every width a multiple of 64
-    model = LlamaForCausalLM(config).eval()
-    scheme = QuantScheme(weight_bits=4, group_size=64, activation_bits=None)
-    for name in prunable_linear_names(model):
-        linear = model.get_submodule(name.removesuffix(".weight"))
-        with torch.no_grad():
-            w = linear.weight
-            w.masked_fill_(w.abs() <= w.abs().kthvalue(int(w.shape[1] * 0.7), dim=1, keepdim=True).values, 0)
-        q = rtn_quantize(linear.weight.detach(), scheme, mask=linear.weight != 0)
-        attach_quantization(linear, q.weight, q.codes, q.scales, scheme)
+    model = quantized(tiny_llama(intermediate=192), QuantScheme(weight_bits=4, group_size=64, activation_bits=None))
     sparse = copy.deepcopy(model)
     replaced = sparsify_model(sparse, int4=True)
     assert len(replaced) == 14
@@ -163,23 +160,15 @@ def test_runs_an_int4_model_quantized_by_sparsify_quantization_exactly():
     assert torch.equal(dequantize(up.packed), model.model.layers[0].mlp.up_proj.weight.float())
     a, b = model(PROMPTS).logits, sparse(PROMPTS).logits
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
-    odd = tiny_llama()
-    linear = odd.model.layers[0].mlp.up_proj
-    oscheme = QuantScheme(weight_bits=4, group_size=32, activation_bits=None)
-    q = rtn_quantize(linear.weight.detach(), oscheme, mask=linear.weight != 0)
-    attach_quantization(linear, q.weight, q.codes, q.scales, oscheme)
+    odd = quantized(tiny_llama(), QuantScheme(weight_bits=4, group_size=32, activation_bits=None),
+                    ["model.layers.0.mlp.up_proj.weight"])
     with pytest.raises(ValueError, match="multiple of 64"):
         sparsify_model(odd, int4=True)
 
 
 @torch.no_grad()
 def test_uses_codes_of_a_model_quantized_by_sparsify_quantization():
-    model = tiny_llama()
-    scheme = QuantScheme(weight_bits=8, group_size=None, activation_bits=8)
-    for name in prunable_linear_names(model):
-        linear = model.get_submodule(name.removesuffix(".weight"))
-        q = rtn_quantize(linear.weight.detach(), scheme, mask=linear.weight != 0)
-        attach_quantization(linear, q.weight, q.codes, q.scales, scheme)
+    model = quantized(tiny_llama(), QuantScheme(weight_bits=8, group_size=None, activation_bits=8))
     sparse = copy.deepcopy(model)
     sparsify_model(sparse, int8=True)
     q_proj = sparse.model.layers[0].self_attn.q_proj
@@ -188,11 +177,8 @@ def test_uses_codes_of_a_model_quantized_by_sparsify_quantization():
     # The in-memory quantized model (fake-quant weights + activation hooks) computes the same logits.
     a, b = model(PROMPTS).logits, sparse(PROMPTS).logits
     assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
-    grouped = tiny_llama()
-    linear = grouped.model.layers[0].mlp.up_proj
-    gscheme = QuantScheme(weight_bits=8, group_size=32, activation_bits=None)
-    q = rtn_quantize(linear.weight.detach(), gscheme, mask=linear.weight != 0)
-    attach_quantization(linear, q.weight, q.codes, q.scales, gscheme)
+    grouped = quantized(tiny_llama(), QuantScheme(weight_bits=8, group_size=32, activation_bits=None),
+                        ["model.layers.0.mlp.up_proj.weight"])
     with pytest.raises(ValueError, match="per-channel"):
         sparsify_model(grouped, int8=True)
 

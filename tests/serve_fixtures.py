@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from sparsify.export import save_sparse_model
+from sparsify.kernels import load_extension
 from sparsify.masks import prunable_linear_names
 from sparsify.quantization import QuantScheme, attach_quantization, rtn_quantize
 
@@ -89,3 +91,17 @@ def write_sparse_folder(model, masks, folder: Path, tokenizer=None) -> Path:
         tokenizer.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     return folder
+
+
+# Fixtures for the serving tests (a test module imports the ones it uses).
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    """The kernels, built once per module (None: everything runs on the torch fallback)."""
+    return load_extension()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()

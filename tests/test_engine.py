@@ -11,20 +11,10 @@ import torch
 
 from sparsify.engine import BatchedLlama, ContextLengthError, Engine, QueueFull
 from sparsify.generation import IncrementalDetokenizer, SamplingParams, TextStream, next_token
-from sparsify.kernels import load_extension
 from sparsify.loading import load_runtime_model
 
-from tests.serve_fixtures import sparse_llama, tiny_tokenizer, write_sparse_folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    return load_extension()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+from tests.serve_fixtures import extension, tokenizer  # noqa: F401  (fixtures)
+from tests.serve_fixtures import sparse_llama, write_sparse_folder
 
 
 @pytest.fixture(scope="module")

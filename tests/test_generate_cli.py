@@ -9,19 +9,9 @@ import pytest
 import torch
 
 from flows.cli import main
-from sparsify.kernels import load_extension
 
+from tests.serve_fixtures import extension, tokenizer  # noqa: F401  (fixtures)
 from tests.serve_fixtures import sparse_llama, tiny_tokenizer, write_sparse_folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    return load_extension()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,14 @@ from transformers import GenerationConfig
 
 from sparsify.engine import default_eos_ids
 from sparsify.export import save_sparse_model
-from sparsify.kernels import load_extension
 from sparsify.loading import ModelLoadError, UnsupportedLayer, load_runtime_model, read_safetensors_mmap
 from sparsify.quantization import QuantScheme
 from sparsify.runtime import SparseLinear, sparsify_model
 
-from tests.serve_fixtures import quantize_rtn, sparse_llama, tiny_tokenizer, write_sparse_folder
+from tests.serve_fixtures import extension, tokenizer  # noqa: F401  (fixtures)
+from tests.serve_fixtures import quantize_rtn, sparse_llama, write_sparse_folder
 
 IDS = torch.tensor([[300, 5, 17, 99, 3, 42, 8, 1, 250], [300, 64, 2, 2, 77, 13, 120, 31, 299]])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    return load_extension()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 def file_mappings(path: Path) -> list[tuple[int, int]]:

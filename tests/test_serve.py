@@ -22,7 +22,8 @@ from flows.cli import main as cli
 from sparsify.kernels import load_extension
 
 from tests.conftest import REPO
-from tests.serve_fixtures import sparse_llama, tiny_tokenizer, write_sparse_folder
+from tests.serve_fixtures import tokenizer  # noqa: F401  (fixture)
+from tests.serve_fixtures import sparse_llama, write_sparse_folder
 
 openai = pytest.importorskip("openai")
 
@@ -38,11 +39,6 @@ def _load_bench():
 
 
 bench = _load_bench()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

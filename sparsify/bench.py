@@ -95,6 +95,20 @@ def prune_rows(weight: Tensor, sparsity: float) -> Tensor:
     return weight.masked_fill(~mask, 0)
 
 
+def stream_bandwidth(gb: float = 1.0, repeats: int = 9) -> dict:
+    """Memory read bandwidth as this process sees it: ``torch.sum`` over a ``gb`` GB buffer, in GB/s
+    (median, min and max of ``repeats``). The bound of every bandwidth-limited figure here."""
+    buf = torch.empty(int(gb * 2**30) // 4).fill_(1.0)
+    buf.sum()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        rates.append(buf.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return {"gbps": statistics.median(rates), "gbps_min": min(rates), "gbps_max": max(rates),
+            "buffer_gb": buf.numel() * 4 / 1e9, "samples": repeats, "threads": torch.get_num_threads()}
+
+
 def _timeit(fn: Callable[[], object], inner: int) -> float:
     t0 = time.perf_counter()
     for _ in range(inner):

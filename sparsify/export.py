@@ -49,7 +49,9 @@ Every other tensor of the state dict is stored as is; a tied tensor (``lm_head.w
 sharing the embeddings) is stored once and listed under ``tied`` in the header. The header
 metadata (``__metadata__``) holds ``format``, ``version`` and a JSON ``layers`` entry per
 sparse weight: shape, dtype, encoding (``float``, ``int8`` or ``int4``), group size and
-activation bits. :func:`load_sparse_tensors` decodes all of it back to a dense state dict
+activation bits. :func:`sparse_model_writer` writes the same file one weight at a time, for
+models too big to hold whole (e.g. a 7B model built layer by layer); :func:`save_sparse_model`
+is a model's walk through it. :func:`load_sparse_tensors` decodes all of it back to a dense state dict
 with exactly the model's weights; :func:`load_sparse_layers` gives the encoded layers.
 """
 
@@ -58,7 +60,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -74,12 +77,12 @@ from compressed_tensors.quantization import (
     QuantizationType,
 )
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from sparsify.io import atomic_dir
 from sparsify.masks import check_masks
 from sparsify.quantization import QuantScheme, dequantize, quant_state, quantized_linears
+from sparsify.safetensors_io import SafetensorsWriter
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +297,61 @@ def encode_sparse(weight: Tensor, quant: tuple[QuantScheme, Tensor, Tensor] | No
     )
 
 
+class SparseModelWriter:
+    """Collects the project's sparse format one weight at a time (see :func:`sparse_model_writer`)."""
+
+    def __init__(self, tensors: SafetensorsWriter, folder: Path):
+        self._tensors = tensors
+        self.folder = folder  # the temporary folder, for other files that belong to the model (a tokenizer)
+        self.layers: dict[str, dict] = {}
+        self.tied: dict[str, str] = {}
+
+    def add_layer(self, name: str, layer: SparseLayer) -> None:
+        """Store the encoded weight ``name`` (e.g. ``model.layers.0.mlp.up_proj.weight``)."""
+        # Wide dtypes first: every tensor of a Llama-shaped layer then starts aligned to its element size
+        # (bitmask rows are whole 8-byte words), so the memory-mapped loader can use it in place.
+        self._tensors.add(f"{name}.row_ptr", layer.row_ptr)
+        if layer.scales is not None:
+            self._tensors.add(f"{name}.scales", layer.scales)
+        self._tensors.add(f"{name}.bitmask", layer.bitmask)
+        self._tensors.add(f"{name}.values", layer.values)
+        self.layers[name] = {
+            "shape": list(layer.shape),
+            "dtype": str(layer.dtype).removeprefix("torch."),
+            "encoding": layer.encoding,
+            "group_size": layer.group_size,
+            "activation_bits": layer.activation_bits,
+        }
+
+    def add_tensor(self, name: str, tensor: Tensor) -> None:
+        """Store a tensor as is (embeddings, norms, a dense ``lm_head``)."""
+        self._tensors.add(name, tensor)
+
+    def tie(self, alias: str, source: str) -> None:
+        """Record that ``alias`` is the stored tensor ``source`` (tied embeddings), stored once."""
+        self.tied[alias] = source
+
+    def metadata(self) -> dict[str, str]:
+        return {"format": SPARSE_FORMAT, "version": SPARSE_VERSION, "layers": json.dumps(self.layers),
+                "tied": json.dumps(self.tied)}
+
+
+@contextmanager
+def sparse_model_writer(path: str | os.PathLike, config=None) -> Iterator[SparseModelWriter]:
+    """Write a model in the sparse format to the folder ``path``, weight by weight, atomically.
+
+    Each weight goes to disk as it is added, so a model need never be in memory whole (a 7B model
+    can be built, pruned and stored one Linear at a time). ``config`` (a transformers config) is
+    saved beside it. On an error nothing is left at ``path`` (an existing folder stays as it was).
+    """
+    with atomic_dir(path) as tmp, SafetensorsWriter(tmp / SPARSE_FILE) as tensors:
+        writer = SparseModelWriter(tensors, tmp)
+        yield writer
+        tensors.finish(writer.metadata())
+        if config is not None:
+            config.save_pretrained(tmp)
+
+
 def save_sparse_model(model: nn.Module, masks: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     """Write ``model`` in the project's sparse (+ quantized) format to the folder ``path``.
 
@@ -310,45 +368,24 @@ def save_sparse_model(model: nn.Module, masks: Mapping[str, Tensor], path: str |
         if params[name].ndim != 2:
             raise ValueError(f"mask {name!r}: the sparse format stores 2-D weights, this one is {params[name].ndim}-D")
 
-    tensors: dict[str, Tensor] = {}
-    layers: dict[str, dict] = {}
-    for name in sparse_names:
-        linear = modules[name.removesuffix(".weight")]
-        layer = encode_sparse(params[name], _checked_quant_state(name, linear) if name in quantized else None)
-        tensors |= {f"{name}.bitmask": layer.bitmask, f"{name}.values": layer.values, f"{name}.row_ptr": layer.row_ptr}
-        if layer.scales is not None:
-            tensors[f"{name}.scales"] = layer.scales
-        layers[name] = {
-            "shape": list(layer.shape),
-            "dtype": str(layer.dtype).removeprefix("torch."),
-            "encoding": layer.encoding,
-            "group_size": layer.group_size,
-            "activation_bits": layer.activation_bits,
-        }
-    tied: dict[str, str] = {}
-    stored: dict[tuple, str] = {}
-    for name, tensor in model.state_dict().items():
-        if name in layers:
-            continue
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
-        if key in stored:  # tied weights share storage: store once
-            tied[name] = stored[key]
-            continue
-        stored[key] = name
-        tensors[name] = tensor.detach().cpu().contiguous()
-    metadata = {
-        "format": SPARSE_FORMAT,
-        "version": SPARSE_VERSION,
-        "layers": json.dumps(layers),
-        "tied": json.dumps(tied),
-    }
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / SPARSE_FILE), metadata=metadata)
-        if getattr(model, "config", None) is not None:
-            model.config.save_pretrained(tmp)
-    nnz = sum(int(torch.count_nonzero(params[n])) for n in layers)
-    total = sum(params[n].numel() for n in layers)
-    log.info("wrote %d sparse weights (%.1f%% nonzero) to %s", len(layers), 100 * nnz / max(total, 1), path)
+    with sparse_model_writer(path, getattr(model, "config", None)) as writer:
+        for name in sparse_names:
+            linear = modules[name.removesuffix(".weight")]
+            writer.add_layer(name, encode_sparse(
+                params[name], _checked_quant_state(name, linear) if name in quantized else None))
+        stored: dict[tuple, str] = {}
+        for name, tensor in model.state_dict().items():
+            if name in writer.layers:
+                continue
+            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+            if key in stored:  # tied weights share storage: store once
+                writer.tie(name, stored[key])
+                continue
+            stored[key] = name
+            writer.add_tensor(name, tensor)
+    nnz = sum(int(torch.count_nonzero(params[n])) for n in sparse_names)
+    total = sum(params[n].numel() for n in sparse_names)
+    log.info("wrote %d sparse weights (%.1f%% nonzero) to %s", len(sparse_names), 100 * nnz / max(total, 1), path)
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -41,15 +40,9 @@ from sparsify.export import SPARSE_FILE, SPARSE_FORMAT, SPARSE_VERSION, SparseLa
 from sparsify.kernels import PackedWeight
 from sparsify.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows
 from sparsify.runtime import SparseLinear, sparsify_model
+from sparsify.safetensors_io import SafetensorsReadError, read_safetensors_mmap
 
 logger = logging.getLogger(__name__)
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 class ModelLoadError(ValueError):
     """A folder that cannot be loaded into the runtime; the message names the path and the cause."""
@@ -58,42 +51,6 @@ class ModelLoadError(ValueError):
 class UnsupportedLayer(ModelLoadError):
     """A well-formed layer the kernels have no path for (e.g. INT4 groups that are not whole mask
     words): the model is fine and runs elsewhere (transformers), just not on the sparse runtime."""
-
-
-# --------------------------------------------------------------------------- memory-mapped safetensors
-
-
-def read_safetensors_mmap(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Every tensor of a safetensors file as a view of a private (copy-on-write) memory map, and its metadata.
-
-    Nothing is read until a tensor is touched; the pages are the OS page cache's. A tensor whose
-    offset is not aligned to its element size (the format does not promise alignment) is copied.
-    """
-    file = Path(file)
-    try:
-        with file.open("rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            if header_len <= 0 or header_len > file.stat().st_size - 8:
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise ModelLoadError(f"{file} is not a readable safetensors file: {err}") from err
-    metadata = header.pop("__metadata__", None) or {}
-    start = 8 + header_len
-    # "c": copy-on-write, so the buffer is writable for torch (no warning) yet the file is never modified.
-    mapping = np.memmap(file, dtype=np.uint8, mode="c")
-    tensors: dict[str, Tensor] = {}
-    for name, info in header.items():
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ModelLoadError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        begin, end = (start + o for o in info["data_offsets"])
-        raw = torch.from_numpy(mapping[begin:end])
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if begin % itemsize:
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
-    return tensors, metadata
 
 
 # --------------------------------------------------------------------------- SparseLayer -> PackedWeight
@@ -281,7 +238,10 @@ def _meta_model(config_dir: Path) -> nn.Module:
 @torch.no_grad()
 def load_sparse_format(file: Path) -> tuple[nn.Module, dict[str, float]]:
     """The model stored in the project's sparse format, its sparse Linears as SparseLinear."""
-    tensors, metadata = read_safetensors_mmap(file)
+    try:
+        tensors, metadata = read_safetensors_mmap(file)
+    except SafetensorsReadError as err:
+        raise ModelLoadError(str(err)) from err
     if metadata.get("format") != SPARSE_FORMAT:
         raise ModelLoadError(f"{file} is not in the {SPARSE_FORMAT} format (format={metadata.get('format')!r})")
     if metadata.get("version") != SPARSE_VERSION:

@@ -14,7 +14,8 @@ from transformers import GenerationConfig
 
 from sparsify.engine import default_eos_ids
 from sparsify.export import save_sparse_model
-from sparsify.loading import ModelLoadError, UnsupportedLayer, load_runtime_model, read_safetensors_mmap
+from sparsify.loading import ModelLoadError, UnsupportedLayer, load_runtime_model
+from sparsify.safetensors_io import SafetensorsReadError, read_safetensors_mmap
 from sparsify.quantization import QuantScheme
 from sparsify.runtime import SparseLinear, sparsify_model
 
@@ -169,8 +170,10 @@ def test_bad_folders_name_the_problem(tmp_path, tokenizer):
         load_runtime_model(folder)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "sparse_model.safetensors").write_bytes(b"\xff" * 16)
-    with pytest.raises(ModelLoadError, match="not a readable safetensors"):
+    with pytest.raises(SafetensorsReadError, match="not a readable safetensors"):
         read_safetensors_mmap(tmp_path / "junk" / "sparse_model.safetensors")
+    with pytest.raises(ModelLoadError, match="not a readable safetensors"):
+        load_runtime_model(tmp_path / "junk")
 
 
 def test_mmap_reader_matches_safetensors(tmp_path):

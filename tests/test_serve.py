@@ -230,3 +230,37 @@ def test_serving_modules_import_no_orchestration():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@torch.no_grad()
+def test_synthetic_models_hold_the_same_weights_and_load_on_the_runtime(tmp_path):
+    """The load test's random models: every kind is the same weights (dense bf16, pruned fp32, pruned INT8),
+    written tensor by tensor, and each loads and generates; the weight bytes per token are the stored ones."""
+    from safetensors.torch import load_file
+
+    from sparsify.export import load_sparse_tensors
+    from sparsify.loading import load_runtime_model
+
+    shape = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=300)
+    folders = {kind: bench.make_synthetic_model(tmp_path / kind, kind=kind, **shape) for kind in bench.SYNTHETIC_KINDS}
+    dense = load_file(folders["dense_bf16"] / "model.safetensors")
+    sparse = load_sparse_tensors(folders["sparse"])
+    quant = load_sparse_tensors(folders["sparse_int8"])
+    assert sorted(dense) == sorted(sparse) == sorted(quant)
+    up = "model.layers.1.mlp.up_proj.weight"
+    assert (sparse[up] == 0).float().mean() == pytest.approx(0.7, abs=0.01)
+    # The same fp32 draws: the kept ones, rounded to bf16, are the dense model's; 70% of every row pruned.
+    assert torch.equal(sparse[up].bfloat16(), dense[up] * (sparse[up] != 0))
+    assert torch.equal((sparse[up] == 0).sum(1), torch.full((128,), round(0.7 * 64)))
+    assert torch.equal(quant[up] != 0, sparse[up] != 0)
+    assert torch.allclose(quant[up], sparse[up], atol=float(sparse[up].abs().max()) / 127)
+    assert torch.equal(sparse["lm_head.weight"].bfloat16(), dense["lm_head.weight"])
+    for kind, folder in folders.items():
+        runtime = load_runtime_model(folder)
+        expected_sparse = 0 if kind == "dense_bf16" else 14 + (kind == "sparse_int8")  # 7 per layer, + INT8 head
+        assert len(runtime.sparse_layers) == expected_sparse, kind
+        out = runtime.model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, 6)
+    stored = bench.weight_bytes_per_token(folders["dense_bf16"])
+    per_layer = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64)  # q,o + k,v (GQA) + MLP + 2 norms, bf16
+    assert stored == 2 * per_layer + 2 * 64 + 2 * 300 * 64  # + final norm + lm_head; embeddings excluded

@@ -45,6 +45,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -93,6 +94,14 @@ def prune_rows(weight: Tensor, sparsity: float) -> Tensor:
     kept = weight.abs().topk(keep, dim=1, sorted=False).indices
     mask = torch.zeros(weight.shape, dtype=torch.bool).scatter_(1, kept, True)
     return weight.masked_fill(~mask, 0)
+
+
+def median_se(samples: Sequence[float]) -> float:
+    """Standard error of a sample's median: 1.2533·sd/sqrt(n), the large-sample value for a normal spread
+    (timings are skewed, so this is an approximation; it says how far apart two medians must be)."""
+    if len(samples) < 2:
+        return float("nan")
+    return 1.2533 * statistics.stdev(samples) / math.sqrt(len(samples))
 
 
 def stream_bandwidth(gb: float = 1.0, repeats: int = 9) -> dict:
@@ -537,11 +546,15 @@ def run_decode_benchmark(
             "model_mb": _model_bytes(m) / 1e6, "sparse_layers": len(replaced),
             "greedy_tokens": tokens[name][:steps], "generate_tokens": gen[0, prompt_len:].tolist(),
         }
+        result["variants"][name]["ms_per_token_se"] = median_se(totals) * 1e3
     variants = result["variants"]
     for v in variants.values():
         for short, base_name in (("fp32", "dense_fp32"), ("bf16", "dense_bf16")):
             if base_name in variants:
-                v[f"speedup_vs_{short}"] = v["tok_s"] / variants[base_name]["tok_s"]
+                base = variants[base_name]
+                v[f"speedup_vs_{short}"] = v["tok_s"] / base["tok_s"]
+                v[f"speedup_vs_{short}_se"] = v[f"speedup_vs_{short}"] * math.hypot(
+                    v["ms_per_token_se"] / v["ms_per_token"], base["ms_per_token_se"] / base["ms_per_token"])
                 base_tok_s = variants[base_name]["projected_32l_tok_s"]
                 v[f"projected_32l_speedup_vs_{short}"] = v["projected_32l_tok_s"] / base_tok_s
                 v[f"prefill_speedup_vs_{short}"] = v["prefill_tok_s"] / variants[base_name]["prefill_tok_s"]

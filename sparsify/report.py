@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sparsify.claims import Claim
 from sparsify.io import atomic_write_bytes, atomic_write_text
 from sparsify.recovery import primary_metrics, recovery_where_defined
 
@@ -39,6 +40,7 @@ class ReportData:
         ppl_curve: points ``{"method", "sparsity" (fraction 0-1), "ppl"}``.
         speedups: ``{variant: speedup over the dense baseline}`` from benchmarks.
         run_info: free-form provenance shown at the top (run id, commit, ...).
+        claims: the paper's claims against this run (:func:`sparsify.claims.paper_claims`), shown first.
     """
 
     title: str = "sparsellama run report"
@@ -47,6 +49,7 @@ class ReportData:
     ppl_curve: Sequence[Mapping[str, Any]] = ()
     speedups: Mapping[str, float] = dataclasses.field(default_factory=dict)
     run_info: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    claims: Sequence[Claim] = ()
 
 
 # --------------------------------------------------------------------------- blocks
@@ -201,6 +204,14 @@ def _metrics_table(data: ReportData) -> _Table:
 def build_blocks(data: ReportData, figures_dir: Path) -> list[_Block]:
     """The report's content; draws the figures into ``figures_dir`` as it goes."""
     blocks: list[_Block] = [_Heading(1, data.title)]
+    if data.claims:  # first: what a reader opens the report for
+        blocks += [
+            _Heading(2, "The paper's claims, on this run"),
+            _Table(["claim", "paper", "this run (± SE)", "verdict", "how measured"],
+                   [[c.claim, c.paper, c.ours_text(), f"**{c.verdict}**", c.basis] for c in data.claims]),
+            _Paragraph("Met: within 2 standard errors of the paper's figure, with an SE small enough to tell; "
+                       "inconclusive: the SE is too large to decide (see `sparsify/claims.py`)."),
+        ]
     if data.run_info:
         blocks.append(_Table(["", ""], [[k, str(v)] for k, v in data.run_info.items()]))
     recoveries = _recoveries(data)

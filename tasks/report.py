@@ -7,9 +7,11 @@ and per-task recovery bars (speedups join once benchmarking exists).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
+from sparsify.claims import paper_claims
 from sparsify.config import Config
 from sparsify.downstream import get_task
 from sparsify.io import atomic_write_json, atomic_write_text
@@ -216,8 +218,11 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     # The speedup chart: batch-1 11008x4096 (an MLP projection of Llama-2-7B) over dense fp32.
     speedups = {r["variant"]: r["speedup_vs_fp32"] for r in bench.get("layers", {}).get("rows", [])
                 if r["shape"] == "11008x4096" and r["batch"] == 1 and "speedup_vs_fp32" in r}
+    table = recovery_table(cfg, layout, levels, evals)
+    claims = paper_claims(table["tasks"], list(levels), bench)
     data = ReportData(
         title="sparsellama pipeline report",
+        claims=claims,
         metrics=evals,
         dense_variant="dense",
         ppl_curve=ppl_curve(cfg, layout, levels),
@@ -228,15 +233,17 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     )
     out = layout.reports / "run"
     write_report(data, out)
-    table = recovery_table(cfg, layout, levels, evals)
     quant = quant_table(cfg, layout, levels, evals)
     atomic_write_json(out / "recovery.json", table | {"quantization": quant})
+    atomic_write_json(out / "claims.json", [dataclasses.asdict(c) for c in claims])
     # Without quantization schemes the section would only repeat the perplexities above.
     quant_md = "\n" + quant_markdown(quant) if cfg.quantize.schemes else ""
     atomic_write_text(out / "recovery.md", recovery_markdown(table) + quant_md)
     for name, rows in dvc_plots(table, quant, speedups).items():
         atomic_write_json(out / "plots" / f"{name}.json", rows)
     metrics: dict[str, float] = {"report/variants": len(evals)}
+    metrics.update({f"claims/{v.replace(' ', '_')}": sum(c.verdict == v for c in claims)
+                    for v in ("met", "not met", "inconclusive", "not measured")})
     metrics.update({f"ppl/val/{r['stage']}": r["ppl_val"] for r in table["perplexity"]})
     metrics.update({f"recovery/{task}/{col}": v for task, row in table["tasks"].items()
                     for col, v in row["recovery"].items() if v is not None})

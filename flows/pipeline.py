@@ -19,8 +19,8 @@ from prefect import flow
 
 from sparsify.config import Config, load_config
 from tasks import data
-from tasks.common import git_commit, root_lock
-from tasks.runner import prefect_task
+from tasks.common import root_lock
+from tasks.runner import prefect_task, run_tags
 from tasks.stages import stages, upstream
 from tasks.tracking import Tracker, flatten, tracking_uri
 
@@ -166,8 +166,8 @@ def _publish_file(path, key: str, description: str) -> None:
 def _run(cfg: Config, profile: str | None, name: str, table, force=frozenset()) -> dict[str, dict[str, float]]:
     data.preflight(cfg)  # a tokenizer that cannot work fails here, not hours into the run
     tracker = Tracker(cfg)
-    parent = tracker.start(name, tags={"pipeline": name, "profile": profile or "default",
-                                       "git_commit": git_commit() or "unknown"})
+    tracker.mark_killed(str(cfg.root.resolve()))  # under the root lock: whatever still RUNNING was killed
+    parent = tracker.start(name, tags={"pipeline": name, "profile": profile or "default", **run_tags(cfg)})
     tracker.log(parent, params=flatten(cfg.model_dump(mode="json")))
     stage_task = prefect_task()
     limiter = threading.Semaphore(cfg.orchestration.max_parallel)

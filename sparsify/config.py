@@ -39,6 +39,8 @@ class TrackingConfig(Section):
     enabled: bool = True
     uri: str | None = None  # None: sqlite file `mlflow.db` in the project root
     experiment: str = "sparsellama"
+    # MLflow system metrics (CPU, memory, disk, network, GPU) every N seconds while a stage runs; null: off.
+    system_metrics_interval_s: float | None = Field(default=10.0, gt=0)
 
 
 class SourceConfig(Section):

@@ -15,6 +15,7 @@ only need the scoring helpers.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.downstream import METRICS, TASKS, TaskSpec
-from sparsify.io import atomic_dir, atomic_write_jsonl
+from sparsify.io import atomic_dir, atomic_write_jsonl, atomic_write_text
 from sparsify.sandbox import run_untrusted
 
 log = logging.getLogger(__name__)
@@ -312,11 +313,15 @@ def evaluate_model(
     num_fewshot: int | None = None,
     bootstrap_iters: int = 0,
     samples_path: str | os.PathLike | None = None,
+    details_path: str | os.PathLike | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` on lm-eval tasks; return ``{task: {metric: value}}``.
 
     With ``samples_path``, every scored document is also written there as JSONL
-    (``sample_rows``): what the model generated next to the target, with its scores.
+    (``sample_rows``): what the model generated next to the target, with its scores. With
+    ``details_path``, lm-eval's own record of the run is written there as JSON (task versions,
+    n-shot, each task's full config, the harness's settings; everything but the samples), so a
+    score can be traced to exactly how it was computed.
 
     Local tasks come from ``include_path`` (see ``write_lmeval_tasks``); other
     names must be standard lm-eval tasks (their index is only built when one
@@ -349,6 +354,10 @@ def evaluate_model(
         return {}
     if samples_path is not None:
         atomic_write_jsonl(samples_path, sample_rows(output.get("samples", {})))
+    if details_path is not None:
+        details = {k: v for k, v in output.items() if k != "samples"}
+        # Task configs hold callables (e.g. process_results): their names are the record, not their code.
+        atomic_write_text(details_path, json.dumps(details, indent=2, sort_keys=True, default=repr) + "\n")
     flat = flatten_results(output["results"])
     log.info("lm-eval results: %s", flat)
     return flat

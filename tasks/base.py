@@ -18,6 +18,7 @@ from sparsify.model import build_llama, count_parameters, load_model, pick_devic
 from sparsify.trainer import train
 from tasks.common import (Layout, StageResult, is_main_process, provenance, release_resume, resume_dir,
                           val_perplexities, val_perplexity)
+from tasks.tracking import live_step_logger
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def run(cfg: Config) -> StageResult:
         metrics["ppl/val_init"] = val_perplexity(cfg, model, corpus, device)
         resume = resume_dir(cfg, "base")
         result = train(model, corpus.blocks("train"), val, tc, seed=cfg.project.seed, device=device,
-                       checkpoint_dir=resume)
+                       checkpoint_dir=resume, on_step=live_step_logger())
         history = result.history
         if not is_main_process():  # torchrun: rank 0 evaluates and saves
             return StageResult(metrics={}, outputs=[], variant="dense")

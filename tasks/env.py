@@ -25,6 +25,9 @@ def configure_environment(workdir: str | os.PathLike | None = None) -> None:
         "DO_NOT_TRACK": "1",
         "DVC_NO_ANALYTICS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # The stages log through `logging` under these packages: Prefect forwards them to the flow run's
+        # logs in its UI (otherwise it shows only its own loggers' records).
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "sparsify,tasks,flows",
     }
     if not sys.stderr.isatty():
         # In logs (CI, Prefect workers, dvc repro) a progress bar redrawn 10x a second buries the

@@ -30,6 +30,11 @@ def results_path(layout: Layout, model: str) -> Path:
     return layout.reports / "eval" / f"{model}.json"
 
 
+def details_path(layout: Layout, model: str) -> Path:
+    """lm-eval's own record of the run: task versions, n-shot, task configs (JSON)."""
+    return layout.reports / "eval" / f"{model}.lmeval.json"
+
+
 def samples_path(layout: Layout, model: str) -> Path:
     """Every scored document: the model's output beside the target, with its scores (JSONL)."""
     return layout.reports / "eval" / f"{model}.samples.jsonl"
@@ -85,6 +90,7 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
     names = [spec.name for spec, _ in specs] + list(cfg.evaluate.extra_tasks)
     results = evaluate_model(net, tokenizer, names, include_path=include, limit=cfg.evaluate.limit,
                              batch_size=cfg.evaluate.batch_size, samples_path=samples_path(layout, model),
+                             details_path=details_path(layout, model),
                              device="cpu" if runtime else None)  # the kernels run on the CPU
     per_doc_nll = {}
     for spec, path in specs:
@@ -104,4 +110,6 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
     out = results_path(layout, model)
     atomic_write_json(out, {"model": model, "variant": variant, "reference": reference, "results": results,
                             "runtime": runtime, **({"runtime_unavailable": why_not} if why_not else {})})
-    return StageResult(metrics=metrics, outputs=[out, samples], variant=variant, artifacts=[out, samples])
+    details = details_path(layout, model)
+    return StageResult(metrics=metrics, outputs=[out, samples, details], variant=variant,
+                       artifacts=[out, samples, details])

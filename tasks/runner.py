@@ -13,11 +13,17 @@ from sparsify.io import atomic_write_json
 from tasks.common import (Layout, StageResult, claim_resume, git_commit, is_main_process, read_metrics,
                           write_metrics)
 from tasks.stages import Stage, stages, upstream
-from tasks.tracking import Tracker, flatten
+from tasks.tracking import Tracker, flatten, stage_monitoring
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tags(cfg: Config) -> dict[str, str]:
+    """Tags of every pipeline MLflow run: MLflow's standard source-commit tag (shown in its UI) and the
+    project root, which finds the runs a killed flow left RUNNING (Tracker.mark_killed)."""
+    return {"mlflow.source.git.commit": git_commit() or "unknown", "project_root": str(cfg.root.resolve())}
 
 
 def section_params(cfg: Config, keys: tuple[str, ...]) -> dict[str, str]:
@@ -96,8 +102,8 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
             stage.run(cfg)
         return StageResult(metrics={}, outputs=[cfg.root / o for o in stage.outs], variant="")
     tracker = Tracker(cfg)
-    run_id = tracker.start(stage.name, tags={"stage": stage.name, "git_commit": git_commit() or "unknown",
-                                             "fingerprint": fp, "skipped": str(done is not None).lower()},
+    run_id = tracker.start(stage.name, tags={"stage": stage.name, **run_tags(cfg), "fingerprint": fp,
+                                             "skipped": str(done is not None).lower()},
                            parent_run_id=parent_run_id)
     tracker.log(run_id, params=section_params(cfg, stage.params))
     if done is not None:
@@ -110,7 +116,8 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
         log.warning("stage %s: discarded the resume state of an earlier run with another configuration", stage.name)
     t0 = time.perf_counter()
     try:
-        result = stage.run(cfg)
+        with stage_monitoring(cfg, tracker, run_id) as live:
+            result = stage.run(cfg)
     except BaseException:
         tracker.end(run_id, "FAILED")
         raise
@@ -122,7 +129,10 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
         atomic_write_json(cfg.root / stage.plot_file, [{k: r[k] for k in r if k in common} for r in result.history])
     atomic_write_json(layout.stamp(stage.name), {"fingerprint": fp, "variant": result.variant})
     tracker.log(run_id, metrics=result.metrics, params=result.params, tags={"variant": result.variant})
-    tracker.log_history(run_id, result.history, prefix="train")
+    # Rows the live sink did not see: all of them without it, else those of a run this one resumed.
+    first_live = live.first_step if live is not None and live.first_step is not None else None
+    tracker.log_history(run_id, [r for r in result.history if first_live is None or r["step"] < first_live],
+                        prefix="train")
     tracker.artifacts(run_id, result.artifacts)
     tracker.end(run_id, "FINISHED")
     log.info("stage %s done in %.1f s: %s", stage.name, time.perf_counter() - t0,

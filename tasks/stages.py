@@ -196,7 +196,8 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             run=partial(evaluate.run, model=m.model, variant=m.variant, tasks=m.tasks, reference=m.reference),
             params=("downstream.tasks", "evaluate", "finetune.max_length"),  # targets are cut as fine-tuning cuts them
             deps=(f"models/{m.model}", TASK_DATA, *([reference] if reference else [])),
-            outs=(f"reports/eval/{m.model}.json", f"reports/eval/{m.model}.samples.jsonl"),
+            outs=(f"reports/eval/{m.model}.json", f"reports/eval/{m.model}.samples.jsonl",
+                  f"reports/eval/{m.model}.lmeval.json"),
             # Dense models have no reference, so one dependency fewer: a family of their own.
             family="eval" if m.reference else "eval-dense",
             item=(("model", m.model), ("reference", m.reference)) if m.reference else (("model", m.model),),

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -101,3 +103,85 @@ class Tracker:
     def end(self, run_id: str | None, status: str = "FINISHED") -> None:
         if self.enabled and run_id:
             self.client.set_terminated(run_id, status=status)
+
+    def mark_killed(self, root: str) -> list[str]:
+        """End as KILLED every run of ``root`` still marked RUNNING: what a killed flow left behind.
+
+        Called under the project root's lock (one flow run per root), so no run of this root can
+        really be running. Returns the ids it ended."""
+        if not self.enabled:
+            return []
+        stale = self.client.search_runs([self.experiment_id], f"tags.project_root = '{root}' and "
+                                        "attributes.status = 'RUNNING'", max_results=1000)
+        for run in stale:
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+        if stale:
+            log.warning("marked %d runs of %s left RUNNING by a killed flow as KILLED", len(stale), root)
+        return [r.info.run_id for r in stale]
+
+
+# --------------------------------------------------------------------------- while a stage runs
+
+_LIVE: ContextVar[LiveMetrics | None] = ContextVar("sparsellama_live_metrics", default=None)
+
+
+class LiveMetrics:
+    """Training rows sent to the running stage's MLflow run as they come (in batches every ``every_s``
+    seconds), so a long stage's curves can be watched in the MLflow UI while it trains.
+
+    A tracking server that fails to answer costs a warning, never the training run."""
+
+    def __init__(self, tracker: Tracker, run_id: str, prefix: str = "train", every_s: float = 5.0):
+        self.tracker, self.run_id, self.prefix, self.every_s = tracker, run_id, prefix, every_s
+        self.first_step: int | None = None  # rows before it (a resumed run's) are logged at the end
+        self._pending: list[Metric] = []
+        self._last = time.monotonic()
+
+    def __call__(self, row: dict) -> None:
+        if self.first_step is None:
+            self.first_step = int(row["step"])
+        now = int(time.time() * 1000)
+        self._pending += [Metric(f"{self.prefix}/{k}", float(v), now, int(row["step"])) for k, v in row.items()
+                          if k != "step" and isinstance(v, int | float) and math.isfinite(v)]
+        if time.monotonic() - self._last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending, self._last = self._pending, [], time.monotonic()
+        try:
+            for i in range(0, len(pending), 1000):
+                self.tracker.client.log_batch(self.run_id, metrics=pending[i : i + 1000])
+        except Exception as err:  # noqa: BLE001  (tracking is not worth a training run)
+            log.warning("live metrics for run %s not logged (%s: %s)", self.run_id, type(err).__name__, err)
+
+
+@contextmanager
+def stage_monitoring(cfg: Config, tracker: Tracker, run_id: str | None, *,
+                     live_every_s: float = 5.0) -> Iterator[LiveMetrics | None]:
+    """Around a stage's work: the live training-metrics sink (see :func:`live_step_logger`) and MLflow's
+    system metrics (CPU, memory, disk, network, GPU; ``tracking.system_metrics_interval_s``)."""
+    if not (tracker.enabled and run_id):
+        yield None
+        return
+    live = LiveMetrics(tracker, run_id, every_s=live_every_s)
+    token = _LIVE.set(live)
+    monitor = None
+    if cfg.tracking.system_metrics_interval_s:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
+                                       tracking_uri=tracking_uri(cfg))
+        monitor.start()
+    try:
+        yield live
+    finally:
+        _LIVE.reset(token)
+        live.flush()
+        if monitor is not None:
+            monitor.finish()
+
+
+def live_step_logger() -> Callable[[dict], None] | None:
+    """What a training stage passes to ``sparsify.trainer.train(on_step=...)``: the running stage's live
+    MLflow sink, or None outside a tracked stage."""
+    return _LIVE.get()

@@ -30,6 +30,7 @@ from sparsify.trainer import PackedBlocks, TrainResult, train
 from tasks.common import (Layout, StageResult, is_main_process, provenance, release_resume, resume_dir,
                           val_perplexities)
 from tasks.prune import MASKS, input_masks
+from tasks.tracking import live_step_logger
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def _train_and_save(cfg: Config, *, name: str, source: str, output: str, teacher
         teacher_model, _ = load_for_eval(cfg.root / teacher, dtype=torch.bfloat16 if bf16 else None)
     resume = resume_dir(cfg, name)
     result: TrainResult = train(model, train_data, val_data, train_cfg, seed=cfg.project.seed, masks=masks,
-                                teacher=teacher_model, device=device, checkpoint_dir=resume)
+                                teacher=teacher_model, device=device, checkpoint_dir=resume,
+                                on_step=live_step_logger())
     model.cpu()
     if masks is not None:
         check_masks(model, masks)  # every stage that writes a model asserts its sparsity

@@ -125,6 +125,16 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
     assert base.params["base.train.steps"] == "120"
     assert parent.data.params["data.train_tokens"] == "60000"
     assert client.get_metric_history(children["base"].info.run_id, "train/loss")
+    # MLflow's own source-commit tag (its UI shows it), and the root that finds a killed flow's runs.
+    assert base.tags["mlflow.source.git.commit"] == parent.data.tags["mlflow.source.git.commit"] != ""
+    assert base.tags["project_root"] == str(tmp_path.resolve())
+    # The stage loggers' records reach the flow run's logs in the Prefect UI.
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTextSearch
+
+    with get_client(sync_client=True) as prefect_client:
+        logs = prefect_client.read_logs(LogFilter(text=LogFilterTextSearch(query="stage base done")))
+    assert logs and {log.name for log in logs} == {"tasks.runner"} and logs[0].flow_run_id is not None
     sparse = children["prune70"].data
     assert sparse.tags["variant"] == "sparse70-oneshot" and abs(sparse.metrics["sparsity/global"] - 0.7) < 1e-3
     assert "time/prune_s" in sparse.metrics
@@ -139,6 +149,9 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
     samples = [json.loads(line) for line in
                (tmp_path / "reports" / "eval" / "ft-sparse70-arithmetic.samples.jsonl").read_text().splitlines()]
     assert len(samples) == 16 and all("output" in r and r["target_tokens"] > 0 for r in samples)
+    # lm-eval's own record of how the scores were computed.
+    details = json.loads((tmp_path / "reports" / "eval" / "ft-sparse70-arithmetic.lmeval.json").read_text())
+    assert {"versions", "n-shot", "configs", "results"} <= set(details) and "arithmetic" in details["configs"]
     mean_nll = sum(r["target_nll"] * r["target_tokens"] for r in samples) / sum(r["target_tokens"] for r in samples)
     assert mean_nll == pytest.approx(finetuned.metrics["eval/arithmetic/target_nll"], rel=1e-6)
     assert (tmp_path / "reports" / "run" / "report.html").is_file()

@@ -267,6 +267,9 @@ def _sandbox_interpreter(as_root: bool) -> str | None:
     candidates = [(own, sys.base_prefix), ("/usr/bin/python3", "/usr")]
     for interpreter, prefix in candidates:
         if os.path.isfile(interpreter) and _others_can_reach(interpreter) and _others_can_reach(prefix):
+            if interpreter != own:
+                log.info("sandbox: %s is out of reach of an unprivileged uid; generated code runs with %s",
+                         own, os.path.realpath(interpreter))
             return os.path.realpath(interpreter)
     return None
 
@@ -360,7 +363,8 @@ def _bwrap_argv(isolation: Isolation, policy: SandboxPolicy, program_fd: int, ru
     argv = [
         isolation.bwrap,
         "--unshare-all", "--unshare-user",  # --unshare-all only *tries* the user namespace
-        "--disable-userns",  # no nested user namespaces: less kernel surface for the code
+        # No nested user namespaces: less kernel surface for the code (bwrap >= 0.8).
+        *(["--disable-userns"] if _bwrap_has_option(isolation.bwrap, "--disable-userns") else []),
         "--die-with-parent", "--new-session", "--cap-drop", "ALL",
         "--info-fd", str(info_fd),  # bwrap writes the pid of the namespace's init there
         "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", _TMP,
@@ -391,6 +395,15 @@ def _bwrap_argv(isolation: Isolation, policy: SandboxPolicy, program_fd: int, ru
         isolation.interpreter, "-I", "-S", "-B", _RUNNER_PATH, "--run", json.dumps(config),
     ]
     return argv
+
+
+@functools.cache
+def _bwrap_has_option(bwrap: str, option: str) -> bool:
+    try:
+        usage = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return option in usage.stdout + usage.stderr
 
 
 def _minimal_env(work: str) -> dict[str, str]:
@@ -433,10 +446,10 @@ def _kill_everything(proc: subprocess.Popen, uid: int | None, info: Path) -> Non
     left the group survive until their CPU limit. The uid sweep is belt and
     braces: a process of uid X calling ``kill(-1, SIGKILL)`` kills every process of X.
     """
-    if proc.poll() is None:
+    # Not reaped before killpg (WNOWAIT): see _wait_for_exit.
+    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
         _kill_namespace_init(proc.pid, info)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+        _wait_for_exit(proc.pid, 5.0)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -19,8 +19,11 @@ from tests.serve_fixtures import sparse_llama, tiny_tokenizer
 def no_bwrap(monkeypatch):
     """A machine without bubblewrap."""
     real_which = shutil.which
-    monkeypatch.setattr(sbx.shutil, "which",
-                        lambda name, *args, **kwargs: None if name == "bwrap" else real_which(name, *args, **kwargs))
+
+    def which(name, *args, **kwargs):
+        return None if name == "bwrap" else real_which(name, *args, **kwargs)
+
+    monkeypatch.setattr(sbx.shutil, "which", which)
     sbx._probe.cache_clear()
     yield
     sbx._probe.cache_clear()

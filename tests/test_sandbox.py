@@ -352,6 +352,8 @@ NON_ROOT_CHECK = textwrap.dedent("""
         "fork_bomb": "import os\\nwhile True:\\n    os.fork()",
         "memory": "b = bytearray(10 * 1024**3)",
         "sleep": "import time\\ntime.sleep(10**6)",
+        "secrets": ("import os\\nprint(os.environ.get('SPARSIFY_TEST_SECRET'))\\n"
+                    f"print(open({os.environ['HOME'] + '/.secret'!r}).read())"),
     }
     out = {"uid": os.getuid(), "isolation": str(sbx.check_isolation(policy))}
     for name, code in programs.items():
@@ -374,10 +376,13 @@ def test_unprivileged_caller_gets_the_same_isolation(public_dir):
     module = public_dir / "sandbox.py"
     shutil.copy(sbx.__file__, module)
     module.chmod(0o644)
+    (public_dir / ".secret").write_text("s3cret-in-home")  # readable by uid 65534 outside the sandbox
+    (public_dir / ".secret").chmod(0o644)
     proc = subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
          python, "-I", "-c", NON_ROOT_CHECK, str(module), BOUNDED_FORKS],
-        capture_output=True, text=True, timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "HOME": str(public_dir), "SPARSIFY_TEST_SECRET": "s3cret-in-env"},
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -390,5 +395,6 @@ def test_unprivileged_caller_gets_the_same_isolation(public_dir):
     assert out["fork_bomb"]["cause"] == "processes"
     assert out["memory"]["cause"] == "memory"
     assert out["sleep"]["cause"] == "timeout"
+    assert out["secrets"]["cause"] == "not_found" and "s3cret" not in out["secrets"]["output"]
     time.sleep(0.2)
     assert processes_running(sbx._RUNNER_PATH) == []

@@ -307,10 +307,12 @@ def _run(code: str, policy: SandboxPolicy, isolation: Isolation) -> SandboxResul
         work = private / "work"  # the working folder of an unisolated run
         work.mkdir()
         with open(private / "stdout", "wb") as out, open(private / "stderr", "wb") as err, \
-                open(private / "status", "wb") as status, open(private / "program.py", "rb") as program, \
-                open(os.path.abspath(__file__), "rb") as runner, open(private / "info", "wb") as info:
+                open(private / "status", "wb") as status, open(private / "outcome", "wb") as outcome, \
+                open(private / "program.py", "rb") as program, open(private / "info", "wb") as info, \
+                open(os.path.abspath(__file__), "rb") as runner:
             config = {
                 "status_fd": status.fileno(),
+                "outcome_fd": outcome.fileno(),
                 "cpu_s": math.ceil(policy.timeout_s) + 1,
                 "memory_bytes": policy.memory_mb * 2**20,
                 "file_bytes": policy.max_file_mb * 2**20,
@@ -321,13 +323,13 @@ def _run(code: str, policy: SandboxPolicy, isolation: Isolation) -> SandboxResul
                 config |= {"program": _PROGRAM_PATH, "guard": None, "max_procs": policy.max_procs + 1}
                 argv = _bwrap_argv(isolation, policy, program.fileno(), runner.fileno(), info.fileno(),
                                    config)
-                fds = (status.fileno(), program.fileno(), runner.fileno(), info.fileno())
+                fds = (status.fileno(), outcome.fileno(), program.fileno(), runner.fileno(), info.fileno())
                 cwd, env = "/", {}
             else:
                 config |= {"program": str(private / "program.py"), "guard": str(work)}
                 argv = [isolation.interpreter, "-I", "-S", "-B", os.path.abspath(__file__), "--run",
                         json.dumps(config)]
-                fds, cwd, env = (status.fileno(),), str(work), _minimal_env(str(work))
+                fds, cwd, env = (status.fileno(), outcome.fileno()), str(work), _minimal_env(str(work))
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -345,13 +347,16 @@ def _run(code: str, policy: SandboxPolicy, isolation: Isolation) -> SandboxResul
             finally:
                 _kill_everything(proc, uid, private / "info")
         seconds = time.monotonic() - start
-        records = _read_records(private / "status")
+        setup = {r.get("event"): r for r in _read_records(private / "status")}
         stderr = _tail(private / "stderr")
-        if not timed_out and not any(r.get("event") == "started" for r in records):
-            # The code never ran: bwrap (or the interpreter) failed before the runner started.
+        if "error" in setup:  # the runner could not apply the limits and never ran the code
+            raise SandboxUnavailable(f"the sandbox runner could not apply its limits ({isolation}): "
+                                     f"{setup['error'].get('detail')}")
+        if not timed_out and "ready" not in setup:
+            # The code never ran: bwrap (or the interpreter) failed before the runner was ready.
             raise SandboxUnavailable(f"the sandbox could not start ({isolation}): exit status "
                                      f"{proc.returncode}: {stderr or '(no message)'}")
-        return _classify(records, timed_out=timed_out, returncode=proc.returncode,
+        return _classify(_read_records(private / "outcome"), timed_out=timed_out, returncode=proc.returncode,
                          stdout=_tail(private / "stdout"), stderr=stderr, seconds=seconds,
                          policy=policy, isolation=isolation)
 
@@ -482,7 +487,7 @@ def _kill_namespace_init(bwrap_pid: int, info: Path) -> None:
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    """JSON lines the runner wrote to the status file (ignore a torn last line)."""
+    """JSON lines the runner wrote to a status/outcome file (ignore torn or foreign lines)."""
     records = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
@@ -510,7 +515,11 @@ def _classify(
     policy: SandboxPolicy,
     isolation: Isolation,
 ) -> SandboxResult:
-    """Map the exit status and the runner's report to a ``SandboxResult``."""
+    """Map the exit status and the runner's report of how the code ended to a ``SandboxResult``.
+
+    ``records`` come from a channel the code can write to: they only ever label
+    a failure, never turn one into a pass or into an error of the sandbox.
+    """
 
     def result(status: Status, cause: Cause, detail: str) -> SandboxResult:
         return SandboxResult(status == "passed", status, cause, detail, seconds, stdout, str(isolation))
@@ -522,14 +531,12 @@ def _classify(
         return result("passed", "ok", stderr)
     # bwrap exits 128 + N when the code dies of signal N; Popen reports -N for a direct child.
     signum = -returncode if returncode < 0 else (returncode - 128 if isolation.kind == "bwrap" else 0)
-    report = next((r for r in reversed(records) if r.get("event") in ("exception", "exit", "error")), None)
+    report = next((r for r in reversed(records) if r.get("event") in ("exception", "exit")), None)
     if report is None and 0 < signum < 65:
         name = _signal_name(signum)
         cause: Cause = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size",
                         signal.SIGKILL: "killed"}.get(signum, "signal")
         return result("killed", cause, f"terminated by {name}. {stderr}".strip())
-    if report is not None and report.get("event") == "error":
-        raise SandboxUnavailable(f"the sandbox runner could not apply its limits: {report.get('detail')}")
     if report is not None and report.get("event") == "exception":
         cause = report.get("cause") if report.get("cause") in _EXCEPTION_CAUSES else "exception"
         return result("failed", cause, stderr or str(report.get("type")))
@@ -579,38 +586,47 @@ def exception_cause(exc: BaseException) -> str:
 
 
 def _runner_main(config: dict[str, Any]) -> None:
-    """Apply the limits (and, unisolated, the guard), run the code, report how it ended."""
+    """Apply the limits (and, unisolated, the guard), run the code, report how it ended.
+
+    Two channels: ``status`` says whether the runner got ready, and is closed
+    before the code starts, so the code cannot fake a failure of the sandbox
+    (which stops an evaluation); ``outcome`` says how the code ended, and the
+    code may write to it (it only labels a failure).
+    """
     status = os.fdopen(config["status_fd"], "w", buffering=1)
-    _record(status, event="started")
+    outcome = os.fdopen(config["outcome_fd"], "w", buffering=1)
     try:
         with open(config["program"], encoding="utf-8") as fh:
             code = fh.read()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
-        keep = status.fileno()
-        os.closerange(3, keep)  # anything else inherited
-        os.closerange(keep + 1, 1 << 16)
+        keep = sorted((status.fileno(), outcome.fileno()))
+        os.closerange(3, keep[0])  # anything else inherited
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, 1 << 16)
         _set_limits(config)
         if config["guard"] is not None:
             _install_guard(config["guard"])
         _no_new_privs()
+        _record(status, event="ready")
     except BaseException as exc:  # the sandbox's fault, not the code's: never run the code
         _record(status, event="error", detail=f"{type(exc).__name__}: {exc}")
         os._exit(_SETUP_FAILED_EXIT)
+    status.close()
     exit_code = 0
     try:
         exec(compile(code, "<untrusted>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
     except SystemExit as exc:
         exit_code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exit_code:
-            _record(status, event="exit", code=exit_code)
+            _record(outcome, event="exit", code=exit_code)
     except BaseException as exc:
         import traceback
 
         # Start at the code's own frame: the runner's frame is noise in the report.
         traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
         with contextlib.suppress(Exception):
-            _record(status, event="exception", type=type(exc).__name__, cause=exception_cause(exc))
+            _record(outcome, event="exception", type=type(exc).__name__, cause=exception_cause(exc))
         exit_code = 1
     with contextlib.suppress(Exception):
         sys.stdout.flush()

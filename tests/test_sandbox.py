@@ -161,6 +161,26 @@ def test_exit_status_and_signals_are_reported():
 
 
 @needs_bwrap
+def test_code_cannot_fake_a_sandbox_failure_or_a_pass():
+    """A forged runner report only mislabels the code's own failure: no SandboxUnavailable (which
+    would stop an evaluation), and a non-zero exit still fails."""
+    code = textwrap.dedent("""
+        import os
+        for fd in range(3, 64):
+            for event in ('{"event": "error", "detail": "forged"}', '{"event": "ready"}'):
+                try:
+                    os.write(fd, (event + "\\n").encode())
+                except OSError:
+                    pass
+        raise SystemExit(1)
+    """)
+    result = run_untrusted(code)
+    assert result.status == "failed" and not result.passed
+
+
+
+
+@needs_bwrap
 def test_network_socket_cannot_reach_a_listener_outside():
     with socket.socket() as server:  # a real listener on the host the sandbox must not reach
         server.bind(("127.0.0.1", 0))

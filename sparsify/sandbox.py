@@ -452,9 +452,9 @@ def _kill_everything(proc: subprocess.Popen, uid: int | None, info: Path) -> Non
     braces: a process of uid X calling ``kill(-1, SIGKILL)`` kills every process of X.
     """
     # Not reaped before killpg (WNOWAIT): see _wait_for_exit.
-    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        _kill_namespace_init(proc.pid, info)
-        _wait_for_exit(proc.pid, 5.0)
+    running = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    if running and _kill_namespace_init(proc.pid, info):
+        _wait_for_exit(proc.pid, 5.0)  # bwrap reaps its init and exits at once
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -466,8 +466,8 @@ def _kill_everything(proc: subprocess.Popen, uid: int | None, info: Path) -> Non
         )
 
 
-def _kill_namespace_init(bwrap_pid: int, info: Path) -> None:
-    """SIGKILL the init of bwrap's pid namespace, if it is still bwrap's child.
+def _kill_namespace_init(bwrap_pid: int, info: Path) -> bool:
+    """SIGKILL the init of bwrap's pid namespace, if it is still bwrap's child; True if signalled.
 
     The pid comes from bwrap's ``--info-fd``. A pidfd pins the process, and
     the parent check (made while the pidfd shows it alive) makes sure it is
@@ -482,8 +482,10 @@ def _kill_namespace_init(bwrap_pid: int, info: Path) -> None:
             alive = "Pid:\t-1" not in Path(f"/proc/self/fdinfo/{pidfd}").read_text()
             if parent == bwrap_pid and alive:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                return True
         finally:
             os.close(pidfd)
+    return False
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:

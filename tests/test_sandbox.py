@@ -340,7 +340,7 @@ def test_unisolated_opt_in_runs_with_the_guard_and_says_so(no_bwrap, tmp_path, c
     assert memory.cause == "memory"
     short = SandboxPolicy(timeout_s=1.0, bwrap=no_bwrap.bwrap, allow_unisolated=True)
     timeout = run_untrusted("import time\ntime.sleep(100)\n", short)
-    assert timeout.cause == "timeout"
+    assert timeout.cause == "timeout" and timeout.seconds < 3
 
 
 def test_policy_rejects_nonsense_limits():

@@ -13,8 +13,9 @@ user namespaces -- no root and no setuid helper needed:
 * ``net``: a new network namespace (only its own loopback): no connection to
   anything outside, localhost services of the host included.
 * ``fs``: a new mount namespace whose root is an empty tmpfs, remounted
-  read-only. Only ``/usr``, the ``/lib*`` and ``/bin`` entries, two loader
-  files of ``/etc`` and the interpreter's own prefix are bound in, read-only.
+  read-only. Only ``/usr``, the ``/lib*`` and ``/bin`` entries,
+  ``/etc/ld.so.cache``, ``/etc/localtime`` and the interpreter's own prefix
+  are bound in, read-only.
   The program's working and temp folder (also its ``$HOME``) is a private,
   size-capped tmpfs at ``/tmp``; ``/dev`` is bwrap's minimal, read-only one and
   ``/proc`` shows only the sandbox. The caller's home, working folders and
@@ -33,13 +34,14 @@ user namespaces -- no root and no setuid helper needed:
 * ``mem``/``nproc``/``cpu``/``fsize``: hard rlimits (address space, processes
   and threads, CPU seconds, file size; no core dumps, 64 open files) set by the
   trusted runner inside the sandbox just before the code starts.
-* ``time``: a wall-clock timeout after which the whole process group is
-  SIGKILLed, taking bwrap's init and with it the pid namespace.
+* ``time``: a wall-clock timeout after which the init of the pid namespace is
+  SIGKILLed -- which ends every process in it -- and then bwrap's process group.
 
 The code runs as ``__main__`` under a small trusted runner (this module, run as
-``python -I -S -B``: standard library only) that reports how the code ended.
-That report can be forged by the code, so it only ever labels a failure
-(``SandboxResult.cause``); whether the code passed is its exit status.
+``python -I -S -B``: standard library only) that reports, on a channel it
+closes before the code starts, whether the sandbox got ready, and on another
+how the code ended. The code can forge the latter, so it only ever labels a
+failure (``SandboxResult.cause``); whether the code passed is its exit status.
 
 Where no kernel isolation is available -- no ``bwrap``, or bwrap cannot create
 namespaces (e.g. a container whose seccomp policy forbids user namespaces) --

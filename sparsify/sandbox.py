@@ -613,18 +613,19 @@ def _runner_main(config: dict[str, Any]) -> None:
             _install_guard(config["guard"])
         _no_new_privs()
         _record(status, event="ready")
-    except BaseException as exc:  # the sandbox's fault, not the code's: never run the code
+    except BaseException as exc:  # noqa: BLE001 -- the sandbox's fault, not the code's: never run the code
         _record(status, event="error", detail=f"{type(exc).__name__}: {exc}")
         os._exit(_SETUP_FAILED_EXIT)
     status.close()
     exit_code = 0
     try:
-        exec(compile(code, "<untrusted>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        # Running the untrusted code is this process's whole purpose; it is confined by now.
+        exec(compile(code, "<untrusted>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})  # noqa: S102
     except SystemExit as exc:
         exit_code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exit_code:
             _record(outcome, event="exit", code=exit_code)
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 -- whatever the code raised is its outcome, reported
         import traceback
 
         # Start at the code's own frame: the runner's frame is noise in the report.

@@ -27,6 +27,7 @@ import yaml
 import tasks  # noqa: F401  (environment defaults first)
 from sparsify.config import ConfigError, load_config
 from sparsify.data import DataError
+from sparsify.sandbox import SandboxUnavailable
 from tasks.common import RootBusy
 
 DEFAULT_MAX_TOKENS = 256  # generate / chat, when --max-tokens is not given
@@ -273,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
             benchmark(profile=args.profile, overrides=args.overrides, config_path=args.config)
             return 0
-    except (ConfigError, DataError, ValueError, FileNotFoundError, RootBusy, NotImplementedError) as exc:
+    except (ConfigError, DataError, ValueError, FileNotFoundError, RootBusy, NotImplementedError,
+            SandboxUnavailable) as exc:  # the refusal to run generated code unisolated names its key
         print(f"sparsellama: error: {exc}", file=sys.stderr)
         return 2
     return 0

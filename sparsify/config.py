@@ -238,6 +238,22 @@ class DownstreamConfig(Section):
         return v
 
 
+class SandboxConfig(Section):
+    """Limits for model-generated code (pass@1) and whether it may run without kernel isolation.
+
+    The code runs under bubblewrap (`sparsify.sandbox`). Where bwrap is missing or cannot create
+    namespaces, generated code is refused unless `allow_unisolated` is true: then it runs with only
+    rlimits and a Python-level guard, and the eval results say so.
+    """
+
+    allow_unisolated: bool = False
+    timeout_s: float = Field(default=5.0, gt=0)  # wall clock per program
+    memory_mb: int = Field(default=512, gt=0)  # address space per process
+    max_procs: int = Field(default=16, gt=0)  # processes and threads at once
+    max_file_mb: int = Field(default=1, gt=0)  # largest file written (captured output included)
+    tmp_mb: int = Field(default=16, gt=0)  # the program's private temp folder
+
+
 class EvaluateConfig(Section):
     val_blocks: int = Field(default=64, gt=0)  # validation blocks behind every stage's ppl/val
     limit: int | None = Field(default=None, gt=0)  # documents per task (None: the whole test split)
@@ -246,6 +262,7 @@ class EvaluateConfig(Section):
     # Score the model as it is deployed: loaded onto the sparse CPU runtime (sparsify.loading), the
     # same kernels `sparsellama generate` / `serve-model` run; on the CPU.
     runtime: bool = False
+    sandbox: SandboxConfig = SandboxConfig()  # model-generated code (pass@1)
 
 
 class BenchmarkConfig(Section):

@@ -1,72 +1,70 @@
 """Run untrusted, model-generated Python code in a separate, confined process.
 
 Used by the HumanEval-style pass@1 evaluation: a completion is arbitrary code,
-so it must never run inside the pipeline's own process.
+so it must never run inside the pipeline's own process, and it must not be able
+to reach the network, the caller's files or secrets, or exhaust the machine.
 
 How it works
 ------------
-``run_untrusted`` writes the code to a directory private to the caller and
-starts ``python -I -S -B <this file> <config>`` in a new session (its own
-process group) with a stripped environment and a fresh temporary working
-directory. That child is trusted code -- this module's ``_child_main`` -- and
-builds the confinement itself before anything untrusted runs. The setup is done
-there rather than in a ``preexec_fn`` because ``preexec_fn`` is unsafe in a
-multi-threaded parent (torch, tokenizers and tqdm all start threads), and
-because a new pid namespace needs a fork after ``unshare`` anyway.
+``run_untrusted`` writes the code to a directory private to the caller and runs
+it under bubblewrap (``bwrap``), which builds the isolation from unprivileged
+user namespaces -- no root and no setuid helper needed:
 
-Process tree: caller -> *launcher* (session leader; enters the namespaces) ->
-*init* (pid 1 of the new pid namespace; reaps, reports) -> *main* (applies
-limits, drops privileges, runs the code). Stdout/stderr go to files in the
-caller's private directory, so a chatty program cannot exhaust the caller's
-memory, and ``RLIMIT_FSIZE`` caps them.
+* ``net``: a new network namespace (only its own loopback): no connection to
+  anything outside, localhost services of the host included.
+* ``fs``: a new mount namespace whose root is an empty tmpfs, remounted
+  read-only. Only ``/usr``, the ``/lib*`` and ``/bin`` entries,
+  ``/etc/ld.so.cache``, ``/etc/localtime`` and the interpreter's own prefix
+  are bound in, read-only.
+  The program's working and temp folder (also its ``$HOME``) is a private,
+  size-capped tmpfs at ``/tmp``; ``/dev`` is bwrap's minimal, read-only one and
+  ``/proc`` shows only the sandbox. The caller's home, working folders and
+  outputs do not exist in there.
+* ``pid`` (+ ``ipc``, ``uts``): a new pid namespace; bwrap's init there dies
+  with its parent (``--die-with-parent``), and when it dies the kernel kills
+  every process of the namespace, including ones that called ``setsid``.
+  ``--new-session`` keeps the code off the caller's terminal.
+* ``env``: ``--clearenv`` plus PATH/HOME/TMPDIR/LANG: no tokens, proxies or
+  ``PYTHON*`` variables reach the code.
+* ``uid`` (only when the caller is root): bwrap runs as a dedicated uid drawn
+  from ``SANDBOX_UID_RANGE``, so nothing runs as root -- the kernel exempts
+  real uid 0 from ``RLIMIT_NPROC`` -- and a final sweep can kill everything of
+  that uid. A non-root caller's code runs as the caller's uid inside its own
+  user namespace, where ``RLIMIT_NPROC`` counts only the sandbox's processes.
+* ``mem``/``nproc``/``cpu``/``fsize``: hard rlimits (address space, processes
+  and threads, CPU seconds, file size; no core dumps, 64 open files) set by the
+  trusted runner inside the sandbox just before the code starts.
+* ``time``: a wall-clock timeout after which the init of the pid namespace is
+  SIGKILLed -- which ends every process in it -- and then bwrap's process group.
 
-Guarantees, honestly
---------------------
-Enforced by the kernel when the caller runs as root on Linux (``protections``
-in the result lists the ones actually in force for that run):
+The code runs as ``__main__`` under a small trusted runner (this module, run as
+``python -I -S -B``: standard library only) that reports, on a channel it
+closes before the code starts, whether the sandbox got ready, and on another
+how the code ended. The code can forge the latter, so it only ever labels a
+failure (``SandboxResult.cause``); whether the code passed is its exit status.
 
-* ``uid``: the code runs as a dedicated unprivileged uid/gid (one per run,
-  from ``SANDBOX_UID_RANGE``), without supplementary groups, with
-  ``no_new_privs``. This is what makes ``RLIMIT_NPROC`` effective (the kernel
-  never applies it to uid 0) and gives ordinary permission checks: nothing
-  private to the caller (e.g. pytest's ``tmp_path``) is readable or writable.
-* ``mount``: a private mount namespace in which the whole tree is read-only and
-  nosuid, except the per-run work directory. The interpreter's standard library
-  is bind-mounted read-only where the unprivileged uid can read it (it may live
-  under a 0700 ``/root``). World-writable places (``/tmp``, ``/dev/shm``) are
-  read-only too. Nothing propagates back to the host's mount table.
-* ``net``: a new network namespace with only a loopback interface that is
-  down: no connection anywhere, localhost services included.
-* ``pid`` (+ ``procfs``): a new pid namespace; when its init exits -- after the
-  code's main process ends, or when the caller kills the group on timeout --
-  the kernel kills every process left in it, including ones that called
-  ``setsid``. ``/proc`` shows only the namespace. ``ipc``: private SysV IPC.
-* always: hard rlimits on CPU seconds, address space, file size, open files and
-  processes, no core dumps; a wall-clock timeout that SIGKILLs the process
-  group; and a final sweep that kills every process of the run's uid.
+Where no kernel isolation is available -- no ``bwrap``, or bwrap cannot create
+namespaces (e.g. a container whose seccomp policy forbids user namespaces) --
+``run_untrusted`` raises ``SandboxUnavailable`` instead of running the code,
+unless the caller opts in with ``SandboxPolicy(allow_unisolated=True)``
+(``evaluate.sandbox.allow_unisolated`` in ``params.yaml``). Then the code runs
+as the caller with the rlimits, a stripped environment, a fresh working folder
+and a Python-level guard that refuses writes outside that folder and socket
+creation. The guard is trivially bypassable (``import posix``, ``ctypes``): it
+stops accidents, not attacks. Every result names the protections that were in
+force (``SandboxResult.isolation``, e.g. ``bwrap(net,fs,pid,...)`` or
+``unisolated(guard,env,...)``), and the eval stage records it with its scores.
 
-Enforced only by an in-process guard (installed always; the *only* file and
-network protection when not root or when namespaces are unavailable, e.g. in a
-container without CAP_SYS_ADMIN): writes via ``open``/``io.open``/``os.*`` to
-paths outside the work directory and socket creation raise
-``PermissionError``. The guard is trivially bypassable (``import posix``,
-``ctypes``): it stops accidents, not attacks.
-
-As root without a mount namespace, imports work only if the standard library
-is readable by other users (true for system Pythons under ``/usr``).
-
-Without root: ``RLIMIT_NPROC`` counts all of the user's processes, so it is set
-to the current count plus ``max_procs`` (racy, best effort); processes that
-leave the process group survive until their CPU limit; and code running as the
-caller's user could reach the caller's files and forge a result. Hostile code
-needs the root path (or a VM). In every mode the code may still read
-world-readable files and use CPU and memory up to the limits.
+In every mode the code may read world-readable files under the bound system
+folders and use CPU and memory up to the limits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import functools
 import json
 import logging
 import math
@@ -75,156 +73,344 @@ import random
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-Status = Literal["passed", "failed", "timeout", "error", "killed"]
+Status = Literal["passed", "failed", "timeout", "killed"]
+#: Why a run ended (see ``SandboxResult``).
+Cause = Literal[
+    "ok", "assertion", "exception", "exit", "timeout", "cpu_time", "memory", "processes",
+    "file_size", "permission", "network", "not_found", "killed", "signal",
+]
 
-#: Dedicated uids/gids for sandboxed runs (one drawn at random per run), far
-#: above any real account, so per-uid process limits and the final "kill
+#: Dedicated uids/gids for sandboxed runs started by root (one drawn at random
+#: per run), far above any real account, so per-uid limits and the final "kill
 #: everything of this uid" sweep touch only sandboxed processes.
 SANDBOX_UID_RANGE = range(2_000_000_000, 2_000_000_000 + 2**20)
 
-_DETAIL_CHARS = 2000
-_SETUP_FAILED_EXIT = 70  # launcher's exit code when it could not build the sandbox
+#: The config key that opts in to running generated code without kernel isolation.
+ALLOW_UNISOLATED_KEY = "evaluate.sandbox.allow_unisolated"
 
-# Linux constants (from <sched.h>, <sys/mount.h>, <linux/mount.h>, <sys/prctl.h>).
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWIPC = 0x08000000
-_CLONE_NEWPID = 0x20000000
-_CLONE_NEWNET = 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
-_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 1 << 18
-_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 0x1, 0x2
-_AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
-_SYS_MOUNT_SETATTR = 442  # one number on all architectures but alpha (unified table, Linux 5.12+)
-_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+_DETAIL_CHARS = 2000
+_SETUP_FAILED_EXIT = 70  # the runner's exit code when it could not apply the limits
+_PR_SET_NO_NEW_PRIVS = 38
+# Inside the sandbox (bwrap mode): where the runner and the program are placed.
+_RUNNER_PATH, _PROGRAM_PATH, _TMP = "/sandbox/runner.py", "/sandbox/program.py", "/tmp"
+_NETWORK_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ECONNREFUSED,
+                             errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
+_PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+class SandboxUnavailable(RuntimeError):
+    """Kernel isolation cannot be set up here, and running without it was not allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxPolicy:
+    """Limits for one run and whether running without kernel isolation is acceptable.
+
+    ``timeout_s``: wall clock; the CPU limit is derived from it. ``memory_mb``:
+    address space per process. ``max_file_mb``: largest file the code may
+    write (its captured stdout/stderr included). ``tmp_mb``: size of its
+    private temp folder. ``max_procs``: processes and threads at once.
+    ``allow_unisolated``: run with only rlimits and a Python-level guard when
+    bwrap is unavailable, instead of raising ``SandboxUnavailable``.
+    ``bwrap``: the bwrap executable (None: ``bwrap`` on ``PATH``).
+    """
+
+    timeout_s: float = 5.0
+    memory_mb: int = 512
+    max_file_mb: int = 1
+    tmp_mb: int = 16
+    max_procs: int = 16
+    allow_unisolated: bool = False
+    bwrap: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "memory_mb", "max_file_mb", "tmp_mb", "max_procs"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"sandbox {name} must be positive, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Isolation:
+    """How code runs here: ``kind`` and the protections in force (see the module docstring)."""
+
+    kind: Literal["bwrap", "unisolated"]
+    protections: tuple[str, ...]
+    interpreter: str
+    bwrap: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}({','.join(self.protections)})"
 
 
 @dataclasses.dataclass(frozen=True)
 class SandboxResult:
     """Outcome of one sandboxed run.
 
-    ``status``: ``passed`` (exit 0), ``failed`` (non-zero exit, e.g. an
-    exception or failed assert -- including hitting a memory/process/file
-    limit, which surfaces as an exception), ``timeout`` (wall clock exceeded,
-    group killed), ``killed`` (terminated by a signal, e.g. CPU limit), or
-    ``error`` (the sandbox itself could not be set up). ``detail`` is the tail
-    of stderr or a reason, ``output`` the tail of stdout. ``protections`` lists
-    the kernel mechanisms that were in force (see the module docstring).
+    ``status``: ``passed`` (exit 0), ``failed`` (non-zero exit: an exception,
+    a failed assert, or a limit that surfaced as an exception), ``timeout``
+    (wall clock exceeded, everything killed) or ``killed`` (ended by a signal).
+    ``cause`` says why: ``ok``; ``assertion``/``exception``/``exit`` (the code's
+    own failure); ``timeout``; ``cpu_time`` (SIGXCPU); ``memory`` (address-space
+    limit: MemoryError); ``processes`` (process limit: fork or thread refused);
+    ``file_size`` (EFBIG); ``permission`` (EACCES/EPERM/EROFS: a read-only or
+    forbidden path, or the guard); ``network`` (no route, refused);
+    ``not_found`` (a path that does not exist in the sandbox); ``killed``
+    (SIGKILL, e.g. the OOM killer); ``signal`` (another signal). ``detail`` is
+    the tail of stderr, ``output`` the tail of stdout; ``isolation`` the
+    protections in force, e.g. ``bwrap(net,fs,pid,...)``.
     """
 
     passed: bool
     status: Status
+    cause: Cause
     detail: str
     seconds: float
     output: str = ""
-    protections: tuple[str, ...] = ()
+    isolation: str = ""
+
+    @property
+    def protections(self) -> tuple[str, ...]:
+        inner = self.isolation.partition("(")[2].rstrip(")")
+        return tuple(inner.split(",")) if inner else ()
 
 
-def run_untrusted(
-    code: str,
-    *,
-    timeout_s: float = 5.0,
-    memory_mb: int = 512,
-    max_file_mb: int = 1,
-    max_procs: int = 16,
-    kernel_isolation: bool = True,
-) -> SandboxResult:
+def run_untrusted(code: str, policy: SandboxPolicy | None = None) -> SandboxResult:
     """Run ``code`` as ``__main__`` in a confined child process; never in-process.
 
-    Args:
-        code: Python source, run with the standard library only (``-S``).
-        timeout_s: wall-clock limit; the whole process group is SIGKILLed after it.
-        memory_mb: address-space limit per process (``RLIMIT_AS``).
-        max_file_mb: largest file the code may write (``RLIMIT_FSIZE``).
-        max_procs: processes/threads the code may have at once.
-        kernel_isolation: use namespaces and a dedicated uid when running as
-            root (see module docstring). False leaves rlimits and the
-            in-process guard only (for testing the guard).
+    Raises ``SandboxUnavailable`` when kernel isolation cannot be set up and
+    ``policy.allow_unisolated`` is false: generated code never runs unconfined
+    silently.
     """
-    if sys.platform != "linux":
-        raise RuntimeError("run_untrusted needs Linux (rlimits, namespaces)")
-    if timeout_s <= 0 or memory_mb <= 0 or max_file_mb <= 0 or max_procs <= 0:
-        raise ValueError("timeout_s, memory_mb, max_file_mb and max_procs must be positive")
-    uid = random.choice(SANDBOX_UID_RANGE) if (kernel_isolation and os.geteuid() == 0) else None
-    start = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        # ``private`` (0700, ours) holds the code and the captured output; the
-        # launcher reads the code before it drops privileges, so the sandboxed
-        # uid can neither read nor tamper with any of it.
-        private = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sparsify-sbx-io-")))
-        jail = stack.enter_context(_jail_dir(uid))
-        (private / "code.py").write_text(code, encoding="utf-8")
-        config = {
-            "code_path": str(private / "code.py"),
-            "work": str(jail / "work"),
-            "lib": str(jail / "lib"),
-            "uid": uid,
-            "kernel_isolation": kernel_isolation,
-            "cpu_s": math.ceil(timeout_s) + 1,
-            "memory_bytes": memory_mb * 2**20,
-            "file_bytes": max_file_mb * 2**20,
-            "max_procs": max_procs,
-        }
-        with open(private / "stdout", "wb") as out, open(private / "stderr", "wb") as err, \
-                open(private / "status", "wb") as status:
-            config["status_fd"] = status.fileno()
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                pass_fds=(status.fileno(),),
-                cwd=config["work"],
-                env=_minimal_env(config["work"]),
-                start_new_session=True,
-            )
-            try:
-                timed_out = not _wait_for_exit(proc.pid, timeout_s)
-            finally:
-                _kill_everything(proc, uid)
-        seconds = time.monotonic() - start
-        result = _classify(
-            _read_records(private / "status"),
-            timed_out=timed_out,
-            launcher_rc=proc.returncode,
-            stdout=_tail(private / "stdout"),
-            stderr=_tail(private / "stderr"),
-            seconds=seconds,
-            timeout_s=timeout_s,
-        )
-    log.debug("sandbox: %s in %.2fs (%s)", result.status, seconds, ",".join(result.protections))
+    policy = policy or SandboxPolicy()
+    isolation = check_isolation(policy)
+    result = _run(code, policy, isolation)
+    log.debug("sandbox: %s (%s) in %.2fs under %s", result.status, result.cause, result.seconds, isolation)
     return result
 
 
-# --------------------------------------------------------------------------- parent side
+def check_isolation(policy: SandboxPolicy | None = None) -> Isolation:
+    """The isolation ``run_untrusted`` will use under ``policy``; raise if it would refuse.
 
-
-@contextlib.contextmanager
-def _jail_dir(uid: int | None) -> Iterator[Path]:
-    """A fresh ``<tmp>/sparsify-sbx-*/{work,lib}``; ``work`` owned by the sandbox uid.
-
-    The jail root is world-traversable (0755) so the unprivileged uid can reach
-    ``lib`` (stdlib mount points); ``work`` is 0700 and owned by that uid.
+    Verified once per process (and bwrap/uid/interpreter) by running a trivial
+    program through the real sandbox, so a stage can fail before it spends
+    time generating code it could not run.
     """
-    root = Path(tempfile.mkdtemp(prefix="sparsify-sbx-"))
+    policy = policy or SandboxPolicy()
+    isolation, why_not = _probe(policy.bwrap or shutil.which("bwrap"), os.geteuid() == 0)
+    if isolation is not None:
+        return isolation
+    if not policy.allow_unisolated:
+        raise SandboxUnavailable(
+            f"refusing to run generated code without kernel isolation: {why_not}. Install bubblewrap "
+            "(Debian/Ubuntu: apt-get install bubblewrap), or accept running it with only rlimits and a "
+            f"Python-level guard by setting {ALLOW_UNISOLATED_KEY}: true "
+            "(SandboxPolicy(allow_unisolated=True))")
+    _warn_unisolated(why_not)
+    return _unisolated()
+
+
+@functools.cache
+def _warn_unisolated(why_not: str) -> None:  # cached: once per process and reason
+    log.warning("running generated code WITHOUT kernel isolation (%s set): %s", ALLOW_UNISOLATED_KEY, why_not)
+
+
+def _unisolated() -> Isolation:
+    # RLIMIT_NPROC never applies to real uid 0, so root gets no process limit here.
+    nproc = () if os.geteuid() == 0 else ("nproc",)
+    return Isolation("unisolated", ("guard", "env", "mem", *nproc, "cpu", "fsize", "time"),
+                     os.path.realpath(sys.executable))
+
+
+@functools.cache
+def _probe(bwrap: str | None, as_root: bool) -> tuple[Isolation | None, str]:
+    """(the bwrap isolation, "") if a trivial program runs under it, else (None, why not)."""
+    if sys.platform != "linux":
+        return None, f"bubblewrap needs Linux, this is {sys.platform}"
+    if bwrap is None:
+        return None, "bwrap (bubblewrap) is not installed"
+    interpreter = _sandbox_interpreter(as_root)
+    if interpreter is None:
+        return None, (f"the interpreter {os.path.realpath(sys.executable)} is not readable by an "
+                      "unprivileged sandbox uid and there is no /usr/bin/python3")
+    protections = ("net", "fs", "pid", "ipc", "uts", "env", *(("uid",) if as_root else ()),
+                   "mem", "nproc", "cpu", "fsize", "time")
+    isolation = Isolation("bwrap", protections, interpreter, bwrap)
     try:
-        root.chmod(0o755)
-        (root / "work").mkdir(0o700)
-        (root / "lib").mkdir(0o755)
-        if uid is not None:
-            os.chown(root / "work", uid, uid)
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        result = _run("pass\n", SandboxPolicy(timeout_s=10.0), isolation)
+    except (SandboxUnavailable, OSError) as exc:  # OSError: e.g. bwrap not executable by the uid
+        return None, str(exc)
+    if not result.passed:
+        return None, f"a trivial program did not pass under bwrap ({result.status}: {result.detail})"
+    return isolation, ""
+
+
+def _sandbox_interpreter(as_root: bool) -> str | None:
+    """The Python to run the code with: this one, unless a dedicated uid could not run it.
+
+    As root the code runs as an unprivileged uid (see module docstring), and
+    bwrap binds the interpreter's folders with that uid's permissions: a Python
+    under a 0700 home (pyenv under /root) is out of reach; the system Python
+    then runs the code (it only needs the standard library).
+    """
+    own = os.path.realpath(sys.executable)
+    if not as_root:
+        return own
+    candidates = [(own, sys.base_prefix), ("/usr/bin/python3", "/usr")]
+    for interpreter, prefix in candidates:
+        if os.path.isfile(interpreter) and _others_can_reach(interpreter) and _others_can_reach(prefix):
+            if interpreter != own:
+                log.info("sandbox: %s is out of reach of an unprivileged uid; generated code runs with %s",
+                         own, os.path.realpath(interpreter))
+            return os.path.realpath(interpreter)
+    return None
+
+
+def _others_can_reach(path: str) -> bool:
+    """Every folder above ``path`` is searchable by "others", and ``path`` readable by them."""
+    path = os.path.realpath(path)
+    parts = Path(path).parents
+    if any(not os.stat(p).st_mode & stat.S_IXOTH for p in parts):
+        return False
+    return bool(os.stat(path).st_mode & stat.S_IROTH)
+
+
+def _prefixes(interpreter: str) -> list[str]:
+    """Folders the interpreter needs besides /usr and /lib*: its install prefix(es)."""
+    if interpreter == os.path.realpath(sys.executable):
+        found = {sys.base_prefix, sys.base_exec_prefix}
+    else:  # the system Python: a path under /usr, prefix /usr
+        found = {str(Path(interpreter).parent.parent)}
+    return sorted(p for p in found if not (p == "/usr" or p.startswith("/usr/")))
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _run(code: str, policy: SandboxPolicy, isolation: Isolation) -> SandboxResult:
+    uid = random.choice(SANDBOX_UID_RANGE) if "uid" in isolation.protections else None
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="sparsify-sbx-") as tmp:
+        # ``private`` (0700, the caller's) holds the code, the runner's report
+        # and the captured output; a sandboxed process only ever gets the open
+        # descriptors it needs, never the folder.
+        private = Path(tmp)
+        (private / "program.py").write_text(code, encoding="utf-8")
+        work = private / "work"  # the working folder of an unisolated run
+        work.mkdir()
+        with open(private / "stdout", "wb") as out, open(private / "stderr", "wb") as err, \
+                open(private / "status", "wb") as status, open(private / "outcome", "wb") as outcome, \
+                open(private / "program.py", "rb") as program, open(private / "info", "wb") as info, \
+                open(os.path.abspath(__file__), "rb") as runner:
+            config = {
+                "status_fd": status.fileno(),
+                "outcome_fd": outcome.fileno(),
+                "cpu_s": math.ceil(policy.timeout_s) + 1,
+                "memory_bytes": policy.memory_mb * 2**20,
+                "file_bytes": policy.max_file_mb * 2**20,
+                "max_procs": policy.max_procs,
+            }
+            if isolation.kind == "bwrap":
+                # bwrap's init in the sandbox's user namespace counts against RLIMIT_NPROC too.
+                config |= {"program": _PROGRAM_PATH, "guard": None, "max_procs": policy.max_procs + 1}
+                argv = _bwrap_argv(isolation, policy, program.fileno(), runner.fileno(), info.fileno(),
+                                   config)
+                fds = (status.fileno(), outcome.fileno(), program.fileno(), runner.fileno(), info.fileno())
+                cwd, env = "/", {}
+            else:
+                config |= {"program": str(private / "program.py"), "guard": str(work)}
+                argv = [isolation.interpreter, "-I", "-S", "-B", os.path.abspath(__file__), "--run",
+                        json.dumps(config)]
+                fds, cwd, env = (status.fileno(), outcome.fileno()), str(work), _minimal_env(str(work))
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                pass_fds=fds,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                # As root, bwrap itself runs as the dedicated uid: the code never runs as root.
+                **({"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}),
+            )
+            try:
+                timed_out = not _wait_for_exit(proc.pid, policy.timeout_s)
+            finally:
+                _kill_everything(proc, uid, private / "info")
+        seconds = time.monotonic() - start
+        setup = {r.get("event"): r for r in _read_records(private / "status")}
+        stderr = _tail(private / "stderr")
+        if "error" in setup:  # the runner could not apply the limits and never ran the code
+            raise SandboxUnavailable(f"the sandbox runner could not apply its limits ({isolation}): "
+                                     f"{setup['error'].get('detail')}")
+        if not timed_out and "ready" not in setup:
+            # The code never ran: bwrap (or the interpreter) failed before the runner was ready.
+            raise SandboxUnavailable(f"the sandbox could not start ({isolation}): exit status "
+                                     f"{proc.returncode}: {stderr or '(no message)'}")
+        return _classify(_read_records(private / "outcome"), timed_out=timed_out, returncode=proc.returncode,
+                         stdout=_tail(private / "stdout"), stderr=stderr, seconds=seconds,
+                         policy=policy, isolation=isolation)
+
+
+def _bwrap_argv(isolation: Isolation, policy: SandboxPolicy, program_fd: int, runner_fd: int, info_fd: int,
+                config: dict[str, Any]) -> list[str]:
+    """The bwrap command line: namespaces, read-only system folders, a private /tmp."""
+    assert isolation.bwrap is not None
+    argv = [
+        isolation.bwrap,
+        "--unshare-all", "--unshare-user",  # --unshare-all only *tries* the user namespace
+        # No nested user namespaces: less kernel surface for the code (bwrap >= 0.8).
+        *(["--disable-userns"] if _bwrap_has_option(isolation.bwrap, "--disable-userns") else []),
+        "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+        "--info-fd", str(info_fd),  # bwrap writes the pid of the namespace's init there
+        "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", _TMP,
+        "--setenv", "TMPDIR", _TMP, "--setenv", "LANG", "C.UTF-8",
+        "--hostname", "sandbox",
+        "--ro-bind", "/usr", "/usr",
+    ]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = f"/{name}"
+        if os.path.islink(path):  # merged-/usr systems: /lib -> usr/lib
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    # The dynamic loader's cache (libraries outside its built-in paths) and the time zone.
+    for path in ("/etc/ld.so.cache", "/etc/localtime"):
+        argv += ["--ro-bind-try", path, path]
+    for prefix in _prefixes(isolation.interpreter):
+        argv += ["--ro-bind", prefix, prefix]
+    argv += [
+        "--proc", "/proc", "--dev", "/dev",
+        "--size", str(policy.tmp_mb * 2**20), "--tmpfs", _TMP,
+        # Copied in from descriptors we opened: the sandbox uid may not be able to read the originals.
+        "--ro-bind-data", str(runner_fd), _RUNNER_PATH,
+        "--ro-bind-data", str(program_fd), _PROGRAM_PATH,
+        # The root and /dev are tmpfs without a size limit: only /tmp stays writable.
+        "--remount-ro", "/dev", "--remount-ro", "/",
+        "--chdir", _TMP,
+        isolation.interpreter, "-I", "-S", "-B", _RUNNER_PATH, "--run", json.dumps(config),
+    ]
+    return argv
+
+
+@functools.cache
+def _bwrap_has_option(bwrap: str, option: str) -> bool:
+    try:
+        usage = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return option in usage.stdout + usage.stderr
 
 
 def _minimal_env(work: str) -> dict[str, str]:
@@ -235,9 +421,9 @@ def _minimal_env(work: str) -> dict[str, str]:
 def _wait_for_exit(pid: int, timeout_s: float) -> bool:
     """Wait until ``pid`` exits, *without reaping it*; False on timeout.
 
-    Keeping the launcher unreaped until its group has been killed means its
-    pid -- which is also the process group id -- cannot be recycled for an
-    unrelated group that ``killpg`` would then hit.
+    Keeping the child unreaped until its group has been killed means its pid --
+    which is also the process group id -- cannot be recycled for an unrelated
+    group that ``killpg`` would then hit.
     """
     try:
         pidfd = os.pidfd_open(pid)
@@ -256,38 +442,63 @@ def _wait_for_exit(pid: int, timeout_s: float) -> bool:
         os.close(pidfd)
 
 
-def _kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
-    """SIGKILL the run's process group, reap the launcher, then sweep the run's uid.
+def _kill_everything(proc: subprocess.Popen, uid: int | None, info: Path) -> None:
+    """Kill the sandbox's pid namespace, then the run's process group, then (as root) its uid.
 
-    Killing the group takes the launcher and the namespace init with it, which
-    makes the kernel kill everything else in the pid namespace. The uid sweep
-    catches processes that escaped the group (``setsid``) when no pid namespace
-    was available: a process of uid X calling ``kill(-1, SIGKILL)`` kills every
-    process of uid X.
+    Killing the namespace's init makes the kernel kill every process in the
+    namespace (the code itself runs in a session of its own there); bwrap then
+    reaps that init and exits. Killing bwrap first would also end the namespace
+    (its init dies with it) but would leave that init for the system's init to
+    reap, which not every container's init does. Unisolated, processes that
+    left the group survive until their CPU limit. The uid sweep is belt and
+    braces: a process of uid X calling ``kill(-1, SIGKILL)`` kills every process of X.
     """
+    # Not reaped before killpg (WNOWAIT): see _wait_for_exit.
+    running = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    if running and _kill_namespace_init(proc.pid, info):
+        _wait_for_exit(proc.pid, 5.0)  # bwrap reaps its init and exits at once
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     if uid is not None:
-        # Run as root and drop to the uid in the helper: the interpreter may not
-        # be executable by that uid (e.g. under a 0700 /root).
+        # Run as root and drop to the uid in the helper (no preexec_fn in a threaded parent).
         subprocess.run(
             [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--kill-uid", str(uid)],
-            env={},
-            cwd="/",
-            check=False,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            env={}, cwd="/", check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 
 
+def _kill_namespace_init(bwrap_pid: int, info: Path) -> bool:
+    """SIGKILL the init of bwrap's pid namespace, if it is still bwrap's child; True if signalled.
+
+    The pid comes from bwrap's ``--info-fd``. A pidfd pins the process, and
+    the parent check (made while the pidfd shows it alive) makes sure it is
+    that init and not an unrelated process that got a recycled pid.
+    """
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        pid = int(json.loads(info.read_text() or "{}")["child-pid"])
+        pidfd = os.pidfd_open(pid)
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            alive = "Pid:\t-1" not in Path(f"/proc/self/fdinfo/{pidfd}").read_text()
+            if parent == bwrap_pid and alive:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                return True
+        finally:
+            os.close(pidfd)
+    return False
+
+
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    """JSON lines the launcher/init wrote to the status file (ignore a torn last line)."""
+    """JSON lines the runner wrote to a status/outcome file (ignore torn or foreign lines)."""
     records = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
     return records
 
 
@@ -301,32 +512,39 @@ def _classify(
     records: list[dict[str, Any]],
     *,
     timed_out: bool,
-    launcher_rc: int | None,
+    returncode: int,
     stdout: str,
     stderr: str,
     seconds: float,
-    timeout_s: float,
+    policy: SandboxPolicy,
+    isolation: Isolation,
 ) -> SandboxResult:
-    """Map the status records (and the launcher's fate) to a ``SandboxResult``."""
-    events = {record.get("event"): record for record in records}
-    done, setup_error = events.get("done"), events.get("error")
-    protections = tuple((done or events.get("setup") or {}).get("protections", ()))
+    """Map the exit status and the runner's report of how the code ended to a ``SandboxResult``.
 
-    def result(status: Status, detail: str) -> SandboxResult:
-        return SandboxResult(status == "passed", status, detail, seconds, stdout, protections)
+    ``records`` come from a channel the code can write to: they only ever label
+    a failure, never turn one into a pass or into an error of the sandbox.
+    """
 
-    if setup_error is not None:
-        return result("error", f"sandbox setup failed: {setup_error.get('detail')}")
-    if done is None:
-        if timed_out:
-            return result("timeout", f"exceeded {timeout_s:g}s wall clock; process group killed")
-        return result("error", f"sandbox launcher exited with {launcher_rc} without a result: {stderr}")
-    if done.get("signal") is not None:
-        name = _signal_name(done["signal"])
-        return result("killed", f"terminated by {name} (CPU/file limit or crash). {stderr}".strip())
-    if done.get("exit") == 0:
-        return result("passed", stderr)
-    return result("failed", stderr or f"exit status {done.get('exit')}")
+    def result(status: Status, cause: Cause, detail: str) -> SandboxResult:
+        return SandboxResult(status == "passed", status, cause, detail, seconds, stdout, str(isolation))
+
+    if timed_out:
+        return result("timeout", "timeout",
+                      f"exceeded {policy.timeout_s:g}s wall clock; all processes killed")
+    if returncode == 0:
+        return result("passed", "ok", stderr)
+    # bwrap exits 128 + N when the code dies of signal N; Popen reports -N for a direct child.
+    signum = -returncode if returncode < 0 else (returncode - 128 if isolation.kind == "bwrap" else 0)
+    report = next((r for r in reversed(records) if r.get("event") in ("exception", "exit")), None)
+    if report is None and 0 < signum < 65:
+        name = _signal_name(signum)
+        cause: Cause = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size",
+                        signal.SIGKILL: "killed"}.get(signum, "signal")
+        return result("killed", cause, f"terminated by {name}. {stderr}".strip())
+    if report is not None and report.get("event") == "exception":
+        cause = report.get("cause") if report.get("cause") in _EXCEPTION_CAUSES else "exception"
+        return result("failed", cause, stderr or str(report.get("type")))
+    return result("failed", "exit", stderr or f"exit status {returncode}")
 
 
 def _signal_name(signum: int) -> str:
@@ -336,109 +554,84 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-# --------------------------------------------------------------------------- child side
-# Everything below runs in the launcher process started by run_untrusted, under
-# ``python -I -S``: standard library only, and nothing here may rely on the
-# pipeline's environment.
+# --------------------------------------------------------------------------- runner side
+# Everything below runs in the sandbox, in ``python -I -S -B sandbox.py --run``:
+# standard library only, and nothing here may rely on the pipeline's environment.
+
+_EXCEPTION_CAUSES = frozenset({"assertion", "exception", "memory", "processes", "file_size", "permission",
+                               "network", "not_found"})
 
 
-def _child_main(config: dict[str, Any]) -> None:
-    """Launcher: read the code, build namespaces, fork init, wait, exit."""
-    status = os.fdopen(config["status_fd"], "w", buffering=1)
-    try:
-        with open(config["code_path"], encoding="utf-8") as fh:
-            code = fh.read()
-        protections: list[str] = []
-        lib_paths = [p for p in sys.path if os.path.isdir(p)]
-        if config["kernel_isolation"] and os.geteuid() == 0:
-            protections += _unshare_namespaces()
-            if "mount" in protections:
-                lib_paths = _confine_filesystem(config["work"], config["lib"], lib_paths)
-            if config["uid"] is not None:
-                protections.append("uid")
-        # After the bind mount: the inherited cwd still points at the read-only
-        # mount underneath it.
-        os.chdir(config["work"])
-        _record(status, event="setup", protections=protections)
-    except Exception as exc:  # report and stop: never run code in a half-built sandbox
-        _record(status, event="error", detail=f"{type(exc).__name__}: {exc}")
-        os._exit(_SETUP_FAILED_EXIT)
-    init_pid = os.fork()
-    if init_pid == 0:
-        _init_process(config, code, lib_paths, protections, status)  # never returns
-    os.waitpid(init_pid, 0)
-    os._exit(0)
+def exception_cause(exc: BaseException) -> str:
+    """The ``Cause`` a run that ended with ``exc`` is reported with."""
+    import socket
+
+    if isinstance(exc, AssertionError):
+        return "assertion"
+    if isinstance(exc, MemoryError):
+        return "memory"
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        return "processes"
+    if isinstance(exc, socket.gaierror):
+        return "network"
+    if isinstance(exc, OSError):
+        code = exc.errno
+        if code == errno.EAGAIN:  # fork/clone refused by RLIMIT_NPROC
+            return "processes"
+        if code == errno.EFBIG:
+            return "file_size"
+        if code in _NETWORK_ERRNOS:
+            return "network"
+        if code in _PERMISSION_ERRNOS:
+            return "permission"
+        if code == errno.ENOENT:
+            return "not_found"
+    return "exception"
 
 
-def _init_process(
-    config: dict[str, Any], code: str, lib_paths: list[str], protections: list[str], status
-) -> None:
-    """Namespace init: start the main process, reap orphans, report main's fate, exit.
+def _runner_main(config: dict[str, Any]) -> None:
+    """Apply the limits (and, unisolated, the guard), run the code, report how it ended.
 
-    When this process (pid 1 of the namespace) exits, the kernel kills every
-    process left in the namespace. PR_SET_PDEATHSIG makes it die with the
-    launcher, so killing the launcher's group tears everything down.
+    Two channels: ``status`` says whether the runner got ready, and is closed
+    before the code starts, so the code cannot fake a failure of the sandbox
+    (which stops an evaluation); ``outcome`` says how the code ended, and the
+    code may write to it (it only labels a failure).
     """
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    # Only inside our own mount namespace: on the host this would shadow /proc.
-    if {"pid", "mount"} <= set(protections) and _mount_fresh_proc():
-        protections.append("procfs")
-    main_pid = os.fork()
-    if main_pid == 0:
-        _main_process(config, code, lib_paths, status)  # never returns
-    while True:  # orphans are re-parented to us: reap everything until main is gone
-        pid, wait_status = os.waitpid(-1, 0)
-        if pid == main_pid:
-            break
-    outcome = (
-        {"signal": os.WTERMSIG(wait_status)}
-        if os.WIFSIGNALED(wait_status)
-        else {"exit": os.WEXITSTATUS(wait_status)}
-    )
-    _record(status, event="done", protections=protections, **outcome)
-    os._exit(0)
-
-
-def _main_process(config: dict[str, Any], code: str, lib_paths: list[str], status) -> None:
-    """Apply limits, drop privileges, install the guard, then run the code."""
+    status = os.fdopen(config["status_fd"], "w", buffering=1)
+    outcome = os.fdopen(config["outcome_fd"], "w", buffering=1)
     try:
+        with open(config["program"], encoding="utf-8") as fh:
+            code = fh.read()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
-        keep = status.fileno()
-        os.closerange(3, keep)  # anything else inherited
-        os.closerange(keep + 1, 1 << 16)
+        keep = sorted((status.fileno(), outcome.fileno()))
+        os.closerange(3, keep[0])  # anything else inherited
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, 1 << 16)
         _set_limits(config)
-        _install_guard(config["work"])
-        if config["uid"] is not None:
-            uid = config["uid"]
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-        sys.path[:] = lib_paths
-        sys.path_importer_cache.clear()
-    except BaseException as exc:  # the sandbox's fault, not the code's: report as an error
+        if config["guard"] is not None:
+            _install_guard(config["guard"])
+        _no_new_privs()
+        _record(status, event="ready")
+    except BaseException as exc:  # noqa: BLE001 -- the sandbox's fault, not the code's: never run the code
         _record(status, event="error", detail=f"{type(exc).__name__}: {exc}")
         os._exit(_SETUP_FAILED_EXIT)
-    status.close()  # the code must not be able to forge a result
-    try:
-        compiled = compile(code, "<untrusted>", "exec")
-    except SyntaxError as exc:
-        import traceback
-
-        sys.stderr.write("".join(traceback.format_exception_only(type(exc), exc)))
-        sys.stderr.flush()
-        os._exit(1)
+    status.close()
     exit_code = 0
     try:
-        exec(compiled, {"__name__": "__main__", "__builtins__": __builtins__})
+        # Running the untrusted code is this process's whole purpose; it is confined by now.
+        exec(compile(code, "<untrusted>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})  # noqa: S102
     except SystemExit as exc:
         exit_code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException as exc:
+        if exit_code:
+            _record(outcome, event="exit", code=exit_code)
+    except BaseException as exc:  # noqa: BLE001 -- whatever the code raised is its outcome, reported
         import traceback
 
-        # Start at the code's own frame: this function's frame is noise in the report.
+        # Start at the code's own frame: the runner's frame is noise in the report.
         traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+        with contextlib.suppress(Exception):
+            _record(outcome, event="exception", type=type(exc).__name__, cause=exception_cause(exc))
         exit_code = 1
     with contextlib.suppress(Exception):
         sys.stdout.flush()
@@ -452,7 +645,7 @@ def _record(status, **fields: Any) -> None:
 
 
 def _set_limits(config: dict[str, Any]) -> None:
-    """Hard rlimits for the main process (inherited by everything it starts)."""
+    """Hard rlimits for the code (inherited by everything it starts)."""
     import resource
 
     def limit(which: int, value: int) -> None:
@@ -463,9 +656,10 @@ def _set_limits(config: dict[str, Any]) -> None:
     limit(resource.RLIMIT_AS, config["memory_bytes"])
     limit(resource.RLIMIT_FSIZE, config["file_bytes"])
     limit(resource.RLIMIT_NOFILE, 64)
-    # RLIMIT_NPROC counts every process of the *real uid*. With a dedicated uid
-    # that is exactly this run; otherwise allow max_procs on top of what exists.
-    existing = 0 if config["uid"] is not None else _count_processes(os.getuid())
+    # RLIMIT_NPROC counts the processes of the real uid in the current user
+    # namespace: under bwrap exactly the sandbox's; unisolated, all of the
+    # caller's, so allow max_procs on top of those (racy, best effort).
+    existing = 0 if config["guard"] is None else _count_processes(os.getuid())
     limit(resource.RLIMIT_NPROC, existing + config["max_procs"])
 
 
@@ -479,94 +673,17 @@ def _count_processes(uid: int) -> int:
     return count
 
 
-# --- kernel mechanisms (root only) ---
-
-
-def _libc():
+def _no_new_privs() -> None:
+    """No setuid/file-capability gains for the code or anything it executes."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        import ctypes
-
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), 0, 0, 0) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
 
 
-def _prctl(option: int, value: int) -> None:
-    import ctypes
-
-    _check(_libc().prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl({option})")
-
-
-def _unshare_namespaces() -> list[str]:
-    """Enter new namespaces one by one; return the names of those that worked.
-
-    The mount namespace is verified by comparing namespace ids, because every
-    later mount call must only ever touch our private copy of the mount table.
-    """
-    libc = _libc()
-    host_mount_ns = os.readlink("/proc/self/ns/mnt")
-    flags = {"mount": _CLONE_NEWNS, "net": _CLONE_NEWNET, "ipc": _CLONE_NEWIPC, "pid": _CLONE_NEWPID}
-    entered = [name for name, flag in flags.items() if libc.unshare(flag) == 0]
-    if "mount" in entered and os.readlink("/proc/self/ns/mnt") == host_mount_ns:
-        entered.remove("mount")
-    return entered
-
-
-def _confine_filesystem(work: str, lib_root: str, lib_paths: list[str]) -> list[str]:
-    """In our private mount namespace: everything read-only + nosuid except ``work``.
-
-    Returns the import paths to use in the sandbox: read-only bind mounts of
-    ``lib_paths`` under ``lib_root``, readable by the unprivileged uid even when
-    the real location is not (e.g. an interpreter under a 0700 ``/root``).
-    """
-    import ctypes
-    import struct
-
-    libc = _libc()
-
-    def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
-        encode = lambda s: None if s is None else s.encode()  # noqa: E731
-        result = libc.mount(encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), None)
-        _check(result, f"mount {target}")
-
-    def set_attr(path: str, flags: int, attr_set: int, attr_clr: int) -> None:
-        attr = ctypes.create_string_buffer(struct.pack("QQQQ", attr_set, attr_clr, 0, 0))
-        result = libc.syscall(
-            ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(_AT_FDCWD), path.encode(),
-            ctypes.c_uint(flags), attr, ctypes.c_size_t(len(attr.raw)),
-        )
-        _check(result, f"mount_setattr {path}")
-
-    mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing propagates back to the host
-    mount(work, work, None, _MS_BIND | _MS_REC)
-    sandbox_paths = []
-    for index, path in enumerate(lib_paths):
-        target = os.path.join(lib_root, str(index))
-        os.mkdir(target, 0o755)
-        mount(path, target, None, _MS_BIND | _MS_REC)
-        sandbox_paths.append(target)
-    set_attr("/", _AT_RECURSIVE, _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0)
-    set_attr(work, 0, 0, _MOUNT_ATTR_RDONLY)
-    return sandbox_paths
-
-
-def _mount_fresh_proc() -> bool:
-    """A /proc showing only this pid namespace (best effort)."""
-    import ctypes
-
-    libc = _libc()
-    flags = ctypes.c_ulong(_MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    return libc.mount(b"proc", b"/proc", b"proc", flags, None) == 0
-
-
-# --- in-process guard (bypassable; see module docstring) ---
+# --- in-process guard: the unisolated opt-in only (bypassable; see module docstring) ---
 
 
 def _install_guard(work: str) -> None:
@@ -584,7 +701,8 @@ def _install_guard(work: str) -> None:
         return resolved == root or resolved.startswith(root + os.sep)
 
     def refuse(what: str, path: Any) -> None:
-        raise PermissionError(f"sandbox: {what} outside the work directory is not allowed: {path!r}")
+        raise PermissionError(errno.EACCES,
+                              f"sandbox: {what} outside the work directory is not allowed: {path!r}")
 
     real_open = builtins.open
 
@@ -618,13 +736,14 @@ def _install_guard(work: str) -> None:
 
         setattr(os, name, guarded)
 
-    for name in ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "truncate", "utime", "mkfifo", "mknod"):
+    for name in ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "truncate", "utime", "mkfifo",
+                 "mknod"):
         guard_paths(name, 1)
     for name in ("rename", "replace", "link", "symlink"):
         guard_paths(name, 2)
 
     def no_network(*args, **kwargs):
-        raise PermissionError("sandbox: network access is disabled")
+        raise PermissionError(errno.EACCES, "sandbox: network access is disabled")
 
     for name in ("socket", "socketpair", "create_connection", "create_server", "fromfd"):
         setattr(socket, name, no_network)
@@ -642,5 +761,7 @@ def _kill_uid(uid: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--kill-uid":
         _kill_uid(int(sys.argv[2]))
+    elif sys.argv[1] == "--run":
+        _runner_main(json.loads(sys.argv[2]))
     else:
-        _child_main(json.loads(sys.argv[1]))
+        raise SystemExit(f"usage: {sys.argv[0]} --run CONFIG_JSON | --kill-uid UID")

@@ -6,6 +6,9 @@ YAML is generated from the task definitions; standard lm-eval task names in
 model's metric (`base` for pruned models), per task and averaged. Generation tasks also get
 `target_nll`: the fine-tuning loss on the test split (each reference target's NLL given its
 prompt), per document in `reports/eval/<model>.samples.jsonl` beside what the model generated.
+Tasks scored by running generated code (pass@1) run it in `sparsify.sandbox` under
+`evaluate.sandbox`; the results name the protections that were in force (`sandbox`), and the stage
+refuses to start when the code could not be isolated unless `evaluate.sandbox.allow_unisolated`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from sparsify.evaluation import evaluate_model, load_for_eval, write_lmeval_task
 from sparsify.io import atomic_write_json, atomic_write_jsonl
 from sparsify.loading import UnsupportedLayer, load_runtime_model
 from sparsify.recovery import recovery_where_defined
+from sparsify.sandbox import SandboxPolicy, check_isolation
 from sparsify.sft import SFTDataset, target_nll
 from tasks.common import Layout, StageResult
 
@@ -60,6 +64,19 @@ def add_to_samples(path: Path, values: dict[str, list[dict]]) -> None:
     atomic_write_jsonl(path, rows)
 
 
+def sandbox_policy(cfg: Config) -> SandboxPolicy:
+    return SandboxPolicy(**cfg.evaluate.sandbox.model_dump())
+
+
+def code_sandbox(cfg: Config, specs: list[TaskSpec]) -> str | None:
+    """The protections generated code will run under (e.g. `bwrap(net,fs,pid,...)`), None without
+    code tasks; raises `SandboxUnavailable` (naming `evaluate.sandbox.allow_unisolated`) before any
+    model is loaded when the code could not be isolated and running it unisolated was not allowed."""
+    if not any("pass@1" in spec.metrics for spec in specs):
+        return None
+    return str(check_isolation(sandbox_policy(cfg)))
+
+
 def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"eval/{task}/{metric}": value for task, ms in results.items() for metric, value in ms.items()}
 
@@ -74,8 +91,9 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
         if entry is None:
             raise ValueError(f"task {task!r} has no test split in {layout.task_data}; rerun the taskdata stage")
         specs.append((get_task(task), layout.task_data / entry["file"]))
+    sandbox = code_sandbox(cfg, [spec for spec, _ in specs])
     include = cfg.root / ".lmeval" / model  # generated task YAML, rewritten on every run
-    write_lmeval_tasks(specs, include)
+    write_lmeval_tasks(specs, include, sandbox=sandbox_policy(cfg))
 
     runtime, why_not = cfg.evaluate.runtime, None
     if runtime:
@@ -109,7 +127,8 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
         metrics.update(recovery_where_defined(results, json.loads(ref_file.read_text())["results"])[0])
     out = results_path(layout, model)
     atomic_write_json(out, {"model": model, "variant": variant, "reference": reference, "results": results,
-                            "runtime": runtime, **({"runtime_unavailable": why_not} if why_not else {})})
+                            "runtime": runtime, **({"runtime_unavailable": why_not} if why_not else {}),
+                            **({"sandbox": sandbox} if sandbox else {})})
     details = details_path(layout, model)
     return StageResult(metrics=metrics, outputs=[out, samples, details], variant=variant,
-                       artifacts=[out, samples, details])
+                       artifacts=[out, samples, details], params={"sandbox": sandbox} if sandbox else {})

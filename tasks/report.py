@@ -204,16 +204,26 @@ def dvc_plots(table: dict, quant: dict, speedups: dict[str, float]) -> dict[str,
     }
 
 
+def code_sandbox_line(sandboxes: dict[str, list[str]]) -> str:
+    """What generated code (pass@1) ran under, e.g. `bwrap(net,fs,...)`; per model when they differ."""
+    if len(sandboxes) == 1:
+        return next(iter(sandboxes))
+    return "; ".join(f"{iso} ({', '.join(models)})" for iso, models in sorted(sandboxes.items()))
+
+
 def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> StageResult:
     """`models`: what eval-<model> scored; `levels`: {"50": 0.5, ...}."""
     layout = Layout.of(cfg)
     evals: dict[str, dict[str, dict[str, float]]] = {}
+    sandboxes: dict[str, list[str]] = {}  # protections generated code ran under -> the models it scored
     for m in models:
         found = _read(results_path(layout, m.model))
         if found is None:
             raise ValueError(f"no evaluation results for {m.model!r}; run eval-{m.model} first")
         # One column per variant: e.g. "dense" = the base model's perplexity + each task's dense fine-tune.
         evals.setdefault(m.variant, {}).update(found["results"])
+        if found.get("sandbox"):
+            sandboxes.setdefault(found["sandbox"], []).append(m.model)
     bench = _read(layout.reports / "benchmark" / "sparse_kernels.json") or {}
     # The speedup chart: batch-1 11008x4096 (an MLP projection of Llama-2-7B) over dense fp32.
     speedups = {r["variant"]: r["speedup_vs_fp32"] for r in bench.get("layers", {}).get("rows", [])
@@ -229,7 +239,8 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
         speedups=speedups,
         run_info={"git commit": git_commit() or "unknown", "root": str(cfg.root.resolve()),
                   "pruning": f"{cfg.prune.method}, {cfg.prune.structure}, levels {cfg.pipeline.sparsities}",
-                  "tasks": ", ".join(cfg.downstream.tasks)},
+                  "tasks": ", ".join(cfg.downstream.tasks),
+                  **({"code sandbox": code_sandbox_line(sandboxes)} if sandboxes else {})},
     )
     out = layout.reports / "run"
     write_report(data, out)

@@ -16,6 +16,7 @@ import torch
 
 from sparsify import downstream as ds
 from sparsify import evaluation as ev
+from sparsify.sandbox import SandboxPolicy
 
 GEN_TOKS = 4  # generation budget in the end-to-end run: scores are meaningless, plumbing is not
 
@@ -219,7 +220,8 @@ def test_load_for_eval_errors_name_path_and_cause(tmp_path):
 
 
 def test_code_pass_at_1_with_tiny_model(model, tokenizer):
-    score = ev.code_pass_at_1(model, tokenizer, ds.load_humaneval(limit=2), limit=2, timeout=3.0, max_new_tokens=4)
+    score = ev.code_pass_at_1(model, tokenizer, ds.load_humaneval(limit=2), limit=2,
+                               sandbox=SandboxPolicy(timeout_s=3.0), max_new_tokens=4)
     assert 0.0 <= score <= 1.0
 
 
@@ -235,4 +237,4 @@ def test_code_pass_at_1_counts_sandbox_passes(monkeypatch, model, tokenizer):
         return solutions[prompt] if prompt == first else "    return None\n"
 
     monkeypatch.setattr(ev, "_generate_greedy", fake_generate)
-    assert ev.code_pass_at_1(model, tokenizer, problems, timeout=3.0) == 0.5
+    assert ev.code_pass_at_1(model, tokenizer, problems, sandbox=SandboxPolicy(timeout_s=3.0)) == 0.5

@@ -131,7 +131,9 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
     # The stage loggers' records reach the flow run's logs in the Prefect UI.
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTextSearch
+    from prefect.logging.handlers import APILogHandler
 
+    APILogHandler().flush()  # log records go to the server in batches: send what is still queued
     with get_client(sync_client=True) as prefect_client:
         logs = prefect_client.read_logs(LogFilter(text=LogFilterTextSearch(query="stage base done")))
     assert logs and {log.name for log in logs} == {"tasks.runner"} and logs[0].flow_run_id is not None

@@ -39,7 +39,9 @@ The project's sparse (+ quantized) format, for the CPU runtime
 * ``<name>.values``: the nonzero entries of each row in column order, rows concatenated —
   int8 codes for 8-bit weights; for 4-bit codes, uint8 with two codes per byte (first in
   the low nibble, two's complement), each row padded to whole bytes; for unquantized
-  weights, their own dtype (bf16/fp32).
+  weights, their own dtype (bf16/fp32) — then 64 bytes of zeros, the padding the CPU kernels
+  need, so the runtime uses the memory-mapped values in place (files written before it have
+  no padding and are still read; readers go by ``row_ptr``).
 * ``<name>.row_ptr`` int64 ``[out + 1]``: row r's values are ``values[row_ptr[r]:row_ptr[r+1]]``
   (bytes for INT4), so a kernel can start any row without a popcount scan.
 * ``<name>.scales`` (quantized only) ``[out, groups]`` in the weight's dtype: per channel
@@ -80,6 +82,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from sparsify.io import atomic_dir
+from sparsify.kernels.format import PAD_BYTES
 from sparsify.masks import check_masks
 from sparsify.quantization import QuantScheme, dequantize, quant_state, quantized_linears
 from sparsify.safetensors_io import SafetensorsWriter
@@ -314,7 +317,10 @@ class SparseModelWriter:
         if layer.scales is not None:
             self._tensors.add(f"{name}.scales", layer.scales)
         self._tensors.add(f"{name}.bitmask", layer.bitmask)
-        self._tensors.add(f"{name}.values", layer.values)
+        # The values are followed by the kernels' 64 bytes of zeros (vector loads may read past the last row),
+        # so the runtime can use them in place from a memory map instead of copying GBs at load time.
+        pad = torch.zeros(PAD_BYTES // layer.values.element_size(), dtype=layer.values.dtype)
+        self._tensors.add(f"{name}.values", torch.cat([layer.values.reshape(-1), pad]))
         self.layers[name] = {
             "shape": list(layer.shape),
             "dtype": str(layer.dtype).removeprefix("torch."),
@@ -410,13 +416,14 @@ def load_sparse_layers(path: str | os.PathLike) -> tuple[dict[str, SparseLayer],
     tensors, metadata = _read(path)
     layers: dict[str, SparseLayer] = {}
     for name, info in json.loads(metadata["layers"]).items():
+        row_ptr = tensors.pop(f"{name}.row_ptr")
         layers[name] = SparseLayer(
             shape=tuple(info["shape"]),
             dtype=getattr(torch, info["dtype"]),
             encoding=info["encoding"],
             bitmask=tensors.pop(f"{name}.bitmask"),
-            values=tensors.pop(f"{name}.values"),
-            row_ptr=tensors.pop(f"{name}.row_ptr"),
+            values=tensors.pop(f"{name}.values")[: int(row_ptr[-1])],  # without the kernels' padding
+            row_ptr=row_ptr,
             scales=tensors.pop(f"{name}.scales", None),
             group_size=info["group_size"],
             activation_bits=info["activation_bits"],

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from sparsify.export import SPARSE_FILE, SPARSE_FORMAT, SPARSE_VERSION, SparseLayer, int4_row_codes
 from sparsify.kernels import PackedWeight
-from sparsify.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows
+from sparsify.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows, row_sums
 from sparsify.runtime import SparseLinear, sparsify_model
 from sparsify.safetensors_io import SafetensorsReadError, read_safetensors_mmap
 
@@ -56,12 +56,16 @@ class UnsupportedLayer(ModelLoadError):
 # --------------------------------------------------------------------------- SparseLayer -> PackedWeight
 
 
-def _padded_values(values: Tensor) -> Tensor:
-    """``values`` followed by the format's 64 bytes of zeros (one copy)."""
-    pad = PAD_BYTES // values.element_size()
-    out = torch.empty(values.numel() + pad, dtype=values.dtype)
-    out[: values.numel()].copy_(values)
-    out[values.numel():].zero_()
+def _padded_values(values: Tensor, row_ptr: Tensor) -> Tensor:
+    """The stored values followed by the kernels' 64 bytes of zeros: the file's own tensor (a view of the
+    mapping, no copy) when it was written with them (:class:`sparsify.export.SparseModelWriter` does),
+    else one copy."""
+    stored, pad = int(row_ptr[-1]), PAD_BYTES // values.element_size()
+    if values.numel() == stored + pad and not values[stored:].any():
+        return values
+    out = torch.empty(stored + pad, dtype=values.dtype)
+    out[:stored].copy_(values[:stored])
+    out[stored:].zero_()
     return out
 
 
@@ -92,7 +96,7 @@ def _pack_float(name: str, layer: SparseLayer) -> PackedWeight:
     elif values.dtype not in (torch.float32, torch.bfloat16):
         raise ModelLoadError(f"{name}: float encoding with {values.dtype} values is not supported")
     return PackedWeight(tuple(layer.shape), _kernel_bitmask(layer.bitmask, layer.shape[1]), layer.row_ptr,
-                        _padded_values(values))
+                        _padded_values(values, layer.row_ptr))
 
 
 def _pack_int8(name: str, layer: SparseLayer) -> PackedWeight:
@@ -107,12 +111,11 @@ def _pack_int8(name: str, layer: SparseLayer) -> PackedWeight:
     if layer.activation_bits not in (None, 8):
         raise UnsupportedLayer(f"{name}: activation bits {layer.activation_bits} are not supported (8 or none)")
     codes = layer.values
-    rows = torch.repeat_interleave(torch.arange(out), layer.row_ptr.diff())
-    row_sums = torch.zeros(out, dtype=torch.int64).index_add_(0, rows, codes.long()).to(torch.int32)
     # bf16/fp16/fp32 scales are exact in fp32: the dequantized weight is the stored model's.
     scales = layer.scales.reshape(out).float().contiguous()
     return PackedWeight(tuple(layer.shape), _kernel_bitmask(layer.bitmask, layer.shape[1]), layer.row_ptr,
-                        _padded_values(codes), scales, row_sums, act_int8=layer.activation_bits == 8)
+                        _padded_values(codes, layer.row_ptr), scales, row_sums(codes, layer.row_ptr),
+                        act_int8=layer.activation_bits == 8)
 
 
 def _int4_kept_codes(name: str, layer: SparseLayer) -> Tensor:

@@ -209,3 +209,40 @@ def test_compressed_tensors_checkpoint_runs_through_transformers(tmp_path, token
     finally:
         engine.stop()
     assert outs[-1].completion_tokens == 5
+
+
+@torch.no_grad()
+def test_values_are_used_in_place_from_the_file_and_older_files_without_padding_still_load(tmp_path, tokenizer):
+    """The format stores the kernels' 64 bytes of zeros after each layer's values, so the runtime keeps the
+    memory-mapped values (no copy of GBs); a file written before that (no padding) loads to the same model."""
+    from safetensors.torch import save_file
+
+    from sparsify.export import SPARSE_FILE
+    from sparsify.loading import _padded_values
+
+    model, masks = sparse_llama()
+    model = quantize_rtn(model, masks, QuantScheme(weight_bits=8, group_size=None, activation_bits=8))
+    folder = write_sparse_folder(model, masks, tmp_path / "new", tokenizer)
+    tensors, metadata = read_safetensors_mmap(folder / SPARSE_FILE)
+    name = "model.layers.0.mlp.up_proj.weight"
+    stored, values = int(tensors[f"{name}.row_ptr"][-1]), tensors[f"{name}.values"]
+    assert values.dtype == torch.int8 and values.numel() == stored + 64 and not values[stored:].any()
+    new = load_runtime_model(folder)
+    packed = new.model.get_submodule(name.removesuffix(".weight")).packed
+    assert torch.equal(packed.values, values)
+    row_ptr = tensors[f"{name}.row_ptr"]
+    assert _padded_values(values, row_ptr) is values  # the mapping itself, not a copy
+    copied = _padded_values(values[:stored], row_ptr)  # no padding stored: one copy, padded
+    assert copied.numel() == values.numel() and torch.equal(copied, values)
+    # The file written without the padding (as before): the loader copies, the model is the same.
+    (tmp_path / "old").mkdir()
+    for f in folder.iterdir():
+        if f.name != SPARSE_FILE:
+            (tmp_path / "old" / f.name).write_bytes(f.read_bytes())
+    trimmed = {k: (v[: int(tensors[k.replace(".values", ".row_ptr")][-1])] if k.endswith(".values") else v).clone()
+               for k, v in tensors.items()}
+    save_file(trimmed, tmp_path / "old" / SPARSE_FILE, metadata=metadata)
+    old = load_runtime_model(tmp_path / "old")
+    ids = torch.tensor([[1, 5, 9, 200, 3]])
+    assert torch.equal(old.model(ids).logits, new.model(ids).logits)
+    assert torch.equal(old.model.get_submodule(name.removesuffix(".weight")).packed.values, packed.values)

@@ -119,8 +119,11 @@ class PackedWeight:
         stored = int(self.offsets[-1])
         if self.values.numel() < stored + pad:
             raise ValueError(f"values must hold {stored} entries + {pad} padding, got {self.values.numel()}")
-        if self.nnz != int(self.mask().sum()):
-            raise ValueError("bitmask has bits set past in_features")
+        tail = cols % WORD
+        if tail and out:  # only a row's last word has bit positions past in_features
+            last = self.bitmask.view(out, words, 8)[:, -1, :].contiguous().numpy()
+            if np.unpackbits(last, axis=1, bitorder="little")[:, tail:].any():
+                raise ValueError("bitmask has bits set past in_features")
         if self.dtype == torch.int4:
             self._validate_int4()
         elif self.values.dtype == torch.int8:
@@ -128,7 +131,7 @@ class PackedWeight:
                 raise ValueError(f"int8 values need float32 scales [{out}]")
             if self.row_sums is None or self.row_sums.dtype != torch.int32 or tuple(self.row_sums.shape) != (out,):
                 raise ValueError(f"int8 values need int32 row_sums [{out}]")
-            if not torch.equal(self.row_sums, _row_sums(self.values[: self.nnz], self.offsets)):
+            if not torch.equal(self.row_sums, row_sums(self.values, self.offsets)):
                 raise ValueError("row_sums do not match the codes")
         elif self.scales is not None or self.row_sums is not None:
             raise ValueError("scales/row_sums belong to int8 values only")
@@ -217,9 +220,16 @@ def quantize_groups(weight: Tensor, mask: Tensor, group_size: int | None) -> tup
     return quantize_codes(w, scales, 4, group_size), scales
 
 
-def _row_sums(codes: Tensor, offsets: Tensor) -> Tensor:
-    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
-    return torch.zeros(offsets.numel() - 1, dtype=torch.int64).index_add_(0, rows, codes.long()).int()
+def row_sums(codes: Tensor, offsets: Tensor) -> Tensor:
+    """int32 sum of each row's int8 codes (``codes[offsets[r]:offsets[r+1]]``): the W8A8 kernels' zero-point
+    correction. One pass over the codes (a segmented sum), no per-entry row index."""
+    out = offsets.numel() - 1
+    starts = offsets[:-1].numpy()
+    nonempty = offsets[1:].numpy() > starts
+    sums = np.zeros(out, dtype=np.int64)
+    if nonempty.any():
+        sums[nonempty] = np.add.reduceat(codes[: int(offsets[-1])].numpy(), starts[nonempty], dtype=np.int64)
+    return torch.from_numpy(sums).int()
 
 
 def _pack_bits(mask: Tensor) -> Tensor:

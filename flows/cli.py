@@ -25,9 +25,8 @@ from pathlib import Path
 import yaml
 
 import tasks  # noqa: F401  (environment defaults first)
-from sparsify.config import ConfigError, load_config
-from sparsify.data import DataError
-from tasks.common import RootBusy
+from sparsify.config import load_config
+from sparsify.errors import SparsellamaError
 
 DEFAULT_MAX_TOKENS = 256  # generate / chat, when --max-tokens is not given
 
@@ -273,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
 
             benchmark(profile=args.profile, overrides=args.overrides, config_path=args.config)
             return 0
-    except (ConfigError, DataError, ValueError, FileNotFoundError, RootBusy, NotImplementedError) as exc:
+    except SparsellamaError as exc:
+        # Only the project's own errors (config, data, user input, a busy root) are one line: their
+        # message says what to fix. Anything else is a bug or an environment failure and keeps its traceback.
         print(f"sparsellama: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sparsify.errors import ModelLoadError
 from sparsify.export import SPARSE_FILE, SPARSE_FORMAT, SPARSE_VERSION, SparseLayer, int4_row_codes
 from sparsify.kernels import PackedWeight
 from sparsify.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows
@@ -49,10 +50,6 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-class ModelLoadError(ValueError):
-    """A folder that cannot be loaded into the runtime; the message names the path and the cause."""
 
 
 class UnsupportedLayer(ModelLoadError):

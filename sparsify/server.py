@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sparsify.engine import ContextLengthError, Engine, Output, QueueFull, Request
+from sparsify.errors import UserInputError
 from sparsify.generation import SamplingParams, chat_prompt_ids
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class _Sampling(BaseModel):
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop: up to 4 non-empty strings")
+            raise UserInputError("stop: up to 4 non-empty strings")
         return stops
 
     def sampling(self, max_tokens: int) -> SamplingParams:
@@ -93,7 +94,7 @@ class CompletionRequest(_Sampling):
     def _one_prompt(cls, v):
         if isinstance(v, list) and v and isinstance(v[0], str):
             if len(v) != 1:
-                raise ValueError("one prompt per request (send several requests; they are batched together)")
+                raise UserInputError("one prompt per request (send several requests; they are batched together)")
             return v[0]
         return v
 

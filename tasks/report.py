@@ -12,6 +12,7 @@ import logging
 
 from sparsify.config import Config
 from sparsify.downstream import get_task
+from sparsify.errors import DataError
 from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.recovery import metric_recovery, paired_difference
 from sparsify.report import ReportData, write_report
@@ -209,7 +210,7 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     for m in models:
         found = _read(results_path(layout, m.model))
         if found is None:
-            raise ValueError(f"no evaluation results for {m.model!r}; run eval-{m.model} first")
+            raise DataError(f"no evaluation results for {m.model!r}; run eval-{m.model} first")
         # One column per variant: e.g. "dense" = the base model's perplexity + each task's dense fine-tune.
         evals.setdefault(m.variant, {}).update(found["results"])
     bench = _read(layout.reports / "benchmark" / "sparse_kernels.json") or {}

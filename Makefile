@@ -31,4 +31,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf data/corpus models metrics reports mlflow.db mlartifacts .prefect
+	rm -rf data/corpus data/tasks models metrics plots reports .resume .stamps .lmeval .pipeline.lock mlflow.db mlartifacts .prefect

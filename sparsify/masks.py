@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from sparsify.errors import DataError, MissingFileError
-from sparsify.io import atomic_write_bytes
+from sparsify.io import atomic_path, atomic_write_bytes
 
 # Where Llama-family models keep their decoder layers: `LlamaForCausalLM` and a bare `LlamaModel`.
 _DECODER_LAYER_PATHS = ("model.layers", "layers")
@@ -228,8 +228,5 @@ def plot_sparsity(report: Mapping, path: str | os.PathLike) -> None:
     ax.set_ylabel("sparsity (fraction of zeros)")
     ax.set_title("sparsity per layer")
     ax.legend(loc="lower right")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

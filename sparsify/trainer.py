@@ -45,7 +45,6 @@ checkpoint resumes on any number of ranks (DCP reshards on load), with or withou
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import logging
@@ -80,6 +79,7 @@ from tqdm.auto import tqdm
 from sparsify.config import TrainConfig
 from sparsify.distill import KDWeights, check_teacher, cross_entropy_sum, freeze, objective, target_positions
 from sparsify.errors import ConfigError, DataError, MissingFileError
+from sparsify.fingerprint import fingerprint
 from sparsify.io import atomic_dir, atomic_write_json, replace_dir
 from sparsify.masks import find_decoder_layers, validate_masks
 from sparsify.metrics import check_token_ids
@@ -255,12 +255,7 @@ def masks_fingerprint(masks: Mapping[str, Tensor] | None) -> str:
     """A short hash of the masks' names, shapes and bits (a resume must use the same masks)."""
     if not masks:
         return "none"
-    digest = hashlib.sha256()
-    for name in sorted(masks):
-        bits = masks[name].detach().to("cpu", torch.bool).contiguous().numpy()
-        digest.update(f"{name}:{tuple(bits.shape)}:".encode())
-        digest.update(np.packbits(bits).tobytes())
-    return digest.hexdigest()[:16]
+    return fingerprint({name: m.detach().to("cpu", torch.bool) for name, m in masks.items()}, length=16)
 
 
 # --------------------------------------------------------------------------- processes
@@ -395,10 +390,6 @@ def trajectory_config(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     """The settings that decide the weights after each step (what a resume must match)."""
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_TRAJECTORY}
     return {**settings, "seed": seed}
-
-
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _is_sharded(model: nn.Module) -> bool:

@@ -1,5 +1,6 @@
 """The `sparsellama` command line.
 
+Commands:
   sparsellama run   [--profile NAME] [--set KEY=VALUE ...]   the whole pipeline (Prefect flow)
   sparsellama stage NAME [--profile NAME] [--set ...]        one stage (what dvc.yaml calls)
   sparsellama sweep [--methods ...] [--sparsities ...] [--structures ...] [--set ...]

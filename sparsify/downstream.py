@@ -232,7 +232,8 @@ TASKS: dict[str, TaskSpec] = {
             family="perplexity",
             output_type="loglikelihood_rolling",
             prompt_template="",
-            metrics=("byte_perplexity", "bits_per_byte", "word_perplexity"),  # bytes: tokenizer- and whitespace-independent
+            # per byte: independent of the tokenizer and of whitespace
+            metrics=("byte_perplexity", "bits_per_byte", "word_perplexity"),
             target_delimiter="",
         ),
     )

@@ -127,12 +127,12 @@ class BatchedLlama:
         counts = [len(ids) for ids in new_ids]
         if min(counts) < 1:
             raise ValueError("every sequence needs at least one new token")
-        for cache, n in zip(caches, counts):
+        for cache, n in zip(caches, counts, strict=True):
             if cache.length + n > self.max_positions:
                 raise ContextLengthError(f"{cache.length + n} positions exceed the model's {self.max_positions}")
             cache.reserve(cache.length + n)
         ids = torch.tensor([t for seq in new_ids for t in seq], dtype=torch.long)
-        positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, counts)])
+        positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, counts, strict=True)])
         x = self.embed(ids)  # [T, hidden]: every sequence's new tokens, one after the other
         cos, sin = self.rotary(x[None], positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim], broadcast over heads
@@ -146,7 +146,7 @@ class BatchedLlama:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             outs, start = [], 0
-            for cache, n in zip(caches, counts):
+            for cache, n in zip(caches, counts, strict=True):
                 past, end = cache.length, start + n
                 cache.k[i][:, past:past + n] = k[start:end].transpose(0, 1)
                 cache.v[i][:, past:past + n] = v[start:end].transpose(0, 1)
@@ -159,7 +159,7 @@ class BatchedLlama:
                 start = end
             x = x + attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        for cache, n in zip(caches, counts):
+        for cache, n in zip(caches, counts, strict=True):
             cache.length += n
         if all_logits:
             return list(self.lm_head(self.norm(x)).float().split(counts))
@@ -240,7 +240,9 @@ class Engine:
         if max_context is not None and max_context < 2:
             raise UserInputError(f"max_context must be >= 2, got {max_context}")
         self.max_context = min(limit, max_context) if max_context else limit
-        self.eos_token_ids = frozenset(eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer))
+        if eos_token_ids is None:
+            eos_token_ids = default_eos_ids(model, tokenizer)
+        self.eos_token_ids = frozenset(eos_token_ids)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._cond = threading.Condition()
@@ -395,7 +397,7 @@ class Engine:
             return len(batch)
         now = time.perf_counter()
         done, sampled = [], 0
-        for request, ids, row in zip(batch, new_ids, logits):
+        for request, ids, row in zip(batch, new_ids, logits, strict=True):
             if request.prefilled < len(request.prompt_ids):
                 request.prefilled += len(ids)
                 if request.prefilled < len(request.prompt_ids):
@@ -471,7 +473,7 @@ class Engine:
             span = min(self._window, now - self._recent[0][0]) if self._recent else 0.0
             recent = sum(n for _, n in self._recent)
             cumulative, buckets = 0, []
-            for bound, count in zip((*TTFT_BUCKETS, float("inf")), self._ttft_counts):
+            for bound, count in zip((*TTFT_BUCKETS, float("inf")), self._ttft_counts, strict=True):
                 cumulative += count
                 buckets.append((bound, cumulative))
             return EngineStats(

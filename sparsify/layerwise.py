@@ -42,8 +42,8 @@ has f, so Σin² = 3d² + f²):
 * device (one decoder layer at a time): its weights ``(4d² + 3df)·b`` + the Hessians
   ``4·Σin²`` bytes (each freed once its Linears are pruned) + the SparseGPT workspace of
   the widest Linear ``≈ 4·(2·in² + 2·out·in)`` bytes (H and U, W's work copy and the
-  error's delta; the factorisation itself needs H and one in×in buffer) + one mini-batch's forward ``≈ B·L·(3f·b + 8f)`` (MLP
-  activations and the hooks' fp32 copies; plus ``B·heads·L²·b`` for eager attention).
+  error's delta; the factorisation itself needs H and one in×in buffer) + one mini-batch's
+  forward ``≈ B·L·(3f·b + 8f)`` (MLP activations and the hooks' fp32 copies; plus ``B·heads·L²·b`` for eager attention).
 
 Llama-2-7B (d=4096, f=11008), bf16, N=128, L=2048: host buffer 2.1 GB; device ≈ 0.4 GB
 weights + 0.7 GB Hessians + 1.3 GB workspace + the mini-batch. README "Cost at 7B" has

@@ -372,10 +372,7 @@ def create_app(engine: Engine, name: str):
                 raise APIError(400, f"{field_name} is not supported by this server", param=field_name)
         if body.best_of not in (None, 1):
             raise APIError(400, "best_of > 1 is not supported by this server", param="best_of")
-        if isinstance(body.prompt, str):
-            prompt_ids = tokenizer(body.prompt).input_ids
-        else:
-            prompt_ids = list(body.prompt)
+        prompt_ids = tokenizer(body.prompt).input_ids if isinstance(body.prompt, str) else list(body.prompt)
         params = body.sampling(max_tokens(body.max_tokens, len(prompt_ids), 16))  # OpenAI's default: 16
         request, outputs = submit(http_request, prompt_ids, params)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())

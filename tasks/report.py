@@ -97,7 +97,8 @@ def recovery_table(cfg: Config, layout: Layout, levels: dict[str, float],
         # scored on a few hundred test documents, which small models leave within noise.
         stages_of = {"dense": f"ft-dense-{task}", **{f"sparse{lv}": f"ft-sparse{lv}-{task}" for lv in levels},
                      f"sparse{top}-baseline": f"ft-baseline{top}-{task}"}
-        val_loss = {c: (_read(layout.metrics(st)) or {}).get("train", {}).get("val_loss") for c, st in stages_of.items()}
+        val_loss = {c: (_read(layout.metrics(st)) or {}).get("train", {}).get("val_loss")
+                    for c, st in stages_of.items()}
         # The test-split target NLL (eval stage): the same loss on the test documents.
         nll = {c: evals.get(c, {}).get(task, {}).get("target_nll") for c in columns}
         # Whether a difference is more than noise: every fine-tune is scored on the same test
@@ -142,8 +143,8 @@ def quant_table(cfg: Config, layout: Layout, levels: dict[str, float],
     tasks = {}
     for task in cfg.downstream.tasks:
         metric = get_task(task).primary_metric
-        tasks[task] = {"metric": metric, **{v: evals.get(v, {}).get(task, {}).get(metric)
-                                            for v in [f"sparse{top}", *(f"sparse{top}-{s}" for s in cfg.quantize.schemes)]}}
+        variants = [f"sparse{top}", *(f"sparse{top}-{s}" for s in cfg.quantize.schemes)]
+        tasks[task] = {"metric": metric, **{v: evals.get(v, {}).get(task, {}).get(metric) for v in variants}}
     return {"models": rows, "tasks": tasks}
 
 

@@ -11,8 +11,7 @@ from sparsify.config import Config
 from sparsify.fingerprint import file_digest
 from sparsify.fingerprint import fingerprint as fingerprint_of
 from sparsify.io import atomic_write_json
-from tasks.common import (Layout, StageResult, claim_resume, git_commit, is_main_process, read_metrics,
-                          write_metrics)
+from tasks.common import Layout, StageResult, claim_resume, git_commit, is_main_process, read_metrics, write_metrics
 from tasks.stages import Stage, stages, upstream
 from tasks.tracking import Tracker, flatten
 

@@ -39,7 +39,9 @@ class Point:
 
     @property
     def pattern(self) -> str:
-        return f"{round(self.sparsity * 100)}" if self.structure == "unstructured" else self.structure.replace(":", "of")
+        if self.structure == "unstructured":
+            return f"{round(self.sparsity * 100)}"
+        return self.structure.replace(":", "of")
 
     @property
     def name(self) -> str:

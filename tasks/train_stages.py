@@ -121,8 +121,11 @@ def finetune(cfg: Config, *, name: str, task: str, source: str, output: str, tea
     records = read_task_jsonl(layout.task_data / task / "train.jsonl")
     # Hold out a slice of the training records for validation loss (the test split is for evaluation).
     n_val = max(1, len(records) // 20)
-    make = lambda rows: SFTDataset.from_records(rows, tokenizer, cfg.finetune.max_length,  # noqa: E731
-                                                render_prompt=spec.render_prompt, render_target=spec.render_target)
+
+    def make(rows):
+        return SFTDataset.from_records(rows, tokenizer, cfg.finetune.max_length,
+                                       render_prompt=spec.render_prompt, render_target=spec.render_target)
+
     result, _ = _train_and_save(
         cfg, name=name, source=source, output=output, teacher=teacher, train_cfg=tc,
         train_data=make(records[n_val:]), val_data=make(records[:n_val]), variant=variant,

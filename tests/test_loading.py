@@ -17,9 +17,13 @@ from sparsify.export import save_sparse_model
 from sparsify.loading import ModelLoadError, UnsupportedLayer, load_runtime_model, read_safetensors_mmap
 from sparsify.quantization import QuantScheme
 from sparsify.runtime import SparseLinear, sparsify_model
-
-from tests.serve_fixtures import extension, tokenizer  # noqa: F401  (fixtures)
-from tests.serve_fixtures import quantize_rtn, sparse_llama, write_sparse_folder
+from tests.serve_fixtures import (
+    extension,  # noqa: F401  (a pytest fixture)
+    quantize_rtn,
+    sparse_llama,
+    tokenizer,  # noqa: F401  (a pytest fixture)
+    write_sparse_folder,
+)
 
 IDS = torch.tensor([[300, 5, 17, 99, 3, 42, 8, 1, 250], [300, 64, 2, 2, 77, 13, 120, 31, 299]])
 

@@ -231,7 +231,7 @@ def copy_checkout(dest: Path) -> None:
     for o in output_paths():
         top = o.split("/")[0]
         skip.add(o if top in tracked_tops else top)
-    tooling = {".venv", ".git", "__pycache__", ".cache", ".pytest_cache"}
+    tooling = {".venv", ".git", "__pycache__", ".cache", ".pytest_cache", ".ruff_cache"}
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         rel = Path(folder).relative_to(REPO)

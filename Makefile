@@ -13,13 +13,18 @@ SET    ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: pipeline test env clean
+.PHONY: pipeline test lint env clean
 
 pipeline: $(STAMP)
 	$(BIN)/sparsellama run $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (pinned in the test extra): lint rules and the formatter's check, configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 env: $(STAMP)
 
@@ -31,4 +36,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf data/corpus models metrics reports mlflow.db mlartifacts .prefect
+	rm -rf data/corpus data/tasks models metrics plots reports .resume .stamps .lmeval .pipeline.lock mlflow.db mlartifacts .prefect

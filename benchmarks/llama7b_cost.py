@@ -206,7 +206,7 @@ def gpu_extrapolation(d: int = 4096, f: int = 11008, layers: int = 32, vocab: in
 
 
 def gpu_markdown(rows: list[dict]) -> str:
-    lines = [f"| stage | memory per GPU (GB) | host (GB) | GPUs | hours |", "|---|---:|---:|---:|---:|"]
+    lines = ["| stage | memory per GPU (GB) | host (GB) | GPUs | hours |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         host = f"{r['host_gb']:.1f}" if r["host_gb"] is not None else "-"
         hours = f"{r['hours']:.2f}" + (f" per {r['per']}" if "per" in r else "")
@@ -300,7 +300,8 @@ def markdown(result: dict) -> str:
     for kind, p in predict(result).items():
         m = result["measurements"][kind]
         text += (f"| {kind} | {p['seconds']:.1f} | {m['seconds']:.1f} | {p['seconds'] / m['seconds'] - 1:+.0%} | "
-                 f"{p['peak_rss_gb']:.2f} | {m['peak_rss_gb']:.2f} | {p['peak_rss_gb'] / m['peak_rss_gb'] - 1:+.0%} |\n")
+                 f"{p['peak_rss_gb']:.2f} | {m['peak_rss_gb']:.2f} | "
+                 f"{p['peak_rss_gb'] / m['peak_rss_gb'] - 1:+.0%} |\n")
     return text
 
 

@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs[1:]:
             run["tokens_per_s_vs_first"] = {
                 lv["clients"]: lv["tokens_per_s"] / first["tokens_per_s"]
-                for lv, first in zip(run["levels"], runs[0]["levels"]) if first["tokens_per_s"]}
+                for lv, first in zip(run["levels"], runs[0]["levels"], strict=True) if first["tokens_per_s"]}
         result = {"machine": machine(), "stream": stream, "models": runs}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -1,5 +1,7 @@
 """Sparse CPU kernel benchmark (the harness lives in `sparsify.bench`; see its docstring).
 
+Usage:
+
     python benchmarks/sparse_kernels.py OUT_DIR [--quick] [--threads 2] [--checkpoint DIR]
 """
 

@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_blocks, val_blocks, tokenizer = _blocks(root, 256, 4096)
     tokenizer = tokenizer or _RandomVocab(int(train_blocks.max()) + 1)
     device = torch.device("cpu")
-    result: dict = {"machine": machine_info(), "native_bf16": bf16_supported(device), "arch": cfg.base.arch.model_dump(),
-                    "batch_size": tc.batch_size, "seq_len": int(train_blocks.shape[1] - 1),
+    result: dict = {"machine": machine_info(), "native_bf16": bf16_supported(device),
+                    "arch": cfg.base.arch.model_dump(), "batch_size": tc.batch_size,
+                    "seq_len": int(train_blocks.shape[1] - 1),
                     "data": "corpus" if val_blocks is not None else "random tokens", "rounds": []}
 
     def run(variant: str, steps: int, val: np.ndarray | None) -> tuple[float, object]:
@@ -115,10 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
             seconds, res = run(variant, args.curve_steps, val_blocks)
             curves[variant] = {"seconds": seconds, "evals": res.evals, "final_train_loss": res.final_train_loss,
                                "tokens_per_s": res.tokens_per_s}
-            print(variant, f"{args.curve_steps} steps in {seconds:.0f} s, val", [round(e["val_loss"], 4) for e in res.evals],
-                  flush=True)
+            print(variant, f"{args.curve_steps} steps in {seconds:.0f} s, val",
+                  [round(e["val_loss"], 4) for e in res.evals], flush=True)
         fp32 = curves["fp32"]["evals"][-1]["val_loss"]
-        for variant, c in curves.items():
+        for c in curves.values():
             c["final_val_loss_diff_vs_fp32"] = c["evals"][-1]["val_loss"] - fp32
         result["curve"] = {"steps": args.curve_steps, **curves}
 

@@ -1,5 +1,6 @@
 """The `sparsellama` command line.
 
+Commands:
   sparsellama run   [--profile NAME] [--set KEY=VALUE ...]   the whole pipeline (Prefect flow)
   sparsellama stage NAME [--profile NAME] [--set ...]        one stage (what dvc.yaml calls)
   sparsellama sweep [--methods ...] [--sparsities ...] [--structures ...] [--set ...]
@@ -25,10 +26,9 @@ from pathlib import Path
 import yaml
 
 import tasks  # noqa: F401  (environment defaults first)
-from sparsify.config import ConfigError, load_config
-from sparsify.data import DataError
+from sparsify.config import load_config
+from sparsify.errors import SparsellamaError
 from sparsify.sandbox import SandboxUnavailable
-from tasks.common import RootBusy
 
 DEFAULT_MAX_TOKENS = 256  # generate / chat, when --max-tokens is not given
 
@@ -274,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
 
             benchmark(profile=args.profile, overrides=args.overrides, config_path=args.config)
             return 0
-    except (ConfigError, DataError, ValueError, FileNotFoundError, RootBusy, NotImplementedError,
-            SandboxUnavailable) as exc:  # the refusal to run generated code unisolated names its key
+    except (SparsellamaError, SandboxUnavailable) as exc:
+        # Only the project's own errors (config, data, user input, a busy root, the refusal to run generated
+        # code unisolated) are one line: their message says what to fix. Anything else is a bug or an
+        # environment failure and keeps its traceback. (SandboxUnavailable cannot derive from
+        # SparsellamaError: sandbox.py also runs alone, as the runner inside the sandbox.)
         print(f"sparsellama: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow
 
 from sparsify.config import Config, load_config
+from sparsify.errors import UserInputError
 from tasks import data
 from tasks.common import root_lock
 from tasks.runner import prefect_task, run_tags
@@ -60,7 +61,7 @@ def sparse_llama(
     if targets:
         unknown = sorted(set(targets) - {s.name for s in table})
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(s.name for s in table)}")
+            raise UserInputError(f"unknown stage(s) {unknown}; stages: {', '.join(s.name for s in table)}")
         table = tuple(upstream_closure(table, targets))
     with root_lock(cfg.root):
         return _run(cfg, profile, "sparse-llama", table)
@@ -92,7 +93,7 @@ def finetune_task(
     (plus whatever upstream stages they need that are not already up to date)."""
     cfg = load_config(config_path, profile=profile, params=params, overrides=overrides or [])
     if task not in cfg.downstream.tasks:
-        raise ValueError(f"task {task!r} is not in downstream.tasks {cfg.downstream.tasks}")
+        raise UserInputError(f"task {task!r} is not in downstream.tasks {cfg.downstream.tasks}")
     table = stages(cfg)
     targets = [s.name for s in table if s.name.startswith("eval-ft-") and s.name.endswith(f"-{task}")]
     with root_lock(cfg.root):

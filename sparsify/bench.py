@@ -391,7 +391,7 @@ def project_decoder_linears(layer_rows: Sequence[dict], n_layers: int = 32) -> d
     for variant, by_shape in table.items():
         if len(by_shape) == len(count):
             out[variant] = {"ms": n_layers * sum(count[s] * by_shape[s] for s in count)}
-    for variant, v in out.items():
+    for v in out.values():
         for short, base in BASELINES.items():
             if base in out:
                 v[f"speedup_vs_{short}"] = out[base]["ms"] / v["ms"]
@@ -517,7 +517,7 @@ def run_decode_benchmark(
     body: dict[str, list[float]] = {name: [] for name in models}
     head: dict[str, list[float]] = {name: [] for name in models}
     tokens: dict[str, list[int]] = {}
-    for name, (m, _) in models.items():  # warm-up (first-call allocations, lazy init)
+    for m, _ in models.values():  # warm-up (first-call allocations, lazy init)
         _decode_steps(m, prompt, 1)
     for _ in range(repeats):
         for name, (m, _) in models.items():
@@ -533,7 +533,7 @@ def run_decode_benchmark(
                       "32 layers (Llama-2-7B) and keeps the measured lm_head"}
     for name, (m, replaced) in models.items():
         gen = m.generate(prompt, max_new_tokens=steps, do_sample=False, pad_token_id=0)
-        totals = [b + h for b, h in zip(body[name], head[name])]
+        totals = [b + h for b, h in zip(body[name], head[name], strict=True)]
         med_body, med_head = statistics.median(body[name]), statistics.median(head[name])
         ms = (med_body + med_head) * 1e3
         projected_ms = (med_head + med_body * 32 / n_layers) * 1e3

@@ -16,12 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sparsify.errors import ConfigError
 from sparsify.pruning import PruneConfig
 from sparsify.quantization import QuantConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the offending key."""
 
 
 class Section(BaseModel):

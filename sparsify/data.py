@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sparsify.config import DataConfig, SourceConfig
+from sparsify.errors import DataError
 from sparsify.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,6 @@ SPANS_FILE = "spans.json"
 # task used before tokenizers carried templates. A real checkpoint's tokenizer brings its own.
 CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
-
-
-class DataError(ValueError):
-    """A data problem that names the source and what is wrong."""
 
 
 # --------------------------------------------------------------------------- sources

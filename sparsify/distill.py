@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsify.errors import ConfigError
+
 #: Label value that excludes a position from every loss (the Hugging Face convention).
 IGNORE_INDEX = -100
 
@@ -45,9 +47,9 @@ class KDWeights:
 
     def __post_init__(self) -> None:
         if min(self.ce, self.kl, self.squarehead) < 0 or self.ce + self.kl + self.squarehead <= 0:
-            raise ValueError(f"loss weights must be >= 0 with at least one > 0, got {self}")
+            raise ConfigError(f"loss weights must be >= 0 with at least one > 0, got {self}")
         if self.temperature <= 0:
-            raise ValueError(f"distillation temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"distillation temperature must be > 0, got {self.temperature}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> KDWeights:
@@ -167,13 +169,13 @@ def check_teacher(student: nn.Module, teacher: nn.Module, weights: KDWeights) ->
     """
     s_cfg, t_cfg = student.config, teacher.config
     if s_cfg.vocab_size != t_cfg.vocab_size:
-        raise ValueError(f"teacher vocabulary ({t_cfg.vocab_size} tokens) differs from the student's "
+        raise ConfigError(f"teacher vocabulary ({t_cfg.vocab_size} tokens) differs from the student's "
                          f"({s_cfg.vocab_size}): distill from a teacher with the student's tokenizer")
     if weights.squarehead > 0:
         s_shape = (s_cfg.num_hidden_layers, s_cfg.hidden_size)
         t_shape = (t_cfg.num_hidden_layers, t_cfg.hidden_size)
         if s_shape != t_shape:
-            raise ValueError(f"SquareHead needs the same (layers, hidden size) in teacher {t_shape} "
+            raise ConfigError(f"SquareHead needs the same (layers, hidden size) in teacher {t_shape} "
                              f"and student {s_shape}; set kd_squarehead=0 for this teacher")
 
 

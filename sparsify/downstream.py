@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from sparsify.errors import ConfigError, DataError
 from sparsify.io import atomic_write_jsonl
 
 log = logging.getLogger(__name__)
@@ -124,15 +125,15 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         if not _TASK_NAME.match(self.name):
-            raise ValueError(f"task name {self.name!r}: use letters, digits and '_' (starting with a letter)")
+            raise ConfigError(f"task name {self.name!r}: use letters, digits and '_' (starting with a letter)")
         if not self.metrics:
-            raise ValueError(f"task {self.name!r}: at least one metric is required")
+            raise ConfigError(f"task {self.name!r}: at least one metric is required")
         for metric in self.metrics:
             info = METRICS.get(metric)
             if info is None:
-                raise ValueError(f"task {self.name!r}: unknown metric {metric!r}; known: {sorted(METRICS)}")
+                raise ConfigError(f"task {self.name!r}: unknown metric {metric!r}; known: {sorted(METRICS)}")
             if info.output_type != self.output_type:
-                raise ValueError(
+                raise ConfigError(
                     f"task {self.name!r}: metric {metric!r} needs output_type {info.output_type!r}, "
                     f"not {self.output_type!r}"
                 )
@@ -231,7 +232,8 @@ TASKS: dict[str, TaskSpec] = {
             family="perplexity",
             output_type="loglikelihood_rolling",
             prompt_template="",
-            metrics=("byte_perplexity", "bits_per_byte", "word_perplexity"),  # bytes: tokenizer- and whitespace-independent
+            # per byte: independent of the tokenizer and of whitespace
+            metrics=("byte_perplexity", "bits_per_byte", "word_perplexity"),
             target_delimiter="",
         ),
     )
@@ -242,7 +244,7 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)}") from None
+        raise ConfigError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)}") from None
 
 
 # --------------------------------------------------------------------------- loaders
@@ -252,9 +254,9 @@ def _require(raw: Mapping[str, Any], field: str, dataset: str, index: int, kind:
     """``raw[field]``, or a ValueError naming the dataset, field and record index."""
     value = raw.get(field)
     if value is None:
-        raise ValueError(f"{dataset} record {index}: missing field {field!r} (has {sorted(raw)})")
+        raise DataError(f"{dataset} record {index}: missing field {field!r} (has {sorted(raw)})")
     if not isinstance(value, kind):
-        raise ValueError(
+        raise DataError(
             f"{dataset} record {index}: field {field!r} should be {kind.__name__}, got {type(value).__name__}")
     return value
 
@@ -274,7 +276,7 @@ _FINAL_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 def _normalize_gsm8k(raw: Mapping[str, Any], index: int) -> Record:
     answer = _require(raw, "answer", "gsm8k", index)
     if not _FINAL_ANSWER.search(answer):
-        raise ValueError(f"gsm8k record {index}: field 'answer' has no final '#### <number>'")
+        raise DataError(f"gsm8k record {index}: field 'answer' has no final '#### <number>'")
     question = _require(raw, "question", "gsm8k", index)
     return {"id": _record_id(raw, None, "gsm8k", index), "prompt": question, "target": answer}
 
@@ -309,11 +311,11 @@ def _normalize_ultrachat(raw: Mapping[str, Any], index: int) -> Record:
     for turn, message in enumerate(messages):
         if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
-            raise ValueError(f"ultrachat record {index}: field 'messages'[{turn}] needs string 'role' and 'content'")
+            raise DataError(f"ultrachat record {index}: field 'messages'[{turn}] needs string 'role' and 'content'")
         turns.append((message["role"], message["content"]))
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
     if last is None or last == 0:
-        raise ValueError(f"ultrachat record {index}: field 'messages' has no assistant turn after a user turn")
+        raise DataError(f"ultrachat record {index}: field 'messages' has no assistant turn after a user turn")
     return {
         "id": _record_id(raw, "prompt_id", "ultrachat", index),
         "prompt": "\n".join(f"{role}: {content}" for role, content in turns[:last]),
@@ -332,7 +334,7 @@ def check_chat_template(tasks: Iterable[str], tokenizer: Any, tokenizer_name: st
     model would be fine-tuned and scored in a conversation format it was never taught."""
     chats = chat_tasks(tasks)
     if chats and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"task(s) {chats} are chat tasks, but the tokenizer {tokenizer_name} has no chat template; "
+        raise ConfigError(f"task(s) {chats} are chat tasks, but the tokenizer {tokenizer_name} has no chat template; "
                          "use a chat model's tokenizer (one whose tokenizer_config.json has 'chat_template') or "
                          "drop them from downstream.tasks")
 
@@ -402,12 +404,12 @@ def load_records(
 
     source = DATASETS.get(dataset)
     if source is None:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
+        raise ConfigError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
     if data_files is not None:
         rows = datasets.load_dataset("json", data_files=str(data_files), split="train", cache_dir=cache_dir)
     else:
         if split not in source.splits:
-            raise ValueError(f"{dataset}: unknown split {split!r}; known: {sorted(source.splits)}")
+            raise ConfigError(f"{dataset}: unknown split {split!r}; known: {sorted(source.splits)}")
         rows = datasets.load_dataset(
             source.hub_path, source.hub_config, split=source.splits[split], cache_dir=cache_dir)
     if limit is not None:
@@ -576,7 +578,7 @@ def generate_arithmetic(
 
     splits = split_by_hash(problems(), n_train, n_test, test_percent)
     if len(splits["train"]) < n_train or len(splits["test"]) < n_test:
-        raise ValueError(f"arithmetic: could not draw {n_train}+{n_test} distinct problems (got "
+        raise ConfigError(f"arithmetic: could not draw {n_train}+{n_test} distinct problems (got "
                          f"{len(splits['train'])}+{len(splits['test'])}); lower the counts")
     return splits
 
@@ -694,7 +696,7 @@ def write_task_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLi
     for index, record in enumerate(records):
         for field in ("id", "prompt", "target"):
             if field not in record:
-                raise ValueError(f"record {index}: missing field {field!r}")
+                raise DataError(f"record {index}: missing field {field!r}")
     atomic_write_jsonl(path, records)
     return Path(path)
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsify.errors import ModelLoadError, UserInputError
 from sparsify.generation import SamplingParams, TextStream, make_generator, next_token
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 CACHE_CHUNK = 256  # KV slots reserved past the prompt at first; the cache grows by doubling
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(UserInputError):
     """The prompt, or prompt + max_tokens, does not fit the context."""
 
 
@@ -98,7 +99,7 @@ class BatchedLlama:
                 _ = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp,
                      layer.input_layernorm, layer.post_attention_layernorm)
         except AttributeError as err:
-            raise ValueError(f"{type(model).__name__} is not a Llama-family causal LM (model.layers[i].self_attn."
+            raise ModelLoadError(f"{type(model).__name__} is not a Llama-family causal LM (model.layers[i].self_attn."
                              f"q_proj ..., model.rotary_emb, lm_head): {err}") from err
         cfg = model.config
         self.config = cfg
@@ -108,7 +109,7 @@ class BatchedLlama:
         self.dtype = self.embed.weight.dtype
         self.max_positions = int(cfg.max_position_embeddings)
         if getattr(cfg, "sliding_window", None):
-            raise ValueError("sliding-window attention is not supported by the engine")
+            raise ModelLoadError("sliding-window attention is not supported by the engine")
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(len(self.layers), self.n_kv, self.head_dim, self.dtype, capacity)
@@ -126,12 +127,12 @@ class BatchedLlama:
         counts = [len(ids) for ids in new_ids]
         if min(counts) < 1:
             raise ValueError("every sequence needs at least one new token")
-        for cache, n in zip(caches, counts):
+        for cache, n in zip(caches, counts, strict=True):
             if cache.length + n > self.max_positions:
                 raise ContextLengthError(f"{cache.length + n} positions exceed the model's {self.max_positions}")
             cache.reserve(cache.length + n)
         ids = torch.tensor([t for seq in new_ids for t in seq], dtype=torch.long)
-        positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, counts)])
+        positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, counts, strict=True)])
         x = self.embed(ids)  # [T, hidden]: every sequence's new tokens, one after the other
         cos, sin = self.rotary(x[None], positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim], broadcast over heads
@@ -145,7 +146,7 @@ class BatchedLlama:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             outs, start = [], 0
-            for cache, n in zip(caches, counts):
+            for cache, n in zip(caches, counts, strict=True):
                 past, end = cache.length, start + n
                 cache.k[i][:, past:past + n] = k[start:end].transpose(0, 1)
                 cache.v[i][:, past:past + n] = v[start:end].transpose(0, 1)
@@ -158,7 +159,7 @@ class BatchedLlama:
                 start = end
             x = x + attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        for cache, n in zip(caches, counts):
+        for cache, n in zip(caches, counts, strict=True):
             cache.length += n
         if all_logits:
             return list(self.lm_head(self.norm(x)).float().split(counts))
@@ -225,9 +226,9 @@ class Engine:
                  max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
                  prefill_chunk: int = 512, rate_window_s: float = 10.0) -> None:
         if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+            raise UserInputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+            raise UserInputError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         # Prompt tokens per step over all joining sequences: a long prompt is prefilled over several
         # steps, so the sequences already decoding keep getting a token every step meanwhile.
         self.prefill_chunk = prefill_chunk
@@ -237,9 +238,11 @@ class Engine:
         self.max_queue = max_queue
         limit = self.runner.max_positions
         if max_context is not None and max_context < 2:
-            raise ValueError(f"max_context must be >= 2, got {max_context}")
+            raise UserInputError(f"max_context must be >= 2, got {max_context}")
         self.max_context = min(limit, max_context) if max_context else limit
-        self.eos_token_ids = frozenset(eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer))
+        if eos_token_ids is None:
+            eos_token_ids = default_eos_ids(model, tokenizer)
+        self.eos_token_ids = frozenset(eos_token_ids)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._cond = threading.Condition()
@@ -261,10 +264,10 @@ class Engine:
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ValueError / ContextLengthError if the request cannot run."""
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise UserInputError("the prompt is empty")
         vocab = self.runner.embed.num_embeddings
         if any(not 0 <= int(t) < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+            raise UserInputError(f"prompt token ids must lie in [0, {vocab})")
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.max_context} "
                                      "tokens, and at least one must be left to generate")
@@ -394,7 +397,7 @@ class Engine:
             return len(batch)
         now = time.perf_counter()
         done, sampled = [], 0
-        for request, ids, row in zip(batch, new_ids, logits):
+        for request, ids, row in zip(batch, new_ids, logits, strict=True):
             if request.prefilled < len(request.prompt_ids):
                 request.prefilled += len(ids)
                 if request.prefilled < len(request.prompt_ids):
@@ -470,7 +473,7 @@ class Engine:
             span = min(self._window, now - self._recent[0][0]) if self._recent else 0.0
             recent = sum(n for _, n in self._recent)
             cumulative, buckets = 0, []
-            for bound, count in zip((*TTFT_BUCKETS, float("inf")), self._ttft_counts):
+            for bound, count in zip((*TTFT_BUCKETS, float("inf")), self._ttft_counts, strict=True):
                 cumulative += count
                 buckets.append((bound, cumulative))
             return EngineStats(

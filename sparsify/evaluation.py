@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.downstream import METRICS, TASKS, TaskSpec
+from sparsify.errors import ConfigError, DataError, ModelLoadError
 from sparsify.io import atomic_dir, atomic_write_jsonl, atomic_write_text
 from sparsify.sandbox import SandboxPolicy, check_isolation, run_untrusted
 
@@ -195,10 +196,10 @@ def write_lmeval_tasks(
     pairs = list(specs_and_files.items() if isinstance(specs_and_files, Mapping) else specs_and_files)
     names = [spec.name for spec, _ in pairs]
     if len(set(names)) != len(names):
-        raise ValueError(f"duplicate task names: {names}")
+        raise ConfigError(f"duplicate task names: {names}")
     missing = [str(f) for _, f in pairs if not Path(f).is_file()]
     if missing:
-        raise ValueError(f"test file(s) do not exist: {missing}")
+        raise DataError(f"test file(s) do not exist: {missing}")
     # lm-eval resolves `!function module.f` against module.py next to the YAML
     # (older versions only there), so the hooks live beside the task files.
     hooks = [
@@ -344,7 +345,7 @@ def evaluate_model(
     from lm_eval.models.huggingface import HFLM
 
     if not tasks:
-        raise ValueError("no tasks to evaluate")
+        raise ConfigError("no tasks to evaluate")
     manager = _task_manager(list(tasks), include_path)
     device = device or _default_device()
     model.to(device)
@@ -383,13 +384,13 @@ def load_for_eval(path: str | os.PathLike, dtype=None):
 
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"cannot load checkpoint {path}: not a directory")
+        raise ModelLoadError(f"cannot load checkpoint {path}: not a directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                      **({} if dtype is None else {"dtype": dtype}))
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... by case
-        raise ValueError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     model.eval()
     return model, tokenizer
 
@@ -445,7 +446,7 @@ def code_pass_at_1(
     """
     items = list(problems.values() if isinstance(problems, Mapping) else problems)[:limit]
     if not items:
-        raise ValueError("no problems to evaluate")
+        raise DataError("no problems to evaluate")
     check_isolation(sandbox)  # refuse before generating, not after the first completion
     until = TASKS["humaneval"].until
     was_training = model.training

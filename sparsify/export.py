@@ -81,6 +81,7 @@ from compressed_tensors.quantization import (
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from sparsify.errors import MissingFileError, ModelLoadError
 from sparsify.io import atomic_dir
 from sparsify.kernels.format import PAD_BYTES
 from sparsify.masks import check_masks
@@ -397,17 +398,17 @@ def save_sparse_model(model: nn.Module, masks: Mapping[str, Tensor], path: str |
 def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     file = Path(path) / SPARSE_FILE if Path(path).is_dir() else Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"no {SPARSE_FILE} in {path}")
+        raise MissingFileError(f"no {SPARSE_FILE} in {path}")
     try:
         with safe_open(file, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
     except SafetensorError as err:
-        raise ValueError(f"{file} is corrupt or not a safetensors file: {err}") from err
+        raise ModelLoadError(f"{file} is corrupt or not a safetensors file: {err}") from err
     if metadata.get("format") != SPARSE_FORMAT:
-        raise ValueError(f"{file} is not in the {SPARSE_FORMAT} format (format={metadata.get('format')!r})")
+        raise ModelLoadError(f"{file} is not in the {SPARSE_FORMAT} format (format={metadata.get('format')!r})")
     if metadata.get("version") != SPARSE_VERSION:
-        raise ValueError(f"{file}: unsupported {SPARSE_FORMAT} version {metadata.get('version')!r}")
+        raise ModelLoadError(f"{file}: unsupported {SPARSE_FORMAT} version {metadata.get('version')!r}")
     return tensors, metadata
 
 

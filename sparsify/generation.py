@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from sparsify.errors import UserInputError
+
 REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
 
 
@@ -45,15 +47,15 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise UserInputError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not self.temperature >= 0:  # also catches nan
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise UserInputError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise UserInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise UserInputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+            raise UserInputError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:
@@ -212,7 +214,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     ValueError if the tokenizer has no chat template (a base model).
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template (a base model?): use plain completion "
+        raise UserInputError("the tokenizer has no chat template (a base model?): use plain completion "
                          "(`sparsellama generate`, /v1/completions) instead")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False).input_ids

@@ -42,8 +42,8 @@ has f, so Σin² = 3d² + f²):
 * device (one decoder layer at a time): its weights ``(4d² + 3df)·b`` + the Hessians
   ``4·Σin²`` bytes (each freed once its Linears are pruned) + the SparseGPT workspace of
   the widest Linear ``≈ 4·(2·in² + 2·out·in)`` bytes (H and U, W's work copy and the
-  error's delta; the factorisation itself needs H and one in×in buffer) + one mini-batch's forward ``≈ B·L·(3f·b + 8f)`` (MLP
-  activations and the hooks' fp32 copies; plus ``B·heads·L²·b`` for eager attention).
+  error's delta; the factorisation itself needs H and one in×in buffer) + one mini-batch's
+  forward ``≈ B·L·(3f·b + 8f)`` (MLP activations and the hooks' fp32 copies; plus ``B·heads·L²·b`` for eager attention).
 
 Llama-2-7B (d=4096, f=11008), bf16, N=128, L=2048: host buffer 2.1 GB; device ≈ 0.4 GB
 weights + 0.7 GB Hessians + 1.3 GB workspace + the mini-batch. README "Cost at 7B" has
@@ -67,12 +67,10 @@ directory is kept after success (a rerun returns at once); delete it when done.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -86,6 +84,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from sparsify.fingerprint import fingerprint as fingerprint_of
+from sparsify.io import atomic_path
 from sparsify.masks import check_masks, find_decoder_layers, matches_any, prunable_linear_names, validate_masks
 from sparsify.pruning import (
     PruneConfig,
@@ -625,12 +625,6 @@ class _QuantizeJob:
 # --------------------------------------------------------------------------- resume state
 
 
-def _hash_tensor(digest: Any, tensor: Tensor) -> None:
-    t = tensor.detach().cpu().contiguous()
-    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    digest.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
-
-
 def _fingerprint(
     model: nn.Module,
     calib: Tensor,
@@ -644,31 +638,17 @@ def _fingerprint(
     processed weight names; the mini-batch size is included because it changes the fp32
     accumulation order. The config's JSON also tells pruning and quantization runs apart.
     """
-    digest = hashlib.sha256()
-    digest.update(f"v{_FORMAT_VERSION}|{cfg.model_dump_json()}|batch={batch_size}|".encode())
-    _hash_tensor(digest, calib)
-    _hash_tensor(digest, model.get_input_embeddings().weight)
-    digest.update("|".join(prunable_linear_names(model, cfg.ignore)).encode())
-    for name in sorted(masks or {}):
-        digest.update(name.encode())
-        _hash_tensor(digest, masks[name])
-    return digest.hexdigest()
+    return fingerprint_of({
+        "version": _FORMAT_VERSION, "config": cfg, "batch": batch_size, "calibration": calib,
+        "embeddings": model.get_input_embeddings().weight, "layers": prunable_linear_names(model, cfg.ignore),
+        "masks": dict(masks or {}),
+    })
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Stream tensors to a temp file, fsync, rename (the activations may be GBs: no bytes copy)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _layer_file(root: Path, index: int) -> Path:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsify.errors import ModelLoadError
 from sparsify.export import SPARSE_FILE, SPARSE_FORMAT, SPARSE_VERSION, SparseLayer, int4_row_codes
 from sparsify.kernels import PackedWeight
 from sparsify.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows, row_sums
@@ -44,8 +45,6 @@ from sparsify.safetensors_io import SafetensorsReadError, read_safetensors_mmap
 
 logger = logging.getLogger(__name__)
 
-class ModelLoadError(ValueError):
-    """A folder that cannot be loaded into the runtime; the message names the path and the cause."""
 
 
 class UnsupportedLayer(ModelLoadError):

@@ -27,7 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from sparsify.io import atomic_write_bytes
+from sparsify.errors import DataError, MissingFileError
+from sparsify.io import atomic_path, atomic_write_bytes
 
 # Where Llama-family models keep their decoder layers: `LlamaForCausalLM` and a bare `LlamaModel`.
 _DECODER_LAYER_PATHS = ("model.layers", "layers")
@@ -110,11 +111,11 @@ def load_masks(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read masks written by :func:`save_masks`, as bool tensors on the CPU."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"mask file not found: {path}")
+        raise MissingFileError(f"mask file not found: {path}")
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"mask file {path} is corrupt or not a safetensors file: {err}") from err
+        raise DataError(f"mask file {path} is corrupt or not a safetensors file: {err}") from err
     return {name: _as_bool_mask(name, t) for name, t in tensors.items()}
 
 
@@ -124,9 +125,9 @@ def load_masks(path: str | os.PathLike) -> dict[str, Tensor]:
 def _fitting_mask(name: str, mask: Tensor, params: Mapping[str, Tensor]) -> Tensor:
     """``mask`` as bool, after checking it names a parameter of ``params`` with its shape."""
     if name not in params:
-        raise ValueError(f"mask {name!r} names no parameter of the model")
+        raise DataError(f"mask {name!r} names no parameter of the model")
     if tuple(mask.shape) != tuple(params[name].shape):
-        raise ValueError(
+        raise DataError(
             f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has {tuple(params[name].shape)}"
         )
     return _as_bool_mask(name, mask)
@@ -227,8 +228,5 @@ def plot_sparsity(report: Mapping, path: str | os.PathLike) -> None:
     ax.set_ylabel("sparsity (fraction of zeros)")
     ax.set_title("sparsity per layer")
     ax.legend(loc="lower right")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparsify.errors import DataError
+
 
 def check_token_ids(ids: torch.Tensor | np.ndarray, model, what: str) -> None:
     """Raise ValueError when an id in `ids` has no row in the model's embedding.
@@ -22,7 +24,7 @@ def check_token_ids(ids: torch.Tensor | np.ndarray, model, what: str) -> None:
     top = int(ids.max())
     low = int(ids.min())
     if top >= rows or low < 0:
-        raise ValueError(f"{what} holds token id {top if top >= rows else low}, outside the model's embedding "
+        raise DataError(f"{what} holds token id {top if top >= rows else low}, outside the model's embedding "
                          f"[0, {rows}): the data was tokenized with a different tokenizer than the model's")
 
 
@@ -37,7 +39,7 @@ def token_nll(model, blocks: np.ndarray, *, max_blocks: int | None = None, batch
     """
     n = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
     if n == 0:
-        raise ValueError("no validation blocks to evaluate")
+        raise DataError("no validation blocks to evaluate")
     check_token_ids(np.asarray(blocks[:n]), model, "the validation blocks")
     was_training = model.training
     model.eval()

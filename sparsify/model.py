@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from sparsify.config import ArchConfig
+from sparsify.errors import ConfigError, ModelLoadError
 from sparsify.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("project.device is 'cuda' but CUDA is not available; use 'auto' or 'cpu'")
+        raise ConfigError("project.device is 'cuda' but CUDA is not available; use 'auto' or 'cpu'")
     return torch.device(device)
 
 
@@ -80,9 +81,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError depending on what is wrong
-        raise ValueError(f"cannot load a causal LM from {path}: {exc}") from exc
+        raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from exc
     if not hasattr(getattr(model, "model", None), "layers"):
-        raise ValueError(f"{path}: {type(model).__name__} has no decoder layers (model.model.layers)")
+        raise ModelLoadError(f"{path}: {type(model).__name__} has no decoder layers (model.model.layers)")
     model.eval()
     return model
 

@@ -77,6 +77,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from sparsify.errors import ConfigError, DataError, UserInputError
 from sparsify.pruning import _obs_sweep, _prepare, check_ignore_patterns
 
 log = logging.getLogger(__name__)
@@ -110,19 +111,19 @@ class QuantScheme:
 def check_scheme(scheme: QuantScheme, in_features: int | None = None) -> None:
     """ValueError for an unsupported bit width or group size (or one that does not fit ``in_features``)."""
     if scheme.weight_bits not in SUPPORTED_WEIGHT_BITS:
-        raise ValueError(f"weight_bits must be one of {SUPPORTED_WEIGHT_BITS}, got {scheme.weight_bits}")
+        raise ConfigError(f"weight_bits must be one of {SUPPORTED_WEIGHT_BITS}, got {scheme.weight_bits}")
     if scheme.activation_bits is not None and scheme.activation_bits not in SUPPORTED_ACTIVATION_BITS:
-        raise ValueError(
+        raise ConfigError(
             f"activation_bits must be one of {SUPPORTED_ACTIVATION_BITS} or null, got {scheme.activation_bits}"
         )
     g = scheme.group_size
     if g is not None:
         if g <= 0 or g % GROUP_ALIGNMENT:
-            raise ValueError(f"group_size must be a positive multiple of {GROUP_ALIGNMENT} (or null), got {g}")
+            raise ConfigError(f"group_size must be a positive multiple of {GROUP_ALIGNMENT} (or null), got {g}")
         if in_features is not None and g > in_features:
-            raise ValueError(f"group_size {g} is larger than the input width {in_features}")
+            raise ConfigError(f"group_size {g} is larger than the input width {in_features}")
         if in_features is not None and in_features % g:
-            raise ValueError(f"group_size {g} does not divide the input width {in_features}")
+            raise ConfigError(f"group_size {g} does not divide the input width {in_features}")
 
 
 class QuantConfig(BaseModel):
@@ -524,8 +525,8 @@ def check_not_quantized(source: nn.Module | str | os.PathLike) -> None:
         try:
             config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+            raise DataError(f"{config_file} is not valid JSON: {err}") from err
         reason = _quantized_because(config)
         where = str(path)
     if reason is not None:
-        raise ValueError(f"{where} is already quantized: {reason}; quantize the unquantized checkpoint instead")
+        raise UserInputError(f"{where} is already quantized: {reason}; quantize the unquantized checkpoint instead")

@@ -17,6 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from sparsify.downstream import METRICS, TASKS
+from sparsify.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def primary_metric(task: str, available: set[str] | frozenset[str]) -> str:
         if variants:
             return variants[0]
     if not available:
-        raise ValueError(f"task {task!r}: no metric reported by both runs")
+        raise DataError(f"task {task!r}: no metric reported by both runs")
     return sorted(available)[0]
 
 
@@ -61,7 +62,7 @@ def primary_metrics(
         common = set(metrics[task]) & set(dense.get(task, {}))
         main = (primary or {}).get(task) or primary_metric(task, common)
         if main not in common:
-            raise ValueError(f"task {task!r}: primary metric {main!r} missing (sparse has {sorted(metrics[task])}, "
+            raise DataError(f"task {task!r}: primary metric {main!r} missing (sparse has {sorted(metrics[task])}, "
                              f"dense has {sorted(dense.get(task, {}))})")
         chosen[task] = main
     return chosen
@@ -70,10 +71,10 @@ def primary_metrics(
 def metric_recovery(task: str, metric: str, value: float, dense: float) -> float:
     """Recovery of one metric; ValueError when it is undefined (non-finite, zero or negative)."""
     if not (math.isfinite(value) and math.isfinite(dense)):
-        raise ValueError(f"{task}/{metric}: values must be finite (sparse={value}, dense={dense})")
+        raise DataError(f"{task}/{metric}: values must be finite (sparse={value}, dense={dense})")
     numerator, denominator, which = (value, dense, "dense") if higher_is_better(metric) else (dense, value, "sparse")
     if denominator <= 0:
-        raise ValueError(f"{task}/{metric}: {which} value is {denominator}; recovery is undefined")
+        raise DataError(f"{task}/{metric}: {which} value is {denominator}; recovery is undefined")
     return numerator / denominator
 
 
@@ -88,12 +89,12 @@ def recovery(metrics: TaskMetrics, dense: TaskMetrics, *, primary: Mapping[str, 
     missing_dense = sorted(set(metrics) - set(dense))
     missing_sparse = sorted(set(dense) - set(metrics))
     if missing_dense or missing_sparse:
-        raise ValueError(
+        raise DataError(
             f"tasks differ: no dense result for {missing_dense}, no result for dense tasks {missing_sparse}")
     if not metrics:
-        raise ValueError("no tasks to compute recovery for")
+        raise DataError("no tasks to compute recovery for")
     if "mean" in metrics:
-        raise ValueError("a task named 'mean' would collide with recovery/mean")
+        raise DataError("a task named 'mean' would collide with recovery/mean")
     out: dict[str, float] = {}
     primaries = []
     for task, main in primary_metrics(metrics, dense, primary=primary).items():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.claims import Claim
+from sparsify.errors import DataError
 from sparsify.io import atomic_write_bytes, atomic_write_text
 from sparsify.recovery import primary_metrics, recovery_where_defined
 
@@ -108,11 +109,11 @@ def _validate_curve(points: Sequence[Mapping[str, Any]]) -> None:
     for index, point in enumerate(points):
         missing = {"method", "sparsity", "ppl"} - set(point)
         if missing:
-            raise ValueError(f"ppl_curve point {index}: missing {sorted(missing)}")
+            raise DataError(f"ppl_curve point {index}: missing {sorted(missing)}")
         if not 0.0 <= float(point["sparsity"]) <= 1.0:
-            raise ValueError(f"ppl_curve point {index}: sparsity {point['sparsity']} is not a fraction in [0, 1]")
+            raise DataError(f"ppl_curve point {index}: sparsity {point['sparsity']} is not a fraction in [0, 1]")
         if not (math.isfinite(float(point["ppl"])) and float(point["ppl"]) > 0):
-            raise ValueError(f"ppl_curve point {index}: ppl {point['ppl']} is not a positive finite number")
+            raise DataError(f"ppl_curve point {index}: ppl {point['ppl']} is not a positive finite number")
 
 
 def plot_ppl_vs_sparsity(points: Sequence[Mapping[str, Any]], path: Path) -> None:

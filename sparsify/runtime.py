@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from sparsify.errors import UserInputError
 from sparsify.kernels import PackedWeight, dequantize, kernel_isa, pack, sparse_linear
 from sparsify.masks import find_decoder_layers, matches_any
 
@@ -169,7 +170,7 @@ def sparsify_model(
     ``{module name: sparsity}`` of the replaced layers.
     """
     if not 0.0 <= min_sparsity <= 1.0:
-        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+        raise UserInputError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
     mode = _quant_mode(int8, int4)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsify.errors import DataError
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -28,7 +30,7 @@ DTYPES = {
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-class SafetensorsReadError(ValueError):
+class SafetensorsReadError(DataError):
     """A file that is not a readable safetensors file; the message names it and the cause."""
 
 

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sparsify.engine import ContextLengthError, Engine, Output, QueueFull, Request
+from sparsify.errors import UserInputError
 from sparsify.generation import SamplingParams, chat_prompt_ids
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class _Sampling(BaseModel):
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop: up to 4 non-empty strings")
+            raise UserInputError("stop: up to 4 non-empty strings")
         return stops
 
     def sampling(self, max_tokens: int) -> SamplingParams:
@@ -93,7 +94,7 @@ class CompletionRequest(_Sampling):
     def _one_prompt(cls, v):
         if isinstance(v, list) and v and isinstance(v[0], str):
             if len(v) != 1:
-                raise ValueError("one prompt per request (send several requests; they are batched together)")
+                raise UserInputError("one prompt per request (send several requests; they are batched together)")
             return v[0]
         return v
 
@@ -371,10 +372,7 @@ def create_app(engine: Engine, name: str):
                 raise APIError(400, f"{field_name} is not supported by this server", param=field_name)
         if body.best_of not in (None, 1):
             raise APIError(400, "best_of > 1 is not supported by this server", param="best_of")
-        if isinstance(body.prompt, str):
-            prompt_ids = tokenizer(body.prompt).input_ids
-        else:
-            prompt_ids = list(body.prompt)
+        prompt_ids = tokenizer(body.prompt).input_ids if isinstance(body.prompt, str) else list(body.prompt)
         params = body.sampling(max_tokens(body.max_tokens, len(prompt_ids), 16))  # OpenAI's default: 16
         request, outputs = submit(http_request, prompt_ids, params)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from sparsify.distill import IGNORE_INDEX
+from sparsify.errors import ConfigError, DataError
 from sparsify.trainer import Batch, sample_indices
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def fit_length(prompt: Sequence[int], target: Sequence[int], max_length: int,
     the target is cut (from the right) only when it alone does not fit.
     """
     if max_length <= keep_prefix:
-        raise ValueError(f"max_length ({max_length}) must exceed the {keep_prefix} kept prefix tokens")
+        raise ConfigError(f"max_length ({max_length}) must exceed the {keep_prefix} kept prefix tokens")
     excess = len(prompt) + len(target) - max_length
     if excess <= 0:
         return [*prompt, *target], len(prompt)
@@ -77,9 +78,9 @@ def _prompt_and_target(record: Any, index: int) -> tuple[str, str]:
     """Check one record's fields; errors name the record index and the field."""
     for name in ("prompt", "target"):
         if not isinstance(record, Mapping) or name not in record:
-            raise ValueError(f"fine-tuning record {index}: missing field {name!r}")
+            raise DataError(f"fine-tuning record {index}: missing field {name!r}")
         if not isinstance(record[name], str):
-            raise ValueError(f"fine-tuning record {index}: field {name!r} must be a string, "
+            raise DataError(f"fine-tuning record {index}: field {name!r} must be a string, "
                              f"got {type(record[name]).__name__}")
     return record["prompt"], record["target"]
 
@@ -90,7 +91,7 @@ class SFTDataset:
     def __init__(self, examples: Sequence[tuple[Sequence[int], int]], pad_id: int) -> None:
         """`examples`: (token ids, number of leading prompt tokens) pairs."""
         if not examples:
-            raise ValueError("no fine-tuning examples")
+            raise DataError("no fine-tuning examples")
         self._ids = [np.asarray(ids, dtype=np.int64) for ids, _ in examples]
         self._n_prompt = [int(n) for _, n in examples]
         self.pad_id = int(pad_id)
@@ -120,7 +121,7 @@ class SFTDataset:
         targets = [render_target(r) if render_target else t for r, (_, t) in zip(records, pairs, strict=True)]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_id is None:
-            raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
+            raise DataError("the tokenizer has neither a pad nor an EOS token to pad with")
         eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
         prompt_ids = encode_prompts(tokenizer, prompts)
         target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"] if targets else []

@@ -45,7 +45,6 @@ checkpoint resumes on any number of ranks (DCP reshards on load), with or withou
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import logging
@@ -64,9 +63,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -79,6 +78,8 @@ from tqdm.auto import tqdm
 
 from sparsify.config import TrainConfig
 from sparsify.distill import KDWeights, check_teacher, cross_entropy_sum, freeze, objective, target_positions
+from sparsify.errors import ConfigError, DataError, MissingFileError
+from sparsify.fingerprint import fingerprint
 from sparsify.io import atomic_dir, atomic_write_json, replace_dir
 from sparsify.masks import find_decoder_layers, validate_masks
 from sparsify.metrics import check_token_ids
@@ -254,12 +255,7 @@ def masks_fingerprint(masks: Mapping[str, Tensor] | None) -> str:
     """A short hash of the masks' names, shapes and bits (a resume must use the same masks)."""
     if not masks:
         return "none"
-    digest = hashlib.sha256()
-    for name in sorted(masks):
-        bits = masks[name].detach().to("cpu", torch.bool).contiguous().numpy()
-        digest.update(f"{name}:{tuple(bits.shape)}:".encode())
-        digest.update(np.packbits(bits).tobytes())
-    return digest.hexdigest()[:16]
+    return fingerprint({name: m.detach().to("cpu", torch.bool) for name, m in masks.items()}, length=16)
 
 
 # --------------------------------------------------------------------------- processes
@@ -316,7 +312,7 @@ def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.devi
     """
     if cfg.fsdp:
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("train.fsdp needs a process group: launch the script with torchrun")
+            raise ConfigError("train.fsdp needs a process group: launch the script with torchrun")
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6
 
         for layer in find_decoder_layers(model)[1]:
@@ -363,7 +359,7 @@ def _activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]
         yield
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     try:
         yield
@@ -394,10 +390,6 @@ def trajectory_config(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     """The settings that decide the weights after each step (what a resume must match)."""
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_TRAJECTORY}
     return {**settings, "seed": seed}
-
-
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -477,7 +469,7 @@ def checkpoint_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     if (path / WEIGHTS_FILE).is_file():
         return load_file(path / WEIGHTS_FILE)
     if not (path / SHARDS_DIR).is_dir():
-        raise FileNotFoundError(f"{path} holds no training checkpoint ({WEIGHTS_FILE} or {SHARDS_DIR}/)")
+        raise MissingFileError(f"{path} holds no training checkpoint ({WEIGHTS_FILE} or {SHARDS_DIR}/)")
     with tempfile.TemporaryDirectory() as tmp:  # DCP's own converter: shards → one torch.save file
         dcp_to_torch_save(path / SHARDS_DIR, Path(tmp) / "full.pt")
         return torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)["model"]
@@ -491,17 +483,17 @@ def read_checkpoint_state(path: Path, expected_config: dict, masks_fp: str) -> d
         return None
     state = json.loads(state_path.read_text())
     if state.get("format") not in (CHECKPOINT_FORMAT, SHARDED_FORMAT):
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT} "
+        raise DataError(f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT} "
                          f"or {SHARDED_FORMAT}")
     if state["config_fingerprint"] != fingerprint(expected_config):
         saved = state["config"]
         diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {expected_config.get(k)!r} now"
                  for k in sorted(set(saved) | set(expected_config)) if saved.get(k) != expected_config.get(k)]
-        raise ValueError(f"checkpoint {path} was written by a different training configuration "
+        raise ConfigError(f"checkpoint {path} was written by a different training configuration "
                          f"({'; '.join(diffs)}); resume with the same train config and seed, "
                          f"or use an empty checkpoint_dir")
     if state["masks_fingerprint"] != masks_fp:
-        raise ValueError(f"checkpoint {path} was written with different masks ({state['masks_fingerprint']}, "
+        raise ConfigError(f"checkpoint {path} was written with different masks ({state['masks_fingerprint']}, "
                          f"now {masks_fp}); resume with the masks it was trained with")
     return state
 
@@ -527,7 +519,7 @@ def evaluate(model: nn.Module, source: BatchSource, *, max_rows: int, batch_size
         count += batch.n_targets
     model.train(was_training)
     if count == 0:
-        raise ValueError("validation data has no target tokens")
+        raise DataError("validation data has no target tokens")
     return total / count
 
 
@@ -546,7 +538,7 @@ def _teacher_for(student: nn.Module, teacher: nn.Module | None, weights: KDWeigh
             log.warning("a teacher was given but kd_kl and kd_squarehead are 0: it is not used")
         return None
     if teacher is None:
-        raise ValueError("kd_kl or kd_squarehead > 0 needs a teacher model")
+        raise ConfigError("kd_kl or kd_squarehead > 0 needs a teacher model")
     check_teacher(student, teacher, weights)
     dtype = None
     if bf16:
@@ -659,7 +651,7 @@ def train(
     torch.set_flush_denormal(True)  # measured: ~5x slowdown from denormals after ~50 CPU steps without it
     info = init_distributed()
     if cfg.batch_size % info.world:
-        raise ValueError(f"train.batch_size ({cfg.batch_size}) is the global micro-batch and must divide evenly "
+        raise ConfigError(f"train.batch_size ({cfg.batch_size}) is the global micro-batch and must divide evenly "
                          f"over the {info.world} processes")
     device = _resolve_device(device, info)
     if cfg.bf16 == "auto":  # resolved here, so the checkpoint's fingerprint records what ran

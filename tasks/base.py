@@ -16,8 +16,16 @@ from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.masks import sparsity_report
 from sparsify.model import build_llama, count_parameters, load_model, pick_device, save_checkpoint
 from sparsify.trainer import train
-from tasks.common import (Layout, StageResult, is_main_process, provenance, release_resume, resume_dir,
-                          val_perplexities, val_perplexity)
+from tasks.common import (
+    Layout,
+    StageResult,
+    is_main_process,
+    provenance,
+    release_resume,
+    resume_dir,
+    val_perplexities,
+    val_perplexity,
+)
 from tasks.tracking import live_step_logger
 
 log = logging.getLogger(__name__)

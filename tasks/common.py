@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sparsify.config import Config
+from sparsify.errors import SparsellamaError
 from sparsify.io import atomic_write_json
 from sparsify.metrics import token_nll
 
@@ -193,7 +194,7 @@ def read_metrics(path: Path) -> dict[str, float]:
     return out
 
 
-class RootBusy(RuntimeError):
+class RootBusy(SparsellamaError, RuntimeError):
     """Another pipeline run is writing to the same project root."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sparsify.config import Config
 from sparsify.downstream import TaskSpec, get_task, read_task_jsonl
+from sparsify.errors import DataError
 from sparsify.evaluation import evaluate_model, load_for_eval, write_lmeval_tasks
 from sparsify.io import atomic_write_json, atomic_write_jsonl
 from sparsify.loading import UnsupportedLayer, load_runtime_model
@@ -89,7 +90,7 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
     for task in tasks:
         entry = manifest.get(task, {}).get("test")
         if entry is None:
-            raise ValueError(f"task {task!r} has no test split in {layout.task_data}; rerun the taskdata stage")
+            raise DataError(f"task {task!r} has no test split in {layout.task_data}; rerun the taskdata stage")
         specs.append((get_task(task), layout.task_data / entry["file"]))
     sandbox = code_sandbox(cfg, [spec for spec, _ in specs])
     include = cfg.root / ".lmeval" / model  # generated task YAML, rewritten on every run
@@ -123,7 +124,7 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
     if reference is not None:
         ref_file = results_path(layout, reference)
         if not ref_file.is_file():
-            raise ValueError(f"no evaluation of the reference model {reference!r} at {ref_file}; run eval-{reference}")
+            raise DataError(f"no evaluation of the reference model {reference!r} at {ref_file}; run eval-{reference}")
         metrics.update(recovery_where_defined(results, json.loads(ref_file.read_text())["results"])[0])
     out = results_path(layout, model)
     atomic_write_json(out, {"model": model, "variant": variant, "reference": reference, "results": results,

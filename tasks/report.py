@@ -14,6 +14,7 @@ import logging
 from sparsify.claims import paper_claims
 from sparsify.config import Config
 from sparsify.downstream import get_task
+from sparsify.errors import DataError
 from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.recovery import metric_recovery, paired_difference
 from sparsify.report import ReportData, write_report
@@ -98,7 +99,8 @@ def recovery_table(cfg: Config, layout: Layout, levels: dict[str, float],
         # scored on a few hundred test documents, which small models leave within noise.
         stages_of = {"dense": f"ft-dense-{task}", **{f"sparse{lv}": f"ft-sparse{lv}-{task}" for lv in levels},
                      f"sparse{top}-baseline": f"ft-baseline{top}-{task}"}
-        val_loss = {c: (_read(layout.metrics(st)) or {}).get("train", {}).get("val_loss") for c, st in stages_of.items()}
+        val_loss = {c: (_read(layout.metrics(st)) or {}).get("train", {}).get("val_loss")
+                    for c, st in stages_of.items()}
         # The test-split target NLL (eval stage): the same loss on the test documents.
         nll = {c: evals.get(c, {}).get(task, {}).get("target_nll") for c in columns}
         # Whether a difference is more than noise: every fine-tune is scored on the same test
@@ -143,8 +145,8 @@ def quant_table(cfg: Config, layout: Layout, levels: dict[str, float],
     tasks = {}
     for task in cfg.downstream.tasks:
         metric = get_task(task).primary_metric
-        tasks[task] = {"metric": metric, **{v: evals.get(v, {}).get(task, {}).get(metric)
-                                            for v in [f"sparse{top}", *(f"sparse{top}-{s}" for s in cfg.quantize.schemes)]}}
+        variants = [f"sparse{top}", *(f"sparse{top}-{s}" for s in cfg.quantize.schemes)]
+        tasks[task] = {"metric": metric, **{v: evals.get(v, {}).get(task, {}).get(metric) for v in variants}}
     return {"models": rows, "tasks": tasks}
 
 
@@ -219,7 +221,7 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     for m in models:
         found = _read(results_path(layout, m.model))
         if found is None:
-            raise ValueError(f"no evaluation results for {m.model!r}; run eval-{m.model} first")
+            raise DataError(f"no evaluation results for {m.model!r}; run eval-{m.model} first")
         # One column per variant: e.g. "dense" = the base model's perplexity + each task's dense fine-tune.
         evals.setdefault(m.variant, {}).update(found["results"])
         if found.get("sandbox"):

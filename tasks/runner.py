@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 
 from sparsify.config import Config
+from sparsify.fingerprint import file_digest
+from sparsify.fingerprint import fingerprint as fingerprint_of
 from sparsify.io import atomic_write_json
-from tasks.common import (Layout, StageResult, claim_resume, git_commit, is_main_process, read_metrics,
-                          write_metrics)
+from tasks.common import Layout, StageResult, claim_resume, git_commit, is_main_process, read_metrics, write_metrics
 from tasks.stages import Stage, stages, upstream
 from tasks.tracking import Tracker, flatten, stage_monitoring
 
@@ -37,17 +37,6 @@ def section_params(cfg: Config, keys: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (names and contents, sorted)."""
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-            h.update(str(f.relative_to(path)).encode())
-            h.update(f.read_bytes())
-        return h.hexdigest()
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-
-
 def fingerprint(stage: Stage, cfg: Config, table: tuple[Stage, ...] | None = None) -> str:
     """What a stage's outputs are a function of: its config keys, its code, its inputs' fingerprints.
 
@@ -62,10 +51,10 @@ def fingerprint(stage: Stage, cfg: Config, table: tuple[Stage, ...] | None = Non
     payload = {
         "stage": stage.name,
         "params": section_params(cfg, stage.params),
-        "code": {c: _file_digest(REPO / c) for c in stage.code},
+        "code": {c: file_digest(REPO / c) for c in stage.code},
         "deps": deps,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return fingerprint_of(payload)
 
 
 def finished(stage: Stage, cfg: Config, fp: str) -> dict | None:

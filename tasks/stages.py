@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from sparsify.config import Config
+from sparsify.errors import UserInputError
 from tasks import base, benchmark, data, evaluate, prune, quantize, report, taskdata, train_stages
 from tasks.codedeps import code_files
 from tasks.common import Evaluated, StageResult
@@ -231,7 +232,7 @@ def upstream(table: tuple[Stage, ...], stage: Stage) -> list[str]:
 def get(cfg: Config, name: str) -> Stage:
     by_name = {s.name: s for s in stages(cfg)}
     if name not in by_name:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(by_name)}")
+        raise UserInputError(f"unknown stage {name!r}; stages: {', '.join(by_name)}")
     return by_name[name]
 
 

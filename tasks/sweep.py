@@ -17,6 +17,7 @@ from functools import partial
 
 from sparsify.config import Config
 from sparsify.data import Corpus
+from sparsify.errors import UserInputError
 from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.layerwise import prune_model
 from sparsify.masks import sparsity_report
@@ -38,7 +39,9 @@ class Point:
 
     @property
     def pattern(self) -> str:
-        return f"{round(self.sparsity * 100)}" if self.structure == "unstructured" else self.structure.replace(":", "of")
+        if self.structure == "unstructured":
+            return f"{round(self.sparsity * 100)}"
+        return self.structure.replace(":", "of")
 
     @property
     def name(self) -> str:
@@ -54,7 +57,7 @@ def points(methods: list[str], sparsities: list[float], structures: list[str]) -
         else:
             n, _, m_ = structure.partition(":")
             if not (n.isdigit() and m_.isdigit() and int(m_) > 0):
-                raise ValueError(f"pruning sweep structure {structure!r}: expected 'unstructured' or N:M, e.g. 2:4")
+                raise UserInputError(f"pruning sweep structure {structure!r}: expected 'unstructured' or N:M, e.g. 2:4")
             out += [Point(m, 1 - int(n) / int(m_), structure) for m in methods]
     return out
 
@@ -65,7 +68,7 @@ def point_config(cfg: Config, point: Point) -> PruneConfig:
         return PruneConfig.model_validate({**cfg.prune.model_dump(), "method": point.method,
                                            "sparsity": point.sparsity, "structure": point.structure})
     except ValueError as err:
-        raise ValueError(f"pruning sweep point {point.name}: {err}") from None
+        raise UserInputError(f"pruning sweep point {point.name}: {err}") from None
 
 
 def prune_point(cfg: Config, *, point: Point) -> StageResult:
@@ -109,7 +112,7 @@ def markdown(dense: float, rows: list[dict]) -> str:
 def sweep_stages(pts: list[Point]) -> tuple[Stage, ...]:
     """The sweep's stages: one per point (after `base`), then the summary."""
     if not pts:
-        raise ValueError("the pruning sweep has no points: give at least one method and one sparsity or structure")
+        raise UserInputError("the pruning sweep has no points: give at least one method and one sparsity or structure")
     table = [Stage(name=p.name, run=partial(prune_point, point=p), params=("project.device", "prune",
                                                                          "evaluate.val_blocks"),
                    deps=("models/base", CORPUS), outs=(f"{OUT}/{p.name}.json",))

@@ -25,6 +25,7 @@ from sparsify.downstream import (
     text_records,
     write_task_jsonl,
 )
+from sparsify.errors import ConfigError
 from sparsify.io import atomic_dir, atomic_write_json
 from tasks.common import Layout, StageResult
 
@@ -42,7 +43,7 @@ def task_records(cfg: Config, task: str) -> dict[str, list[dict]]:
     if task == "humaneval":  # evaluation only; code fine-tuning data is evol_codealpaca
         return {"train": [], "test": load_humaneval(limit=d.test_size)}
     if task not in DATASETS:
-        raise ValueError(f"task {task!r} has no data source; known: arithmetic, docsum, humaneval, {sorted(DATASETS)}")
+        raise ConfigError(f"task {task!r} has no data source; known: arithmetic, docsum, humaneval, {sorted(DATASETS)}")
     files = d.data_files.get(task, {})
     if "test" not in DATASETS[task].splits and "test" not in files:
         # Dolly, Open-Platypus and evol-codealpaca publish one split: hold out a test split from it,

@@ -21,14 +21,14 @@ import torch
 from sparsify.config import Config, TrainConfig
 from sparsify.data import Corpus
 from sparsify.downstream import get_task, read_task_jsonl
+from sparsify.errors import ConfigError
 from sparsify.evaluation import load_for_eval
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.masks import check_masks, save_masks, sparsity_report
 from sparsify.model import bf16_supported, pick_device, save_checkpoint
 from sparsify.sft import SFTDataset
 from sparsify.trainer import PackedBlocks, TrainResult, train
-from tasks.common import (Layout, StageResult, is_main_process, provenance, release_resume, resume_dir,
-                          val_perplexities)
+from tasks.common import Layout, StageResult, is_main_process, provenance, release_resume, resume_dir, val_perplexities
 from tasks.prune import MASKS, input_masks
 from tasks.tracking import live_step_logger
 
@@ -47,7 +47,7 @@ def _train_and_save(cfg: Config, *, name: str, source: str, output: str, teacher
     teacher_model = None
     if needs_teacher:
         if teacher is None:
-            raise ValueError(f"{name}: KD weights are set (kd_kl/kd_squarehead) but this stage has no teacher")
+            raise ConfigError(f"{name}: KD weights are set (kd_kl/kd_squarehead) but this stage has no teacher")
         # train.teacher_bf16 on a device with native bf16: read the teacher's weights straight into
         # bf16 (the trainer would cast it anyway; at 7B the fp32 copy alone is 27 GB of host memory).
         bf16 = train_cfg.teacher_bf16 and bf16_supported(device)
@@ -123,8 +123,11 @@ def finetune(cfg: Config, *, name: str, task: str, source: str, output: str, tea
     records = read_task_jsonl(layout.task_data / task / "train.jsonl")
     # Hold out a slice of the training records for validation loss (the test split is for evaluation).
     n_val = max(1, len(records) // 20)
-    make = lambda rows: SFTDataset.from_records(rows, tokenizer, cfg.finetune.max_length,  # noqa: E731
-                                                render_prompt=spec.render_prompt, render_target=spec.render_target)
+
+    def make(rows):
+        return SFTDataset.from_records(rows, tokenizer, cfg.finetune.max_length,
+                                       render_prompt=spec.render_prompt, render_target=spec.render_target)
+
     result, _ = _train_and_save(
         cfg, name=name, source=source, output=output, teacher=teacher, train_cfg=tc,
         train_data=make(records[n_val:]), val_data=make(records[:n_val]), variant=variant,

@@ -18,7 +18,6 @@ from sparsify.export import save_sparse_model
 from sparsify.kernels import load_extension
 from sparsify.masks import prunable_linear_names
 from sparsify.quantization import QuantScheme, attach_quantization, rtn_quantize
-
 from tests.llama_fixtures import LLAMA3_CHAT_TEMPLATE, stdlib_texts
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]

@@ -54,12 +54,12 @@ def test_dvc_yaml_and_fingerprint_use_the_derived_lists():
     before = fingerprint(base, cfg)
     import tasks.runner as runner
 
-    original = runner._file_digest
+    original = runner.file_digest
     try:  # a change to a file only the derived list knows about changes the fingerprint
-        runner._file_digest = lambda p: "edited" if p.name == "distill.py" else original(p)
+        runner.file_digest = lambda p: "edited" if p.name == "distill.py" else original(p)
         assert fingerprint(base, cfg) != before
     finally:
-        runner._file_digest = original
+        runner.file_digest = original
 
 
 def test_not_a_repository_module():

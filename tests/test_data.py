@@ -24,7 +24,7 @@ from sparsify.data import (
 )
 from sparsify.io import atomic_dir
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 
 
 def write_docs(folder: Path, prefix: str, n: int, words: int = 60, seed: int = 0, ext: str = ".txt") -> Path:

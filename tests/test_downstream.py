@@ -220,6 +220,7 @@ def test_taskdata_names_splits_smaller_than_asked(smoke_cfg):
               "humaneval": {"train": [], "test": [{}] * test},  # no train split, by design
               HELDOUT: {"test": [{}] * 2}}
     assert shortfalls(smoke_cfg, splits) == [
-        f"task 'docsum' has {train - 1} train records, fewer than downstream.train_size={train}: its source has no more"]
+        f"task 'docsum' has {train - 1} train records, fewer than downstream.train_size={train}: "
+        "its source has no more"]
     splits["docsum"]["train"].append({})
     assert shortfalls(smoke_cfg, splits) == []

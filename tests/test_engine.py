@@ -12,9 +12,12 @@ import torch
 from sparsify.engine import BatchedLlama, ContextLengthError, Engine, QueueFull
 from sparsify.generation import IncrementalDetokenizer, SamplingParams, TextStream, next_token
 from sparsify.loading import load_runtime_model
-
-from tests.serve_fixtures import extension, tokenizer  # noqa: F401  (fixtures)
-from tests.serve_fixtures import sparse_llama, write_sparse_folder
+from tests.serve_fixtures import (
+    extension,  # noqa: F401  (a pytest fixture)
+    sparse_llama,
+    tokenizer,  # noqa: F401  (a pytest fixture)
+    write_sparse_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def test_batched_forward_matches_transformers_logits(models):
             caches.append(cc)
         logits = runner.forward(news, caches)
         assert logits.shape == (len(seqs), 320)
-        for row, seq in zip(logits, seqs):
+        for row, seq in zip(logits, seqs, strict=True):
             torch.testing.assert_close(row, dense(torch.tensor([seq])).logits[0, -1], atol=1e-4, rtol=1e-4)
     assert ca.length == len(a) and cc.length == len(c)
 

@@ -14,7 +14,6 @@ from sparsify import evaluation as ev
 from sparsify.kernels import load_extension
 from sparsify.loading import load_runtime_model
 from sparsify.runtime import SparseLinear
-
 from tests.serve_fixtures import sparse_llama, tiny_tokenizer, write_sparse_folder
 
 TASKS = ["arithmetic", "heldout"]
@@ -77,7 +76,8 @@ def test_eval_stage_scores_through_the_runtime_when_asked(tmp_path):
     results = {}
     for runtime in (False, True):
         root = tmp_path / str(runtime)
-        cfg = smoke_config(root, "tracking.enabled=false", "evaluate.limit=2", f"evaluate.runtime={str(runtime).lower()}")
+        cfg = smoke_config(root, "tracking.enabled=false", "evaluate.limit=2",
+                           f"evaluate.runtime={str(runtime).lower()}")
         layout = Layout.of(cfg)
         model.save_pretrained(layout.model("tiny"))
         tokenizer.save_pretrained(layout.model("tiny"))

@@ -6,9 +6,8 @@ lm-eval's import is slow, so the model, tokenizer, task files and one
 
 from __future__ import annotations
 
-import json
-
 import dataclasses
+import json
 import math
 
 import pytest

@@ -10,8 +10,6 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from tests.conftest import tiny_llama as conftest_tiny_llama
-
 from sparsify.export import (
     SPARSE_FILE,
     load_sparse_layers,
@@ -26,6 +24,7 @@ from sparsify.export import (
 from sparsify.layerwise import prune_model, quantize_model
 from sparsify.pruning import PruneConfig
 from sparsify.quantization import QuantConfig, activation_quantization_disabled, check_not_quantized, quantized_linears
+from tests.conftest import tiny_llama as conftest_tiny_llama
 
 N_SAMPLES, SEQ_LEN = 4, 16
 W8A8 = {}

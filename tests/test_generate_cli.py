@@ -9,9 +9,13 @@ import pytest
 import torch
 
 from flows.cli import main
-
-from tests.serve_fixtures import extension, tokenizer  # noqa: F401  (fixtures)
-from tests.serve_fixtures import sparse_llama, tiny_tokenizer, write_sparse_folder
+from tests.serve_fixtures import (
+    extension,  # noqa: F401  (a pytest fixture)
+    sparse_llama,
+    tiny_tokenizer,
+    tokenizer,  # noqa: F401  (a pytest fixture)
+    write_sparse_folder,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,13 @@ from sparsify.kernels import (
     dequantize,
     kernel_isa,
     load_extension,
+    loader,
+    ops,
     pack,
     sparse_linear,
     torch_sparse_linear,
     unpack,
 )
-from sparsify.kernels import loader, ops
 from sparsify.kernels.loader import ISA_NAMES
 from sparsify.quantization import fake_quantize_per_token
 

@@ -9,12 +9,11 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from tests.conftest import tiny_llama
-
 from sparsify import layerwise
 from sparsify.layerwise import PruneResult, prune_model
 from sparsify.masks import check_masks, prunable_linear_names, sparsity_report
 from sparsify.pruning import PruneConfig
+from tests.conftest import tiny_llama
 
 N_SAMPLES, SEQ_LEN = 6, 12
 

@@ -15,12 +15,16 @@ from transformers import GenerationConfig
 from sparsify.engine import default_eos_ids
 from sparsify.export import save_sparse_model
 from sparsify.loading import ModelLoadError, UnsupportedLayer, load_runtime_model
-from sparsify.safetensors_io import SafetensorsReadError, read_safetensors_mmap
 from sparsify.quantization import QuantScheme
 from sparsify.runtime import SparseLinear, sparsify_model
-
-from tests.serve_fixtures import extension, tokenizer  # noqa: F401  (fixtures)
-from tests.serve_fixtures import quantize_rtn, sparse_llama, write_sparse_folder
+from sparsify.safetensors_io import SafetensorsReadError, read_safetensors_mmap
+from tests.serve_fixtures import (
+    extension,  # noqa: F401  (a pytest fixture)
+    quantize_rtn,
+    sparse_llama,
+    tokenizer,  # noqa: F401  (a pytest fixture)
+    write_sparse_folder,
+)
 
 IDS = torch.tensor([[300, 5, 17, 99, 3, 42, 8, 1, 250], [300, 64, 2, 2, 77, 13, 120, 31, 299]])
 

@@ -8,8 +8,6 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from tests.conftest import tiny_llama
-
 from sparsify.masks import (
     apply_masks,
     check_masks,
@@ -20,6 +18,7 @@ from sparsify.masks import (
     save_masks,
     sparsity_report,
 )
+from tests.conftest import tiny_llama
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 DOWN = "model.layers.1.mlp.down_proj.weight"

@@ -37,7 +37,8 @@ E2E = {
 def fixtures(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("own-llama")
     slim, stack = write_pretraining_files(root / "pretraining")
-    return {"llama2": llama_checkpoint("llama2", root / "llama2"), "llama3": llama_checkpoint("llama3", root / "llama3"),
+    return {"llama2": llama_checkpoint("llama2", root / "llama2"),
+            "llama3": llama_checkpoint("llama3", root / "llama3"),
             "slim": slim, "stack": stack, "tasks": root / "tasks"}
 
 
@@ -163,7 +164,8 @@ def test_token_ids_outside_the_embedding_are_a_clear_error(fixtures, tmp_path):
     model = tiny_llama(vocab_size=128)
     blocks = np.full((2, 16), 5, dtype=np.int64)
     blocks[1, 3] = 300
-    with pytest.raises(ValueError, match=r"validation blocks holds token id 300, outside the model's embedding \[0, 128\)"):
+    with pytest.raises(ValueError,
+                       match=r"validation blocks holds token id 300, outside the model's embedding \[0, 128\)"):
         token_nll(model, blocks)
     cfg = load_config(PARAMS, profile="smoke").base.train.model_copy(update={"steps": 1, "batch_size": 2})
     with pytest.raises(ValueError, match=r"training batch \(step 0\) holds token id 300"):
@@ -199,7 +201,8 @@ def test_validation_draws_on_every_source(fixtures, tmp_path):
     assert set(ppl) == {"ppl/val", "ppl/val/slimpajama", "ppl/val/the_stack"}
     predicted = evaluated.reshape(n, -1)[:, 1:]
     counts = [(predicted == i).sum() for i in range(2)]
-    mixed = (counts[0] * math.log(ppl["ppl/val/slimpajama"]) + counts[1] * math.log(ppl["ppl/val/the_stack"])) / sum(counts)
+    log_ppls = (math.log(ppl["ppl/val/slimpajama"]), math.log(ppl["ppl/val/the_stack"]))
+    mixed = (counts[0] * log_ppls[0] + counts[1] * log_ppls[1]) / sum(counts)
     assert math.log(ppl["ppl/val"]) == pytest.approx(mixed, rel=1e-9)
 
     # The held-out documents (the rolling-perplexity task) come from both sources too.

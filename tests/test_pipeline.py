@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,11 +14,9 @@ import pytest
 import yaml
 
 from flows.cli import main, render_dvc_yaml
-from sparsify.config import load_raw, resolve_raw
-from sparsify.config import load_config
+from sparsify.config import load_config, load_raw, resolve_raw
 from tasks.stages import dvc_layout, stages
 from tests.conftest import PARAMS, REPO
-
 
 STAGES = stages(load_config(PARAMS))
 
@@ -208,6 +207,34 @@ def output_paths() -> set[str]:
     return paths
 
 
+def _dvc_yaml_outs() -> set[str]:
+    """Every out, metric and plot path dvc.yaml declares, its `${item.*}` placeholders filled with a name."""
+    paths = set()
+    for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        entry = entry.get("do", entry)  # foreach / matrix families
+        for key in ("outs", "metrics", "plots"):
+            for out in entry.get(key, []):
+                path = next(iter(out)) if isinstance(out, dict) else out
+                paths.add(re.sub(r"\$\{[^}]*\}", "x", path))
+    return paths
+
+
+def test_pipeline_outputs_are_git_ignored():
+    """Whoever writes the outputs (the flow, `sparsellama stage`, `dvc repro`), git ignores them: each
+    output of the stage table and of dvc.yaml, a file inside it, and the tracking/orchestration state."""
+    paths = output_paths() | _dvc_yaml_outs()
+    assert {"data/corpus", "data/tasks", "models/base", "reports/run", "metrics/data.json"} <= paths
+    queries = sorted(paths | {f"{p}/x" for p in paths})
+    out = subprocess.run(["git", "check-ignore", "--stdin"], cwd=REPO, input="\n".join(queries),
+                         capture_output=True, text=True)
+    assert out.returncode in (0, 1), out.stderr
+    assert sorted(set(queries) - set(out.stdout.split())) == []
+    # ...while the code and data/README.md stay visible to git.
+    kept = subprocess.run(["git", "check-ignore", "data/README.md", "tasks/stages.py", "dvc.yaml", "params.yaml"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert kept.returncode == 1 and kept.stdout == ""
+
+
 def copy_checkout(dest: Path) -> None:
     """The checkout's code into ``dest``, never a user's pipeline outputs (after a `make pipeline` in
     this checkout, copied outputs would be committed in the copy and dvc would refuse them as tracked
@@ -219,7 +246,7 @@ def copy_checkout(dest: Path) -> None:
     for o in output_paths():
         top = o.split("/")[0]
         skip.add(o if top in tracked_tops else top)
-    tooling = {".venv", ".git", "__pycache__", ".cache", ".pytest_cache"}
+    tooling = {".venv", ".git", "__pycache__", ".cache", ".pytest_cache", ".ruff_cache"}
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         rel = Path(folder).relative_to(REPO)

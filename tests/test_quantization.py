@@ -10,8 +10,6 @@ import torch
 from pydantic import ValidationError
 from transformers import LlamaForCausalLM
 
-from tests.conftest import tiny_llama
-
 from sparsify import layerwise
 from sparsify.layerwise import QuantizeResult, prune_model, quantize_model
 from sparsify.masks import check_masks, prunable_linear_names
@@ -32,6 +30,7 @@ from sparsify.quantization import (
     smooth_decoder_layer,
     smoothing_factors,
 )
+from tests.conftest import tiny_llama
 
 F64 = torch.float64
 N_SAMPLES, SEQ_LEN = 6, 16

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import re
 
 import pytest
@@ -99,14 +98,16 @@ def test_recovery_table_from_stage_metrics(tmp_path):
     per_doc = {"ft-dense-docsum": [0.4, 0.5, 0.3], "ft-sparse50-docsum": [0.4, 0.5, 0.3],
                "ft-sparse70-docsum": [0.3, 0.5, 0.3], "ft-baseline70-docsum": [0.2, 0.4, 0.2]}
     for model, values in per_doc.items():
-        rows = [{"task": "docsum", "doc_id": i, "target": "t", "output": "o", "rouge1": v} for i, v in enumerate(values)]
+        rows = [{"task": "docsum", "doc_id": i, "target": "t", "output": "o", "rouge1": v}
+                for i, v in enumerate(values)]
         rows.append({"task": "heldout", "doc_id": 0, "target": ""})
         (layout.reports / "eval").mkdir(parents=True, exist_ok=True)
         (layout.reports / "eval" / f"{model}.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     paired = recovery_table(cfg, layout, {"50": 0.5, "70": 0.7}, evals)["tasks"]["docsum"]["paired"]["rouge1"]
     assert paired["sparse50 - dense"] == {"diff": 0.0, "se": 0.0}
     # sparse70 - dense: -0.1, 0, 0 -> mean -1/30, sample sd sqrt(((−1/15)² + 2(1/30)²)/2) = sqrt(1/300)
-    assert paired["sparse70 - dense"] == {"diff": pytest.approx(-1 / 30), "se": pytest.approx((1 / 300) ** 0.5 / 3 ** 0.5)}
+    assert paired["sparse70 - dense"] == {"diff": pytest.approx(-1 / 30),
+                                          "se": pytest.approx((1 / 300) ** 0.5 / 3 ** 0.5)}
     assert paired["sparse70 - sparse70-baseline"] == {"diff": pytest.approx(0.1), "se": pytest.approx(0.0, abs=1e-12)}
     md = recovery_markdown(recovery_table(cfg, layout, {"50": 0.5, "70": 0.7}, evals))
     assert "| docsum | rouge1 | sparse70 - dense | -0.0333 ± 0.0333 | -1.0 |" in md

@@ -14,7 +14,6 @@ from sparsify.kernels import dequantize, load_extension, pack
 from sparsify.masks import prunable_linear_names
 from sparsify.quantization import QuantScheme, fake_quantize_per_token
 from sparsify.runtime import SparseLinear, sparsify_model
-
 from tests.serve_fixtures import quantize_rtn
 
 

@@ -20,10 +20,12 @@ import torch
 
 from flows.cli import main as cli
 from sparsify.kernels import load_extension
-
 from tests.conftest import REPO
-from tests.serve_fixtures import tokenizer  # noqa: F401  (fixture)
-from tests.serve_fixtures import sparse_llama, write_sparse_folder
+from tests.serve_fixtures import (
+    sparse_llama,
+    tokenizer,  # noqa: F401  (a pytest fixture)
+    write_sparse_folder,
+)
 
 openai = pytest.importorskip("openai")
 
@@ -179,7 +181,8 @@ def test_full_queue_is_refused_and_disconnects_free_their_slots(client, server):
     assert now[cancelled] - before.get(cancelled, 0) == MAX_BATCH + MAX_QUEUE
     assert now["sparsellama_generation_tokens_total"] - before["sparsellama_generation_tokens_total"] < \
         MAX_BATCH * (CONTEXT - 8)  # nobody decoded to the end
-    assert client.completions.create(model="tiny-sparse", prompt="free again", max_tokens=2).usage.completion_tokens == 2
+    again = client.completions.create(model="tiny-sparse", prompt="free again", max_tokens=2)
+    assert again.usage.completion_tokens == 2
 
 
 def test_a_client_that_stops_waiting_for_a_whole_answer_frees_its_slot(server):
@@ -214,7 +217,7 @@ def test_load_levels_complete_without_failures(server, tmp_path):
     out = os.environ.get("SPARSELLAMA_LOADTEST_JSON") or str(tmp_path / "serve_load.json")
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)
-    for level, clients in zip(result["levels"], (1, 4, 16)):
+    for level, clients in zip(result["levels"], (1, 4, 16), strict=True):
         assert level["clients"] == clients and level["requests"] == clients * n
         assert level["failures"] == 0, level["errors"]
         assert level["generated_tokens"] == clients * n * 16

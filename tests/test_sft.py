@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sparsify.data import train_tokenizer
-from sparsify.downstream import generate_arithmetic, get_task
 from sparsify.distill import IGNORE_INDEX
+from sparsify.downstream import generate_arithmetic, get_task
 from sparsify.sft import SFTDataset, fit_length
 from sparsify.trainer import evaluate, train
 from tests.test_trainer import tiny_config, tiny_llama

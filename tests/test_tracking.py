@@ -6,11 +6,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.test_trainer import random_blocks, tiny_config, tiny_llama
-
 from sparsify.config import load_config
 from sparsify.trainer import train
 from tasks.tracking import Tracker, live_step_logger, stage_monitoring
+from tests.test_trainer import random_blocks, tiny_config, tiny_llama
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

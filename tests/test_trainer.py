@@ -10,8 +10,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from tests.conftest import tiny_llama as conftest_tiny_llama
-
 from sparsify import trainer
 from sparsify.config import TrainConfig
 from sparsify.masks import prunable_linear_names
@@ -28,6 +26,7 @@ from sparsify.trainer import (
     mask_gradients,
     train,
 )
+from tests.conftest import tiny_llama as conftest_tiny_llama
 
 VOCAB = 128
 
@@ -211,7 +210,8 @@ def test_bf16_auto_resolves_to_the_device_and_is_recorded(tmp_path, monkeypatch)
     for native in (True, False):
         monkeypatch.setattr(trainer, "bf16_supported", lambda device, native=native: native)
         seen = []
-        monkeypatch.setattr(trainer, "_autocast", lambda device, enabled: seen.append(enabled) or real(device, enabled))
+        monkeypatch.setattr(trainer, "_autocast",
+                            lambda device, enabled, seen=seen: seen.append(enabled) or real(device, enabled))
         ckpt = tmp_path / f"native-{native}"
         train(tiny_llama(), random_blocks(), None, tiny_config(steps=2, bf16="auto", checkpoint_every=2), seed=0,
               progress=False, checkpoint_dir=ckpt)
@@ -237,7 +237,7 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_training():
         for layer in model.model.layers:
             # HF checkpoints a layer's forward (its own hooks stay outside), and the recomputation may stop
             # once it has what backward needs: count calls of the layer's first module.
-            layer.input_layernorm.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            layer.input_layernorm.register_forward_pre_hook(lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1))
         result = train(model, random_blocks(), None, tiny_config(steps=3, gradient_checkpointing=checkpointing),
                        seed=0, progress=False)
         assert not model.is_activation_checkpointing  # the caller gets the model back as it gave it

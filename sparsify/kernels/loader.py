@@ -23,6 +23,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+from sparsify.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 NAME = "sparsellama_kernels"
@@ -129,6 +131,6 @@ def available_isa() -> int:
     cap = os.environ.get("SPARSELLAMA_ISA", "").lower()
     if cap:
         if cap not in ISA_NAMES:
-            raise ValueError(f"SPARSELLAMA_ISA must be one of {ISA_NAMES}, got {cap!r}")
+            raise ConfigError(f"SPARSELLAMA_ISA must be one of {ISA_NAMES}, got {cap!r}")
         isa = min(isa, ISA_NAMES.index(cap))
     return isa

@@ -2,7 +2,8 @@
 
 The fallback (no compiler, non-CPU-kernel platform, or autograd through x) computes the same
 function as the kernels: float formats in fp32 from the exact stored values; W8A8 and W4A8 with the
-same per-token int8 codes and exact integer sums (per scale group for INT4). It unpacks the weight on every call — slow, never wrong.
+same per-token int8 codes and exact integer sums (per scale group for INT4). It unpacks the weight
+on every call — slow, never wrong.
 """
 
 from __future__ import annotations

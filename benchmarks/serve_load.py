@@ -16,7 +16,8 @@ With started servers, the models are served one after another in one run (the fi
 baseline of the ratios), and each also gets: load time, the server's resident memory, the weight
 bytes a decode step reads, batch-1 decode tokens/s (per request: tokens after the first over the
 time after the first) and its share of the bandwidth limit (stream bandwidth ÷ weight bytes, with
-the stream bandwidth measured first, on the idle machine).
+the stream bandwidth measured first, on the idle machine); and, for reference, the engine alone in
+the benchmark's process at the same batch sizes (no HTTP, no load client sharing the cores).
 
 The tests (tests/test_serve.py) run it with small bounds; run it by hand with bigger ones. Speed
 figures depend on the machine: the JSON records the CPU and the kernels' ISA.
@@ -304,6 +305,33 @@ def process_memory_mb(pid: int) -> dict:
     return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
 
 
+def engine_decode(model_dir: str | os.PathLike, *, batches: tuple[int, ...], steps: int = 8,
+                  prompt_len: int = 8) -> dict:
+    """The engine alone, in this process (no HTTP, no load client on the cores): median ms per decode step of
+    ``batch`` sequences at once, after an 8-token prompt each. What the server's figures are read against."""
+    import gc
+
+    from sparsify.engine import BatchedLlama
+    from sparsify.loading import load_runtime_model
+
+    engine = BatchedLlama(load_runtime_model(model_dir).model)
+    rows = {}
+    for batch in batches:
+        caches = [engine.new_cache(prompt_len + steps + 1) for _ in range(batch)]
+        logits = engine.forward([list(range(1, prompt_len + 1))] * batch, caches)
+        times = []
+        for _ in range(steps):
+            nxt = logits.argmax(-1).tolist()
+            start = time.perf_counter()
+            logits = engine.forward([[token] for token in nxt], caches)
+            times.append(time.perf_counter() - start)
+        ms = statistics.median(times) * 1e3
+        rows[batch] = {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms}
+    del engine
+    gc.collect()  # a 7B model's memory must be free before the next model loads
+    return rows
+
+
 def serve_and_load(model_dir: str | os.PathLike, *, clients: tuple[int, ...], requests: int, max_tokens: int,
                    prompt: str, threads: int | None, start_timeout_s: float, stream_gbps: float) -> dict:
     """Start a server on ``model_dir``, run every concurrency level against it, stop it; the figures of
@@ -324,12 +352,15 @@ def serve_and_load(model_dir: str | os.PathLike, *, clients: tuple[int, ...], re
         stop_server(proc)
     nbytes = weight_bytes_per_token(model_dir)
     limit = stream_gbps * 1e9 / nbytes  # tokens/s if every step only streamed the weights once
+    engine = engine_decode(model_dir, batches=clients)
+    for row in engine.values():  # steps/s against the rate at which the weights can be streamed once per step
+        row["pct_bandwidth_limit"] = 100 * (1e3 / row["ms_per_step"]) / limit
     single = next((lv for lv in result["levels"] if lv["clients"] == 1), None)
     decode = single["decode_tokens_per_s_p50"] if single else None
     return result | {
         "model_dir": str(model_dir), "load_s": load_s, "memory_after_load": memory_loaded, "memory_end": memory_end,
         "weight_bytes_per_token": nbytes, "bandwidth_limit_tokens_per_s": limit,
-        "decode_tokens_per_s_batch1": decode,
+        "decode_tokens_per_s_batch1": decode, "engine_in_process": engine,
         "pct_bandwidth_limit": None if decode is None else 100 * decode / limit,
     }
 
@@ -397,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run['load_s']:.0f} s; RSS {mem['rss_mb']:.0f} MB (peak {mem['peak_rss_mb']:.0f}); batch-1 decode "
                   f"{run['decode_tokens_per_s_batch1'] or 0:.2f} tokens/s = {run['pct_bandwidth_limit'] or 0:.0f}% of "
                   f"the bandwidth limit ({run['bandwidth_limit_tokens_per_s']:.2f})")
+            for batch, row in run["engine_in_process"].items():
+                print(f"  engine alone, batch {batch}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_s']:.2f} "
+                      f"tokens/s, steps at {row['pct_bandwidth_limit']:.0f}% of the bandwidth limit")
         for level in run["levels"]:
             print(f"  {level['clients']:>3} clients: {level['requests']} requests, {level['failures']} failed, "
                   f"{level['tokens_per_s']:.2f} tokens/s, latency p50 {sec(level['latency_p50_s'])} "

@@ -52,6 +52,35 @@ class Layout:
         """The record of a finished stage's fingerprint (see tasks.runner)."""
         return self.root / ".stamps" / f"{stage}.json"
 
+    def eval_results(self, model: str) -> Path:
+        """An eval stage's scores (JSON): what the report and later evaluations read."""
+        return self.reports / "eval" / f"{model}.json"
+
+    def eval_samples(self, model: str) -> Path:
+        """Every scored document: the model's output beside the target, with its scores (JSONL)."""
+        return self.reports / "eval" / f"{model}.samples.jsonl"
+
+    def eval_details(self, model: str) -> Path:
+        """lm-eval's own record of the run: task versions, n-shot, task configs (JSON)."""
+        return self.reports / "eval" / f"{model}.lmeval.json"
+
+
+#: A checkpoint's keep-masks file (beside its weights): written by pruning, read by every later stage.
+MASKS = "masks.safetensors"
+
+
+def input_masks(path: Path) -> dict | None:
+    """The masks saved with the checkpoint at ``path``, or None for a dense one."""
+    from sparsify.masks import load_masks
+
+    masks_file = path / MASKS
+    return load_masks(masks_file) if masks_file.is_file() else None
+
+
+def checkpoint_mb(path: Path) -> float:
+    """On-disk size of a checkpoint's weight files (what a deployment ships; the masks are for training)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors") if p.name != MASKS) / 2**20
+
 
 def is_main_process() -> bool:
     """False on the other ranks of a `torchrun` launch: rank 0 alone saves models, writes metrics

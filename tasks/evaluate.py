@@ -31,20 +31,6 @@ from tasks.common import Layout, StageResult
 log = logging.getLogger(__name__)
 
 
-def results_path(layout: Layout, model: str) -> Path:
-    return layout.reports / "eval" / f"{model}.json"
-
-
-def details_path(layout: Layout, model: str) -> Path:
-    """lm-eval's own record of the run: task versions, n-shot, task configs (JSON)."""
-    return layout.reports / "eval" / f"{model}.lmeval.json"
-
-
-def samples_path(layout: Layout, model: str) -> Path:
-    """Every scored document: the model's output beside the target, with its scores (JSONL)."""
-    return layout.reports / "eval" / f"{model}.samples.jsonl"
-
-
 def score_targets(cfg: Config, net, tokenizer, spec: TaskSpec, path: Path) -> list[tuple[float, int]]:
     """Teacher-forced NLL of each test document's reference target given its prompt, formatted
     and cut exactly as fine-tuning does: the fine-tuning loss on the test split, a likelihood
@@ -108,8 +94,8 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
         net, tokenizer = load_for_eval(layout.model(model))
     names = [spec.name for spec, _ in specs] + list(cfg.evaluate.extra_tasks)
     results = evaluate_model(net, tokenizer, names, include_path=include, limit=cfg.evaluate.limit,
-                             batch_size=cfg.evaluate.batch_size, samples_path=samples_path(layout, model),
-                             details_path=details_path(layout, model),
+                             batch_size=cfg.evaluate.batch_size, samples_path=layout.eval_samples(model),
+                             details_path=layout.eval_details(model),
                              device="cpu" if runtime else None)  # the kernels run on the CPU
     per_doc_nll = {}
     for spec, path in specs:
@@ -117,19 +103,19 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
             per_doc = score_targets(cfg, net, tokenizer, spec, path)
             results[spec.name]["target_nll"] = sum(v for v, _ in per_doc) / sum(n for _, n in per_doc)
             per_doc_nll[spec.name] = [{"target_nll": v / n, "target_tokens": n} for v, n in per_doc]
-    samples = samples_path(layout, model)
+    samples = layout.eval_samples(model)
     if per_doc_nll:
         add_to_samples(samples, per_doc_nll)
     metrics = flat_metrics(results)
     if reference is not None:
-        ref_file = results_path(layout, reference)
+        ref_file = layout.eval_results(reference)
         if not ref_file.is_file():
             raise DataError(f"no evaluation of the reference model {reference!r} at {ref_file}; run eval-{reference}")
         metrics.update(recovery_where_defined(results, json.loads(ref_file.read_text())["results"])[0])
-    out = results_path(layout, model)
+    out = layout.eval_results(model)
     atomic_write_json(out, {"model": model, "variant": variant, "reference": reference, "results": results,
                             "runtime": runtime, **({"runtime_unavailable": why_not} if why_not else {}),
                             **({"sandbox": sandbox} if sandbox else {})})
-    details = details_path(layout, model)
+    details = layout.eval_details(model)
     return StageResult(metrics=metrics, outputs=[out, samples, details], variant=variant,
                        artifacts=[out, samples, details], params={"sandbox": sandbox} if sandbox else {})

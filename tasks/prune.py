@@ -9,25 +9,26 @@ from __future__ import annotations
 
 import logging
 import statistics
-from pathlib import Path
 
 from sparsify.config import Config
 from sparsify.data import Corpus, load_tokenizer
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.layerwise import prune_model
-from sparsify.masks import load_masks, plot_sparsity, save_masks, sparsity_report
+from sparsify.masks import plot_sparsity, save_masks, sparsity_report
 from sparsify.model import load_model, pick_device, save_checkpoint, weights_dtype
 from sparsify.pruning import PruneConfig
-from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexities
+from tasks.common import (
+    MASKS,
+    Layout,
+    StageResult,
+    input_masks,
+    provenance,
+    release_resume,
+    resume_dir,
+    val_perplexities,
+)
 
 log = logging.getLogger(__name__)
-
-MASKS = "masks.safetensors"
-
-
-def input_masks(path: Path) -> dict | None:
-    masks_file = path / MASKS
-    return load_masks(masks_file) if masks_file.is_file() else None
 
 
 def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) -> StageResult:

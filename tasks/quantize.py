@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-from pathlib import Path
 
 from sparsify.config import Config
 from sparsify.data import Corpus
@@ -22,15 +21,19 @@ from sparsify.layerwise import quantize_model
 from sparsify.masks import check_masks, save_masks, sparsity_report
 from sparsify.model import pick_device
 from sparsify.quantization import check_not_quantized
-from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexities
-from tasks.prune import MASKS, input_masks
+from tasks.common import (
+    MASKS,
+    Layout,
+    StageResult,
+    checkpoint_mb,
+    input_masks,
+    provenance,
+    release_resume,
+    resume_dir,
+    val_perplexities,
+)
 
 log = logging.getLogger(__name__)
-
-
-def size_mb(path: Path) -> float:
-    """On-disk size of a checkpoint's weight files (what a deployment ships; the masks are for training)."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors") if p.name != MASKS) / 2**20
 
 
 def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, variant: str) -> StageResult:
@@ -65,9 +68,9 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
     metrics = {
         **ppls,
         "sparsity/global": sparsity_report(model, masks)["global"],
-        "size/mb": size_mb(out) - (size_mb(out / "sparse") if (out / "sparse").exists() else 0.0),
-        "size/sparse_format_mb": size_mb(out / "sparse") if (out / "sparse").exists() else 0.0,
-        "size/source_mb": size_mb(src),
+        "size/mb": checkpoint_mb(out) - (checkpoint_mb(out / "sparse") if (out / "sparse").exists() else 0.0),
+        "size/sparse_format_mb": checkpoint_mb(out / "sparse") if (out / "sparse").exists() else 0.0,
+        "size/source_mb": checkpoint_mb(src),
         "quant/recon_error_mean": statistics.fmean(errors) if errors else 0.0,
         "time/quantize_s": result.total_seconds,
     }

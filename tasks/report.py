@@ -18,8 +18,7 @@ from sparsify.errors import DataError
 from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.recovery import metric_recovery, paired_difference
 from sparsify.report import ReportData, write_report
-from tasks.common import Evaluated, Layout, StageResult, git_commit
-from tasks.evaluate import results_path, samples_path
+from tasks.common import Evaluated, Layout, StageResult, checkpoint_mb, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def ppl_curve(cfg: Config, layout: Layout, levels: dict[str, float]) -> list[dic
 
 def _sample_rows(layout: Layout, model: str, task: str) -> list[dict]:
     """`model`'s per-document eval rows on `task` (empty without a samples file)."""
-    path = samples_path(layout, model)
+    path = layout.eval_samples(model)
     if not path.is_file():
         return []
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["task"] == task]
@@ -123,16 +122,14 @@ def quant_table(cfg: Config, layout: Layout, levels: dict[str, float],
                 evals: dict[str, dict[str, dict[str, float]]]) -> dict:
     """Quantization on top of sparsity: perplexity and on-disk size of each sparse model and its
     quantized versions, and the task metrics of the quantized fine-tuned models."""
-    from tasks.quantize import size_mb  # the report stage reads sizes the same way quantize logs them
-
     rows = []
-    base_mb = size_mb(layout.model("base")) if layout.model("base").exists() else None
+    base_mb = checkpoint_mb(layout.model("base")) if layout.model("base").exists() else None
     rows.append({"model": "dense", "ppl_val": (_read(layout.metrics("base")) or {}).get("ppl", {}).get("val"),
                  "size_mb": base_mb, "ppl_change": None})
     for lv in levels:
         sparse = (_read(layout.metrics(f"pretrain{lv}")) or {}).get("ppl", {}).get("val")
         rows.append({"model": f"sparse{lv}", "ppl_val": sparse, "ppl_change": None,
-                     "size_mb": size_mb(layout.model(f"pretrain{lv}")) if layout.model(f"pretrain{lv}").exists()
+                     "size_mb": checkpoint_mb(layout.model(f"pretrain{lv}")) if layout.model(f"pretrain{lv}").exists()
                      else None})
         for scheme in cfg.quantize.schemes:
             m = _read(layout.metrics(f"quant-{scheme}-pretrain{lv}"))
@@ -219,7 +216,7 @@ def run(cfg: Config, *, models: list[Evaluated], levels: dict[str, float]) -> St
     evals: dict[str, dict[str, dict[str, float]]] = {}
     sandboxes: dict[str, list[str]] = {}  # protections generated code ran under -> the models it scored
     for m in models:
-        found = _read(results_path(layout, m.model))
+        found = _read(layout.eval_results(m.model))
         if found is None:
             raise DataError(f"no evaluation results for {m.model!r}; run eval-{m.model} first")
         # One column per variant: e.g. "dense" = the base model's perplexity + each task's dense fine-tune.

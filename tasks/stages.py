@@ -17,15 +17,18 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from sparsify.config import Config
 from sparsify.errors import UserInputError
 from tasks import base, benchmark, data, evaluate, prune, quantize, report, taskdata, train_stages
 from tasks.codedeps import code_files
-from tasks.common import Evaluated, StageResult
+from tasks.common import Evaluated, Layout, StageResult
 
-CORPUS = "data/corpus"
-TASK_DATA = "data/tasks"
+# Output paths relative to project.root, from the one Layout the stages themselves write through.
+_REL = Layout(Path())
+CORPUS = _REL.corpus.as_posix()
+TASK_DATA = _REL.task_data.as_posix()
 HELDOUT = taskdata.HELDOUT
 
 
@@ -191,14 +194,14 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
 
     models = evaluated_models(cfg)
     for m in models:
-        reference = f"reports/eval/{m.reference}.json" if m.reference else None
+        reference = _REL.eval_results(m.reference).as_posix() if m.reference else None
         table.append(Stage(
             name=f"eval-{m.model}",
             run=partial(evaluate.run, model=m.model, variant=m.variant, tasks=m.tasks, reference=m.reference),
             params=("downstream.tasks", "evaluate", "finetune.max_length"),  # targets are cut as fine-tuning cuts them
             deps=(f"models/{m.model}", TASK_DATA, *([reference] if reference else [])),
-            outs=(f"reports/eval/{m.model}.json", f"reports/eval/{m.model}.samples.jsonl",
-                  f"reports/eval/{m.model}.lmeval.json"),
+            outs=tuple(p.as_posix() for p in (_REL.eval_results(m.model), _REL.eval_samples(m.model),
+                                                _REL.eval_details(m.model))),
             # Dense models have no reference, so one dependency fewer: a family of their own.
             family="eval" if m.reference else "eval-dense",
             item=(("model", m.model), ("reference", m.reference)) if m.reference else (("model", m.model),),
@@ -216,7 +219,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
         name="report",
         run=partial(report.run, models=models, levels=dict(zip(levels, cfg.pipeline.sparsities, strict=True))),
         params=("prune.method", "pipeline.sparsities"),
-        deps=(*(f"reports/eval/{m.model}.json" for m in models), "reports/benchmark",
+        deps=(*(_REL.eval_results(m.model).as_posix() for m in models), "reports/benchmark",
               *(["models/pretrain-dense"] if cfg.pipeline.dense_control else [])),
         outs=("reports/run",),
     ))

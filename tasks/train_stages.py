@@ -28,8 +28,17 @@ from sparsify.masks import check_masks, save_masks, sparsity_report
 from sparsify.model import bf16_supported, pick_device, save_checkpoint
 from sparsify.sft import SFTDataset
 from sparsify.trainer import PackedBlocks, TrainResult, train
-from tasks.common import Layout, StageResult, is_main_process, provenance, release_resume, resume_dir, val_perplexities
-from tasks.prune import MASKS, input_masks
+from tasks.common import (
+    MASKS,
+    Layout,
+    StageResult,
+    input_masks,
+    is_main_process,
+    provenance,
+    release_resume,
+    resume_dir,
+    val_perplexities,
+)
 from tasks.tracking import live_step_logger
 
 log = logging.getLogger(__name__)

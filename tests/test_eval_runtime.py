@@ -84,7 +84,7 @@ def test_eval_stage_scores_through_the_runtime_when_asked(tmp_path):
         test = ds.write_task_jsonl(ds.generate_arithmetic(1, 2)["test"], layout.task_data / "arithmetic_test.jsonl")
         (layout.task_data / "manifest.json").write_text(json.dumps({"arithmetic": {"test": {"file": test.name}}}))
         out = stage.run(cfg, model="tiny", variant="sparse60", tasks=("arithmetic",), reference=None)
-        saved = json.loads(stage.results_path(layout, "tiny").read_text())
+        saved = json.loads(layout.eval_results("tiny").read_text())
         assert saved["runtime"] is runtime
         results[runtime] = out.metrics
     assert results[True].keys() == results[False].keys() and "eval/arithmetic/target_nll" in results[True]

@@ -72,18 +72,16 @@ def test_without_isolation_the_eval_stage_refuses_before_loading_anything(tmp_pa
 
 
 def test_unisolated_opt_in_is_recorded_in_the_results(tmp_path, no_bwrap, short_generations):
-    from tasks import evaluate as stage
 
     cfg, layout = code_project(tmp_path, "evaluate.sandbox.allow_unisolated=true")
     out = run_stage(cfg)
-    saved = json.loads(stage.results_path(layout, "tiny").read_text())
+    saved = json.loads(layout.eval_results("tiny").read_text())
     assert saved["sandbox"].startswith("unisolated(") and "guard" in saved["sandbox"]
     assert out.params["sandbox"] == saved["sandbox"]
     assert "eval/humaneval/pass@1" in out.metrics
 
 
 def test_eval_stage_records_the_bwrap_protections(tmp_path, short_generations):
-    from tasks import evaluate as stage
 
     try:
         sbx.check_isolation()
@@ -91,7 +89,7 @@ def test_eval_stage_records_the_bwrap_protections(tmp_path, short_generations):
         pytest.skip(f"no kernel isolation here: {exc}")
     cfg, layout = code_project(tmp_path)
     run_stage(cfg)
-    saved = json.loads(stage.results_path(layout, "tiny").read_text())
+    saved = json.loads(layout.eval_results("tiny").read_text())
     assert saved["sandbox"].startswith("bwrap(") and "net" in saved["sandbox"]
 
 

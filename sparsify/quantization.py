@@ -78,6 +78,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from sparsify.errors import ConfigError, DataError, UserInputError
+from sparsify.grids import as_exact, dequantize, fake_quantize_per_token, quantize_codes, weight_scales
 from sparsify.pruning import _obs_sweep, _prepare, check_ignore_patterns
 
 log = logging.getLogger(__name__)
@@ -192,66 +193,6 @@ class QuantConfig(BaseModel):
         return QuantScheme(self.weight_bits, self.group_size, self.activation_bits)
 
 
-# --------------------------------------------------------------------------- the integer grid
-
-
-def _exact(t: Tensor) -> Tensor:
-    """``t`` in fp32 unless fp64: the grid arithmetic (w / scale, its rounding) is done at least in fp32."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def _grouped(t: Tensor, group_size: int | None) -> Tensor:
-    """``[out, in]`` → ``[out, groups, group]`` (one group of ``in`` columns when per-channel)."""
-    return t.reshape(t.shape[0], -1, group_size or t.shape[1])
-
-
-def weight_scales(
-    W: Tensor, bits: int, group_size: int | None, keep: Tensor | None = None, dtype: torch.dtype | None = None
-) -> Tensor:
-    """Symmetric scales ``[out, groups]``: max|w| / qmax over each row's (group's) kept weights.
-
-    The largest kept weight lands exactly on ±qmax, so round-to-nearest never clips. Pruned
-    entries do not count (in GPTQ's working copy they hold transient compensation that is
-    zeroed later). A group without a nonzero weight gets scale 1: its codes are 0 anyway.
-    """
-    qmax = 2 ** (bits - 1) - 1
-    magnitude = _exact(W.detach()).abs()
-    if keep is not None:
-        magnitude = magnitude.masked_fill(~keep, 0)
-    amax = _grouped(magnitude, group_size).amax(-1)
-    scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    return scales.to(dtype or W.dtype)
-
-
-def quantize_codes(W: Tensor, scales: Tensor, bits: int, group_size: int | None) -> Tensor:
-    """int8 codes ``round(w / scale)`` clamped to ``[−qmax, qmax]`` (computed in W's dtype: pass fp32 or fp64)."""
-    qmax = 2 ** (bits - 1) - 1
-    codes = torch.round(_grouped(W, group_size) / scales.to(W.dtype)[..., None]).clamp_(-qmax, qmax)
-    return codes.reshape(W.shape).to(torch.int8)
-
-
-def dequantize(codes: Tensor, scales: Tensor, group_size: int | None, dtype: torch.dtype | None = None) -> Tensor:
-    """``codes · scale`` computed in the scales' dtype — the same arithmetic as compressed-tensors' dequantization,
-    so an exported checkpoint reproduces these weights bit for bit."""
-    values = _grouped(codes, group_size).to(scales.dtype) * scales[..., None]
-    return values.reshape(codes.shape).to(dtype or scales.dtype)
-
-
-def fake_quantize_per_token(x: Tensor, bits: int = 8) -> Tensor:
-    """Dynamic symmetric quant-dequant of each token (last-dim row) of ``x``.
-
-    The grid is compressed-tensors' (the arithmetic transformers runs on an exported W8A8
-    checkpoint), so the in-memory model and the exported one compute the same logits:
-    ``scale = max|x_t| / 127.5`` (half the int8 range), codes ``round(clamp(x/scale, −128, 127))``;
-    the error stays within scale/2. vLLM's int8 kernels divide by 127 instead — a fraction
-    of a step apart. Computed in x's dtype, as compressed-tensors does.
-    """
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    scale = x.abs().amax(-1, keepdim=True) / ((qmax - qmin) / 2)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round((x / scale).clamp_(qmin, qmax)) * scale
-
-
 class ActivationQuantHook:
     """Forward pre-hook of a Linear: dynamic per-token fake quantization of its input.
 
@@ -313,7 +254,7 @@ def rtn_quantize(W: Tensor, scheme: QuantScheme, *, mask: Tensor | None = None) 
     _check_weight(W, scheme, mask)
     W = W.detach() if mask is None else W.detach().masked_fill(~mask.to(W.device), 0)
     scales = weight_scales(W, scheme.weight_bits, scheme.group_size)
-    codes = quantize_codes(_exact(W), scales, scheme.weight_bits, scheme.group_size)
+    codes = quantize_codes(as_exact(W), scales, scheme.weight_bits, scheme.group_size)
     return _result(W, codes, scales, scheme.group_size)
 
 

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsify.grids import quantize_codes, weight_scales
+
 VALUE_DTYPES = (torch.bfloat16, torch.float32, torch.int8, torch.int4)
 PAD_BYTES = 64  # vector over-read allowance after the last value
 INT8_QMAX = 127  # symmetric grid: codes in [-127, 127], as sparsify.quantization uses for weights
@@ -248,10 +250,8 @@ def quantize_rows(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     pruned weights stay exactly 0 — the grid of :func:`sparsify.quantization.weight_scales`.
     """
     w = weight.float().masked_fill(~mask, 0)
-    scales = w.abs().amax(1) / INT8_QMAX
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(w / scales[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
-    return codes, scales
+    scales = weight_scales(w, 8, None)
+    return quantize_codes(w, scales, 8, None), scales[:, 0]
 
 
 def pack(

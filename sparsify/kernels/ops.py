@@ -14,6 +14,7 @@ import os
 import torch
 from torch import Tensor
 
+from sparsify.grids import activation_codes
 from sparsify.kernels.format import PackedWeight, dequantize, unpack
 from sparsify.kernels.loader import ISA_NAMES, available_isa, load_extension
 
@@ -43,13 +44,9 @@ def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
     compressed-tensors' grid: ``scale = max|x_t| / 127.5`` (1 for an all-zero row), codes
     ``round(clamp(x / scale, -128, 127))``, all in fp32. Rows with a non-finite entry get a nan scale.
     """
-    x = x.float()
-    amax = x.abs().amax(-1)
-    scale = amax / 127.5
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round((x / scale[:, None]).clamp(-128, 127))
-    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
-    return codes, scale
+    codes, scale = activation_codes(x.float())
+    scale = scale[:, 0]
+    return codes, torch.where(torch.isfinite(scale), scale, torch.full_like(scale, float("nan")))
 
 
 def torch_sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -> Tensor:

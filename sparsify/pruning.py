@@ -697,10 +697,11 @@ def _refine_swaps(
         best_delta = torch.full_like(loss, math.inf)
         best_p = torch.zeros_like(rows)
         best_q = torch.zeros_like(rows)
+        prune_cost = (2 * grad).add_(x).mul_(x)  # 2 ŵ_p g_p + ŵ_p², the same for every candidate q
         for k in range(candidates):
             q_k = top_q[:, k]
             h_q = q.hessian[q_k]  # [rows, in]: row q of H' for each row's candidate
-            delta = 2 * x * grad + x.square() - (grad[rows, q_k][:, None] + x * h_q).square()
+            delta = prune_cost - h_q.mul_(x).add_(grad[rows, q_k][:, None]).square_()
             allowed = mask if nm is None else mask & (cols[None, :] // nm[1] == (q_k // nm[1])[:, None])
             delta.masked_fill_(~allowed | (top_gain[:, k] <= 0)[:, None], math.inf)
             value, p_k = delta.min(1)

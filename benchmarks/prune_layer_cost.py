@@ -7,6 +7,7 @@ times alternated (medians), and writes ``OUT_DIR/prune_layer_cost.{json,md}`` wi
 its ISA and the fp32 GEMM rate measured alongside (the unit the methods' flop counts convert with).
 
     python benchmarks/prune_layer_cost.py OUT_DIR [--shape 4096x11008] [--sparsity 0.7] [--repeats 1]
+        [--variants sparsegpt admm sparsegpt+refine admm+refine]
 
 Run it alone: wall times are only comparable when nothing else uses the cores.
 """
@@ -54,13 +55,14 @@ def problem(out: int, inp: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     return torch.randn(out, inp, generator=g) * 0.02, 2 * X @ X.T / tokens
 
 
-def run(out: int, inp: int, sparsity: float, repeats: int) -> dict:
+def run(out: int, inp: int, sparsity: float, repeats: int, variants: list[str]) -> dict:
     W, H = problem(out, inp)
     rate = gemm_gflops()
-    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
     errors: dict[str, float] = {}
     for _ in range(repeats):
-        for name, fields in VARIANTS.items():
+        for name in variants:
+            fields = VARIANTS[name]
             start = time.perf_counter()
             result = prune_linear(W, H, PruneConfig(sparsity=sparsity, **fields))
             seconds[name].append(time.perf_counter() - start)
@@ -93,13 +95,15 @@ def main() -> None:
     parser.add_argument("--shape", default="4096x11008", help="OUTxIN of the Linear (default: Llama-2-7B down_proj)")
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="sparsegpt comes first whatever the order: the others are timed against it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out, inp = (int(v) for v in args.shape.lower().split("x"))
     except ValueError:
         parser.error(f"--shape must be OUTxIN, e.g. 4096x11008, got {args.shape!r}")
-    result = run(out, inp, args.sparsity, args.repeats)
+    result = run(out, inp, args.sparsity, args.repeats, ["sparsegpt", *(v for v in args.variants if v != "sparsegpt")])
     name = f"prune_layer_cost_{out}x{inp}"
     atomic_write_json(args.out_dir / f"{name}.json", result)
     atomic_write_text(args.out_dir / f"{name}.md", markdown(result))

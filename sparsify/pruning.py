@@ -575,6 +575,9 @@ def _sparsegpt_fixed_mask(W: Tensor, H: Tensor, mask: Tensor, *, block_size: int
 # current weights) is the natural one, and CG needs no preconditioner (H' has Jacobi's).
 
 _ADMM_ITERS_PER_RHO = 3  # ADMM steps per penalty value: each value's Cholesky factor serves that many solves
+# ADMM stops early once this many steps in a row (two penalty values) left the mask unchanged: only
+# the mask is kept from ADMM (CG re-fits the weights), and with ρ growing a settled mask rarely moves.
+_ADMM_STABLE_STEPS = 2 * _ADMM_ITERS_PER_RHO
 _REFINE_CANDIDATES = 8  # refinement: pruned weights per row tried each round (each costs one pass over the layer)
 
 
@@ -645,13 +648,16 @@ def _admm_search(
     ``start`` would be a fixed point of the first two updates (V = (W' − D)H'/ρ), so the
     first projection is that of D plus the loss's gradient step: ADMM leaves SparseGPT's
     solution only where the loss asks for it. When ρ changes V is rescaled (the unscaled
-    dual ρV is what carries over).
+    dual ρV is what carries over). Stops early once the mask has held for two penalty values.
     """
     eye_rho = torch.zeros_like(q.hessian)
     D, mask = start.clone(), start_mask.to(start.device)
     V = (q.target - D @ q.hessian).div_(rho)
     factor = None
+    unchanged = 0  # consecutive steps whose projection kept the mask as it was
     for step in range(iterations):
+        if unchanged >= _ADMM_STABLE_STEPS:
+            break
         if step % _ADMM_ITERS_PER_RHO == 0:
             if step:
                 V.div_(rho_growth)
@@ -664,7 +670,9 @@ def _admm_search(
         rhs = (D - V).mul_(rho).add_(q.target)
         weights = torch.cholesky_solve(rhs.T, factor).T
         Z = weights.add_(V)
-        mask = _select_mask(Z.abs(), sparsity, nm, keep, per_row=False)
+        new_mask = _select_mask(Z.abs(), sparsity, nm, keep, per_row=False)
+        unchanged = unchanged + 1 if torch.equal(new_mask, mask) else 0
+        mask = new_mask
         D = Z * mask
         V = Z.sub_(D)  # Ŵ' + V − D
     return D, mask

@@ -27,6 +27,8 @@ from sparsify.bench import cpu_isa, cpu_model
 from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.pruning import PruneConfig, prune_linear
 
+log = logging.getLogger("prune_layer_cost")
+
 VARIANTS = {
     "sparsegpt": {"method": "sparsegpt"},
     "admm": {"method": "admm"},
@@ -67,7 +69,7 @@ def run(out: int, inp: int, sparsity: float, repeats: int, variants: list[str]) 
             result = prune_linear(W, H, PruneConfig(sparsity=sparsity, **fields))
             seconds[name].append(time.perf_counter() - start)
             errors[name] = result.error
-            logging.info("%-17s %.2f s, relative error %.5f", name, seconds[name][-1], result.error)
+            log.info("%-17s %.2f s, relative error %.5f", name, seconds[name][-1], result.error)
     base = statistics.median(seconds["sparsegpt"])
     rows = [{"variant": name, "seconds": statistics.median(s), "vs_sparsegpt": statistics.median(s) / base,
              "error": errors[name]} for name, s in seconds.items()]
@@ -81,9 +83,9 @@ def run(out: int, inp: int, sparsity: float, repeats: int, variants: list[str]) 
 def markdown(result: dict) -> str:
     m = result["machine"]
     out, inp = result["shape"]
-    lines = [f"One {out}×{inp} Linear at {result['sparsity']:.0%}, {m['threads']} threads on {m['cpu_model']} "
-             f"({m['cpu_isa']}), fp32 GEMM {m['gemm_fp32_gflops']:.0f} GFLOP/s, median of {result['repeats']}.",
-             "", "| variant | seconds | × SparseGPT | relative error |", "|---|---:|---:|---:|"]
+    head = (f"One {out}×{inp} Linear at {result['sparsity']:.0%}, {m['threads']} threads on {m['cpu_model']} "
+            f"({m['cpu_isa']}), fp32 GEMM {m['gemm_fp32_gflops']:.0f} GFLOP/s, median of {result['repeats']}.")
+    lines = [head, "", "| variant | seconds | × SparseGPT | relative error |", "|---|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {r['seconds']:.2f} | {r['vs_sparsegpt']:.1f} | {r['error']:.5f} |"
               for r in result["rows"]]
     return "\n".join(lines) + "\n"

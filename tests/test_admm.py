@@ -9,8 +9,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tests.test_pruning import correlated_inputs, hessian, random_weight
-
 from sparsify.pruning import (
     PruneConfig,
     _masked_cg,
@@ -19,6 +17,7 @@ from sparsify.pruning import (
     prune_linear,
     reconstruction_error,
 )
+from tests.test_pruning import correlated_inputs, hessian, random_weight
 
 F64 = torch.float64
 DAMPENING = 0.01  # the default: the exact optima below are of the damped loss the solvers minimise
@@ -213,9 +212,8 @@ def test_config_errors_name_the_key(fields, match):
 
 
 def test_sweep_methods_with_options_configure_their_points(tmp_path):
-    from tests.conftest import smoke_config
-
     from tasks.sweep import point_config, points
+    from tests.conftest import smoke_config
 
     cfg = smoke_config(tmp_path)
     pts = points(["sparsegpt", "admm+owl", "admm+refine"], [0.7], ["unstructured", "2:4"])

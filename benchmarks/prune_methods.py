@@ -1,11 +1,12 @@
-"""Pruning-method comparison: magnitude vs Wanda vs SparseGPT at 50%, 70% and 2:4.
+"""Pruning-method comparison: magnitude, Wanda, SparseGPT (± OWL), ADMM (± OWL), refinement at 50%, 70% and 2:4.
 
 Prunes the pipeline's dense base model (from `models/base` under the project root)
 with each method and pattern, on the data stage's calibration set, and reports
 validation perplexity and wall time. Writes `reports/prune_methods.{json,md}` (and, as the
-`prune-sweep` flow whose step it runs, each point to `reports/sweep/`).
+`prune-sweep` flow whose step it runs, each point to `reports/sweep/`). Methods are the
+sweep's: a `prune.method` with optional "+owl" / "+refine" (OWL rows are unstructured only).
 
-    python benchmarks/prune_methods.py [--root .] [--profile smoke] [--set KEY=VALUE ...]
+    python benchmarks/prune_methods.py [--profile smoke] [--set KEY=VALUE ...] [--methods admm admm+owl ...]
 
 Run it alone: wall times are only comparable when nothing else uses the cores.
 """
@@ -19,18 +20,20 @@ import platform
 
 import torch
 
+from sparsify.bench import cpu_isa, cpu_model
 from sparsify.config import Config, load_config
 from sparsify.data import Corpus
 from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.model import load_model, pick_device
 from tasks.common import val_perplexity
-from tasks.sweep import Point, prune_point
+from tasks.sweep import points, prune_point
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt+owl", "admm", "admm+owl", "sparsegpt+refine",
+           "admm+refine")
 PATTERNS = ((0.5, "unstructured"), (0.7, "unstructured"), (0.5, "2:4"))
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, methods: tuple[str, ...] = METHODS) -> dict:
     """Every method at every pattern, each point pruned and scored by the `prune-sweep` flow's
     own step (tasks.sweep.prune_point: validation perplexity on evaluate.val_blocks)."""
     corpus = Corpus.open(cfg.root / "data" / "corpus")
@@ -38,14 +41,14 @@ def run(cfg: Config) -> dict:
     rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "seconds": 0.0,
              "ppl": val_perplexity(cfg, dense, corpus, pick_device(cfg.project.device))}]
     for sparsity, structure in PATTERNS:
-        for method in METHODS:
-            m = prune_point(cfg, point=Point(method, sparsity, structure)).metrics
+        for point in points(list(methods), [sparsity], [structure]):
+            m = prune_point(cfg, point=point).metrics
             pattern = structure if structure != "unstructured" else f"{sparsity:.0%}"
-            rows.append({"method": method, "pattern": pattern, "sparsity": m["sparsity/global"],
+            rows.append({"method": point.method, "pattern": pattern, "sparsity": m["sparsity/global"],
                          "seconds": m["time/prune_s"], "ppl": m["ppl/val"]})
-            logging.info("%-9s %-4s ppl %8.2f  %.2f s", method, pattern, m["ppl/val"], m["time/prune_s"])
-    return {"rows": rows, "machine": {"cpu": platform.processor() or platform.machine(),
-                                      "threads": torch.get_num_threads()},
+            logging.info("%-16s %-4s ppl %8.2f  %.2f s", point.method, pattern, m["ppl/val"], m["time/prune_s"])
+    return {"rows": rows, "machine": {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+                                      "cpu_isa": cpu_isa(), "threads": torch.get_num_threads()},
             "calibration": list(corpus.calibration().shape),
             "eval_blocks": cfg.evaluate.val_blocks,
             "model_params_m": sum(p.numel() for p in dense.parameters()) / 1e6}
@@ -57,7 +60,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | {r['seconds']:.2f} |")
     head = (f"Pruning the base model ({result['model_params_m']:.1f}M params), calibration "
             f"{result['calibration'][0]}×{result['calibration'][1]} tokens, perplexity on "
-            f"{result['eval_blocks']} validation blocks, {result['machine']['threads']} threads.\n\n")
+            f"{result['eval_blocks']} validation blocks, {result['machine']['threads']} threads on "
+            f"{result['machine']['cpu_model']} ({result['machine']['cpu_isa']}).\n\n")
     return head + "\n".join(lines) + "\n"
 
 
@@ -66,11 +70,12 @@ def main() -> None:
     parser.add_argument("--config", default="params.yaml")
     parser.add_argument("--profile", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="sweep methods, e.g. admm admm+owl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Methods compared at the same sparsity in every layer: OWL's per-layer targets stay off.
+    # OWL only where a method asks for it ("+owl"): the others prune every layer to the same sparsity.
     cfg = load_config(args.config, args.profile, overrides=[*args.overrides, "prune.owl=false"])
-    result = run(cfg)
+    result = run(cfg, tuple(args.methods))
     out = cfg.root / "reports"
     atomic_write_json(out / "prune_methods.json", result)
     atomic_write_text(out / "prune_methods.md", markdown(result))

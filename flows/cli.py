@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run only this stage and the stages it needs (repeatable)")
     _config_args(run)
     sweep = sub.add_parser("sweep", help="prune the base model with each method at each sparsity (Prefect flow)")
-    sweep.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    sweep.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"],
+                       help="prune.method values (magnitude, wanda, sparsegpt, admm), each optionally with "
+                            "+owl and/or +refine, e.g. admm+owl sparsegpt+refine")
     sweep.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
     sweep.add_argument("--structures", nargs="+", default=["unstructured", "2:4"],
                        help="unstructured (at each sparsity) and/or N:M patterns")

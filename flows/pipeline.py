@@ -125,8 +125,10 @@ def prune_sweep(
 ) -> dict[str, dict[str, float]]:
     """Pruning methods × sparsity patterns on the dense base model (perplexity, time).
 
-    Defaults: magnitude, Wanda and SparseGPT at 50% and 70% unstructured and 2:4. The other
-    pruning settings (calibration, dampening, ...) come from the `prune` section.
+    Defaults: magnitude, Wanda and SparseGPT at 50% and 70% unstructured and 2:4. A method may
+    carry options, e.g. "admm+owl" or "sparsegpt+refine" (tasks.sweep.OPTIONS; +owl points run
+    unstructured only). The other pruning settings (calibration, dampening, ...) come from the
+    `prune` section.
     """
     from tasks.sweep import point_config, points, sweep_stages
 

@@ -31,9 +31,14 @@ log = logging.getLogger(__name__)
 OUT = "reports/sweep"
 
 
+# A sweep method is a `prune.method`, optionally with options appended, e.g. "admm+owl" or
+# "sparsegpt+refine": each option turns on the `prune` keys below for that point only.
+OPTIONS = {"owl": {"owl": True}, "refine": {"refine": True}}
+
+
 @dataclass(frozen=True)
 class Point:
-    method: str
+    method: str  # "<prune.method>[+option...]", options from OPTIONS
     sparsity: float
     structure: str = "unstructured"
 
@@ -44,12 +49,21 @@ class Point:
         return self.structure.replace(":", "of")
 
     @property
+    def slug(self) -> str:
+        """The method in stage, run and metric names ("admm+owl" -> "admm-owl": MLflow metric names refuse '+')."""
+        return self.method.replace("+", "-")
+
+    @property
     def name(self) -> str:
-        return f"sweep-{self.method}-{self.pattern}"
+        return f"sweep-{self.slug}-{self.pattern}"
 
 
 def points(methods: list[str], sparsities: list[float], structures: list[str]) -> list[Point]:
-    """Every method at every unstructured sparsity, plus every N:M structure (its sparsity is 1 - N/M)."""
+    """Every method at every unstructured sparsity, plus every N:M structure (its sparsity is 1 - N/M).
+
+    Methods with "+owl" run at the unstructured sparsities only: OWL gives each decoder layer
+    its own sparsity, which an N:M pattern fixes.
+    """
     out = []
     for structure in structures:
         if structure == "unstructured":
@@ -58,15 +72,22 @@ def points(methods: list[str], sparsities: list[float], structures: list[str]) -
             n, _, m_ = structure.partition(":")
             if not (n.isdigit() and m_.isdigit() and int(m_) > 0):
                 raise UserInputError(f"pruning sweep structure {structure!r}: expected 'unstructured' or N:M, e.g. 2:4")
-            out += [Point(m, 1 - int(n) / int(m_), structure) for m in methods]
+            out += [Point(m, 1 - int(n) / int(m_), structure) for m in methods if "owl" not in m.split("+")[1:]]
     return out
 
 
 def point_config(cfg: Config, point: Point) -> PruneConfig:
-    """The `prune` section with the point's method and pattern (a clear error for a bad one)."""
+    """The `prune` section with the point's method, options and pattern (a clear error for a bad one)."""
+    method, *options = point.method.split("+")
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise UserInputError(f"pruning sweep method {point.method!r}: unknown option(s) {unknown}; "
+                         f"expected <prune.method>[+{'|+'.join(OPTIONS)}]")
+    fields = {**cfg.prune.model_dump(), "method": method, "sparsity": point.sparsity, "structure": point.structure}
+    for option in options:
+        fields |= OPTIONS[option]
     try:
-        return PruneConfig.model_validate({**cfg.prune.model_dump(), "method": point.method,
-                                           "sparsity": point.sparsity, "structure": point.structure})
+        return PruneConfig.model_validate(fields)
     except ValueError as err:
         raise UserInputError(f"pruning sweep point {point.name}: {err}") from None
 
@@ -85,7 +106,7 @@ def prune_point(cfg: Config, *, point: Point) -> StageResult:
     atomic_write_json(cfg.root / OUT / f"{point.name}.json", row)
     log.info("%s: ppl %.2f at sparsity %.3f in %.1f s", point.name, ppl, row["sparsity"], row["seconds"])
     return StageResult(metrics={"ppl/val": ppl, "sparsity/global": row["sparsity"], "time/prune_s": row["seconds"]},
-                       outputs=[cfg.root / OUT / f"{point.name}.json"], variant=f"{point.method}-{point.pattern}")
+                       outputs=[cfg.root / OUT / f"{point.name}.json"], variant=f"{point.slug}-{point.pattern}")
 
 
 def report(cfg: Config, *, pts: list[Point]) -> StageResult:
@@ -96,7 +117,7 @@ def report(cfg: Config, *, pts: list[Point]) -> StageResult:
         r["ppl_change"] = r["ppl"] / dense - 1
     atomic_write_json(cfg.root / OUT / "prune_sweep.json", {"dense_ppl": dense, "rows": rows})
     atomic_write_text(cfg.root / OUT / "prune_sweep.md", markdown(dense, rows))
-    metrics = {f"sweep/{r['method']}-{r['pattern']}/ppl": r["ppl"] for r in rows}
+    metrics = {f"sweep/{p.slug}-{r['pattern']}/ppl": r["ppl"] for p, r in zip(pts, rows, strict=True)}
     return StageResult(metrics=metrics, outputs=[cfg.root / OUT / "prune_sweep.md"], variant="sweep",
                        artifacts=[cfg.root / OUT / "prune_sweep.json", cfg.root / OUT / "prune_sweep.md"])
 

@@ -166,11 +166,21 @@ def test_bf16_model_is_pruned_with_fp32_hessians_and_stays_bf16(dense, calib):
     assert all(0 < e < 1 for e in errors)
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude", "admm"])
 def test_nm_structure_in_every_group(model, calib, method):
-    result = run(model, calib, config(method=method, structure="2:4"))
+    result = run(model, calib, config(method=method, structure="2:4", refine=method == "admm"))
     for name, mask in result.masks.items():
         assert torch.all(mask.reshape(-1, 4).sum(1) == 2), name
+
+
+def test_admm_layers_are_never_worse_than_sparsegpt_layers(dense, calib):
+    """Per Linear, admm keeps SparseGPT's result unless its own reconstructs better (first layer: same inputs)."""
+    sparsegpt = run(copy.deepcopy(dense), calib, config(sparsity=0.7))
+    admm = run(copy.deepcopy(dense), calib, config(method="admm", sparsity=0.7))
+    first = [(s["error"], a["error"]) for s, a in zip(sparsegpt.layers, admm.layers, strict=True)
+             if s["decoder_layer"] == 0]
+    assert all(a <= s for s, a in first) and sum(a for _, a in first) < sum(s for s, _ in first)
+    assert all(r["sparsity"] == pytest.approx(0.7, abs=1e-3) for r in admm.layers)
 
 
 def test_owl_gives_nonuniform_layers_with_the_target_mean(model, calib):
@@ -191,8 +201,8 @@ def test_ignored_layers_stay_dense(model, dense, calib):
 # --------------------------------------------------------------------------- (d) resume
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(dense, calib, tmp_path, monkeypatch):
-    cfg = config(sparsity=0.6)
+@pytest.mark.parametrize("cfg", [config(sparsity=0.6), config(method="admm", sparsity=0.6, refine=True)])
+def test_interrupted_and_resumed_run_equals_uninterrupted(dense, calib, tmp_path, monkeypatch, cfg):
     straight = copy.deepcopy(dense)
     expected = run(straight, calib, cfg)
 
@@ -237,10 +247,12 @@ def test_resume_with_a_different_run_is_refused_before_writing(dense, calib, tmp
 # --------------------------------------------------------------------------- (e) iterative pruning
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "admm"])
 @pytest.mark.parametrize("pass_masks", [True, False])
-def test_iterative_pruning_keeps_every_old_zero(model, calib, pass_masks):
+def test_iterative_pruning_keeps_every_old_zero(model, calib, pass_masks, method):
     first = run(model, calib, config(sparsity=0.5))
-    second = run(model, calib, config(sparsity=0.7), old_masks=first.masks if pass_masks else None)
+    second = run(model, calib, config(method=method, sparsity=0.7, refine=method == "admm"),
+                 old_masks=first.masks if pass_masks else None)
     for name, old in first.masks.items():
         new = second.masks[name]
         assert not torch.any(new & ~old), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -100,9 +101,12 @@ def test_a_family_that_fits_no_template_is_written_stage_by_stage(tmp_path, monk
 
 
 @pytest.mark.slow
-def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server):
+def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server, caplog):
     from mlflow.tracking import MlflowClient
 
+    # The CLI's logging.basicConfig(INFO) is a no-op under pytest (its capture handler is already on the
+    # root logger): set the level the CLI gives a real run, so INFO records reach Prefect as they do there.
+    caplog.set_level(logging.INFO)
     assert main(["run", "--config", str(PARAMS), "--profile", "smoke", "--set", f"project.root={tmp_path}"]) == 0
     for stage in STAGES:
         assert (tmp_path / stage.metrics_file).is_file()

@@ -108,12 +108,32 @@ def _iter_files(src: SourceConfig, seed: int) -> Iterator[str]:
     random.Random(seed).shuffle(paths)
     for path in paths:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        yield _field(json.loads(line), src, f"{path}:{lineno}")
+            yield from _jsonl_texts(path, src)
         else:
-            yield _read_text(path)
+            raw = path.read_bytes()
+            if b"\0" in raw[:8192]:  # text has no NUL bytes; decoding with 'replace' would feed garbage on
+                raise DataError(f"source '{src.name}': {path} is a binary file (glob {src.glob!r}); "
+                                "narrow the glob to text files")
+            yield raw.decode("utf-8", errors="replace")
+
+
+def _jsonl_texts(path: Path, src: SourceConfig) -> Iterator[str]:
+    """The text field of each record of a JSONL file, streamed; a line that is not a JSON object is a DataError."""
+    lineno = 0
+    with path.open(encoding="utf-8") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"source '{src.name}': {path}:{lineno} is not a JSON record: {err}") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"source '{src.name}': {path}:{lineno} is not a JSON object")
+                yield _field(record, src, f"{path}:{lineno}")
+        except UnicodeDecodeError as err:
+            raise DataError(f"source '{src.name}': {path} (after line {lineno}) is not UTF-8 text: {err}") from None
 
 
 def _field(record: dict, src: SourceConfig, where: str) -> str:
@@ -156,7 +176,8 @@ def iter_source(src: SourceConfig, seed: int, shuffle_buffer: int = 10_000) -> I
             n += 1
             yield doc
     if n == 0:
-        raise DataError(f"source '{src.name}' ({src.kind}) yielded no non-empty documents")
+        where = f", glob {src.glob!r}" if src.kind == "files" else ""
+        raise DataError(f"source '{src.name}' ({src.kind}{where}) yielded no non-empty documents")
 
 
 # --------------------------------------------------------------------------- split, dedup

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from sparsify.errors import ConfigError, DataError
+from sparsify.errors import ConfigError, DataError, MissingFileError
 from sparsify.io import atomic_write_jsonl
 
 log = logging.getLogger(__name__)
@@ -386,6 +386,19 @@ DATASETS: dict[str, DatasetSource] = {
 }
 
 
+def _load_json_rows(datasets, dataset: str, file: Path, cache_dir):
+    """A local JSON/JSONL file through the ``json`` builder; a missing, empty or unreadable one is a DataError."""
+    if not file.is_file():
+        raise MissingFileError(f"{dataset}: data file not found: {file}")
+    if file.stat().st_size == 0:
+        raise DataError(f"{dataset}: data file {file} is empty")
+    try:
+        return datasets.load_dataset("json", data_files=str(file), split="train", cache_dir=cache_dir)
+    except Exception as err:  # the json builder raises DatasetGenerationError, ArrowInvalid, UnicodeDecodeError...
+        cause = err.__cause__ or err
+        raise DataError(f"{dataset}: cannot read {file} as JSON records: {type(cause).__name__}: {cause}") from err
+
+
 def load_records(
     dataset: str,
     split: str = "train",
@@ -406,7 +419,7 @@ def load_records(
     if source is None:
         raise ConfigError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
     if data_files is not None:
-        rows = datasets.load_dataset("json", data_files=str(data_files), split="train", cache_dir=cache_dir)
+        rows = _load_json_rows(datasets, dataset, Path(data_files), cache_dir)
     else:
         if split not in source.splits:
             raise ConfigError(f"{dataset}: unknown split {split!r}; known: {sorted(source.splits)}")
@@ -702,5 +715,29 @@ def write_task_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLi
 
 
 def read_task_jsonl(path: str | os.PathLike) -> list[Record]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """Records written by :func:`write_task_jsonl`; a missing, empty, binary or malformed file, or a record
+    without ``id``/``prompt``/``target``, is a DataError naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"task data file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (a binary file?): {err}") from None
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not a JSON record: {err}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: a record must be a JSON object, got {type(record).__name__}")
+        missing = [f for f in ("id", "prompt", "target") if f not in record]
+        if missing:
+            raise DataError(f"{path}:{lineno}: record is missing field(s) {missing} (has {sorted(record)})")
+        records.append(record)
+    if not records:
+        raise DataError(f"{path} holds no records")
+    return records

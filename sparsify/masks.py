@@ -97,7 +97,7 @@ def _as_bool_mask(name: str, mask: Tensor) -> Tensor:
         return mask
     if mask.dtype == torch.uint8 and bool((mask <= 1).all()):
         return mask.bool()
-    raise ValueError(f"mask {name!r} must be a bool (or 0/1 uint8) tensor, got {mask.dtype}")
+    raise DataError(f"mask {name!r} must be a bool (or 0/1 uint8) tensor, got {mask.dtype}")
 
 
 def save_masks(masks: Mapping[str, Tensor], path: str | os.PathLike) -> None:
@@ -162,7 +162,7 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         param = params[name].detach()
         violations = int(torch.count_nonzero(param[~keep.to(param.device)]))
         if violations:
-            raise ValueError(f"parameter {name!r} has {violations} nonzero weights where its mask prunes them")
+            raise DataError(f"parameter {name!r} has {violations} nonzero weights where its mask prunes them")
 
 
 # --------------------------------------------------------------------------- report

@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 
 from sparsify.config import TrainConfig
 from sparsify.distill import KDWeights, check_teacher, cross_entropy_sum, freeze, objective, target_positions
-from sparsify.errors import ConfigError, DataError, MissingFileError
+from sparsify.errors import ConfigError, DataError, MissingFileError, SparsellamaError
 from sparsify.fingerprint import fingerprint
 from sparsify.io import atomic_dir, atomic_write_json, replace_dir
 from sparsify.masks import find_decoder_layers, validate_masks
@@ -88,8 +88,8 @@ from sparsify.model import bf16_supported
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss, the gradients or the weights became NaN/inf."""
+class TrainingDiverged(SparsellamaError, RuntimeError):
+    """The loss, the gradients or the weights became NaN/inf (the message names train.lr; the CLI prints one line)."""
 
 
 @dataclass

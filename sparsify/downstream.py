@@ -254,7 +254,8 @@ def _require(raw: Mapping[str, Any], field: str, dataset: str, index: int, kind:
     """``raw[field]``, or a ValueError naming the dataset, field and record index."""
     value = raw.get(field)
     if value is None:
-        raise DataError(f"{dataset} record {index}: missing field {field!r} (has {sorted(raw)})")
+        has = sorted(k for k, v in raw.items() if v is not None)  # the json builder fills absent fields with None
+        raise DataError(f"{dataset} record {index}: missing field {field!r} (has {has})")
     if not isinstance(value, kind):
         raise DataError(
             f"{dataset} record {index}: field {field!r} should be {kind.__name__}, got {type(value).__name__}")
@@ -427,7 +428,12 @@ def load_records(
             source.hub_path, source.hub_config, split=source.splits[split], cache_dir=cache_dir)
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
-    return [source.normalize(row, index) for index, row in enumerate(rows)]
+    if data_files is None:
+        return [source.normalize(row, index) for index, row in enumerate(rows)]
+    try:
+        return [source.normalize(row, index) for index, row in enumerate(rows)]
+    except DataError as err:
+        raise DataError(f"{data_files}: {err}") from None
 
 
 def load_humaneval(path: str | os.PathLike | None = None, *, limit: int | None = None) -> list[Record]:

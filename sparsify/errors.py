@@ -40,4 +40,7 @@ class MissingFileError(DataError, FileNotFoundError):
 class OutputWriteError(SparsellamaError, OSError):
     """An output that cannot be written (disk full, read-only folder); the message names the path.
 
-    Also an OSError (with the original errno), as the failure it wraps was."""
+    Also an OSError (with the original errno), as the failure it wraps was; its text is the message alone."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -39,7 +39,7 @@ def _output_error(path: Path, err: OSError) -> OutputWriteError:
     """``err`` as a one-line OutputWriteError naming the output ``path`` (the errno is kept)."""
     why = "the disk is full" if err.errno in _FULL else "its folder is not writable"
     detail = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
-    return OutputWriteError(err.errno, f"cannot write {path}: {why} ({detail}); nothing was written there")
+    return OutputWriteError(err.errno, f"cannot write {path}: {why} ({detail}); it was left as it was")
 
 
 @contextlib.contextmanager

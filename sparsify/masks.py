@@ -82,9 +82,7 @@ def prunable_linear_names(model: nn.Module, ignore: Sequence[str] = ()) -> list[
     return [
         f"{name}.weight"
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and name.startswith(prefix + ".")
-        and not matches_any(name, ignore)
+        if isinstance(module, nn.Linear) and name.startswith(prefix + ".") and not matches_any(name, ignore)
     ]
 
 
@@ -168,9 +166,7 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
 # --------------------------------------------------------------------------- report
 
 
-def sparsity_report(
-    model: nn.Module, masks: Mapping[str, Tensor] | None = None, ignore: Sequence[str] = ()
-) -> dict:
+def sparsity_report(model: nn.Module, masks: Mapping[str, Tensor] | None = None, ignore: Sequence[str] = ()) -> dict:
     """Measured sparsity (fraction of exact zeros) of the prunable weights.
 
     Returns ``{"global": float, "layers": {name: float}, "zeros": int, "total": int}``;

@@ -469,11 +469,23 @@ def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) ->
     return out
 
 
+def _read_checkpoint_file(file: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(file)`` for a file of a training checkpoint; one that does not read (truncated, corrupt) is a
+    DataError naming it. Checkpoints are written atomically, so this is damage from outside the trainer."""
+    try:
+        return read(file)
+    except Exception as err:  # safetensors, torch.load and json each raise their own types
+        raise DataError(
+            f"training checkpoint file {file} is unreadable (truncated or corrupt?): {type(err).__name__}: {err}; "
+            f"remove {file.parent} to train from the start"
+        ) from err
+
+
 def checkpoint_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     """The full model weights of a checkpoint directory, either format, in this one process."""
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
-        return load_file(path / WEIGHTS_FILE)
+        return _read_checkpoint_file(path / WEIGHTS_FILE, load_file)
     if not (path / SHARDS_DIR).is_dir():
         raise MissingFileError(f"{path} holds no training checkpoint ({WEIGHTS_FILE} or {SHARDS_DIR}/)")
     with tempfile.TemporaryDirectory() as tmp:  # DCP's own converter: shards → one torch.save file
@@ -487,7 +499,7 @@ def read_checkpoint_state(path: Path, expected_config: dict, masks_fp: str) -> d
     state_path = Path(path) / STATE_FILE
     if not state_path.is_file():
         return None
-    state = json.loads(state_path.read_text())
+    state = _read_checkpoint_file(state_path, lambda f: json.loads(f.read_text()))
     if state.get("format") not in (CHECKPOINT_FORMAT, SHARDED_FORMAT):
         raise DataError(
             f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT} or {SHARDED_FORMAT}"
@@ -633,10 +645,12 @@ def _continue_from(
         set_model_state_dict(model, target["model"])
         set_optimizer_state_dict(model, optimizer, target["optim"])
     else:
-        optim_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        optim_state = _read_checkpoint_file(
+            path / OPTIMIZER_FILE, lambda f: torch.load(f, map_location="cpu", weights_only=True)
+        )
         set_optimizer_state_dict(model, optimizer, optim_state, options=_state_dict_options(model))
     enforce_masks(bound, optimizer)
-    rng = load_file(path / RNG_FILE)
+    rng = _read_checkpoint_file(path / RNG_FILE, load_file)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -701,7 +715,8 @@ def train(
     masks_fp = masks_fingerprint(masks)
     state = read_checkpoint_state(ckpt, expected, masks_fp) if ckpt is not None and resume else None
     if state is not None and state["format"] == CHECKPOINT_FORMAT:  # before wrapping: FSDP shards, DDP broadcasts
-        model.load_state_dict(load_file(ckpt / WEIGHTS_FILE, device=str(device)), strict=True)
+        saved = _read_checkpoint_file(ckpt / WEIGHTS_FILE, lambda f: load_file(f, device=str(device)))
+        model.load_state_dict(saved, strict=True)
     wrapped = _wrap(model, cfg, info, device)
     bound = bind_masks(model, masks)
     enforce_masks(bound)

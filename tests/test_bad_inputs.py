@@ -503,6 +503,33 @@ def _(tmp, mp):
     )
 
 
+def _train_row(tmp: Path, damage: Callable[[Path], object], file_name: str) -> Row:
+    from sparsify.trainer import STATE_FILE, WEIGHTS_FILE
+
+    ckpt = tmp / "ckpt"
+    blocks = random_blocks(n=16).astype(np.int64) % 256
+    cfg = train_config(steps=2, checkpoint_every=1)
+    train(tiny_llama(vocab_size=256), blocks, None, cfg, seed=0, progress=False, checkpoint_dir=ckpt)
+    damage(ckpt / {"weights": WEIGHTS_FILE, "state": STATE_FILE}[file_name])
+    before = snapshot(ckpt)
+    return Row(
+        lambda: train(tiny_llama(vocab_size=256), blocks, None, cfg, seed=0, progress=False, checkpoint_dir=ckpt),
+        DataError,
+        str(ckpt / {"weights": WEIGHTS_FILE, "state": STATE_FILE}[file_name]),
+        untouched={ckpt: before},
+    )
+
+
+@case("train-checkpoint-truncated")
+def _(tmp, mp):
+    return _train_row(tmp, truncate, "weights")
+
+
+@case("train-checkpoint-state-corrupt")
+def _(tmp, mp):
+    return _train_row(tmp, lambda f: f.write_text('{"step": 2, "form'), "state")
+
+
 # --------------------------------------------------------------------------- the tests
 
 

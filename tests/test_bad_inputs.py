@@ -172,6 +172,11 @@ def _(tmp, mp):
     return Row(lambda: load_config(file), ConfigError, str(file), untouched={file: file.read_bytes()})
 
 
+@case("config-unknown-profile")
+def _(tmp, mp):
+    return Row(lambda: load_config(PARAMS, profile="smoek"), ConfigError, "'smoek'")
+
+
 @case("config-file-missing")
 def _(tmp, mp):
     file = tmp / "nope.yaml"
@@ -188,7 +193,9 @@ def _data_stage_row(tmp: Path, glob: str, error: type, names: str) -> Row:
     source = "data.sources=[{name: mine, kind: files, glob: '" + glob + "', weight: 1}]"
     cfg = smoke_config(tmp / "root", "tracking.enabled=false", source)
     out = Layout.of(cfg).corpus
-    return Row(lambda: data.run(cfg), error, names, untouched={out: None}, no_temp_in=[out.parent])
+    out.mkdir(parents=True)  # a corpus from an earlier run: a failed rerun must leave it as it was
+    (out / "meta.json").write_text('{"from": "the earlier run"}\n')
+    return Row(lambda: data.run(cfg), error, names, untouched={out: snapshot(out)}, no_temp_in=[out.parent])
 
 
 @case("corpus-files-missing")
@@ -367,6 +374,15 @@ def _(tmp, mp):
         n: torch.rand(m.shape, generator=torch.Generator().manual_seed(0)) < 0.5 for n, m in _masks_of(model).items()
     }
     return Row(lambda: check_masks(model, masks), DataError, "model.layers.0.")
+
+
+@case("masks-wrong-dtype")
+def _(tmp, mp):
+    file = tmp / "masks.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({n: m.float() * 0.5 for n, m in _masks_of(tiny_llama()).items()}, file)  # scores, not keep-masks
+    return Row(lambda: load_masks(file), DataError, "model.layers.0.")
 
 
 @case("masks-corrupt-file")

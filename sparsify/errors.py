@@ -35,3 +35,12 @@ class ModelLoadError(UserInputError):
 
 class MissingFileError(DataError, FileNotFoundError):
     """A file that an input folder should hold is absent (also a FileNotFoundError, as it was before)."""
+
+
+class OutputWriteError(SparsellamaError, OSError):
+    """An output that cannot be written (disk full, read-only folder); the message names the path.
+
+    Also an OSError (with the original errno), as the failure it wraps was; its text is the message alone."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

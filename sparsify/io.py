@@ -8,6 +8,7 @@ that a later stage (or `dvc repro`) would mistake for a finished one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from sparsify.errors import OutputWriteError
 
 
 def _read_umask() -> int:
@@ -25,6 +28,28 @@ def _read_umask() -> int:
 
 # Read once at import: os.umask can only be read by setting it, which is not thread-safe.
 _UMASK = _read_umask()
+
+# A full disk or quota: whatever wrote into the temporary output hit it.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# Creating the temporary output or renaming it into place: the folder refuses writes (or the disk is full).
+_UNWRITABLE = _FULL | {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _output_error(path: Path, err: OSError) -> OutputWriteError:
+    """``err`` as a one-line OutputWriteError naming the output ``path`` (the errno is kept)."""
+    why = "the disk is full" if err.errno in _FULL else "its folder is not writable"
+    detail = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    return OutputWriteError(err.errno, f"cannot write {path}: {why} ({detail}); it was left as it was")
+
+
+@contextlib.contextmanager
+def _creating(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, OutputWriteError) or err.errno not in _UNWRITABLE:
+            raise
+        raise _output_error(path, err) from err
 
 
 @contextlib.contextmanager
@@ -37,19 +62,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     activations may be GBs). Same folder, so the rename never crosses a file system.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _creating(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
+        with _creating(path):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
+            os.replace(tmp, path)
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, OutputWriteError) and err.errno in _FULL:
+            raise _output_error(path, err) from err
         raise
 
 
@@ -80,15 +109,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     between them leaves the old output recoverable under `<name>.old-*`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    with _creating(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
     try:
         yield tmp
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, OutputWriteError) and err.errno in _FULL:
+            raise _output_error(path, err) from err
+        raise
+    try:
+        with _creating(path):
+            replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, path)
 
 
 def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:

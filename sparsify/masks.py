@@ -82,9 +82,7 @@ def prunable_linear_names(model: nn.Module, ignore: Sequence[str] = ()) -> list[
     return [
         f"{name}.weight"
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and name.startswith(prefix + ".")
-        and not matches_any(name, ignore)
+        if isinstance(module, nn.Linear) and name.startswith(prefix + ".") and not matches_any(name, ignore)
     ]
 
 
@@ -97,7 +95,7 @@ def _as_bool_mask(name: str, mask: Tensor) -> Tensor:
         return mask
     if mask.dtype == torch.uint8 and bool((mask <= 1).all()):
         return mask.bool()
-    raise ValueError(f"mask {name!r} must be a bool (or 0/1 uint8) tensor, got {mask.dtype}")
+    raise DataError(f"mask {name!r} must be a bool (or 0/1 uint8) tensor, got {mask.dtype}")
 
 
 def save_masks(masks: Mapping[str, Tensor], path: str | os.PathLike) -> None:
@@ -162,15 +160,13 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         param = params[name].detach()
         violations = int(torch.count_nonzero(param[~keep.to(param.device)]))
         if violations:
-            raise ValueError(f"parameter {name!r} has {violations} nonzero weights where its mask prunes them")
+            raise DataError(f"parameter {name!r} has {violations} nonzero weights where its mask prunes them")
 
 
 # --------------------------------------------------------------------------- report
 
 
-def sparsity_report(
-    model: nn.Module, masks: Mapping[str, Tensor] | None = None, ignore: Sequence[str] = ()
-) -> dict:
+def sparsity_report(model: nn.Module, masks: Mapping[str, Tensor] | None = None, ignore: Sequence[str] = ()) -> dict:
     """Measured sparsity (fraction of exact zeros) of the prunable weights.
 
     Returns ``{"global": float, "layers": {name: float}, "zeros": int, "total": int}``;

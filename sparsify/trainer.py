@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 
 from sparsify.config import TrainConfig
 from sparsify.distill import KDWeights, check_teacher, cross_entropy_sum, freeze, objective, target_positions
-from sparsify.errors import ConfigError, DataError, MissingFileError
+from sparsify.errors import ConfigError, DataError, MissingFileError, SparsellamaError
 from sparsify.fingerprint import fingerprint
 from sparsify.io import atomic_dir, atomic_write_json, replace_dir
 from sparsify.masks import find_decoder_layers, validate_masks
@@ -88,8 +88,8 @@ from sparsify.model import bf16_supported
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss, the gradients or the weights became NaN/inf."""
+class TrainingDiverged(SparsellamaError, RuntimeError):
+    """The loss, the gradients or the weights became NaN/inf (the message names train.lr; the CLI prints one line)."""
 
 
 @dataclass
@@ -379,11 +379,17 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
 CHECKPOINT_FORMAT = 1  # one process wrote the gathered weights and optimizer state
 SHARDED_FORMAT = 2  # every rank wrote its shards (torch.distributed.checkpoint) under SHARDS_DIR
 STATE_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE, SHARDS_DIR = (
-    "trainer_state.json", "model.safetensors", "optimizer.pt", "rng.safetensors", "shards")
+    "trainer_state.json",
+    "model.safetensors",
+    "optimizer.pt",
+    "rng.safetensors",
+    "shards",
+)
 # Fields that change what is logged, or how the work is laid out, but not the weights'
 # trajectory: a run may resume with them changed. Everything else must match.
-_NOT_TRAJECTORY = frozenset({"eval_every", "eval_blocks", "log_every", "checkpoint_every", "fsdp",
-                             "gradient_checkpointing"})
+_NOT_TRAJECTORY = frozenset(
+    {"eval_every", "eval_blocks", "log_every", "checkpoint_every", "fsdp", "gradient_checkpointing"}
+)
 
 
 def trajectory_config(cfg: TrainConfig, seed: int) -> dict[str, Any]:
@@ -408,8 +414,9 @@ def _rng_state() -> dict[str, Tensor]:
     return rng
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                    info: DistInfo) -> None:
+def save_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo
+) -> None:
     """Replace the checkpoint in `path` with the current one, atomically.
 
     Every rank must call this. A sharded (FSDP) model: every rank writes its shards. Otherwise
@@ -435,8 +442,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         dist.barrier()
 
 
-def _save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                  info: DistInfo) -> None:
+def _save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo) -> None:
     # One temporary directory that every rank agrees on (DCP's writers need the same path);
     # rank 0 clears a stale one a killed run may have left, and moves the finished one into place.
     tmp = path.with_name(f".{path.name}.tmp-sharded")
@@ -463,11 +469,23 @@ def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) ->
     return out
 
 
+def _read_checkpoint_file(file: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(file)`` for a file of a training checkpoint; one that does not read (truncated, corrupt) is a
+    DataError naming it. Checkpoints are written atomically, so this is damage from outside the trainer."""
+    try:
+        return read(file)
+    except Exception as err:  # safetensors, torch.load and json each raise their own types
+        raise DataError(
+            f"training checkpoint file {file} is unreadable (truncated or corrupt?): {type(err).__name__}: {err}; "
+            f"remove {file.parent} to train from the start"
+        ) from err
+
+
 def checkpoint_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     """The full model weights of a checkpoint directory, either format, in this one process."""
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
-        return load_file(path / WEIGHTS_FILE)
+        return _read_checkpoint_file(path / WEIGHTS_FILE, load_file)
     if not (path / SHARDS_DIR).is_dir():
         raise MissingFileError(f"{path} holds no training checkpoint ({WEIGHTS_FILE} or {SHARDS_DIR}/)")
     with tempfile.TemporaryDirectory() as tmp:  # DCP's own converter: shards → one torch.save file
@@ -481,20 +499,28 @@ def read_checkpoint_state(path: Path, expected_config: dict, masks_fp: str) -> d
     state_path = Path(path) / STATE_FILE
     if not state_path.is_file():
         return None
-    state = json.loads(state_path.read_text())
+    state = _read_checkpoint_file(state_path, lambda f: json.loads(f.read_text()))
     if state.get("format") not in (CHECKPOINT_FORMAT, SHARDED_FORMAT):
-        raise DataError(f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT} "
-                         f"or {SHARDED_FORMAT}")
+        raise DataError(
+            f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT} or {SHARDED_FORMAT}"
+        )
     if state["config_fingerprint"] != fingerprint(expected_config):
         saved = state["config"]
-        diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {expected_config.get(k)!r} now"
-                 for k in sorted(set(saved) | set(expected_config)) if saved.get(k) != expected_config.get(k)]
-        raise ConfigError(f"checkpoint {path} was written by a different training configuration "
-                         f"({'; '.join(diffs)}); resume with the same train config and seed, "
-                         f"or use an empty checkpoint_dir")
+        diffs = [
+            f"{k}: {saved.get(k)!r} in the checkpoint, {expected_config.get(k)!r} now"
+            for k in sorted(set(saved) | set(expected_config))
+            if saved.get(k) != expected_config.get(k)
+        ]
+        raise ConfigError(
+            f"checkpoint {path} was written by a different training configuration "
+            f"({'; '.join(diffs)}); resume with the same train config and seed, "
+            f"or use an empty checkpoint_dir"
+        )
     if state["masks_fingerprint"] != masks_fp:
-        raise ConfigError(f"checkpoint {path} was written with different masks ({state['masks_fingerprint']}, "
-                         f"now {masks_fp}); resume with the masks it was trained with")
+        raise ConfigError(
+            f"checkpoint {path} was written with different masks ({state['masks_fingerprint']}, "
+            f"now {masks_fp}); resume with the masks it was trained with"
+        )
     return state
 
 
@@ -502,8 +528,9 @@ def read_checkpoint_state(path: Path, expected_config: dict, masks_fp: str) -> d
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source: BatchSource, *, max_rows: int, batch_size: int,
-             device: torch.device | str = "cpu") -> float:
+def evaluate(
+    model: nn.Module, source: BatchSource, *, max_rows: int, batch_size: int, device: torch.device | str = "cpu"
+) -> float:
     """Mean next-token loss (nats) over the target tokens of `source`'s first `max_rows` rows.
 
     For packed blocks this is ``metrics.mean_nll``; for fine-tuning data, the loss on
@@ -526,8 +553,9 @@ def evaluate(model: nn.Module, source: BatchSource, *, max_rows: int, batch_size
 # --------------------------------------------------------------------------- the loop
 
 
-def _teacher_for(student: nn.Module, teacher: nn.Module | None, weights: KDWeights,
-                 device: torch.device, bf16: bool) -> nn.Module | None:
+def _teacher_for(
+    student: nn.Module, teacher: nn.Module | None, weights: KDWeights, device: torch.device, bf16: bool
+) -> nn.Module | None:
     """The frozen teacher on `device` when a KD term needs it, else None (it never runs).
 
     With ``bf16`` (``train.teacher_bf16``) and a device that computes bf16 natively, its
@@ -549,9 +577,15 @@ def _teacher_for(student: nn.Module, teacher: nn.Module | None, weights: KDWeigh
     return freeze(teacher).to(device=device, dtype=dtype)
 
 
-def _accumulate_gradients(wrapped: nn.Module, teacher: nn.Module | None, batches: list[Batch],
-                          weights: KDWeights, info: DistInfo, device: torch.device,
-                          autocast: torch.autocast) -> dict[str, float]:
+def _accumulate_gradients(
+    wrapped: nn.Module,
+    teacher: nn.Module | None,
+    batches: list[Batch],
+    weights: KDWeights,
+    info: DistInfo,
+    device: torch.device,
+    autocast: torch.autocast,
+) -> dict[str, float]:
     """Forward and backward every micro-batch of one step (this rank's rows).
 
     Returns the step's loss and its terms over the whole global batch (all ranks).
@@ -562,13 +596,19 @@ def _accumulate_gradients(wrapped: nn.Module, teacher: nn.Module | None, batches
         batch = full.shard(info.rank, info.world).to(device)
         with _gradient_sync(wrapped, micro == len(batches) - 1):
             with autocast:
-                out = wrapped(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              output_hidden_states=weights.needs_hidden_states)
+                out = wrapped(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    output_hidden_states=weights.needs_hidden_states,
+                )
                 teacher_out = None
                 if teacher is not None:
                     with torch.no_grad():
-                        teacher_out = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                              output_hidden_states=weights.needs_hidden_states)
+                        teacher_out = teacher(
+                            input_ids=batch.input_ids,
+                            attention_mask=batch.attention_mask,
+                            output_hidden_states=weights.needs_hidden_states,
+                        )
                 loss, terms = objective(out, teacher_out, batch.labels, weights, n_targets)
             # DDP averages gradients over the W ranks; × W turns the average into the sum
             # over ranks, i.e. the gradient of the global batch's loss.
@@ -591,8 +631,9 @@ def _weights_finite(model: nn.Module, info: DistInfo, device: torch.device) -> b
     return _all_reduce_sum(torch.tensor([float(bad)], device=device), info).item() == 0
 
 
-def _continue_from(state: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   bound: BoundMasks, result: TrainResult) -> None:
+def _continue_from(
+    state: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, bound: BoundMasks, result: TrainResult
+) -> None:
     """Load a checkpoint's optimizer and RNG state and the history it logged so far (a gathered
     checkpoint's weights were loaded before wrapping; a sharded one's are loaded here, into
     whatever layout this run has)."""
@@ -604,10 +645,12 @@ def _continue_from(state: dict, path: Path, model: nn.Module, optimizer: torch.o
         set_model_state_dict(model, target["model"])
         set_optimizer_state_dict(model, optimizer, target["optim"])
     else:
-        optim_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        optim_state = _read_checkpoint_file(
+            path / OPTIMIZER_FILE, lambda f: torch.load(f, map_location="cpu", weights_only=True)
+        )
         set_optimizer_state_dict(model, optimizer, optim_state, options=_state_dict_options(model))
     enforce_masks(bound, optimizer)
-    rng = load_file(path / RNG_FILE)
+    rng = _read_checkpoint_file(path / RNG_FILE, load_file)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -651,8 +694,10 @@ def train(
     torch.set_flush_denormal(True)  # measured: ~5x slowdown from denormals after ~50 CPU steps without it
     info = init_distributed()
     if cfg.batch_size % info.world:
-        raise ConfigError(f"train.batch_size ({cfg.batch_size}) is the global micro-batch and must divide evenly "
-                         f"over the {info.world} processes")
+        raise ConfigError(
+            f"train.batch_size ({cfg.batch_size}) is the global micro-batch and must divide evenly "
+            f"over the {info.world} processes"
+        )
     device = _resolve_device(device, info)
     if cfg.bf16 == "auto":  # resolved here, so the checkpoint's fingerprint records what ran
         cfg = cfg.model_copy(update={"bf16": bf16_supported(device)})
@@ -670,7 +715,8 @@ def train(
     masks_fp = masks_fingerprint(masks)
     state = read_checkpoint_state(ckpt, expected, masks_fp) if ckpt is not None and resume else None
     if state is not None and state["format"] == CHECKPOINT_FORMAT:  # before wrapping: FSDP shards, DDP broadcasts
-        model.load_state_dict(load_file(ckpt / WEIGHTS_FILE, device=str(device)), strict=True)
+        saved = _read_checkpoint_file(ckpt / WEIGHTS_FILE, lambda f: load_file(f, device=str(device)))
+        model.load_state_dict(saved, strict=True)
     wrapped = _wrap(model, cfg, info, device)
     bound = bind_masks(model, masks)
     enforce_masks(bound)
@@ -684,19 +730,26 @@ def train(
     elif ckpt is not None and (ckpt / STATE_FILE).is_file() and info.is_main:
         log.warning("not resuming (resume=False): the checkpoint in %s will be replaced", ckpt)
     if cfg.checkpoint_every and ckpt is None and info.is_main:
-        log.warning("train.checkpoint_every is %d but no checkpoint_dir was given: no checkpoints",
-                    cfg.checkpoint_every)
+        log.warning(
+            "train.checkpoint_every is %d but no checkpoint_dir was given: no checkpoints", cfg.checkpoint_every
+        )
     last_good = result.start_step if state is not None else None  # step of the checkpoint on disk
 
     def diverged(what: str, step: int) -> TrainingDiverged:
-        kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt}" if last_good is not None
-                else "no checkpoint was written")
-        return TrainingDiverged(f"{what} at step {step} (lr {lr_at(step, cfg):.2e}); training stopped and "
-                                f"{kept}; lower train.lr or raise warmup_steps")
+        kept = (
+            f"the last good checkpoint (step {last_good}) is kept in {ckpt}"
+            if last_good is not None
+            else "no checkpoint was written"
+        )
+        return TrainingDiverged(
+            f"{what} at step {step} (lr {lr_at(step, cfg):.2e}); training stopped and "
+            f"{kept}; lower train.lr or raise warmup_steps"
+        )
 
     autocast = _autocast(device, cfg.bf16)
-    bar = tqdm(total=cfg.steps, initial=result.start_step, desc="train", unit="step",
-               disable=not (progress and info.is_main))
+    bar = tqdm(
+        total=cfg.steps, initial=result.start_step, desc="train", unit="step", disable=not (progress and info.is_main)
+    )
     t0, tokens = time.perf_counter(), 0
     with bar, _activation_checkpointing(model, cfg.gradient_checkpointing):
         for step in range(result.start_step, cfg.steps):
@@ -732,17 +785,29 @@ def train(
                 result.evals.append({"step": step + 1, "val_loss": val, "val_ppl": _perplexity(val)})
                 result.val_loss = row["val_loss"] = val
                 if info.is_main:
-                    log.info("step %d: train loss %.4f, val loss %.4f (ppl %.2f)", step + 1, loss, val,
-                             _perplexity(val))
+                    log.info(
+                        "step %d: train loss %.4f, val loss %.4f (ppl %.2f)", step + 1, loss, val, _perplexity(val)
+                    )
             if ckpt is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or last):
                 if not _weights_finite(model, info, device):
                     raise diverged("the weights became non-finite", step)
-                save_checkpoint(ckpt, model, opt, {  # format: SHARDED_FORMAT when the model is sharded
-                    "format": CHECKPOINT_FORMAT, "step": step + 1, "config": expected,
-                    "config_fingerprint": fingerprint(expected), "masks_fingerprint": masks_fp,
-                    "final_train_loss": loss, "history": result.history, "evals": result.evals,
-                    "world_size": info.world,
-                }, info)
+                save_checkpoint(
+                    ckpt,
+                    model,
+                    opt,
+                    {  # format: SHARDED_FORMAT when the model is sharded
+                        "format": CHECKPOINT_FORMAT,
+                        "step": step + 1,
+                        "config": expected,
+                        "config_fingerprint": fingerprint(expected),
+                        "masks_fingerprint": masks_fp,
+                        "final_train_loss": loss,
+                        "history": result.history,
+                        "evals": result.evals,
+                        "world_size": info.world,
+                    },
+                    info,
+                )
                 last_good = step + 1
             if on_step is not None and info.is_main:
                 on_step(row)

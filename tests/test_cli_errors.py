@@ -4,6 +4,7 @@ a bug, keeps its traceback."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import pytest
 from flows.cli import main
 from sparsify.config import ConfigError
 from sparsify.data import DataError
-from sparsify.errors import MissingFileError, ModelLoadError, SparsellamaError, UserInputError
+from sparsify.errors import MissingFileError, ModelLoadError, OutputWriteError, SparsellamaError, UserInputError
 from sparsify.loading import UnsupportedLayer
+from sparsify.trainer import TrainingDiverged
 from tasks.common import RootBusy
 from tests.conftest import PARAMS, REPO
 
@@ -25,13 +27,22 @@ def _cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
     prelude = code or ""
     script = f"import sys\n{prelude}\nfrom flows.cli import main\nsys.exit(main({list(args)!r}))\n"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _stage_args(tmp_path, name: str = "data") -> list[str]:
-    return ["stage", name, "--config", str(PARAMS), "--set", f"project.root={tmp_path}",
-            "--set", "tracking.enabled=false"]
+    return [
+        "stage",
+        name,
+        "--config",
+        str(PARAMS),
+        "--set",
+        f"project.root={tmp_path}",
+        "--set",
+        "tracking.enabled=false",
+    ]
 
 
 def failing_stage(stage, error: BaseException):
@@ -65,8 +76,10 @@ def test_a_config_error_is_its_message_alone_and_exits_nonzero(tmp_path):
 
 def test_a_bug_inside_a_stage_shows_its_traceback(tmp_path):
     # A ValueError from a bug is exactly what the CLI used to swallow into one line.
-    bug = ("from tasks import stages\nfrom tests.test_cli_errors import failing_stage\n_get = stages.get\n"
-           "stages.get = lambda cfg, name: failing_stage(_get(cfg, name), ValueError('planted bug'))\n")
+    bug = (
+        "from tasks import stages\nfrom tests.test_cli_errors import failing_stage\n_get = stages.get\n"
+        "stages.get = lambda cfg, name: failing_stage(_get(cfg, name), ValueError('planted bug'))\n"
+    )
     out = _cli(*_stage_args(tmp_path), code=bug)
     assert out.returncode == 1, out.stderr
     assert "Traceback (most recent call last)" in out.stderr and "in fail" in out.stderr, out.stderr
@@ -74,7 +87,15 @@ def test_a_bug_inside_a_stage_shows_its_traceback(tmp_path):
     assert "sparsellama: error" not in out.stderr
 
 
-@pytest.mark.parametrize("error", [DataError("source 'x': no documents"), KeyError("bug")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        DataError("source 'x': no documents"),
+        OutputWriteError(errno.ENOSPC, "cannot write models/base: the disk is full (No space left on device)"),
+        TrainingDiverged("the loss became nan at step 3 (lr 1.00e-02); lower train.lr or raise warmup_steps"),
+        KeyError("bug"),
+    ],
+)
 def test_a_stage_error_is_reported_by_its_type(tmp_path, monkeypatch, capsys, error):
     from tasks import stages
 

@@ -62,8 +62,11 @@ def cpu_info() -> dict:
     except OSError:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"cpu": model, "isa": [f for f in wanted if f in flags], "torch_capability":
-            torch.backends.cpu.get_cpu_capability()}
+    return {
+        "cpu": model,
+        "isa": [f for f in wanted if f in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def gemm_tflops(threads: int, d: int, f: int) -> dict[str, float]:
@@ -164,12 +167,24 @@ def predict(result: dict) -> dict[str, dict]:
 # Assumed fractions of peak (not measured here: this session had no GPU): calibration forwards 50%,
 # fp32 Hessians and factorisations 60%, training 40% (MFU); SparseGPT's column loop is bound by
 # kernel launches, ~10 small kernels of ~5 µs per input column.
-GPU = {"name": "H100 SXM 80 GB", "memory_gb": 80, "bf16": 989e12 * 0.5, "fp32": 67e12 * 0.6,
-       "train": 989e12 * 0.4, "column_s": 10 * 5e-6}
+GPU = {
+    "name": "H100 SXM 80 GB",
+    "memory_gb": 80,
+    "bf16": 989e12 * 0.5,
+    "fp32": 67e12 * 0.6,
+    "train": 989e12 * 0.4,
+    "column_s": 10 * 5e-6,
+}
 
 
-def gpu_extrapolation(d: int = 4096, f: int = 11008, layers: int = 32, vocab: int = 32000,
-                      calib: tuple[int, int] = (128, 2048), seq: int = 4096) -> list[dict]:
+def gpu_extrapolation(
+    d: int = 4096,
+    f: int = 11008,
+    layers: int = 32,
+    vocab: int = 32000,
+    calib: tuple[int, int] = (128, 2048),
+    seq: int = 4096,
+) -> list[dict]:
     """Llama-2-7B (32 layers) on :data:`GPU`s from the same formulas: per stage, memory per GPU,
     GPUs needed, hours. Calibration in bf16 weights, one GPU, batch 8 sequences; training with
     FSDP (fp32 master weights, gradients and AdamW moments sharded: 16P/G), bf16 autocast,
@@ -188,10 +203,20 @@ def gpu_extrapolation(d: int = 4096, f: int = 11008, layers: int = 32, vocab: in
     calib_device = (layer_params * 2 + max(forward_phase, 8 * f * f + 8 * d * f)) / 2**30
     calib_host = (params * 2 + layers * layer_params + n * length * d * 2) / 2**30
     rows = [
-        {"stage": "prune (SparseGPT, 128×2048 tokens)", "gpu_gb": calib_device, "host_gb": calib_host,
-         "gpus": 1, "hours": calib_time / 3600},
-        {"stage": "quantize (GPTQ, per scheme)", "gpu_gb": calib_device + layer_params / 2**30, "host_gb": calib_host,
-         "gpus": 1, "hours": gptq_time / 3600},
+        {
+            "stage": "prune (SparseGPT, 128×2048 tokens)",
+            "gpu_gb": calib_device,
+            "host_gb": calib_host,
+            "gpus": 1,
+            "hours": calib_time / 3600,
+        },
+        {
+            "stage": "quantize (GPTQ, per scheme)",
+            "gpu_gb": calib_device + layer_params / 2**30,
+            "host_gb": calib_host,
+            "gpus": 1,
+            "hours": gptq_time / 3600,
+        },
     ]
     matmul_params = layers * layer_params + vocab * d
     per_token = (6 + 2 + 2) * matmul_params + (3 + 1 + 1) * 4 * seq * d * layers  # + recompute + teacher
@@ -199,9 +224,17 @@ def gpu_extrapolation(d: int = 4096, f: int = 11008, layers: int = 32, vocab: in
     activations = (layers * seq * d * 2 + seq * (12 * d + 4 * f) * 2 + 12 * seq * vocab) / 2**30
     for gpus in (2, 4, 8):
         memory = 16 * params / gpus / 2**30 + 2 * params / 2**30 + activations
-        rows.append({"stage": f"sparse pretraining / KD fine-tuning, FSDP over {gpus}", "gpu_gb": memory,
-                     "host_gb": None, "gpus": gpus, "hours": gpu_hours_per_billion / gpus,
-                     "per": "1B tokens", "fits": memory < GPU["memory_gb"] * 0.9})
+        rows.append(
+            {
+                "stage": f"sparse pretraining / KD fine-tuning, FSDP over {gpus}",
+                "gpu_gb": memory,
+                "host_gb": None,
+                "gpus": gpus,
+                "hours": gpu_hours_per_billion / gpus,
+                "per": "1B tokens",
+                "fits": memory < GPU["memory_gb"] * 0.9,
+            }
+        )
     return rows
 
 
@@ -219,9 +252,14 @@ def build_checkpoint(args: argparse.Namespace, path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=max(4096, args.train_seq, args.calib[1]), tie_word_embeddings=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(4096, args.train_seq, args.calib[1]),
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
@@ -252,13 +290,26 @@ def _measure(kind: str, args: argparse.Namespace) -> dict:
         row["seconds_per_layer"] = result.seconds_per_decoder_layer
     elif kind.startswith("gptq"):
         bits, group = (8, None) if kind == "gptq-w8" else (4, 128)
-        cfg = QuantConfig(method="gptq", weight_bits=bits, group_size=group, activation_bits=None,
-                          smoothquant=False, num_samples=n, seq_len=length)
+        cfg = QuantConfig(
+            method="gptq",
+            weight_bits=bits,
+            group_size=group,
+            activation_bits=None,
+            smoothquant=False,
+            num_samples=n,
+            seq_len=length,
+        )
         result = quantize_model(model, calib, cfg, progress=False, batch_size=args.batch)
         row["seconds_per_layer"] = result.seconds_per_decoder_layer
     else:
-        cfg = TrainConfig(steps=1, batch_size=1, warmup_steps=0, eval_every=1, log_every=1,
-                          gradient_checkpointing=kind == "train-ckpt")
+        cfg = TrainConfig(
+            steps=1,
+            batch_size=1,
+            warmup_steps=0,
+            eval_every=1,
+            log_every=1,
+            gradient_checkpointing=kind == "train-ckpt",
+        )
         blocks = torch.randint(0, args.vocab, (1, args.train_seq + 1)).numpy()
         result = train(model, blocks, None, cfg, seed=0, progress=False)
         row["seconds_per_layer"] = [result.seconds / args.layers] * args.layers  # one step, spread evenly
@@ -282,26 +333,35 @@ def run_isolated(kind: str, args: argparse.Namespace, checkpoint: Path) -> dict:
 
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["shape"]
-    head = (f"Llama-2-7B-shaped, {s['layers']} decoder layers (hidden {s['hidden']}, MLP {s['intermediate']}, "
-            f"{s['heads']} heads, vocab {s['vocab']}), random weights in {result['dtype']}; "
-            f"{m['cpu']} ({', '.join(m['isa'])}), {result['threads']} threads, torch {result['torch']}; "
-            f"calibration {result['calibration'][0]}×{result['calibration'][1]} tokens (mini-batch "
-            f"{result['calib_batch']}); training step batch 1 × {result['train_seq']} tokens, AdamW.\n\n")
-    lines = ["| measurement | total s | s per decoder layer | peak RSS GB | RSS after load GB |",
-             "|---|---:|---|---:|---:|"]
+    head = (
+        f"Llama-2-7B-shaped, {s['layers']} decoder layers (hidden {s['hidden']}, MLP {s['intermediate']}, "
+        f"{s['heads']} heads, vocab {s['vocab']}), random weights in {result['dtype']}; "
+        f"{m['cpu']} ({', '.join(m['isa'])}), {result['threads']} threads, torch {result['torch']}; "
+        f"calibration {result['calibration'][0]}×{result['calibration'][1]} tokens (mini-batch "
+        f"{result['calib_batch']}); training step batch 1 × {result['train_seq']} tokens, AdamW.\n\n"
+    )
+    lines = [
+        "| measurement | total s | s per decoder layer | peak RSS GB | RSS after load GB |",
+        "|---|---:|---|---:|---:|",
+    ]
     for kind, r in result["measurements"].items():
         per_layer = ", ".join(f"{t:.1f}" for t in r["seconds_per_layer"])
-        lines.append(f"| {kind} | {r['seconds']:.1f} | {per_layer} | {r['peak_rss_gb']:.2f} | "
-                     f"{r['rss_after_load_gb']:.2f} |")
+        lines.append(
+            f"| {kind} | {r['seconds']:.1f} | {per_layer} | {r['peak_rss_gb']:.2f} | {r['rss_after_load_gb']:.2f} |"
+        )
     rates = ", ".join(f"{k} {v:.2f}" for k, v in result["gemm_tflops"].items())
     text = head + "\n".join(lines) + f"\n\nMeasured GEMM rate (TFLOP/s): {rates}.\n\n"
-    text += ("| formula vs measurement | predicted s | measured s | error | predicted peak GB | "
-             "measured peak GB | error |\n|---|---:|---:|---:|---:|---:|---:|\n")
+    text += (
+        "| formula vs measurement | predicted s | measured s | error | predicted peak GB | "
+        "measured peak GB | error |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    )
     for kind, p in predict(result).items():
         m = result["measurements"][kind]
-        text += (f"| {kind} | {p['seconds']:.1f} | {m['seconds']:.1f} | {p['seconds'] / m['seconds'] - 1:+.0%} | "
-                 f"{p['peak_rss_gb']:.2f} | {m['peak_rss_gb']:.2f} | "
-                 f"{p['peak_rss_gb'] / m['peak_rss_gb'] - 1:+.0%} |\n")
+        text += (
+            f"| {kind} | {p['seconds']:.1f} | {m['seconds']:.1f} | {p['seconds'] / m['seconds'] - 1:+.0%} | "
+            f"{p['peak_rss_gb']:.2f} | {m['peak_rss_gb']:.2f} | "
+            f"{p['peak_rss_gb'] / m['peak_rss_gb'] - 1:+.0%} |\n"
+        )
     return text
 
 
@@ -313,8 +373,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--calib", type=lambda s: tuple(int(v) for v in s.lower().split("x")), default=(32, 512),
-                        help="calibration sequences x tokens, e.g. 32x512")
+    parser.add_argument(
+        "--calib",
+        type=lambda s: tuple(int(v) for v in s.lower().split("x")),
+        default=(32, 512),
+        help="calibration sequences x tokens, e.g. 32x512",
+    )
     parser.add_argument("--batch", type=int, default=8, help="calibration sequences per forward")
     parser.add_argument("--train-seq", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
@@ -330,9 +394,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--measure: unknown {sorted(unknown)}; choose from {', '.join(MEASUREMENTS)}")
     # What a worker needs to rebuild the same run (everything but out/measure/worker/checkpoint).
     args.passthrough = [
-        f"--hidden={args.hidden}", f"--intermediate={args.intermediate}", f"--heads={args.heads}",
-        f"--layers={args.layers}", f"--vocab={args.vocab}", f"--calib={args.calib[0]}x{args.calib[1]}",
-        f"--batch={args.batch}", f"--train-seq={args.train_seq}", f"--threads={args.threads}", f"--dtype={args.dtype}",
+        f"--hidden={args.hidden}",
+        f"--intermediate={args.intermediate}",
+        f"--heads={args.heads}",
+        f"--layers={args.layers}",
+        f"--vocab={args.vocab}",
+        f"--calib={args.calib[0]}x{args.calib[1]}",
+        f"--batch={args.batch}",
+        f"--train-seq={args.train_seq}",
+        f"--threads={args.threads}",
+        f"--dtype={args.dtype}",
     ]
     return args
 
@@ -356,11 +427,22 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(result))  # noqa: T201
         return
     result = {
-        "machine": cpu_info(), "threads": args.threads, "torch": torch.__version__, "dtype": args.dtype,
-        "shape": {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
-                  "layers": args.layers, "vocab": args.vocab},
-        "calibration": list(args.calib), "calib_batch": args.batch, "train_seq": args.train_seq,
-        "measurements": {}, "gemm_tflops": gemm_tflops(args.threads, args.hidden, args.intermediate),
+        "machine": cpu_info(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "shape": {
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "heads": args.heads,
+            "layers": args.layers,
+            "vocab": args.vocab,
+        },
+        "calibration": list(args.calib),
+        "calib_batch": args.batch,
+        "train_seq": args.train_seq,
+        "measurements": {},
+        "gemm_tflops": gemm_tflops(args.threads, args.hidden, args.intermediate),
     }
     with tempfile.TemporaryDirectory(prefix="llama7b-") as tmp:
         checkpoint = Path(tmp) / "model"

@@ -71,23 +71,44 @@ def run(out: int, inp: int, sparsity: float, repeats: int, variants: list[str]) 
             errors[name] = result.error
             log.info("%-17s %.2f s, relative error %.5f", name, seconds[name][-1], result.error)
     base = statistics.median(seconds["sparsegpt"])
-    rows = [{"variant": name, "seconds": statistics.median(s), "vs_sparsegpt": statistics.median(s) / base,
-             "error": errors[name]} for name, s in seconds.items()]
-    return {"shape": [out, inp], "sparsity": sparsity, "repeats": repeats, "rows": rows,
-            "config": PruneConfig(method="admm").model_dump(include={
-                "admm_iterations", "admm_rho", "admm_rho_growth", "cg_iterations", "refine_iterations"}),
-            "machine": {"cpu_model": cpu_model(), "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
-                        "torch": torch.__version__, "gemm_fp32_gflops": rate}}
+    rows = [
+        {
+            "variant": name,
+            "seconds": statistics.median(s),
+            "vs_sparsegpt": statistics.median(s) / base,
+            "error": errors[name],
+        }
+        for name, s in seconds.items()
+    ]
+    return {
+        "shape": [out, inp],
+        "sparsity": sparsity,
+        "repeats": repeats,
+        "rows": rows,
+        "config": PruneConfig(method="admm").model_dump(
+            include={"admm_iterations", "admm_rho", "admm_rho_growth", "cg_iterations", "refine_iterations"}
+        ),
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpu_isa": cpu_isa(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gemm_fp32_gflops": rate,
+        },
+    }
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
     out, inp = result["shape"]
-    head = (f"One {out}×{inp} Linear at {result['sparsity']:.0%}, {m['threads']} threads on {m['cpu_model']} "
-            f"({m['cpu_isa']}), fp32 GEMM {m['gemm_fp32_gflops']:.0f} GFLOP/s, median of {result['repeats']}.")
+    head = (
+        f"One {out}×{inp} Linear at {result['sparsity']:.0%}, {m['threads']} threads on {m['cpu_model']} "
+        f"({m['cpu_isa']}), fp32 GEMM {m['gemm_fp32_gflops']:.0f} GFLOP/s, median of {result['repeats']}."
+    )
     lines = [head, "", "| variant | seconds | × SparseGPT | relative error |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['seconds']:.2f} | {r['vs_sparsegpt']:.1f} | {r['error']:.5f} |"
-              for r in result["rows"]]
+    lines += [
+        f"| {r['variant']} | {r['seconds']:.2f} | {r['vs_sparsegpt']:.1f} | {r['error']:.5f} |" for r in result["rows"]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -97,8 +118,13 @@ def main() -> None:
     parser.add_argument("--shape", default="4096x11008", help="OUTxIN of the Linear (default: Llama-2-7B down_proj)")
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="sparsegpt comes first whatever the order: the others are timed against it")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="sparsegpt comes first whatever the order: the others are timed against it",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -28,8 +28,7 @@ from sparsify.model import load_model, pick_device
 from tasks.common import val_perplexity
 from tasks.sweep import points, prune_point
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt+owl", "admm", "admm+owl", "sparsegpt+refine",
-           "admm+refine")
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt+owl", "admm", "admm+owl", "sparsegpt+refine", "admm+refine")
 PATTERNS = ((0.5, "unstructured"), (0.7, "unstructured"), (0.5, "2:4"))
 
 
@@ -38,30 +37,53 @@ def run(cfg: Config, methods: tuple[str, ...] = METHODS) -> dict:
     own step (tasks.sweep.prune_point: validation perplexity on evaluate.val_blocks)."""
     corpus = Corpus.open(cfg.root / "data" / "corpus")
     dense = load_model(cfg.root / "models" / "base")
-    rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "seconds": 0.0,
-             "ppl": val_perplexity(cfg, dense, corpus, pick_device(cfg.project.device))}]
+    rows = [
+        {
+            "method": "dense",
+            "pattern": "-",
+            "sparsity": 0.0,
+            "seconds": 0.0,
+            "ppl": val_perplexity(cfg, dense, corpus, pick_device(cfg.project.device)),
+        }
+    ]
     for sparsity, structure in PATTERNS:
         for point in points(list(methods), [sparsity], [structure]):
             m = prune_point(cfg, point=point).metrics
             pattern = structure if structure != "unstructured" else f"{sparsity:.0%}"
-            rows.append({"method": point.method, "pattern": pattern, "sparsity": m["sparsity/global"],
-                         "seconds": m["time/prune_s"], "ppl": m["ppl/val"]})
+            rows.append(
+                {
+                    "method": point.method,
+                    "pattern": pattern,
+                    "sparsity": m["sparsity/global"],
+                    "seconds": m["time/prune_s"],
+                    "ppl": m["ppl/val"],
+                }
+            )
             logging.info("%-16s %-4s ppl %8.2f  %.2f s", point.method, pattern, m["ppl/val"], m["time/prune_s"])
-    return {"rows": rows, "machine": {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-                                      "cpu_isa": cpu_isa(), "threads": torch.get_num_threads()},
-            "calibration": list(corpus.calibration().shape),
-            "eval_blocks": cfg.evaluate.val_blocks,
-            "model_params_m": sum(p.numel() for p in dense.parameters()) / 1e6}
+    return {
+        "rows": rows,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(),
+            "cpu_isa": cpu_isa(),
+            "threads": torch.get_num_threads(),
+        },
+        "calibration": list(corpus.calibration().shape),
+        "eval_blocks": cfg.evaluate.val_blocks,
+        "model_params_m": sum(p.numel() for p in dense.parameters()) / 1e6,
+    }
 
 
 def markdown(result: dict) -> str:
     lines = ["| method | pattern | sparsity | val ppl | wall time (s) |", "|---|---|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | {r['seconds']:.2f} |")
-    head = (f"Pruning the base model ({result['model_params_m']:.1f}M params), calibration "
-            f"{result['calibration'][0]}×{result['calibration'][1]} tokens, perplexity on "
-            f"{result['eval_blocks']} validation blocks, {result['machine']['threads']} threads on "
-            f"{result['machine']['cpu_model']} ({result['machine']['cpu_isa']}).\n\n")
+    head = (
+        f"Pruning the base model ({result['model_params_m']:.1f}M params), calibration "
+        f"{result['calibration'][0]}×{result['calibration'][1]} tokens, perplexity on "
+        f"{result['eval_blocks']} validation blocks, {result['machine']['threads']} threads on "
+        f"{result['machine']['cpu_model']} ({result['machine']['cpu_isa']}).\n\n"
+    )
     return head + "\n".join(lines) + "\n"
 
 

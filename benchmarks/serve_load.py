@@ -47,12 +47,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | os.PathLike, *extra: str, port: int | None = None,
-                 timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: str | os.PathLike, *extra: str, port: int | None = None, timeout_s: float = 120.0
+) -> tuple[subprocess.Popen, str]:
     """Start `sparsellama serve-model` (this checkout's CLI) on 127.0.0.1; return (process, base URL) once healthy."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "flows.cli", "serve-model", str(model), "--host", "127.0.0.1", "--port", str(port),
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "serve-model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -88,8 +99,9 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def _one_level(base_url: str, model: str, clients: int, requests: int, max_tokens: int, prompt: str,
-                     timeout_s: float) -> dict:
+async def _one_level(
+    base_url: str, model: str, clients: int, requests: int, max_tokens: int, prompt: str, timeout_s: float
+) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout_s)
@@ -102,18 +114,37 @@ async def _one_level(base_url: str, model: str, clients: int, requests: int, max
             tokens = 0
             try:
                 stream = await client.completions.create(
-                    model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                    model=model,
+                    prompt=prompt,
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True},
+                )
                 async for chunk in stream:
                     if first is None and chunk.choices and chunk.choices[0].text:
                         first = time.perf_counter() - start
                     if chunk.usage is not None:
                         tokens = chunk.usage.completion_tokens
-                records.append({"ok": tokens == max_tokens, "latency_s": time.perf_counter() - start,
-                                "ttft_s": first, "tokens": tokens})
+                records.append(
+                    {
+                        "ok": tokens == max_tokens,
+                        "latency_s": time.perf_counter() - start,
+                        "ttft_s": first,
+                        "tokens": tokens,
+                    }
+                )
             except Exception as err:  # recorded as a failure; the run goes on
-                records.append({"ok": False, "error": f"{type(err).__name__}: {err}",
-                                "latency_s": time.perf_counter() - start, "ttft_s": None, "tokens": tokens})
+                records.append(
+                    {
+                        "ok": False,
+                        "error": f"{type(err).__name__}: {err}",
+                        "latency_s": time.perf_counter() - start,
+                        "ttft_s": None,
+                        "tokens": tokens,
+                    }
+                )
 
     start = time.perf_counter()
     try:
@@ -139,9 +170,14 @@ async def _one_level(base_url: str, model: str, clients: int, requests: int, max
         "ttft_p50_s": _pct(ttfts, 0.5),
         "ttft_p95_s": _pct(ttfts, 0.95),
         # Per request, the tokens after the first over the time after the first: decode speed without prefill.
-        "decode_tokens_per_s_p50": _pct([(r["tokens"] - 1) / (r["latency_s"] - r["ttft_s"]) for r in ok
-                                         if r["ttft_s"] is not None and r["tokens"] > 1
-                                         and r["latency_s"] > r["ttft_s"]], 0.5),
+        "decode_tokens_per_s_p50": _pct(
+            [
+                (r["tokens"] - 1) / (r["latency_s"] - r["ttft_s"])
+                for r in ok
+                if r["ttft_s"] is not None and r["tokens"] > 1 and r["latency_s"] > r["ttft_s"]
+            ],
+            0.5,
+        ),
     }
 
 
@@ -163,12 +199,27 @@ def machine() -> dict:
     return info
 
 
-def run_load(base_url: str, model: str, *, clients: tuple[int, ...] = (1, 4, 16), requests: int = 4,
-             max_tokens: int = 32, prompt: str = "def main():", timeout_s: float = 300.0) -> dict:
+def run_load(
+    base_url: str,
+    model: str,
+    *,
+    clients: tuple[int, ...] = (1, 4, 16),
+    requests: int = 4,
+    max_tokens: int = 32,
+    prompt: str = "def main():",
+    timeout_s: float = 300.0,
+) -> dict:
     """Run every concurrency level in turn against a live server; the results as a dict (see the module doc)."""
     levels = [asyncio.run(_one_level(base_url, model, c, requests, max_tokens, prompt, timeout_s)) for c in clients]
-    return {"model": model, "base_url": base_url, "requests_per_client": requests, "max_tokens": max_tokens,
-            "prompt": prompt, "machine": machine(), "levels": levels}
+    return {
+        "model": model,
+        "base_url": base_url,
+        "requests_per_client": requests,
+        "max_tokens": max_tokens,
+        "prompt": prompt,
+        "machine": machine(),
+        "levels": levels,
+    }
 
 
 def byte_tokenizer(vocab_size: int = 258):
@@ -188,8 +239,10 @@ def byte_tokenizer(vocab_size: int = 258):
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<s>", "</s>")])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab_size - 2)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    hf.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
-                        "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    hf.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
     return hf
 
 
@@ -220,9 +273,20 @@ def _random_llama(config, seed: int):
     return tensors(), set(prunable_linear_names(meta))
 
 
-def make_synthetic_model(out: str | os.PathLike, *, hidden: int, intermediate: int, layers: int, heads: int,
-                         kv_heads: int, vocab: int, context: int = 4096, sparsity: float = 0.7,
-                         kind: str = "sparse_int8", seed: int = 0) -> Path:
+def make_synthetic_model(
+    out: str | os.PathLike,
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    context: int = 4096,
+    sparsity: float = 0.7,
+    kind: str = "sparse_int8",
+    seed: int = 0,
+) -> Path:
     """A random Llama of the given shape with a byte-level tokenizer, for load tests of real model shapes.
 
     ``kind``:
@@ -246,10 +310,18 @@ def make_synthetic_model(out: str | os.PathLike, *, hidden: int, intermediate: i
 
     if kind not in SYNTHETIC_KINDS:
         raise ValueError(f"kind must be one of {SYNTHETIC_KINDS}, got {kind!r}")
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=context, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=context,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        tie_word_embeddings=False,
+    )
     tensors, decoder_linears = _random_llama(config, seed)
     out = Path(out)
     if kind == "dense_bf16":
@@ -305,8 +377,9 @@ def process_memory_mb(pid: int) -> dict:
     return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
 
 
-def engine_decode(model_dir: str | os.PathLike, *, batches: tuple[int, ...], steps: int = 8,
-                  prompt_len: int = 8) -> dict:
+def engine_decode(
+    model_dir: str | os.PathLike, *, batches: tuple[int, ...], steps: int = 8, prompt_len: int = 8
+) -> dict:
     """The engine alone, in this process (no HTTP, no load client on the cores): median ms per decode step of
     ``batch`` sequences at once, after an 8-token prompt each. What the server's figures are read against."""
     import gc
@@ -332,8 +405,17 @@ def engine_decode(model_dir: str | os.PathLike, *, batches: tuple[int, ...], ste
     return rows
 
 
-def serve_and_load(model_dir: str | os.PathLike, *, clients: tuple[int, ...], requests: int, max_tokens: int,
-                   prompt: str, threads: int | None, start_timeout_s: float, stream_gbps: float) -> dict:
+def serve_and_load(
+    model_dir: str | os.PathLike,
+    *,
+    clients: tuple[int, ...],
+    requests: int,
+    max_tokens: int,
+    prompt: str,
+    threads: int | None,
+    start_timeout_s: float,
+    stream_gbps: float,
+) -> dict:
     """Start a server on ``model_dir``, run every concurrency level against it, stop it; the figures of
     :func:`run_load` plus load time, the server's memory, and decode speed against the bandwidth limit."""
     extra = ["--max-batch", str(max(clients)), "--max-queue", str(max(clients))]
@@ -358,17 +440,25 @@ def serve_and_load(model_dir: str | os.PathLike, *, clients: tuple[int, ...], re
     single = next((lv for lv in result["levels"] if lv["clients"] == 1), None)
     decode = single["decode_tokens_per_s_p50"] if single else None
     return result | {
-        "model_dir": str(model_dir), "load_s": load_s, "memory_after_load": memory_loaded, "memory_end": memory_end,
-        "weight_bytes_per_token": nbytes, "bandwidth_limit_tokens_per_s": limit,
-        "decode_tokens_per_s_batch1": decode, "engine_in_process": engine,
+        "model_dir": str(model_dir),
+        "load_s": load_s,
+        "memory_after_load": memory_loaded,
+        "memory_end": memory_end,
+        "weight_bytes_per_token": nbytes,
+        "bandwidth_limit_tokens_per_s": limit,
+        "decode_tokens_per_s_batch1": decode,
+        "engine_in_process": engine,
         "pct_bandwidth_limit": None if decode is None else 100 * decode / limit,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dirs", nargs="*", help="start `sparsellama serve-model` on each folder in turn; "
-                                                 "ratios are against the first")
+    p.add_argument(
+        "model_dirs",
+        nargs="*",
+        help="start `sparsellama serve-model` on each folder in turn; ratios are against the first",
+    )
     p.add_argument("--base-url", help="use a running server instead (e.g. http://127.0.0.1:8000/v1)")
     p.add_argument("--model", help="the served model name (with --base-url)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
@@ -378,13 +468,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="the started server's torch threads")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds a started server may take to load")
     p.add_argument("--out", default="serve_load.json")
-    p.add_argument("--make-synthetic", metavar="DIR", default=None,
-                   help="write random models to DIR/<kind> first (shape from --shape, kinds from --kinds) and "
-                        "serve them, before any MODEL_DIRS")
-    p.add_argument("--kinds", nargs="+", default=["sparse_int8"], choices=SYNTHETIC_KINDS,
-                   help="synthetic models to write, e.g. dense_bf16 sparse_int8 (same random weights)")
-    p.add_argument("--shape", default="hidden=1024,intermediate=2816,layers=8,heads=16,kv_heads=16,vocab=32000",
-                   help="the synthetic model's shape (key=value,...)")
+    p.add_argument(
+        "--make-synthetic",
+        metavar="DIR",
+        default=None,
+        help="write random models to DIR/<kind> first (shape from --shape, kinds from --kinds) and "
+        "serve them, before any MODEL_DIRS",
+    )
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["sparse_int8"],
+        choices=SYNTHETIC_KINDS,
+        help="synthetic models to write, e.g. dense_bf16 sparse_int8 (same random weights)",
+    )
+    p.add_argument(
+        "--shape",
+        default="hidden=1024,intermediate=2816,layers=8,heads=16,kv_heads=16,vocab=32000",
+        help="the synthetic model's shape (key=value,...)",
+    )
     p.add_argument("--sparsity", type=float, default=0.7)
     args = p.parse_args(argv)
     model_dirs = list(args.model_dirs)
@@ -401,19 +503,37 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give MODEL_DIRS (or --make-synthetic) or --base-url (with --model)")
     clients = tuple(args.clients)
     if args.base_url:
-        result = run_load(args.base_url, args.model, clients=clients, requests=args.requests,
-                          max_tokens=args.max_tokens, prompt=args.prompt)
+        result = run_load(
+            args.base_url,
+            args.model,
+            clients=clients,
+            requests=args.requests,
+            max_tokens=args.max_tokens,
+            prompt=args.prompt,
+        )
     else:
         from sparsify.bench import stream_bandwidth
 
         stream = stream_bandwidth()  # before any server: the machine is otherwise idle
-        runs = [serve_and_load(d, clients=clients, requests=args.requests, max_tokens=args.max_tokens,
-                               prompt=args.prompt, threads=args.threads, start_timeout_s=args.start_timeout,
-                               stream_gbps=stream["gbps"]) for d in model_dirs]
+        runs = [
+            serve_and_load(
+                d,
+                clients=clients,
+                requests=args.requests,
+                max_tokens=args.max_tokens,
+                prompt=args.prompt,
+                threads=args.threads,
+                start_timeout_s=args.start_timeout,
+                stream_gbps=stream["gbps"],
+            )
+            for d in model_dirs
+        ]
         for run in runs[1:]:
             run["tokens_per_s_vs_first"] = {
                 lv["clients"]: lv["tokens_per_s"] / first["tokens_per_s"]
-                for lv, first in zip(run["levels"], runs[0]["levels"], strict=True) if first["tokens_per_s"]}
+                for lv, first in zip(run["levels"], runs[0]["levels"], strict=True)
+                if first["tokens_per_s"]
+            }
         result = {"machine": machine(), "stream": stream, "models": runs}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
@@ -424,18 +544,24 @@ def main(argv: list[str] | None = None) -> int:
         print(run.get("model_dir", run["model"]))
         if "weight_bytes_per_token" in run:
             mem = run["memory_end"]
-            print(f"  {run['weight_bytes_per_token'] / 1e9:.2f} GB of weights per token; loaded in "
-                  f"{run['load_s']:.0f} s; RSS {mem['rss_mb']:.0f} MB (peak {mem['peak_rss_mb']:.0f}); batch-1 decode "
-                  f"{run['decode_tokens_per_s_batch1'] or 0:.2f} tokens/s = {run['pct_bandwidth_limit'] or 0:.0f}% of "
-                  f"the bandwidth limit ({run['bandwidth_limit_tokens_per_s']:.2f})")
+            print(
+                f"  {run['weight_bytes_per_token'] / 1e9:.2f} GB of weights per token; loaded in "
+                f"{run['load_s']:.0f} s; RSS {mem['rss_mb']:.0f} MB (peak {mem['peak_rss_mb']:.0f}); batch-1 decode "
+                f"{run['decode_tokens_per_s_batch1'] or 0:.2f} tokens/s = {run['pct_bandwidth_limit'] or 0:.0f}% of "
+                f"the bandwidth limit ({run['bandwidth_limit_tokens_per_s']:.2f})"
+            )
             for batch, row in run["engine_in_process"].items():
-                print(f"  engine alone, batch {batch}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_s']:.2f} "
-                      f"tokens/s, steps at {row['pct_bandwidth_limit']:.0f}% of the bandwidth limit")
+                print(
+                    f"  engine alone, batch {batch}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_s']:.2f} "
+                    f"tokens/s, steps at {row['pct_bandwidth_limit']:.0f}% of the bandwidth limit"
+                )
         for level in run["levels"]:
-            print(f"  {level['clients']:>3} clients: {level['requests']} requests, {level['failures']} failed, "
-                  f"{level['tokens_per_s']:.2f} tokens/s, latency p50 {sec(level['latency_p50_s'])} "
-                  f"p95 {sec(level['latency_p95_s'])}, TTFT p50 {sec(level['ttft_p50_s'])} "
-                  f"p95 {sec(level['ttft_p95_s'])}")
+            print(
+                f"  {level['clients']:>3} clients: {level['requests']} requests, {level['failures']} failed, "
+                f"{level['tokens_per_s']:.2f} tokens/s, latency p50 {sec(level['latency_p50_s'])} "
+                f"p95 {sec(level['latency_p95_s'])}, TTFT p50 {sec(level['ttft_p50_s'])} "
+                f"p95 {sec(level['ttft_p95_s'])}"
+            )
     print(f"wrote {args.out}")
     runs = result.get("models", [result])
     return 1 if any(level["failures"] for run in runs for level in run["levels"]) else 0

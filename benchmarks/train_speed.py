@@ -86,15 +86,26 @@ def main(argv: list[str] | None = None) -> dict:
     train_blocks, val_blocks, tokenizer = _blocks(root, 256, 4096)
     tokenizer = tokenizer or _RandomVocab(int(train_blocks.max()) + 1)
     device = torch.device("cpu")
-    result: dict = {"machine": machine_info(), "native_bf16": bf16_supported(device),
-                    "arch": cfg.base.arch.model_dump(), "batch_size": tc.batch_size,
-                    "seq_len": int(train_blocks.shape[1] - 1),
-                    "data": "corpus" if val_blocks is not None else "random tokens", "rounds": []}
+    result: dict = {
+        "machine": machine_info(),
+        "native_bf16": bf16_supported(device),
+        "arch": cfg.base.arch.model_dump(),
+        "batch_size": tc.batch_size,
+        "seq_len": int(train_blocks.shape[1] - 1),
+        "data": "corpus" if val_blocks is not None else "random tokens",
+        "rounds": [],
+    }
 
     def run(variant: str, steps: int, val: np.ndarray | None) -> tuple[float, object]:
         model = build_llama(cfg.base.arch, tokenizer, seed=cfg.project.seed)
-        run_cfg = tc.model_copy(update={"steps": steps, "bf16": VARIANTS[variant], "checkpoint_every": 0,
-                                        "warmup_steps": min(tc.warmup_steps, steps)})
+        run_cfg = tc.model_copy(
+            update={
+                "steps": steps,
+                "bf16": VARIANTS[variant],
+                "checkpoint_every": 0,
+                "warmup_steps": min(tc.warmup_steps, steps),
+            }
+        )
         t0 = time.perf_counter()
         res = train(model, train_blocks, val, run_cfg, seed=cfg.project.seed, device=device, progress=False)
         return time.perf_counter() - t0, res
@@ -114,10 +125,18 @@ def main(argv: list[str] | None = None) -> dict:
         curves = {}
         for variant in VARIANTS:
             seconds, res = run(variant, args.curve_steps, val_blocks)
-            curves[variant] = {"seconds": seconds, "evals": res.evals, "final_train_loss": res.final_train_loss,
-                               "tokens_per_s": res.tokens_per_s}
-            print(variant, f"{args.curve_steps} steps in {seconds:.0f} s, val",
-                  [round(e["val_loss"], 4) for e in res.evals], flush=True)
+            curves[variant] = {
+                "seconds": seconds,
+                "evals": res.evals,
+                "final_train_loss": res.final_train_loss,
+                "tokens_per_s": res.tokens_per_s,
+            }
+            print(
+                variant,
+                f"{args.curve_steps} steps in {seconds:.0f} s, val",
+                [round(e["val_loss"], 4) for e in res.evals],
+                flush=True,
+            )
         fp32 = curves["fp32"]["evals"][-1]["val_loss"]
         for c in curves.values():
             c["final_val_loss_diff_vs_fp32"] = c["evals"][-1]["val_loss"] - fp32
@@ -125,8 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train_speed.json").write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps({"tokens_per_s": speed, "speedup_vs_fp32": result["speedup_vs_fp32"],
-                      "isa": result["machine"]["cpu_isa"]}, indent=1))
+    print(
+        json.dumps(
+            {"tokens_per_s": speed, "speedup_vs_fp32": result["speedup_vs_fp32"], "isa": result["machine"]["cpu_isa"]},
+            indent=1,
+        )
+    )
     return result
 
 

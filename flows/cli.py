@@ -36,47 +36,81 @@ DEFAULT_MAX_TOKENS = 256  # generate / chat, when --max-tokens is not given
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="params.yaml", help="parameters file (default: params.yaml)")
     p.add_argument("--profile", default=None, help="a profile from the file's `profiles:` (e.g. smoke)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any key, e.g. --set prune.sparsity=0.7 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any key, e.g. --set prune.sparsity=0.7 (repeatable)",
+    )
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a pipeline output folder: the sparse format (or a folder with a sparse/ "
-                                 "one) or a Hugging Face checkpoint")
-    p.add_argument("--max-context", type=int, default=None,
-                   help="tokens of context (default: the model's max_position_embeddings)")
-    p.add_argument("--min-sparsity", type=float, default=0.3,
-                   help="HF folders: decoder Linears at least this sparse run on the sparse kernels")
+    p.add_argument(
+        "model",
+        help="a pipeline output folder: the sparse format (or a folder with a sparse/ "
+        "one) or a Hugging Face checkpoint",
+    )
+    p.add_argument(
+        "--max-context", type=int, default=None, help="tokens of context (default: the model's max_position_embeddings)"
+    )
+    p.add_argument(
+        "--min-sparsity",
+        type=float,
+        default=0.3,
+        help="HF folders: decoder Linears at least this sparse run on the sparse kernels",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch/kernel threads (default: torch's)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help=f"tokens to generate at most (default: {DEFAULT_MAX_TOKENS}, or what the context leaves)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help=f"tokens to generate at most (default: {DEFAULT_MAX_TOKENS}, or what the context leaves)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible samples)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end the text before this string (repeatable)")
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="end the text before this string (repeatable)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsellama", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sparsellama", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline as the sparse-llama Prefect flow")
-    run.add_argument("--until", dest="targets", action="append", default=None, metavar="STAGE",
-                     help="run only this stage and the stages it needs (repeatable)")
+    run.add_argument(
+        "--until",
+        dest="targets",
+        action="append",
+        default=None,
+        metavar="STAGE",
+        help="run only this stage and the stages it needs (repeatable)",
+    )
     _config_args(run)
     sweep = sub.add_parser("sweep", help="prune the base model with each method at each sparsity (Prefect flow)")
-    sweep.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"],
-                       help="prune.method values (magnitude, wanda, sparsegpt, admm), each optionally with "
-                            "+owl and/or +refine, e.g. admm+owl sparsegpt+refine")
+    sweep.add_argument(
+        "--methods",
+        nargs="+",
+        default=["magnitude", "wanda", "sparsegpt"],
+        help="prune.method values (magnitude, wanda, sparsegpt, admm), each optionally with "
+        "+owl and/or +refine, e.g. admm+owl sparsegpt+refine",
+    )
     sweep.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
-    sweep.add_argument("--structures", nargs="+", default=["unstructured", "2:4"],
-                       help="unstructured (at each sparsity) and/or N:M patterns")
+    sweep.add_argument(
+        "--structures",
+        nargs="+",
+        default=["unstructured", "2:4"],
+        help="unstructured (at each sparsity) and/or N:M patterns",
+    )
     _config_args(sweep)
     _config_args(sub.add_parser("benchmark", help="run the kernel benchmark again (Prefect flow)"))
     stage = sub.add_parser("stage", help="run one stage")
@@ -101,9 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     srvm.add_argument("--served-name", default=None, help="the model id clients send (default: the folder name)")
     srvm.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     srvm.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch (default 64)")
-    srvm.add_argument("--prefill-chunk", type=int, default=512,
-                      help="prompt tokens per step over the joining requests (default 512): longer prompts are "
-                           "prefilled over several steps while the others keep decoding")
+    srvm.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prompt tokens per step over the joining requests (default 512): longer prompts are "
+        "prefilled over several steps while the others keep decoding",
+    )
     dvc = sub.add_parser("dvc-yaml", help="print dvc.yaml generated from the stage table")
     dvc.add_argument("--config", default="params.yaml", help="parameters file (default: params.yaml)")
     mode = dvc.add_mutually_exclusive_group()
@@ -134,8 +172,14 @@ def _load_engine(args: argparse.Namespace, **engine_options):
 def _sampling(args: argparse.Namespace):
     from sparsify.generation import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    return SamplingParams(
+        max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
 
 
 def _fit(params, args: argparse.Namespace, engine, prompt_len: int):
@@ -151,9 +195,12 @@ def _write(text: str) -> None:
 
 
 def _report(result) -> None:
-    print(f"\n[{len(result.token_ids)} tokens ({result.finish_reason}) in {result.seconds:.2f} s: "
-          f"{result.tokens_per_second:.1f} tokens/s decoding; prompt {result.prompt_tokens} tokens, "
-          f"first token after {result.time_to_first_token:.2f} s]", file=sys.stderr)
+    print(
+        f"\n[{len(result.token_ids)} tokens ({result.finish_reason}) in {result.seconds:.2f} s: "
+        f"{result.tokens_per_second:.1f} tokens/s decoding; prompt {result.prompt_tokens} tokens, "
+        f"first token after {result.time_to_first_token:.2f} s]",
+        file=sys.stderr,
+    )
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -215,16 +262,18 @@ def chat_command(args: argparse.Namespace) -> int:
 def serve_model_command(args: argparse.Namespace) -> int:
     from sparsify.server import serve
 
-    loaded, engine = _load_engine(args, max_batch=args.max_batch, max_queue=args.max_queue,
-                                  prefill_chunk=args.prefill_chunk)
+    loaded, engine = _load_engine(
+        args, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk
+    )
     serve(engine, name=args.served_name or loaded.name, host=args.host, port=args.port)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "httpcore"):  # Prefect's client logs every API request at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -267,8 +316,14 @@ def main(argv: list[str] | None = None) -> int:
             load_config(args.config, args.profile, overrides=args.overrides)
             from flows.pipeline import prune_sweep
 
-            prune_sweep(methods=args.methods, sparsities=args.sparsities, structures=args.structures,
-                        profile=args.profile, overrides=args.overrides, config_path=args.config)
+            prune_sweep(
+                methods=args.methods,
+                sparsities=args.sparsities,
+                structures=args.structures,
+                profile=args.profile,
+                overrides=args.overrides,
+                config_path=args.config,
+            )
             return 0
         if args.command == "benchmark":
             load_config(args.config, args.profile, overrides=args.overrides)

@@ -68,8 +68,9 @@ def sparse_llama(
 
 
 @flow(name="run-stage", log_prints=False)
-def run_stage(stage: str, config: dict[str, Any], parent_run_id: str | None = None,
-              force: bool = False) -> dict[str, float]:
+def run_stage(
+    stage: str, config: dict[str, Any], parent_run_id: str | None = None, force: bool = False
+) -> dict[str, float]:
     """One stage of the pipeline, on whichever worker picked the flow run up: what the orchestrating
     flow dispatches to the GPU work pool (`orchestration.gpu_deployment`). `config` is the
     orchestrating run's whole resolved configuration, so both sides run the same stage table."""
@@ -133,8 +134,9 @@ def prune_sweep(
     from tasks.sweep import point_config, points, sweep_stages
 
     cfg = load_config(config_path, profile=profile, params=params, overrides=overrides or [])
-    pts = points(methods or ["magnitude", "wanda", "sparsegpt"], sparsities or [0.5, 0.7],
-                 structures or ["unstructured", "2:4"])
+    pts = points(
+        methods or ["magnitude", "wanda", "sparsegpt"], sparsities or [0.5, 0.7], structures or ["unstructured", "2:4"]
+    )
     for p in pts:  # every point's settings are valid before anything runs
         point_config(cfg, p)
     table = tuple(upstream_closure(stages(cfg), ["base"])) + sweep_stages(pts)
@@ -155,8 +157,7 @@ def benchmark(
     they are not up to date: it also times the pipeline's most sparse model)."""
     cfg = load_config(config_path, profile=profile, params=params, overrides=overrides or [])
     with root_lock(cfg.root):
-        return _run(cfg, profile, "benchmark", tuple(upstream_closure(stages(cfg), ["benchmark"])),
-                    force={"benchmark"})
+        return _run(cfg, profile, "benchmark", tuple(upstream_closure(stages(cfg), ["benchmark"])), force={"benchmark"})
 
 
 def _publish_file(path, key: str, description: str) -> None:
@@ -178,8 +179,14 @@ def _run(cfg: Config, profile: str | None, name: str, table, force=frozenset()) 
     try:
         for stage in table:
             futures[stage.name] = stage_task.with_options(name=stage.name).submit(
-                stage, cfg, parent, limiter, table, stage.name in force,
-                wait_for=[futures[n] for n in upstream(table, stage)])
+                stage,
+                cfg,
+                parent,
+                limiter,
+                table,
+                stage.name in force,
+                wait_for=[futures[n] for n in upstream(table, stage)],
+            )
         results = {name: future.result().metrics for name, future in futures.items()}
     except BaseException:
         tracker.end(parent, "FAILED")

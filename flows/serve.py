@@ -36,8 +36,9 @@ def serve(host: str = "127.0.0.1", port: int = 4200, config_path: str = "params.
     api_url = f"http://{host}:{port}/api"
     os.environ["PREFECT_API_URL"] = api_url  # before prefect is imported in this process
     prefect = Path(sys.executable).with_name("prefect")
-    server = subprocess.Popen([str(prefect), "server", "start", "--host", host, "--port", str(port)],
-                              env=os.environ.copy())
+    server = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", host, "--port", str(port)], env=os.environ.copy()
+    )
     try:
         wait_healthy(api_url)
         from prefect import serve as prefect_serve
@@ -51,8 +52,12 @@ def serve(host: str = "127.0.0.1", port: int = 4200, config_path: str = "params.
             prune_sweep.to_deployment(name="default", parameters={"config_path": config}),
             benchmark.to_deployment(name="default", parameters={"config_path": config}),
         ]
-        log.info("Prefect UI: http://%s:%d — deployments: %s", host, port,
-                 ", ".join(f"{d.flow_name}/{d.name}" for d in deployments))
+        log.info(
+            "Prefect UI: http://%s:%d — deployments: %s",
+            host,
+            port,
+            ", ".join(f"{d.flow_name}/{d.name}" for d in deployments),
+        )
         prefect_serve(*deployments)
     finally:  # stop serving before the server (the order DESIGN.md records)
         server.terminate()

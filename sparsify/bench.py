@@ -69,14 +69,28 @@ logger = logging.getLogger(__name__)
 LLAMA2_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in): q/k/v/o, gate/up, down
 DEFAULT_BATCHES = (1, 16)
 LAYER_VARIANTS = (
-    "dense_fp32", "dense_bf16", "torch_int8", "torch_int4",
-    "sparse50_bf16", "sparse70_bf16", "sparse70_int8", "sparse70_w8a16", "sparse70_int4", "sparse70_w4a16",
+    "dense_fp32",
+    "dense_bf16",
+    "torch_int8",
+    "torch_int4",
+    "sparse50_bf16",
+    "sparse70_bf16",
+    "sparse70_int8",
+    "sparse70_w8a16",
+    "sparse70_int4",
+    "sparse70_w4a16",
 )
 BASELINES = {"fp32": "dense_fp32", "bf16": "dense_bf16", "int8": "torch_int8", "int4": "torch_int4"}
 # sparse70_int8: the decoder layers sparse INT8, lm_head dense bf16; sparse70_int8_head: lm_head INT8 too.
 # sparse70_int4_head: decoder layers sparse INT4 (W4A8, groups of 128), lm_head INT8.
-DECODE_VARIANTS = ("dense_fp32", "dense_bf16", "sparse70_bf16", "sparse70_int8", "sparse70_int8_head",
-                   "sparse70_int4_head")
+DECODE_VARIANTS = (
+    "dense_fp32",
+    "dense_bf16",
+    "sparse70_bf16",
+    "sparse70_int8",
+    "sparse70_int8_head",
+    "sparse70_int4_head",
+)
 INT4_GROUP = 128
 # Each timed call reads a different copy of the weight, cycling through copies that together
 # exceed 4x this machine's 32 MB L3: every call streams its weight from DRAM, as in real decode
@@ -114,8 +128,14 @@ def stream_bandwidth(gb: float = 1.0, repeats: int = 9) -> dict:
         start = time.perf_counter()
         buf.sum()
         rates.append(buf.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return {"gbps": statistics.median(rates), "gbps_min": min(rates), "gbps_max": max(rates),
-            "buffer_gb": buf.numel() * 4 / 1e9, "samples": repeats, "threads": torch.get_num_threads()}
+    return {
+        "gbps": statistics.median(rates),
+        "gbps_min": min(rates),
+        "gbps_max": max(rates),
+        "buffer_gb": buf.numel() * 4 / 1e9,
+        "samples": repeats,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _timeit(fn: Callable[[], object], inner: int) -> float:
@@ -249,8 +269,12 @@ def _head_rows(packed: PackedWeight, rows: int) -> PackedWeight:
     rows = min(rows, packed.shape[0])
     end = int(packed.offsets[rows]) + len(packed.values) - int(packed.offsets[-1])  # keep the padding
     return dataclasses.replace(
-        packed, shape=(rows, packed.shape[1]), bitmask=packed.bitmask[:rows], offsets=packed.offsets[: rows + 1],
-        values=packed.values[:end], scales=None if packed.scales is None else packed.scales[:rows],
+        packed,
+        shape=(rows, packed.shape[1]),
+        bitmask=packed.bitmask[:rows],
+        offsets=packed.offsets[: rows + 1],
+        values=packed.values[:end],
+        scales=None if packed.scales is None else packed.scales[:rows],
         row_sums=None if packed.row_sums is None else packed.row_sums[:rows],
     )
 
@@ -355,8 +379,13 @@ def run_layer_benchmark(
                 ms = medians[name] * 1e3
                 spread = (max(samples[name]) - min(samples[name])) / medians[name]
                 row = {
-                    "shape": f"{out}x{inn}", "batch": batch, "variant": name, "isa": variant_isa(name), "ms": ms,
-                    "ms_min": min(samples[name]) * 1e3, "spread": spread,
+                    "shape": f"{out}x{inn}",
+                    "batch": batch,
+                    "variant": name,
+                    "isa": variant_isa(name),
+                    "ms": ms,
+                    "ms_min": min(samples[name]) * 1e3,
+                    "spread": spread,
                     "gbps": info[name]["weight_bytes"] / medians[name] / 1e9,
                     "stream_gbps": block_stream,
                     "weight_mb": info[name]["weight_bytes"] / 1e6,
@@ -367,12 +396,26 @@ def run_layer_benchmark(
                     if base in medians:
                         row[f"speedup_vs_{short}"] = medians[base] / medians[name]
                 rows.append(row)
-                logger.info("%-10s b=%-3d %-22s %8.3f ms  x%5.2f fp32  %5.1f GB/s (%3.0f%% of %4.1f)  spread %.0f%%",
-                            row["shape"], batch, name, ms, row.get("speedup_vs_fp32", float("nan")),
-                            row["gbps"], row["pct_stream"], block_stream, 100 * spread)
-    stream = {"gbps": statistics.median(all_stream), "gbps_min": min(all_stream), "gbps_max": max(all_stream),
-              "buffer_gb": stream_gb * 2**30 / 1e9, "samples": len(all_stream),
-              "method": "torch.sum over an fp32 buffer, sampled in every repeat between the variants"}
+                logger.info(
+                    "%-10s b=%-3d %-22s %8.3f ms  x%5.2f fp32  %5.1f GB/s (%3.0f%% of %4.1f)  spread %.0f%%",
+                    row["shape"],
+                    batch,
+                    name,
+                    ms,
+                    row.get("speedup_vs_fp32", float("nan")),
+                    row["gbps"],
+                    row["pct_stream"],
+                    block_stream,
+                    100 * spread,
+                )
+    stream = {
+        "gbps": statistics.median(all_stream),
+        "gbps_min": min(all_stream),
+        "gbps_max": max(all_stream),
+        "buffer_gb": stream_gb * 2**30 / 1e9,
+        "samples": len(all_stream),
+        "method": "torch.sum over an fp32 buffer, sampled in every repeat between the variants",
+    }
     return {"stream": stream, "rows": rows, "rotate_bytes": rotate_bytes}
 
 
@@ -402,16 +445,26 @@ def project_decoder_linears(layer_rows: Sequence[dict], n_layers: int = 32) -> d
 
 
 def build_decode_model(
-    layers: int = 2, hidden: int = 4096, intermediate: int = 11008, heads: int = 32, vocab: int = 32000,
-    sparsity: float = 0.7, seed: int = 0,
+    layers: int = 2,
+    hidden: int = 4096,
+    intermediate: int = 11008,
+    heads: int = 32,
+    vocab: int = 32000,
+    sparsity: float = 0.7,
+    seed: int = 0,
 ) -> nn.Module:
     """A random fp32 Llama with Llama-2-7B shapes and ``layers`` decoder layers, decoder Linears pruned per row."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -433,8 +486,14 @@ def _decode_models(base: nn.Module, variants: Sequence[str], min_sparsity: float
         m = copy.deepcopy(base).to(torch.bfloat16)
         replaced = {}
         if name.startswith("sparse"):
-            replaced = sparsify_model(m, min_sparsity=min_sparsity, int8="int8" in name, int4="int4" in name,
-                                      group_size=group, lm_head=name.endswith("_head"))
+            replaced = sparsify_model(
+                m,
+                min_sparsity=min_sparsity,
+                int8="int8" in name,
+                int4="int4" in name,
+                group_size=group,
+                lm_head=name.endswith("_head"),
+            )
         elif name != "dense_bf16":
             raise ValueError(f"unknown decode variant {name!r}; known: {DECODE_VARIANTS}")
         models[name] = (m, replaced)
@@ -527,10 +586,16 @@ def run_decode_benchmark(
             head[name].extend(h)
             tokens[name] = toks
     n_layers = base.config.num_hidden_layers
-    result = {"source": source, "layers": n_layers, "hidden": base.config.hidden_size,
-              "intermediate": base.config.intermediate_size, "vocab": vocab, "variants": {},
-              "note": "ms_per_token = decoder + lm_head medians; projected_32l scales the decoder part to "
-                      "32 layers (Llama-2-7B) and keeps the measured lm_head"}
+    result = {
+        "source": source,
+        "layers": n_layers,
+        "hidden": base.config.hidden_size,
+        "intermediate": base.config.intermediate_size,
+        "vocab": vocab,
+        "variants": {},
+        "note": "ms_per_token = decoder + lm_head medians; projected_32l scales the decoder part to "
+        "32 layers (Llama-2-7B) and keeps the measured lm_head",
+    }
     for name, (m, replaced) in models.items():
         gen = m.generate(prompt, max_new_tokens=steps, do_sample=False, pad_token_id=0)
         totals = [b + h for b, h in zip(body[name], head[name], strict=True)]
@@ -538,13 +603,20 @@ def run_decode_benchmark(
         ms = (med_body + med_head) * 1e3
         projected_ms = (med_head + med_body * 32 / n_layers) * 1e3
         result["variants"][name] = {
-            "ms_per_token": ms, "tok_s": 1e3 / ms, "decoder_ms": med_body * 1e3, "lm_head_ms": med_head * 1e3,
-            "projected_32l_ms_per_token": projected_ms, "projected_32l_tok_s": 1e3 / projected_ms,
+            "ms_per_token": ms,
+            "tok_s": 1e3 / ms,
+            "decoder_ms": med_body * 1e3,
+            "lm_head_ms": med_head * 1e3,
+            "projected_32l_ms_per_token": projected_ms,
+            "projected_32l_tok_s": 1e3 / projected_ms,
             "spread": (max(totals) - min(totals)) / statistics.median(totals),
-            "prefill_len": prefill_len, "prefill_ms": statistics.median(prefill[name]) * 1e3,
+            "prefill_len": prefill_len,
+            "prefill_ms": statistics.median(prefill[name]) * 1e3,
             "prefill_tok_s": prefill_len / statistics.median(prefill[name]),
-            "model_mb": _model_bytes(m) / 1e6, "sparse_layers": len(replaced),
-            "greedy_tokens": tokens[name][:steps], "generate_tokens": gen[0, prompt_len:].tolist(),
+            "model_mb": _model_bytes(m) / 1e6,
+            "sparse_layers": len(replaced),
+            "greedy_tokens": tokens[name][:steps],
+            "generate_tokens": gen[0, prompt_len:].tolist(),
         }
         result["variants"][name]["ms_per_token_se"] = median_se(totals) * 1e3
     variants = result["variants"]
@@ -554,17 +626,29 @@ def run_decode_benchmark(
                 base = variants[base_name]
                 v[f"speedup_vs_{short}"] = v["tok_s"] / base["tok_s"]
                 v[f"speedup_vs_{short}_se"] = v[f"speedup_vs_{short}"] * math.hypot(
-                    v["ms_per_token_se"] / v["ms_per_token"], base["ms_per_token_se"] / base["ms_per_token"])
+                    v["ms_per_token_se"] / v["ms_per_token"], base["ms_per_token_se"] / base["ms_per_token"]
+                )
                 base_tok_s = variants[base_name]["projected_32l_tok_s"]
                 v[f"projected_32l_speedup_vs_{short}"] = v["projected_32l_tok_s"] / base_tok_s
                 v[f"prefill_speedup_vs_{short}"] = v["prefill_tok_s"] / variants[base_name]["prefill_tok_s"]
     for name, v in variants.items():
-        logger.info("decode %-18s %7.2f ms/token (decoder %6.2f + lm_head %6.2f) %6.2f tok/s x%5.2f fp32 x%5.2f bf16"
-                    " | 32 layers: %6.2f tok/s x%5.2f fp32 | prefill %d: %7.1f tok/s x%5.2f fp32 | %6.0f MB", name,
-                    v["ms_per_token"], v["decoder_ms"], v["lm_head_ms"], v["tok_s"],
-                    v.get("speedup_vs_fp32", float("nan")), v.get("speedup_vs_bf16", float("nan")),
-                    v["projected_32l_tok_s"], v.get("projected_32l_speedup_vs_fp32", float("nan")), prefill_len,
-                    v["prefill_tok_s"], v.get("prefill_speedup_vs_fp32", float("nan")), v["model_mb"])
+        logger.info(
+            "decode %-18s %7.2f ms/token (decoder %6.2f + lm_head %6.2f) %6.2f tok/s x%5.2f fp32 x%5.2f bf16"
+            " | 32 layers: %6.2f tok/s x%5.2f fp32 | prefill %d: %7.1f tok/s x%5.2f fp32 | %6.0f MB",
+            name,
+            v["ms_per_token"],
+            v["decoder_ms"],
+            v["lm_head_ms"],
+            v["tok_s"],
+            v.get("speedup_vs_fp32", float("nan")),
+            v.get("speedup_vs_bf16", float("nan")),
+            v["projected_32l_tok_s"],
+            v.get("projected_32l_speedup_vs_fp32", float("nan")),
+            prefill_len,
+            v["prefill_tok_s"],
+            v.get("prefill_speedup_vs_fp32", float("nan")),
+            v["model_mb"],
+        )
     return result
 
 
@@ -642,10 +726,17 @@ def cpu_isa() -> str:
 
 def machine_info() -> dict:
     """Where the figures come from: CPU model and extensions, torch's dispatch level, our kernel path."""
-    return {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_isa": cpu_isa(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "capability": torch.backends.cpu.get_cpu_capability(), "kernels": kernel_isa(),
-            "kernel_paths": available_paths(), "loadavg_1m": os.getloadavg()[0]}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "kernels": kernel_isa(),
+        "kernel_paths": available_paths(),
+        "loadavg_1m": os.getloadavg()[0],
+    }
 
 
 def available_paths() -> list[str]:
@@ -654,10 +745,19 @@ def available_paths() -> list[str]:
     return [] if best == "torch" else list(ISA_NAMES[: ISA_NAMES.index(best) + 1])
 
 
-def run(*, quick: bool, variants: Sequence[str] | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
-        repeats: int | None = None, decode: bool = True, decode_layers: int = 2,
-        checkpoint: str | os.PathLike | None = None, isas: Sequence[str] | None = None,
-        shapes: Sequence[tuple[int, int]] = LLAMA2_7B_SHAPES, layers: bool = True) -> dict:
+def run(
+    *,
+    quick: bool,
+    variants: Sequence[str] | None = None,
+    batches: Sequence[int] = DEFAULT_BATCHES,
+    repeats: int | None = None,
+    decode: bool = True,
+    decode_layers: int = 2,
+    checkpoint: str | os.PathLike | None = None,
+    isas: Sequence[str] | None = None,
+    shapes: Sequence[tuple[int, int]] = LLAMA2_7B_SHAPES,
+    layers: bool = True,
+) -> dict:
     """The whole benchmark as one dict (layers, projection, decode, flat ``metrics``).
 
     ``isas``: the kernel paths each sparse layer variant is timed on (default: the best one in the
@@ -666,8 +766,13 @@ def run(*, quick: bool, variants: Sequence[str] | None = None, batches: Sequence
     """
     load_extension()
     result: dict = {"machine": machine_info()}
-    logger.info("CPU %s (%s); torch dispatch %s; sparse kernels: %s", result["machine"]["cpu_model"],
-                result["machine"]["cpu_isa"], result["machine"]["capability"], result["machine"]["kernels"])
+    logger.info(
+        "CPU %s (%s); torch dispatch %s; sparse kernels: %s",
+        result["machine"]["cpu_model"],
+        result["machine"]["cpu_isa"],
+        result["machine"]["capability"],
+        result["machine"]["kernels"],
+    )
     t0 = time.perf_counter()
     if quick:  # the smoke profile's check: the required variants, fewer and shorter samples
         variants = variants or [v for v in LAYER_VARIANTS if v != "sparse70_w8a16"]
@@ -695,14 +800,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--batches", type=int, nargs="+", default=list(DEFAULT_BATCHES))
-    parser.add_argument("--variants", nargs="+", default=None, help=f"layer variants (default: all; --quick: "
-                        f"all but sparse70_w8a16) of {LAYER_VARIANTS}")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help=f"layer variants (default: all; --quick: all but sparse70_w8a16) of {LAYER_VARIANTS}",
+    )
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--decode-only", action="store_true", help="the decode benchmark alone (no layers)")
     parser.add_argument("--decode-layers", type=int, default=2)
     parser.add_argument("--checkpoint", type=Path, default=None, help="decode benchmark on this HF checkpoint dir")
-    parser.add_argument("--isas", nargs="+", default=None, choices=ISA_NAMES,
-                        help="kernel paths to time each sparse layer variant on (default: all this CPU has)")
+    parser.add_argument(
+        "--isas",
+        nargs="+",
+        default=None,
+        choices=ISA_NAMES,
+        help="kernel paths to time each sparse layer variant on (default: all this CPU has)",
+    )
     parser.add_argument("--shapes", nargs="+", default=None, help="layer shapes OUTxIN (default: Llama-2-7B's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -710,14 +824,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else LLAMA2_7B_SHAPES
-    result = run(quick=args.quick, variants=args.variants, batches=args.batches, repeats=args.repeats,
-                 decode=not args.no_decode, decode_layers=args.decode_layers, checkpoint=args.checkpoint,
-                 isas=args.isas, shapes=shapes, layers=not args.decode_only)
+    result = run(
+        quick=args.quick,
+        variants=args.variants,
+        batches=args.batches,
+        repeats=args.repeats,
+        decode=not args.no_decode,
+        decode_layers=args.decode_layers,
+        checkpoint=args.checkpoint,
+        isas=args.isas,
+        shapes=shapes,
+        layers=not args.decode_only,
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "sparse_kernels.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out_dir / "sparse_kernels.png")
-    logger.info("stream %.1f GB/s; wrote %s (%.1f s)", result.get("layers", {}).get("stream", {}).get("gbps", 0.0),
-                args.out_dir / "sparse_kernels.json", result["seconds"])
+    logger.info(
+        "stream %.1f GB/s; wrote %s (%.1f s)",
+        result.get("layers", {}).get("stream", {}).get("gbps", 0.0),
+        args.out_dir / "sparse_kernels.json",
+        result["seconds"],
+    )
     return result
 
 

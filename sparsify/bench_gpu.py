@@ -107,8 +107,12 @@ def _variant(name: str, w32: Tensor, x32: Tensor) -> tuple[Callable[[], Tensor],
     if name == "torch_int4":
         packed, sz, deq = _int4_pack_cuda(w32)
         x = x32.to(torch.bfloat16)
-        return (lambda: torch._weight_int4pack_mm(x, packed, INT4_GROUP, sz)), x.float() @ deq.t(), \
-            w32.numel() // 2 + sz.numel() * 2, rows
+        return (
+            (lambda: torch._weight_int4pack_mm(x, packed, INT4_GROUP, sz)),
+            x.float() @ deq.t(),
+            w32.numel() // 2 + sz.numel() * 2,
+            rows,
+        )
     raise ValueError(f"unknown GPU variant {name!r}; known: {GPU_VARIANTS}")
 
 
@@ -123,9 +127,14 @@ def _time_ms(fn: Callable[[], Tensor], inner: int) -> float:
 
 
 @torch.no_grad()
-def run_gpu_layer_benchmark(shapes: Sequence[tuple[int, int]] = GPU_SHAPES, batches: Sequence[int] = GPU_BATCHES,
-                            variants: Sequence[str] = GPU_VARIANTS, repeats: int = 15, inner: int = 50,
-                            seed: int = 0) -> dict | None:
+def run_gpu_layer_benchmark(
+    shapes: Sequence[tuple[int, int]] = GPU_SHAPES,
+    batches: Sequence[int] = GPU_BATCHES,
+    variants: Sequence[str] = GPU_VARIANTS,
+    repeats: int = 15,
+    inner: int = 50,
+    seed: int = 0,
+) -> dict | None:
     """Rows of ``{shape, batch, variant, ms, speedup_vs_fp16, gbps, max_rel_err}`` (or ``error``); None without CUDA."""
     if not torch.cuda.is_available():
         return None
@@ -145,14 +154,30 @@ def run_gpu_layer_benchmark(shapes: Sequence[tuple[int, int]] = GPU_SHAPES, batc
                     for _ in range(5):  # warm-up: kernel selection, workspace allocation
                         call()
                     calls[name] = (call, nbytes, used_rows)
-                    rows.append({"shape": f"{out}x{inn}", "batch": batch, "variant": name, "rows": used_rows,
-                                 "weight_mb": nbytes / 1e6, "max_rel_err": err, "times": []})
+                    rows.append(
+                        {
+                            "shape": f"{out}x{inn}",
+                            "batch": batch,
+                            "variant": name,
+                            "rows": used_rows,
+                            "weight_mb": nbytes / 1e6,
+                            "max_rel_err": err,
+                            "times": [],
+                        }
+                    )
                 except (RuntimeError, NotImplementedError, ImportError, AttributeError) as exc:
                     logger.warning("GPU %s %dx%d b%d: not run (%s)", name, out, inn, batch, exc)
-                    rows.append({"shape": f"{out}x{inn}", "batch": batch, "variant": name,
-                                 "error": f"{type(exc).__name__}: {exc}"})
-            timed = {r["variant"]: r for r in rows if r["shape"] == f"{out}x{inn}" and r["batch"] == batch
-                     and "times" in r}
+                    rows.append(
+                        {
+                            "shape": f"{out}x{inn}",
+                            "batch": batch,
+                            "variant": name,
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
+            timed = {
+                r["variant"]: r for r in rows if r["shape"] == f"{out}x{inn}" and r["batch"] == batch and "times" in r
+            }
             for _ in range(repeats):  # interleaved: clocks and thermals drift alike for every variant
                 for name, (call, _, _) in calls.items():
                     timed[name]["times"].append(_time_ms(call, inner))
@@ -166,11 +191,23 @@ def run_gpu_layer_benchmark(shapes: Sequence[tuple[int, int]] = GPU_SHAPES, batc
                         r[f"speedup_vs_{short}"] = timed[base]["ms"] / r["ms"]
     for r in rows:
         if "ms" in r:
-            logger.info("GPU %-9s b%-4d %-14s %8.4f ms  x%5.2f fp16  %7.1f GB/s  err %.1e", r["shape"], r["batch"],
-                        r["variant"], r["ms"], r.get("speedup_vs_fp16", float("nan")), r["gbps"], r["max_rel_err"])
+            logger.info(
+                "GPU %-9s b%-4d %-14s %8.4f ms  x%5.2f fp16  %7.1f GB/s  err %.1e",
+                r["shape"],
+                r["batch"],
+                r["variant"],
+                r["ms"],
+                r.get("speedup_vs_fp16", float("nan")),
+                r["gbps"],
+                r["max_rel_err"],
+            )
     props = torch.cuda.get_device_properties(device)
-    return {"device": props.name, "capability": f"{props.major}.{props.minor}", "torch": torch.__version__,
-            "rows": rows}
+    return {
+        "device": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "torch": torch.__version__,
+        "rows": rows,
+    }
 
 
 def flat_gpu_metrics(result: dict | None) -> dict[str, float]:

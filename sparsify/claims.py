@@ -76,8 +76,9 @@ def ahead_verdict(value: float | None, se: float | None, resolution: float) -> V
     return "inconclusive" if not math.isfinite(se) or se > resolution else "not met"
 
 
-def mean_recovery(tasks: Mapping[str, Mapping[str, Any]], column: str, reference: str = "dense"
-                  ) -> tuple[float | None, float | None]:
+def mean_recovery(
+    tasks: Mapping[str, Mapping[str, Any]], column: str, reference: str = "dense"
+) -> tuple[float | None, float | None]:
     """Mean over tasks of ``column``'s primary metric ÷ ``reference``'s (the report's recovery), and its
     standard error from the paired differences on the same test documents.
 
@@ -136,8 +137,11 @@ def _decode_speedup(bench: Mapping[str, Any], variant: str) -> tuple[float | Non
     layer_variant = variant.removesuffix("_head")
     for row in bench.get("layers", {}).get("rows", []):
         if row["variant"] == layer_variant and row["shape"] == "11008x4096" and row["batch"] == 1:
-            return (row.get("speedup_vs_fp32"), None,
-                    f"one 11008x4096 layer at batch 1 over dense fp32 (no decode benchmark in this run), CPU {isa}")
+            return (
+                row.get("speedup_vs_fp32"),
+                None,
+                f"one 11008x4096 layer at batch 1 over dense fp32 (no decode benchmark in this run), CPU {isa}",
+            )
     return None, None, "no CPU benchmark in this run"
 
 
@@ -146,40 +150,80 @@ def _gpu_speedup(bench: Mapping[str, Any]) -> tuple[float | None, float | None, 
     if not rows:
         return None, None, "no GPU in this run"
     best = max(rows, key=lambda r: r["speedup_vs_fp16"])
-    return (best["speedup_vs_fp16"], None,
-            f"2:4 fp16 over dense fp16, layer {best['shape']} at batch {best['batch']} (the largest speedup measured)")
+    return (
+        best["speedup_vs_fp16"],
+        None,
+        f"2:4 fp16 over dense fp16, layer {best['shape']} at batch {best['batch']} (the largest speedup measured)",
+    )
 
 
-def paper_claims(tasks: Mapping[str, Mapping[str, Any]], levels: Sequence[str], bench: Mapping[str, Any]
-                 ) -> list[Claim]:
+def paper_claims(
+    tasks: Mapping[str, Mapping[str, Any]], levels: Sequence[str], bench: Mapping[str, Any]
+) -> list[Claim]:
     """The claims, in the paper's order, from the report's recovery table's ``tasks`` (with paired
     differences), the sparsity levels (``["50", "70"]``) and the CPU benchmark's JSON (may be empty)."""
     claims = []
     for lv in levels:
         value, se = mean_recovery(tasks, f"sparse{lv}")
-        claims.append(Claim(
-            claim=f"Fine-tuned {lv}% sparse models recover the dense model's accuracy", paper="full (100%)",
-            target=1.0, unit="%", ours=value, se=se, verdict=verdict(value, se, 1.0, resolution=0.05),
-            basis=f"mean over {len(tasks)} tasks of sparse{lv} ÷ dense teacher on the primary metric; SE from "
-                  "paired differences on the same test documents (resolved when SE ≤ 5 points)"))
+        claims.append(
+            Claim(
+                claim=f"Fine-tuned {lv}% sparse models recover the dense model's accuracy",
+                paper="full (100%)",
+                target=1.0,
+                unit="%",
+                ours=value,
+                se=se,
+                verdict=verdict(value, se, 1.0, resolution=0.05),
+                basis=f"mean over {len(tasks)} tasks of sparse{lv} ÷ dense teacher on the primary metric; SE from "
+                "paired differences on the same test documents (resolved when SE ≤ 5 points)",
+            )
+        )
     top = levels[-1]
     diff, se, dense = mean_paired(tasks, f"sparse{top} - sparse{top}-baseline")
     scale = abs(dense) if dense and math.isfinite(dense) else None
     ahead = None if diff is None or scale is None else diff / scale
     ahead_se = None if se is None or scale is None else se / scale
-    claims.append(Claim(
-        claim=f"At {top}%, sparse pretraining beats pruning during fine-tuning", paper="ahead of the baseline",
-        target=0.0, unit="%", ours=ahead, se=ahead_se, verdict=ahead_verdict(ahead, ahead_se, resolution=0.05),
-        basis=f"mean paired difference sparse{top} − baseline on the primary metric, in % of the dense score; "
-              "met only when above zero by more than 2 SE"))
+    claims.append(
+        Claim(
+            claim=f"At {top}%, sparse pretraining beats pruning during fine-tuning",
+            paper="ahead of the baseline",
+            target=0.0,
+            unit="%",
+            ours=ahead,
+            se=ahead_se,
+            verdict=ahead_verdict(ahead, ahead_se, resolution=0.05),
+            basis=f"mean paired difference sparse{top} − baseline on the primary metric, in % of the dense score; "
+            "met only when above zero by more than 2 SE",
+        )
+    )
     for variant, text, paper, target in (
-            ("sparse70_bf16", "CPU inference speedup from sparsity alone (70%)", "up to 3x", 3.0),
-            ("sparse70_int8_head", "CPU speedup of sparse-quantized (70% + INT8)", "up to 8.6x", 8.6)):
+        ("sparse70_bf16", "CPU inference speedup from sparsity alone (70%)", "up to 3x", 3.0),
+        ("sparse70_int8_head", "CPU speedup of sparse-quantized (70% + INT8)", "up to 8.6x", 8.6),
+    ):
         value, se, basis = _decode_speedup(bench, variant)
-        claims.append(Claim(claim=text, paper=paper, target=target, unit="x", ours=value, se=se,
-                            verdict=verdict(value, se, target, resolution=0.1 * target),
-                            basis=basis))
+        claims.append(
+            Claim(
+                claim=text,
+                paper=paper,
+                target=target,
+                unit="x",
+                ours=value,
+                se=se,
+                verdict=verdict(value, se, target, resolution=0.1 * target),
+                basis=basis,
+            )
+        )
     value, se, basis = _gpu_speedup(bench)
-    claims.append(Claim(claim="GPU inference speedup from sparsity alone", paper="up to 1.7x", target=1.7, unit="x",
-                        ours=value, se=se, verdict=verdict(value, se, 1.7, resolution=0.17), basis=basis))
+    claims.append(
+        Claim(
+            claim="GPU inference speedup from sparsity alone",
+            paper="up to 1.7x",
+            target=1.7,
+            unit="x",
+            ours=value,
+            se=se,
+            verdict=verdict(value, se, 1.7, resolution=0.17),
+            basis=basis,
+        )
+    )
     return claims

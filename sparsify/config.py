@@ -172,8 +172,9 @@ class FinetuneConfig(Section):
     @model_validator(mode="after")
     def _teacher_only_for_sparse(self) -> FinetuneConfig:
         if self.dense.kd_kl > 0 or self.dense.kd_squarehead > 0:
-            raise ValueError("finetune.dense trains the teacher and has no teacher itself: set kd_kl and "
-                             "kd_squarehead to 0")
+            raise ValueError(
+                "finetune.dense trains the teacher and has no teacher itself: set kd_kl and kd_squarehead to 0"
+            )
         return self
 
 

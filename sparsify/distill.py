@@ -107,8 +107,9 @@ def squarehead_loss(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[T
     Returns 0 (with a graph) when the batch has no target position.
     """
     if len(student_hidden) != len(teacher_hidden):
-        raise ValueError(f"SquareHead needs as many layers in student ({len(student_hidden)}) "
-                         f"as in teacher ({len(teacher_hidden)})")
+        raise ValueError(
+            f"SquareHead needs as many layers in student ({len(student_hidden)}) as in teacher ({len(teacher_hidden)})"
+        )
     valid = target_positions(labels)
     if not bool(valid.any()):
         return student_hidden[0].sum() * 0.0
@@ -169,14 +170,18 @@ def check_teacher(student: nn.Module, teacher: nn.Module, weights: KDWeights) ->
     """
     s_cfg, t_cfg = student.config, teacher.config
     if s_cfg.vocab_size != t_cfg.vocab_size:
-        raise ConfigError(f"teacher vocabulary ({t_cfg.vocab_size} tokens) differs from the student's "
-                         f"({s_cfg.vocab_size}): distill from a teacher with the student's tokenizer")
+        raise ConfigError(
+            f"teacher vocabulary ({t_cfg.vocab_size} tokens) differs from the student's "
+            f"({s_cfg.vocab_size}): distill from a teacher with the student's tokenizer"
+        )
     if weights.squarehead > 0:
         s_shape = (s_cfg.num_hidden_layers, s_cfg.hidden_size)
         t_shape = (t_cfg.num_hidden_layers, t_cfg.hidden_size)
         if s_shape != t_shape:
-            raise ConfigError(f"SquareHead needs the same (layers, hidden size) in teacher {t_shape} "
-                             f"and student {s_shape}; set kd_squarehead=0 for this teacher")
+            raise ConfigError(
+                f"SquareHead needs the same (layers, hidden size) in teacher {t_shape} "
+                f"and student {s_shape}; set kd_squarehead=0 for this teacher"
+            )
 
 
 def freeze(teacher: nn.Module) -> nn.Module:

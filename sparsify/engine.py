@@ -96,11 +96,20 @@ class BatchedLlama:
             self.lm_head = model.lm_head
             for layer in self.layers:
                 attn = layer.self_attn
-                _ = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp,
-                     layer.input_layernorm, layer.post_attention_layernorm)
+                _ = (
+                    attn.q_proj,
+                    attn.k_proj,
+                    attn.v_proj,
+                    attn.o_proj,
+                    layer.mlp,
+                    layer.input_layernorm,
+                    layer.post_attention_layernorm,
+                )
         except AttributeError as err:
-            raise ModelLoadError(f"{type(model).__name__} is not a Llama-family causal LM (model.layers[i].self_attn."
-                             f"q_proj ..., model.rotary_emb, lm_head): {err}") from err
+            raise ModelLoadError(
+                f"{type(model).__name__} is not a Llama-family causal LM (model.layers[i].self_attn."
+                f"q_proj ..., model.rotary_emb, lm_head): {err}"
+            ) from err
         cfg = model.config
         self.config = cfg
         self.n_heads = cfg.num_attention_heads
@@ -115,8 +124,9 @@ class BatchedLlama:
         return KVCache(len(self.layers), self.n_kv, self.head_dim, self.dtype, capacity)
 
     @torch.no_grad()
-    def forward(self, new_ids: Sequence[Sequence[int]], caches: Sequence[KVCache], *,
-                all_logits: bool = False) -> Tensor | list[Tensor]:
+    def forward(
+        self, new_ids: Sequence[Sequence[int]], caches: Sequence[KVCache], *, all_logits: bool = False
+    ) -> Tensor | list[Tensor]:
         """Run each sequence's ``new_ids`` after what its cache holds; append them to the caches.
 
         Returns fp32 logits of each sequence's last new token ``[n_seqs, vocab]``, or with
@@ -148,13 +158,18 @@ class BatchedLlama:
             outs, start = [], 0
             for cache, n in zip(caches, counts, strict=True):
                 past, end = cache.length, start + n
-                cache.k[i][:, past:past + n] = k[start:end].transpose(0, 1)
-                cache.v[i][:, past:past + n] = v[start:end].transpose(0, 1)
+                cache.k[i][:, past : past + n] = k[start:end].transpose(0, 1)
+                cache.v[i][:, past : past + n] = v[start:end].transpose(0, 1)
                 keys, values = cache.k[i][None, :, : past + n], cache.v[i][None, :, : past + n]
                 # Query j (position past + j) sees keys 0 .. past + j; one new token sees everything.
                 mask = torch.ones(n, past + n, dtype=torch.bool).tril(past) if n > 1 else None
-                o = F.scaled_dot_product_attention(q[None, start:end].transpose(1, 2), keys, values, attn_mask=mask,
-                                                   enable_gqa=self.n_kv != self.n_heads)
+                o = F.scaled_dot_product_attention(
+                    q[None, start:end].transpose(1, 2),
+                    keys,
+                    values,
+                    attn_mask=mask,
+                    enable_gqa=self.n_kv != self.n_heads,
+                )
                 outs.append(o[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
                 start = end
             x = x + attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
@@ -222,9 +237,18 @@ class EngineStats:
 class Engine:
     """Continuous batching over :class:`BatchedLlama`: submit, cancel, a background step loop."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
-                 prefill_chunk: int = 512, rate_window_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        max_context: int | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        prefill_chunk: int = 512,
+        rate_window_s: float = 10.0,
+    ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise UserInputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         if prefill_chunk < 1:
@@ -269,15 +293,17 @@ class Engine:
         if any(not 0 <= int(t) < vocab for t in prompt_ids):
             raise UserInputError(f"prompt token ids must lie in [0, {vocab})")
         if len(prompt_ids) >= self.max_context:
-            raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.max_context} "
-                                     "tokens, and at least one must be left to generate")
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens; the context is {self.max_context} "
+                "tokens, and at least one must be left to generate"
+            )
         if len(prompt_ids) + params.max_tokens > self.max_context:
             raise ContextLengthError(
                 f"max_tokens={params.max_tokens} + {len(prompt_ids)} prompt tokens exceed the context of "
-                f"{self.max_context} tokens (at most {self.max_context - len(prompt_ids)} new tokens)")
+                f"{self.max_context} tokens (at most {self.max_context - len(prompt_ids)} new tokens)"
+            )
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               callback: Callable[[Output], None]) -> Request:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, callback: Callable[[Output], None]) -> Request:
         """Queue a request (ValueError if it cannot run, QueueFull if the queue is full)."""
         self.check(prompt_ids, params)
         request = Request(next(self._ids), [int(t) for t in prompt_ids], params, callback)
@@ -366,8 +392,9 @@ class Engine:
             self._running = [r for r in self._running if not r.finished]
             while self._waiting and len(self._running) < self.max_batch:
                 request = self._waiting.popleft()
-                request.cache = self.runner.new_cache(len(request.prompt_ids) + min(request.params.max_tokens,
-                                                                                     CACHE_CHUNK))
+                request.cache = self.runner.new_cache(
+                    len(request.prompt_ids) + min(request.params.max_tokens, CACHE_CHUNK)
+                )
                 request.stream = TextStream(self.tokenizer, request.params.stop)
                 request.generator = None if request.params.greedy else make_generator(request.params.seed)
                 self._prompt_tokens += len(request.prompt_ids)
@@ -379,7 +406,7 @@ class Engine:
                 if budget <= 0:
                     continue
                 take = min(budget, len(r.prompt_ids) - r.prefilled)
-                new_ids.append(r.prompt_ids[r.prefilled:r.prefilled + take])
+                new_ids.append(r.prompt_ids[r.prefilled : r.prefilled + take])
                 budget -= take
             else:
                 new_ids.append(r.generated[-1:])
@@ -443,8 +470,9 @@ class Engine:
             logger.exception("request %d: output callback failed; cancelling it", request.id)
             request.cancelled = True
 
-    def _finish(self, request: Request, reason: str, delta: str, token_ids: Sequence[int] = (),
-                error: str | None = None) -> None:
+    def _finish(
+        self, request: Request, reason: str, delta: str, token_ids: Sequence[int] = (), error: str | None = None
+    ) -> None:
         """End a request; its last output carries the rest of its text and ``token_ids`` not sent yet."""
         if request.finished:
             return
@@ -455,8 +483,10 @@ class Engine:
         self._count_finished(reason)
         request.cache = None  # free the KV memory now
         if reason != "cancelled" or not request.cancelled:
-            self._emit(request, Output(text, list(token_ids), True, reason,
-                                       len(request.prompt_ids), len(request.generated), error))
+            self._emit(
+                request,
+                Output(text, list(token_ids), True, reason, len(request.prompt_ids), len(request.generated), error),
+            )
 
     def _count_finished(self, reason: str) -> None:
         self._finished[reason] = self._finished.get(reason, 0) + 1
@@ -477,11 +507,18 @@ class Engine:
                 cumulative += count
                 buckets.append((bound, cumulative))
             return EngineStats(
-                requests_finished=dict(self._finished), prompt_tokens=self._prompt_tokens,
-                generated_tokens=self._generated, queue_depth=len(self._waiting), running=len(self._running),
-                steps=self._steps, tokens_per_second=recent / span if span > 0 else 0.0,
-                ttft_buckets=buckets, ttft_sum=self._ttft_sum, ttft_count=cumulative,
-                kv_cache_bytes=sum(r.cache.nbytes for r in self._running if r.cache is not None))
+                requests_finished=dict(self._finished),
+                prompt_tokens=self._prompt_tokens,
+                generated_tokens=self._generated,
+                queue_depth=len(self._waiting),
+                running=len(self._running),
+                steps=self._steps,
+                tokens_per_second=recent / span if span > 0 else 0.0,
+                ttft_buckets=buckets,
+                ttft_sum=self._ttft_sum,
+                ttft_count=cumulative,
+                kv_cache_bytes=sum(r.cache.nbytes for r in self._running if r.cache is not None),
+            )
 
 
 def default_eos_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -515,8 +552,9 @@ class GenerationResult:
         return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else 0.0
 
 
-def stream_generation(engine: Engine, prompt_ids: Sequence[int], params: SamplingParams,
-                      write: Callable[[str], None] | None = None) -> GenerationResult:
+def stream_generation(
+    engine: Engine, prompt_ids: Sequence[int], params: SamplingParams, write: Callable[[str], None] | None = None
+) -> GenerationResult:
     """Generate, handing each text delta to ``write`` as it comes; the whole result at the end."""
     start = time.perf_counter()
     first = None
@@ -533,5 +571,11 @@ def stream_generation(engine: Engine, prompt_ids: Sequence[int], params: Samplin
     if out is not None and out.error:
         raise RuntimeError(f"generation failed: {out.error}")
     seconds = time.perf_counter() - start
-    return GenerationResult("".join(pieces), ids, out.finish_reason if out else "error", len(prompt_ids), seconds,
-                            first if first is not None else seconds)
+    return GenerationResult(
+        "".join(pieces),
+        ids,
+        out.finish_reason if out else "error",
+        len(prompt_ids),
+        seconds,
+        first if first is not None else seconds,
+    )

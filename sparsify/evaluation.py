@@ -387,8 +387,9 @@ def load_for_eval(path: str | os.PathLike, dtype=None):
         raise ModelLoadError(f"cannot load checkpoint {path}: not a directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                     **({} if dtype is None else {"dtype": dtype}))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, **({} if dtype is None else {"dtype": dtype})
+        )
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... by case
         raise ModelLoadError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     model.eval()
@@ -416,7 +417,7 @@ def _generate_greedy(model, tokenizer, prompt: str, *, max_new_tokens: int, unti
             stop_strings=list(until),
             tokenizer=tokenizer,
         )
-    return truncate_at_stop(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), until)
+    return truncate_at_stop(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), until)
 
 
 def code_pass_at_1(
@@ -455,10 +456,16 @@ def code_pass_at_1(
     try:
         for problem in items:
             completion = _generate_greedy(
-                model, tokenizer, problem["prompt"], max_new_tokens=max_new_tokens, until=until)
+                model, tokenizer, problem["prompt"], max_new_tokens=max_new_tokens, until=until
+            )
             result = run_untrusted(humaneval_program(problem, completion), sandbox)
-            log.debug("%s: %s (%s) under %s", problem.get("task_id", problem.get("id")), result.status,
-                      result.cause, result.isolation)
+            log.debug(
+                "%s: %s (%s) under %s",
+                problem.get("task_id", problem.get("id")),
+                result.status,
+                result.cause,
+                result.isolation,
+            )
             passed += result.passed
     finally:
         model.train(was_training)

@@ -339,8 +339,12 @@ class SparseModelWriter:
         self.tied[alias] = source
 
     def metadata(self) -> dict[str, str]:
-        return {"format": SPARSE_FORMAT, "version": SPARSE_VERSION, "layers": json.dumps(self.layers),
-                "tied": json.dumps(self.tied)}
+        return {
+            "format": SPARSE_FORMAT,
+            "version": SPARSE_VERSION,
+            "layers": json.dumps(self.layers),
+            "tied": json.dumps(self.tied),
+        }
 
 
 @contextmanager
@@ -378,8 +382,9 @@ def save_sparse_model(model: nn.Module, masks: Mapping[str, Tensor], path: str |
     with sparse_model_writer(path, getattr(model, "config", None)) as writer:
         for name in sparse_names:
             linear = modules[name.removesuffix(".weight")]
-            writer.add_layer(name, encode_sparse(
-                params[name], _checked_quant_state(name, linear) if name in quantized else None))
+            writer.add_layer(
+                name, encode_sparse(params[name], _checked_quant_state(name, linear) if name in quantized else None)
+            )
         stored: dict[tuple, str] = {}
         for name, tensor in model.state_dict().items():
             if name in writer.layers:

@@ -136,10 +136,10 @@ class IncrementalDetokenizer:
         if self.ids[-1] in self._byte_ids:
             return ""
         decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith(REPLACEMENT):
-            delta = after[len(before):]
+            delta = after[len(before) :]
             self.read = len(self.ids)
             # Both decodes above start at the same token, so a decoder that strips a leading space
             # (SentencePiece) strips it from both alike and the delta stays exact.
@@ -150,10 +150,10 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Text still held back at the end (an incomplete character, shown as U+FFFD)."""
         decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
         self.read = len(self.ids)
-        return after[len(before):]
+        return after[len(before) :]
 
 
 @dataclass
@@ -178,7 +178,7 @@ class TextStream:
 
     def _release(self, upto: int) -> str:
         upto = max(self.shown, upto)  # never a negative index (the text may be shorter than the hold-back)
-        delta = self.text[self.shown:upto]
+        delta = self.text[self.shown : upto]
         self.shown = upto
         return delta
 
@@ -214,7 +214,9 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     ValueError if the tokenizer has no chat template (a base model).
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise UserInputError("the tokenizer has no chat template (a base model?): use plain completion "
-                         "(`sparsellama generate`, /v1/completions) instead")
+        raise UserInputError(
+            "the tokenizer has no chat template (a base model?): use plain completion "
+            "(`sparsellama generate`, /v1/completions) instead"
+        )
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False).input_ids

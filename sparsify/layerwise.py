@@ -426,15 +426,17 @@ def _prune_decoder_layer(
         W.copy_(result.weight)
         progress.masks[name] = result.mask.cpu()
         progress.retries += result.cholesky_retries
-        progress.records.append({
-            "name": name,
-            "decoder_layer": index,
-            "target_sparsity": target,
-            "sparsity": 1.0 - result.mask.float().mean().item(),
-            "error": result.error,
-            "seconds": time.perf_counter() - start,
-            "cholesky_retries": result.cholesky_retries,
-        })
+        progress.records.append(
+            {
+                "name": name,
+                "decoder_layer": index,
+                "target_sparsity": target,
+                "sparsity": 1.0 - result.mask.float().mean().item(),
+                "error": result.error,
+                "seconds": time.perf_counter() - start,
+                "cholesky_retries": result.cholesky_retries,
+            }
+        )
     if propagate:
         _run_layer(layer, acts, kwargs, batch_size, write_back=f"decoder layer {index}")
     progress.next_layer = index + 1
@@ -467,9 +469,7 @@ def _owl_targets(
 # --------------------------------------------------------------------------- per decoder layer: quantization
 
 
-def _smooth_decoder_layer(
-    layer: nn.Module, layer_name: str, stats: Mapping[str, _InputStats], alpha: float
-) -> None:
+def _smooth_decoder_layer(layer: nn.Module, layer_name: str, stats: Mapping[str, _InputStats], alpha: float) -> None:
     """SmoothQuant on one decoder layer from the recorded max|X_j|, then its inputs' statistics rescaled to X / s."""
     prefix = layer_name + "."
     absmax = {name[len(prefix) :].removesuffix(".weight"): st.absmax for name, st in stats.items()}
@@ -540,7 +540,12 @@ class _LayerJob(Protocol):
     """What a layer-wise pass does to a decoder layer, and how a finished layer is saved and restored."""
 
     def process(
-        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict,
+        self,
+        index: int,
+        layer: nn.Module,
+        linears: Mapping[str, nn.Linear],
+        progress: _Progress,
+        kwargs: dict,
         propagate: bool,
     ) -> None: ...
 
@@ -558,7 +563,12 @@ class _PruneJob:
     batch_size: int
 
     def process(
-        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict,
+        self,
+        index: int,
+        layer: nn.Module,
+        linears: Mapping[str, nn.Linear],
+        progress: _Progress,
+        kwargs: dict,
         propagate: bool,
     ) -> None:
         _prune_decoder_layer(
@@ -589,11 +599,24 @@ class _QuantizeJob:
     prefix: str  # module path of the decoder layers, e.g. "model.layers"
 
     def process(
-        self, index: int, layer: nn.Module, linears: Mapping[str, nn.Linear], progress: _Progress, kwargs: dict,
+        self,
+        index: int,
+        layer: nn.Module,
+        linears: Mapping[str, nn.Linear],
+        progress: _Progress,
+        kwargs: dict,
         propagate: bool,
     ) -> None:
         _quantize_decoder_layer(
-            index, layer, linears, progress, kwargs, self.cfg, self.masks, self.batch_size, f"{self.prefix}.{index}",
+            index,
+            layer,
+            linears,
+            progress,
+            kwargs,
+            self.cfg,
+            self.masks,
+            self.batch_size,
+            f"{self.prefix}.{index}",
             propagate,
         )
 
@@ -638,11 +661,17 @@ def _fingerprint(
     processed weight names; the mini-batch size is included because it changes the fp32
     accumulation order. The config's JSON also tells pruning and quantization runs apart.
     """
-    return fingerprint_of({
-        "version": _FORMAT_VERSION, "config": cfg, "batch": batch_size, "calibration": calib,
-        "embeddings": model.get_input_embeddings().weight, "layers": prunable_linear_names(model, cfg.ignore),
-        "masks": dict(masks or {}),
-    })
+    return fingerprint_of(
+        {
+            "version": _FORMAT_VERSION,
+            "config": cfg,
+            "batch": batch_size,
+            "calibration": calib,
+            "embeddings": model.get_input_embeddings().weight,
+            "layers": prunable_linear_names(model, cfg.ignore),
+            "masks": dict(masks or {}),
+        }
+    )
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -749,7 +778,11 @@ def _run_layerwise(
             layer_start = time.perf_counter()
             with _on_device(layers[index], device) as layer:
                 job.process(
-                    index, layer, linears_by_layer[index], state, _to_device(kwargs, device),
+                    index,
+                    layer,
+                    linears_by_layer[index],
+                    state,
+                    _to_device(kwargs, device),
                     propagate=index + 1 < len(layers),
                 )
             state.seconds.append(time.perf_counter() - layer_start)
@@ -805,9 +838,17 @@ def prune_model(
 
     with torch.no_grad(), _eval_mode(model):
         state, total = _run_layerwise(
-            model, calib, linears_by_layer, _PruneJob(cfg, old_masks, batch_size),
-            start=start, device=device, root=root, fingerprint=fingerprint, batch_size=batch_size,
-            show_progress=progress, desc=f"{cfg.method} {cfg.structure if cfg.nm else f'{cfg.sparsity:.0%}'}",
+            model,
+            calib,
+            linears_by_layer,
+            _PruneJob(cfg, old_masks, batch_size),
+            start=start,
+            device=device,
+            root=root,
+            fingerprint=fingerprint,
+            batch_size=batch_size,
+            show_progress=progress,
+            desc=f"{cfg.method} {cfg.structure if cfg.nm else f'{cfg.sparsity:.0%}'}",
         )
 
     check_masks(model, state.masks)  # every stage that writes a model asserts its sparsity
@@ -869,9 +910,17 @@ def quantize_model(
     scheme = f"W{cfg.weight_bits}A{cfg.activation_bits or 16}" + (f" g{cfg.group_size}" if cfg.group_size else "")
     with torch.no_grad(), _eval_mode(model):
         state, total = _run_layerwise(
-            model, calib, linears_by_layer, _QuantizeJob(cfg, masks, batch_size, prefix),
-            start=start, device=device, root=root, fingerprint=fingerprint, batch_size=batch_size,
-            show_progress=progress, desc=f"{cfg.method} {scheme}",
+            model,
+            calib,
+            linears_by_layer,
+            _QuantizeJob(cfg, masks, batch_size, prefix),
+            start=start,
+            device=device,
+            root=root,
+            fingerprint=fingerprint,
+            batch_size=batch_size,
+            show_progress=progress,
+            desc=f"{cfg.method} {scheme}",
         )
 
     if masks is not None:
@@ -879,6 +928,8 @@ def quantize_model(
     mark_quantized(model, cfg)
     log.info("quantized %d Linears (%s, %s) in %.1fs", len(state.records), cfg.method, scheme, total)
     return QuantizeResult(
-        layers=state.records, seconds_per_decoder_layer=state.seconds, total_seconds=total,
+        layers=state.records,
+        seconds_per_decoder_layer=state.seconds,
+        total_seconds=total,
         cholesky_retries=state.retries,
     )

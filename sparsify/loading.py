@@ -46,7 +46,6 @@ from sparsify.safetensors_io import SafetensorsReadError, read_safetensors_mmap
 logger = logging.getLogger(__name__)
 
 
-
 class UnsupportedLayer(ModelLoadError):
     """A well-formed layer the kernels have no path for (e.g. INT4 groups that are not whole mask
     words): the model is fine and runs elsewhere (transformers), just not on the sparse runtime."""
@@ -82,8 +81,10 @@ def _kernel_bitmask(bitmask: Tensor, in_features: int) -> Tensor:
 def _check_layer(name: str, layer: SparseLayer) -> None:
     out, cols = layer.shape
     if tuple(layer.bitmask.shape) != (out, -(-cols // 8)) or layer.bitmask.dtype != torch.uint8:
-        raise ModelLoadError(f"{name}: bitmask must be uint8 [{out}, {-(-cols // 8)}], "
-                             f"got {layer.bitmask.dtype} {tuple(layer.bitmask.shape)}")
+        raise ModelLoadError(
+            f"{name}: bitmask must be uint8 [{out}, {-(-cols // 8)}], "
+            f"got {layer.bitmask.dtype} {tuple(layer.bitmask.shape)}"
+        )
     if tuple(layer.row_ptr.shape) != (out + 1,) or layer.row_ptr.dtype != torch.int64:
         raise ModelLoadError(f"{name}: row_ptr must be int64 [{out + 1}]")
 
@@ -94,8 +95,12 @@ def _pack_float(name: str, layer: SparseLayer) -> PackedWeight:
         values = values.float()
     elif values.dtype not in (torch.float32, torch.bfloat16):
         raise ModelLoadError(f"{name}: float encoding with {values.dtype} values is not supported")
-    return PackedWeight(tuple(layer.shape), _kernel_bitmask(layer.bitmask, layer.shape[1]), layer.row_ptr,
-                        _padded_values(values, layer.row_ptr))
+    return PackedWeight(
+        tuple(layer.shape),
+        _kernel_bitmask(layer.bitmask, layer.shape[1]),
+        layer.row_ptr,
+        _padded_values(values, layer.row_ptr),
+    )
 
 
 def _pack_int8(name: str, layer: SparseLayer) -> PackedWeight:
@@ -103,8 +108,9 @@ def _pack_int8(name: str, layer: SparseLayer) -> PackedWeight:
     if layer.values.dtype != torch.int8:
         raise ModelLoadError(f"{name}: int8 encoding needs int8 values, got {layer.values.dtype}")
     if layer.group_size is not None:
-        raise UnsupportedLayer(f"{name}: the INT8 kernels need per-channel scales, this layer has groups of "
-                             f"{layer.group_size} columns")
+        raise UnsupportedLayer(
+            f"{name}: the INT8 kernels need per-channel scales, this layer has groups of {layer.group_size} columns"
+        )
     if layer.scales is None or layer.scales.numel() != out:
         raise ModelLoadError(f"{name}: int8 encoding needs one scale per output channel ({out})")
     if layer.activation_bits not in (None, 8):
@@ -112,9 +118,15 @@ def _pack_int8(name: str, layer: SparseLayer) -> PackedWeight:
     codes = layer.values
     # bf16/fp16/fp32 scales are exact in fp32: the dequantized weight is the stored model's.
     scales = layer.scales.reshape(out).float().contiguous()
-    return PackedWeight(tuple(layer.shape), _kernel_bitmask(layer.bitmask, layer.shape[1]), layer.row_ptr,
-                        _padded_values(codes, layer.row_ptr), scales, row_sums(codes, layer.row_ptr),
-                        act_int8=layer.activation_bits == 8)
+    return PackedWeight(
+        tuple(layer.shape),
+        _kernel_bitmask(layer.bitmask, layer.shape[1]),
+        layer.row_ptr,
+        _padded_values(codes, layer.row_ptr),
+        scales,
+        row_sums(codes, layer.row_ptr),
+        act_int8=layer.activation_bits == 8,
+    )
 
 
 def _int4_kept_codes(name: str, layer: SparseLayer) -> Tensor:
@@ -132,9 +144,11 @@ def _pack_int4(name: str, layer: SparseLayer) -> PackedWeight:
         raise ModelLoadError(f"{name}: int4 encoding needs uint8 values, got {layer.values.dtype}")
     g = layer.group_size
     if g is not None and (g % 64 or cols % g):
-        raise UnsupportedLayer(f"{name}: the INT4 kernels need groups that are a multiple of 64 columns dividing "
-                             f"{cols}, this layer has groups of {g}; load the compressed-tensors checkpoint with "
-                             "transformers instead")
+        raise UnsupportedLayer(
+            f"{name}: the INT4 kernels need groups that are a multiple of 64 columns dividing "
+            f"{cols}, this layer has groups of {g}; load the compressed-tensors checkpoint with "
+            "transformers instead"
+        )
     groups = 1 if g is None else cols // g
     if layer.scales is None or layer.scales.numel() != out * groups:
         raise ModelLoadError(f"{name}: int4 encoding needs {out} x {groups} scales")
@@ -143,8 +157,14 @@ def _pack_int4(name: str, layer: SparseLayer) -> PackedWeight:
     try:
         kept = _int4_kept_codes(name, layer)
         # bf16/fp16/fp32 scales are exact in fp32: the dequantized weight is the stored model's.
-        return pack_int4_kept(tuple(layer.shape), _kernel_bitmask(layer.bitmask, cols), kept,
-                              layer.scales.reshape(out, groups).float(), g, act_int8=layer.activation_bits == 8)
+        return pack_int4_kept(
+            tuple(layer.shape),
+            _kernel_bitmask(layer.bitmask, cols),
+            kept,
+            layer.scales.reshape(out, groups).float(),
+            g,
+            act_int8=layer.activation_bits == 8,
+        )
     except ValueError as err:
         raise ModelLoadError(f"{name}: stored int4 layer is inconsistent: {err}") from err
 
@@ -257,14 +277,22 @@ def load_sparse_format(file: Path) -> tuple[nn.Module, dict[str, float]]:
         if not isinstance(linear, nn.Linear) or not name.endswith(".weight"):
             raise ModelLoadError(f"{file}: sparse weight {name!r} is not the weight of an nn.Linear of this model")
         if tuple(info["shape"]) != (linear.out_features, linear.in_features):
-            raise ModelLoadError(f"{file}: {name} has shape {info['shape']}, the model's Linear is "
-                                 f"{[linear.out_features, linear.in_features]}")
+            raise ModelLoadError(
+                f"{file}: {name} has shape {info['shape']}, the model's Linear is "
+                f"{[linear.out_features, linear.in_features]}"
+            )
         try:
             layer = SparseLayer(
-                shape=tuple(info["shape"]), dtype=getattr(torch, info["dtype"]), encoding=info["encoding"],
-                bitmask=tensors.pop(f"{name}.bitmask"), values=tensors.pop(f"{name}.values"),
-                row_ptr=tensors.pop(f"{name}.row_ptr"), scales=tensors.pop(f"{name}.scales", None),
-                group_size=info["group_size"], activation_bits=info["activation_bits"])
+                shape=tuple(info["shape"]),
+                dtype=getattr(torch, info["dtype"]),
+                encoding=info["encoding"],
+                bitmask=tensors.pop(f"{name}.bitmask"),
+                values=tensors.pop(f"{name}.values"),
+                row_ptr=tensors.pop(f"{name}.row_ptr"),
+                scales=tensors.pop(f"{name}.scales", None),
+                group_size=info["group_size"],
+                activation_bits=info["activation_bits"],
+            )
         except KeyError as err:
             raise ModelLoadError(f"{file}: {name} is missing its tensor {err}") from err
         packed = packed_from_layer(name, layer)
@@ -320,8 +348,11 @@ def load_runtime_model(path: str | os.PathLike, *, min_sparsity: float = 0.3) ->
             # A compressed-tensors checkpoint: its Linears hold compressed weights and their own activation
             # quantization, which transformers' integration runs; packing them would drop that. The quantize
             # stage writes the same model in the project's sparse format (<output>/sparse) for the kernels.
-            logger.warning("%s: a compressed-tensors checkpoint runs through transformers (not on the sparse "
-                           "kernels); load the project's sparse format of it for the kernels", path)
+            logger.warning(
+                "%s: a compressed-tensors checkpoint runs through transformers (not on the sparse "
+                "kernels); load the project's sparse format of it for the kernels",
+                path,
+            )
         elif dtype in (torch.bfloat16, torch.float32):
             sparse = sparsify_model(model, min_sparsity=min_sparsity, dtype=dtype)
         else:

@@ -24,13 +24,16 @@ def check_token_ids(ids: torch.Tensor | np.ndarray, model, what: str) -> None:
     top = int(ids.max())
     low = int(ids.min())
     if top >= rows or low < 0:
-        raise DataError(f"{what} holds token id {top if top >= rows else low}, outside the model's embedding "
-                         f"[0, {rows}): the data was tokenized with a different tokenizer than the model's")
+        raise DataError(
+            f"{what} holds token id {top if top >= rows else low}, outside the model's embedding "
+            f"[0, {rows}): the data was tokenized with a different tokenizer than the model's"
+        )
 
 
 @torch.no_grad()
-def token_nll(model, blocks: np.ndarray, *, max_blocks: int | None = None, batch_size: int = 8,
-              device: torch.device | str = "cpu") -> np.ndarray:
+def token_nll(
+    model, blocks: np.ndarray, *, max_blocks: int | None = None, batch_size: int = 8, device: torch.device | str = "cpu"
+) -> np.ndarray:
     """Next-token negative log-likelihood (nats) of every predicted token of the first `max_blocks`
     blocks: ``[n, block_size - 1]``, entry ``[i, t]`` the loss of token ``t + 1`` given ``≤ t``.
 

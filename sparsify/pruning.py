@@ -228,7 +228,9 @@ def _allocate_prune_counts(sizes: Tensor, forced: Tensor, sparsity: float) -> Te
     if total_room <= excess:
         log.warning(
             "keep_mask already prunes %d of %d weights, more than the target %.3f: keeping the old zeros only",
-            int(forced.sum()), int(sizes.sum()), sparsity,
+            int(forced.sum()),
+            int(sizes.sum()),
+            sparsity,
         )
         return forced
     take = room * excess // total_room  # floor of each group's proportional part ...
@@ -507,6 +509,7 @@ def _sparsegpt(
     rows, cols = work.shape
 
     if nm is not None:
+
         def select(scores: Tensor, start: int, stop: int) -> Tensor:
             return _nm_mask(scores, nm, None if keep is None else keep[:, start:stop])
 
@@ -751,22 +754,32 @@ def _admm(
     The layer gets the better of SparseGPT's and ADMM's results by reconstruction error, so
     it is never worse than SparseGPT on any layer. Returns the quadratic too (refinement reuses it).
     """
-    start = _sparsegpt(
-        W, H, sparsity, nm=nm, block_size=cfg.block_size, dampening=cfg.dampening, keep_mask=keep_mask
-    )
+    start = _sparsegpt(W, H, sparsity, nm=nm, block_size=cfg.block_size, dampening=cfg.dampening, keep_mask=keep_mask)
     # The dampening SparseGPT ended with (retries raise it 10x each): one loss for both.
     q = _quadratic(W, H, cfg.dampening * 10**start.cholesky_retries)
     keep = None if keep_mask is None else keep_mask.to(q.dense.device)
     x, mask = _admm_search(
-        q, start.weight.to(q.dense.dtype) * q.scale, start.mask, sparsity, nm, keep,
-        iterations=cfg.admm_iterations, rho=cfg.admm_rho, rho_growth=cfg.admm_rho_growth,
+        q,
+        start.weight.to(q.dense.dtype) * q.scale,
+        start.mask,
+        sparsity,
+        nm,
+        keep,
+        iterations=cfg.admm_iterations,
+        rho=cfg.admm_rho,
+        rho_growth=cfg.admm_rho_growth,
     )
     x = _masked_cg(q, x, mask, cfg.cg_iterations)
     return _best(start, _with_error(W, H, q, x, mask, start.cholesky_retries)), q
 
 
 def _refine(
-    W: Tensor, H: Tensor, result: LinearPruneResult, cfg: PruneConfig, nm: NM | None, keep_mask: Tensor | None,
+    W: Tensor,
+    H: Tensor,
+    result: LinearPruneResult,
+    cfg: PruneConfig,
+    nm: NM | None,
+    keep_mask: Tensor | None,
     q: _Quadratic | None = None,
 ) -> LinearPruneResult:
     """The optional refinement pass (``refine``) on any method's result: swaps, then CG on the kept weights.

@@ -286,9 +286,7 @@ def gptq_quantize(
     keep = torch.ones_like(W, dtype=torch.bool) if mask is None else mask.to(W.device)
     W0 = W.detach().masked_fill(~keep, 0)
     # Per-channel and static-group scales come from the weights before any update.
-    scales = (
-        W0.new_empty((rows, cols // g)) if lazy_groups else weight_scales(W0, bits, g)
-    )
+    scales = W0.new_empty((rows, cols // g)) if lazy_groups else weight_scales(W0, bits, g)
     order = torch.argsort(H.diagonal(), descending=True, stable=True).to(W.device) if act_order else None
     if order is not None:
         W0, H, keep = W0[:, order], H[order][:, order], keep[:, order]
@@ -403,9 +401,7 @@ class LinearQuantState(NamedTuple):
 
 
 @torch.no_grad()
-def attach_quantization(
-    linear: nn.Linear, weight: Tensor, codes: Tensor, scales: Tensor, scheme: QuantScheme
-) -> None:
+def attach_quantization(linear: nn.Linear, weight: Tensor, codes: Tensor, scales: Tensor, scheme: QuantScheme) -> None:
     """Make ``linear`` a quantized Linear: fake-quantized weight, integer buffers, activation hook."""
     if quant_state(linear) is not None:
         raise ValueError("this Linear is already quantized")

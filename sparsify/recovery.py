@@ -24,8 +24,17 @@ log = logging.getLogger(__name__)
 TaskMetrics = Mapping[str, Mapping[str, float]]
 
 #: Tie-break for tasks that are not built-in TaskSpecs (e.g. standard lm-eval tasks).
-PRIMARY_PREFERENCE = ("exact_match", "pass@1", "acc_norm", "acc", "rougeL", "rouge1", "f1",
-                      "word_perplexity", "perplexity")
+PRIMARY_PREFERENCE = (
+    "exact_match",
+    "pass@1",
+    "acc_norm",
+    "acc",
+    "rougeL",
+    "rouge1",
+    "f1",
+    "word_perplexity",
+    "perplexity",
+)
 _LOWER_IS_BETTER_HINTS = ("perplexity", "bits_per_byte", "ppl", "loss", "nll")
 
 
@@ -62,8 +71,10 @@ def primary_metrics(
         common = set(metrics[task]) & set(dense.get(task, {}))
         main = (primary or {}).get(task) or primary_metric(task, common)
         if main not in common:
-            raise DataError(f"task {task!r}: primary metric {main!r} missing (sparse has {sorted(metrics[task])}, "
-                             f"dense has {sorted(dense.get(task, {}))})")
+            raise DataError(
+                f"task {task!r}: primary metric {main!r} missing (sparse has {sorted(metrics[task])}, "
+                f"dense has {sorted(dense.get(task, {}))})"
+            )
         chosen[task] = main
     return chosen
 
@@ -90,7 +101,8 @@ def recovery(metrics: TaskMetrics, dense: TaskMetrics, *, primary: Mapping[str, 
     missing_sparse = sorted(set(dense) - set(metrics))
     if missing_dense or missing_sparse:
         raise DataError(
-            f"tasks differ: no dense result for {missing_dense}, no result for dense tasks {missing_sparse}")
+            f"tasks differ: no dense result for {missing_dense}, no result for dense tasks {missing_sparse}"
+        )
     if not metrics:
         raise DataError("no tasks to compute recovery for")
     if "mean" in metrics:

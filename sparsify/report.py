@@ -197,8 +197,17 @@ def _recovery_table(data: ReportData, recoveries: Mapping[str, Mapping[str, floa
 def _metrics_table(data: ReportData) -> _Table:
     variants = list(data.metrics)
     keys = sorted({(task, metric) for m in data.metrics.values() for task, ms in m.items() for metric in ms})
-    rows = [[task, metric, *(_fmt(data.metrics[v][task][metric]) if metric in data.metrics[v].get(task, {}) else "n/a"
-                             for v in variants)] for task, metric in keys]
+    rows = [
+        [
+            task,
+            metric,
+            *(
+                _fmt(data.metrics[v][task][metric]) if metric in data.metrics[v].get(task, {}) else "n/a"
+                for v in variants
+            ),
+        ]
+        for task, metric in keys
+    ]
     return _Table(["task", "metric", *variants], rows)
 
 
@@ -208,10 +217,14 @@ def build_blocks(data: ReportData, figures_dir: Path) -> list[_Block]:
     if data.claims:  # first: what a reader opens the report for
         blocks += [
             _Heading(2, "The paper's claims, on this run"),
-            _Table(["claim", "paper", "this run (± SE)", "verdict", "how measured"],
-                   [[c.claim, c.paper, c.ours_text(), f"**{c.verdict}**", c.basis] for c in data.claims]),
-            _Paragraph("Met: within 2 standard errors of the paper's figure, with an SE small enough to tell; "
-                       "inconclusive: the SE is too large to decide (see `sparsify/claims.py`)."),
+            _Table(
+                ["claim", "paper", "this run (± SE)", "verdict", "how measured"],
+                [[c.claim, c.paper, c.ours_text(), f"**{c.verdict}**", c.basis] for c in data.claims],
+            ),
+            _Paragraph(
+                "Met: within 2 standard errors of the paper's figure, with an SE small enough to tell; "
+                "inconclusive: the SE is too large to decide (see `sparsify/claims.py`)."
+            ),
         ]
     if data.run_info:
         blocks.append(_Table(["", ""], [[k, str(v)] for k, v in data.run_info.items()]))
@@ -219,38 +232,57 @@ def build_blocks(data: ReportData, figures_dir: Path) -> list[_Block]:
     if recoveries:
         blocks += [
             _Heading(2, "Accuracy recovery"),
-            _Paragraph(f"Primary metric per task for each variant, with recovery relative to "
-                       f"`{data.dense_variant}` in parentheses (sparse/dense; dense/sparse for perplexity, "
-                       f"so above 100% is better than dense)."),
+            _Paragraph(
+                f"Primary metric per task for each variant, with recovery relative to "
+                f"`{data.dense_variant}` in parentheses (sparse/dense; dense/sparse for perplexity, "
+                f"so above 100% is better than dense)."
+            ),
             _recovery_table(data, recoveries),
         ]
-        undefined = sorted(t for t in data.metrics[data.dense_variant]
-                           if not any(f"recovery/{t}" in r for r in recoveries.values()))
+        undefined = sorted(
+            t for t in data.metrics[data.dense_variant] if not any(f"recovery/{t}" in r for r in recoveries.values())
+        )
         if undefined:
-            blocks.append(_Paragraph(f"n/a: recovery is undefined where `{data.dense_variant}` scores 0 "
-                                     f"({', '.join(undefined)}); the raw metrics are in the table below."))
+            blocks.append(
+                _Paragraph(
+                    f"n/a: recovery is undefined where `{data.dense_variant}` scores 0 "
+                    f"({', '.join(undefined)}); the raw metrics are in the table below."
+                )
+            )
         tasks = sorted(data.metrics[data.dense_variant])
-        per_task = {v: {task: r[f"recovery/{task}"] for task in tasks if f"recovery/{task}" in r}
-                    for v, r in recoveries.items()}
+        per_task = {
+            v: {task: r[f"recovery/{task}"] for task in tasks if f"recovery/{task}" in r} for v, r in recoveries.items()
+        }
         plot_recovery_bars(per_task, figures_dir / "recovery.png")
-        blocks.append(_Figure(f"{FIGURES_DIR}/recovery.png",
-                              f"Recovery of each task's primary metric, in % of the {data.dense_variant} model "
-                              f"(dashed line: 100% = full recovery), one bar per variant."))
+        blocks.append(
+            _Figure(
+                f"{FIGURES_DIR}/recovery.png",
+                f"Recovery of each task's primary metric, in % of the {data.dense_variant} model "
+                f"(dashed line: 100% = full recovery), one bar per variant.",
+            )
+        )
     if data.metrics:
         blocks += [_Heading(2, "All metrics"), _metrics_table(data)]
     if data.ppl_curve:
         plot_ppl_vs_sparsity(data.ppl_curve, figures_dir / "ppl_vs_sparsity.png")
-        blocks += [_Heading(2, "Perplexity vs. sparsity"),
-                   _Figure(f"{FIGURES_DIR}/ppl_vs_sparsity.png",
-                           "Validation perplexity (lower is better) against the fraction of weights pruned, "
-                           "one line per pruning method; each point is one pruned model.")]
+        blocks += [
+            _Heading(2, "Perplexity vs. sparsity"),
+            _Figure(
+                f"{FIGURES_DIR}/ppl_vs_sparsity.png",
+                "Validation perplexity (lower is better) against the fraction of weights pruned, "
+                "one line per pruning method; each point is one pruned model.",
+            ),
+        ]
     if data.speedups:
         plot_speedups(data.speedups, figures_dir / "speedup.png")
-        blocks += [_Heading(2, "Inference speedup"),
-                   _Figure(f"{FIGURES_DIR}/speedup.png",
-                           "Measured inference speedup of each variant over the dense baseline "
-                           "(dashed line: 1x = no speedup)."),
-                   _Table(["variant", "speedup"], [[k, f"{v:.2f}x"] for k, v in data.speedups.items()])]
+        blocks += [
+            _Heading(2, "Inference speedup"),
+            _Figure(
+                f"{FIGURES_DIR}/speedup.png",
+                "Measured inference speedup of each variant over the dense baseline (dashed line: 1x = no speedup).",
+            ),
+            _Table(["variant", "speedup"], [[k, f"{v:.2f}x"] for k, v in data.speedups.items()]),
+        ]
     return blocks
 
 
@@ -265,8 +297,7 @@ def render_markdown(blocks: Sequence[_Block]) -> str:
         elif isinstance(block, _Paragraph):
             parts.append(block.text)
         elif isinstance(block, _Table):
-            lines = ["| " + " | ".join(cell(h) for h in block.headers) + " |",
-                     "|" + "---|" * len(block.headers)]
+            lines = ["| " + " | ".join(cell(h) for h in block.headers) + " |", "|" + "---|" * len(block.headers)]
             lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in block.rows]
             parts.append("\n".join(lines))
         elif isinstance(block, _Figure):
@@ -294,12 +325,18 @@ def render_html(blocks: Sequence[_Block], title: str) -> str:
             rows = "".join("<tr>" + "".join(f"<td>{text(c)}</td>" for c in row) + "</tr>" for row in block.rows)
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif isinstance(block, _Figure):
-            body.append(f'<figure><img src="{html.escape(block.path)}" alt="{html.escape(block.caption)}">'
-                        f"<figcaption>{text(block.caption)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}img{max-width:100%}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+            body.append(
+                f'<figure><img src="{html.escape(block.path)}" alt="{html.escape(block.caption)}">'
+                f"<figcaption>{text(block.caption)}</figcaption></figure>"
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}img{max-width:100%}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_report(data: ReportData, out_dir: str | os.PathLike) -> Path:

@@ -99,8 +99,10 @@ class SparseLinear(nn.Module):
             kind = f"{kind} w{bits}a{8 if self.packed.act_int8 else 16}"
             if self.packed.group_size is not None:
                 kind += f" group_size={self.packed.group_size}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"values={kind}, sparsity={self.packed.sparsity:.3f}, kernels={kernel_isa()}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"values={kind}, sparsity={self.packed.sparsity:.3f}, kernels={kernel_isa()}"
+        )
 
 
 def _quant_mode(int8: bool | str, int4: bool | str) -> str | None:
@@ -130,21 +132,30 @@ def _quantized_pack(name: str, linear: nn.Linear, mode: str | None) -> PackedWei
     scheme = state.scheme
     if mode is None:
         if scheme.activation_bits is not None:
-            logger.warning("%s: W%dA%d model packed as float weights: its activation quantization is dropped",
-                           name, scheme.weight_bits, scheme.activation_bits)
+            logger.warning(
+                "%s: W%dA%d model packed as float weights: its activation quantization is dropped",
+                name,
+                scheme.weight_bits,
+                scheme.activation_bits,
+            )
         return None
     if scheme.activation_bits not in (None, 8):
         raise ValueError(f"{name}: activation bits {scheme.activation_bits} not supported (8 or none)")
     codes, scales = state.codes.detach().cpu(), state.scales.detach().cpu().float()
     if scheme.weight_bits == 4:
         if scheme.group_size is not None and scheme.group_size % 64:
-            raise ValueError(f"{name}: the INT4 kernels need groups that are a multiple of 64 columns, got {scheme}; "
-                             "use int4=False to run its dequantized weights")
-        return pack(codes, dtype=torch.int4, scales=scales, group_size=scheme.group_size,
-                    act_int8=scheme.activation_bits == 8)
+            raise ValueError(
+                f"{name}: the INT4 kernels need groups that are a multiple of 64 columns, got {scheme}; "
+                "use int4=False to run its dequantized weights"
+            )
+        return pack(
+            codes, dtype=torch.int4, scales=scales, group_size=scheme.group_size, act_int8=scheme.activation_bits == 8
+        )
     if scheme.weight_bits != 8 or scheme.group_size is not None:
-        raise ValueError(f"{name}: the INT8 kernels need per-channel 8-bit weights, got {scheme}; "
-                         "use int8=False to run its dequantized weights")
+        raise ValueError(
+            f"{name}: the INT8 kernels need per-channel 8-bit weights, got {scheme}; "
+            "use int8=False to run its dequantized weights"
+        )
     return pack(codes, dtype=torch.int8, scales=scales.reshape(-1), act_int8=scheme.activation_bits == 8)
 
 
@@ -191,8 +202,13 @@ def sparsify_model(
         if packed is not None:
             sparse = SparseLinear(packed, module.bias)
         else:
-            sparse = SparseLinear.from_linear(module, dtype=dtype, int8=mode if mode in INT8_MODES else False,
-                                              int4=mode if mode in INT4_MODES else False, group_size=group_size)
+            sparse = SparseLinear.from_linear(
+                module,
+                dtype=dtype,
+                int8=mode if mode in INT8_MODES else False,
+                int4=mode if mode in INT4_MODES else False,
+                group_size=group_size,
+            )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, sparse)
         replaced[name] = sparsity
@@ -205,8 +221,9 @@ def sparsify_model(
         weight, name = head.weight.detach(), _module_name(model, head)
         # A tied lm_head shares its weight with the input embeddings, which keep the float copy.
         head_mode = "w8a8" if mode.endswith("a8") else "w8a16"  # INT8 whatever the layers' bits: see the docstring
-        model.set_output_embeddings(SparseLinear.from_linear(head, mask=torch.ones_like(weight, dtype=torch.bool),
-                                                             int8=head_mode))
+        model.set_output_embeddings(
+            SparseLinear.from_linear(head, mask=torch.ones_like(weight, dtype=torch.bool), int8=head_mode)
+        )
         replaced[name] = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
     logger.info("sparsify_model: %d Linear layers on the sparse kernels (%s)", len(replaced), kernel_isa())
     return replaced

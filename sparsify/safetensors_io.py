@@ -23,8 +23,15 @@ from torch import Tensor
 from sparsify.errors import DataError
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -95,8 +102,11 @@ class SafetensorsWriter:
         raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
         self._data.write(memoryview(raw.numpy()))
         size = flat.numel() * flat.element_size()
-        self._header[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self._offset, self._offset + size]}
+        self._header[name] = {
+            "dtype": _NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._offset, self._offset + size],
+        }
         self._offset += size
 
     def finish(self, metadata: dict[str, str] | None = None) -> Path:

@@ -87,8 +87,20 @@ log = logging.getLogger(__name__)
 Status = Literal["passed", "failed", "timeout", "killed"]
 #: Why a run ended (see ``SandboxResult``).
 Cause = Literal[
-    "ok", "assertion", "exception", "exit", "timeout", "cpu_time", "memory", "processes",
-    "file_size", "permission", "network", "not_found", "killed", "signal",
+    "ok",
+    "assertion",
+    "exception",
+    "exit",
+    "timeout",
+    "cpu_time",
+    "memory",
+    "processes",
+    "file_size",
+    "permission",
+    "network",
+    "not_found",
+    "killed",
+    "signal",
 ]
 
 #: Dedicated uids/gids for sandboxed runs started by root (one drawn at random
@@ -104,8 +116,9 @@ _SETUP_FAILED_EXIT = 70  # the runner's exit code when it could not apply the li
 _PR_SET_NO_NEW_PRIVS = 38
 # Inside the sandbox (bwrap mode): where the runner and the program are placed.
 _RUNNER_PATH, _PROGRAM_PATH, _TMP = "/sandbox/runner.py", "/sandbox/program.py", "/tmp"
-_NETWORK_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ECONNREFUSED,
-                             errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
+_NETWORK_ERRNOS = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ECONNREFUSED, errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}
+)
 _PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
@@ -215,7 +228,8 @@ def check_isolation(policy: SandboxPolicy | None = None) -> Isolation:
             f"refusing to run generated code without kernel isolation: {why_not}. Install bubblewrap "
             "(Debian/Ubuntu: apt-get install bubblewrap), or accept running it with only rlimits and a "
             f"Python-level guard by setting {ALLOW_UNISOLATED_KEY}: true "
-            "(SandboxPolicy(allow_unisolated=True))")
+            "(SandboxPolicy(allow_unisolated=True))"
+        )
     _warn_unisolated(why_not)
     return _unisolated()
 
@@ -228,8 +242,9 @@ def _warn_unisolated(why_not: str) -> None:  # cached: once per process and reas
 def _unisolated() -> Isolation:
     # RLIMIT_NPROC never applies to real uid 0, so root gets no process limit here.
     nproc = () if os.geteuid() == 0 else ("nproc",)
-    return Isolation("unisolated", ("guard", "env", "mem", *nproc, "cpu", "fsize", "time"),
-                     os.path.realpath(sys.executable))
+    return Isolation(
+        "unisolated", ("guard", "env", "mem", *nproc, "cpu", "fsize", "time"), os.path.realpath(sys.executable)
+    )
 
 
 @functools.cache
@@ -241,10 +256,24 @@ def _probe(bwrap: str | None, as_root: bool) -> tuple[Isolation | None, str]:
         return None, "bwrap (bubblewrap) is not installed"
     interpreter = _sandbox_interpreter(as_root)
     if interpreter is None:
-        return None, (f"the interpreter {os.path.realpath(sys.executable)} is not readable by an "
-                      "unprivileged sandbox uid and there is no /usr/bin/python3")
-    protections = ("net", "fs", "pid", "ipc", "uts", "env", *(("uid",) if as_root else ()),
-                   "mem", "nproc", "cpu", "fsize", "time")
+        return None, (
+            f"the interpreter {os.path.realpath(sys.executable)} is not readable by an "
+            "unprivileged sandbox uid and there is no /usr/bin/python3"
+        )
+    protections = (
+        "net",
+        "fs",
+        "pid",
+        "ipc",
+        "uts",
+        "env",
+        *(("uid",) if as_root else ()),
+        "mem",
+        "nproc",
+        "cpu",
+        "fsize",
+        "time",
+    )
     isolation = Isolation("bwrap", protections, interpreter, bwrap)
     try:
         result = _run("pass\n", SandboxPolicy(timeout_s=10.0), isolation)
@@ -270,8 +299,11 @@ def _sandbox_interpreter(as_root: bool) -> str | None:
     for interpreter, prefix in candidates:
         if os.path.isfile(interpreter) and _others_can_reach(interpreter) and _others_can_reach(prefix):
             if interpreter != own:
-                log.info("sandbox: %s is out of reach of an unprivileged uid; generated code runs with %s",
-                         own, os.path.realpath(interpreter))
+                log.info(
+                    "sandbox: %s is out of reach of an unprivileged uid; generated code runs with %s",
+                    own,
+                    os.path.realpath(interpreter),
+                )
             return os.path.realpath(interpreter)
     return None
 
@@ -308,10 +340,15 @@ def _run(code: str, policy: SandboxPolicy, isolation: Isolation) -> SandboxResul
         (private / "program.py").write_text(code, encoding="utf-8")
         work = private / "work"  # the working folder of an unisolated run
         work.mkdir()
-        with open(private / "stdout", "wb") as out, open(private / "stderr", "wb") as err, \
-                open(private / "status", "wb") as status, open(private / "outcome", "wb") as outcome, \
-                open(private / "program.py", "rb") as program, open(private / "info", "wb") as info, \
-                open(os.path.abspath(__file__), "rb") as runner:
+        with (
+            open(private / "stdout", "wb") as out,
+            open(private / "stderr", "wb") as err,
+            open(private / "status", "wb") as status,
+            open(private / "outcome", "wb") as outcome,
+            open(private / "program.py", "rb") as program,
+            open(private / "info", "wb") as info,
+            open(os.path.abspath(__file__), "rb") as runner,
+        ):
             config = {
                 "status_fd": status.fileno(),
                 "outcome_fd": outcome.fileno(),
@@ -323,14 +360,12 @@ def _run(code: str, policy: SandboxPolicy, isolation: Isolation) -> SandboxResul
             if isolation.kind == "bwrap":
                 # bwrap's init in the sandbox's user namespace counts against RLIMIT_NPROC too.
                 config |= {"program": _PROGRAM_PATH, "guard": None, "max_procs": policy.max_procs + 1}
-                argv = _bwrap_argv(isolation, policy, program.fileno(), runner.fileno(), info.fileno(),
-                                   config)
+                argv = _bwrap_argv(isolation, policy, program.fileno(), runner.fileno(), info.fileno(), config)
                 fds = (status.fileno(), outcome.fileno(), program.fileno(), runner.fileno(), info.fileno())
                 cwd, env = "/", {}
             else:
                 config |= {"program": str(private / "program.py"), "guard": str(work)}
-                argv = [isolation.interpreter, "-I", "-S", "-B", os.path.abspath(__file__), "--run",
-                        json.dumps(config)]
+                argv = [isolation.interpreter, "-I", "-S", "-B", os.path.abspath(__file__), "--run", json.dumps(config)]
                 fds, cwd, env = (status.fileno(), outcome.fileno()), str(work), _minimal_env(str(work))
             proc = subprocess.Popen(
                 argv,
@@ -352,32 +387,61 @@ def _run(code: str, policy: SandboxPolicy, isolation: Isolation) -> SandboxResul
         setup = {r.get("event"): r for r in _read_records(private / "status")}
         stderr = _tail(private / "stderr")
         if "error" in setup:  # the runner could not apply the limits and never ran the code
-            raise SandboxUnavailable(f"the sandbox runner could not apply its limits ({isolation}): "
-                                     f"{setup['error'].get('detail')}")
+            raise SandboxUnavailable(
+                f"the sandbox runner could not apply its limits ({isolation}): {setup['error'].get('detail')}"
+            )
         if not timed_out and "ready" not in setup:
             # The code never ran: bwrap (or the interpreter) failed before the runner was ready.
-            raise SandboxUnavailable(f"the sandbox could not start ({isolation}): exit status "
-                                     f"{proc.returncode}: {stderr or '(no message)'}")
-        return _classify(_read_records(private / "outcome"), timed_out=timed_out, returncode=proc.returncode,
-                         stdout=_tail(private / "stdout"), stderr=stderr, seconds=seconds,
-                         policy=policy, isolation=isolation)
+            raise SandboxUnavailable(
+                f"the sandbox could not start ({isolation}): exit status {proc.returncode}: {stderr or '(no message)'}"
+            )
+        return _classify(
+            _read_records(private / "outcome"),
+            timed_out=timed_out,
+            returncode=proc.returncode,
+            stdout=_tail(private / "stdout"),
+            stderr=stderr,
+            seconds=seconds,
+            policy=policy,
+            isolation=isolation,
+        )
 
 
-def _bwrap_argv(isolation: Isolation, policy: SandboxPolicy, program_fd: int, runner_fd: int, info_fd: int,
-                config: dict[str, Any]) -> list[str]:
+def _bwrap_argv(
+    isolation: Isolation, policy: SandboxPolicy, program_fd: int, runner_fd: int, info_fd: int, config: dict[str, Any]
+) -> list[str]:
     """The bwrap command line: namespaces, read-only system folders, a private /tmp."""
     assert isolation.bwrap is not None
     argv = [
         isolation.bwrap,
-        "--unshare-all", "--unshare-user",  # --unshare-all only *tries* the user namespace
+        "--unshare-all",
+        "--unshare-user",  # --unshare-all only *tries* the user namespace
         # No nested user namespaces: less kernel surface for the code (bwrap >= 0.8).
         *(["--disable-userns"] if _bwrap_has_option(isolation.bwrap, "--disable-userns") else []),
-        "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-        "--info-fd", str(info_fd),  # bwrap writes the pid of the namespace's init there
-        "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", _TMP,
-        "--setenv", "TMPDIR", _TMP, "--setenv", "LANG", "C.UTF-8",
-        "--hostname", "sandbox",
-        "--ro-bind", "/usr", "/usr",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--info-fd",
+        str(info_fd),  # bwrap writes the pid of the namespace's init there
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        "--setenv",
+        "HOME",
+        _TMP,
+        "--setenv",
+        "TMPDIR",
+        _TMP,
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        "--hostname",
+        "sandbox",
+        "--ro-bind",
+        "/usr",
+        "/usr",
     ]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         path = f"/{name}"
@@ -391,15 +455,35 @@ def _bwrap_argv(isolation: Isolation, policy: SandboxPolicy, program_fd: int, ru
     for prefix in _prefixes(isolation.interpreter):
         argv += ["--ro-bind", prefix, prefix]
     argv += [
-        "--proc", "/proc", "--dev", "/dev",
-        "--size", str(policy.tmp_mb * 2**20), "--tmpfs", _TMP,
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(policy.tmp_mb * 2**20),
+        "--tmpfs",
+        _TMP,
         # Copied in from descriptors we opened: the sandbox uid may not be able to read the originals.
-        "--ro-bind-data", str(runner_fd), _RUNNER_PATH,
-        "--ro-bind-data", str(program_fd), _PROGRAM_PATH,
+        "--ro-bind-data",
+        str(runner_fd),
+        _RUNNER_PATH,
+        "--ro-bind-data",
+        str(program_fd),
+        _PROGRAM_PATH,
         # The root and /dev are tmpfs without a size limit: only /tmp stays writable.
-        "--remount-ro", "/dev", "--remount-ro", "/",
-        "--chdir", _TMP,
-        isolation.interpreter, "-I", "-S", "-B", _RUNNER_PATH, "--run", json.dumps(config),
+        "--remount-ro",
+        "/dev",
+        "--remount-ro",
+        "/",
+        "--chdir",
+        _TMP,
+        isolation.interpreter,
+        "-I",
+        "-S",
+        "-B",
+        _RUNNER_PATH,
+        "--run",
+        json.dumps(config),
     ]
     return argv
 
@@ -464,7 +548,11 @@ def _kill_everything(proc: subprocess.Popen, uid: int | None, info: Path) -> Non
         # Run as root and drop to the uid in the helper (no preexec_fn in a threaded parent).
         subprocess.run(
             [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--kill-uid", str(uid)],
-            env={}, cwd="/", check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={},
+            cwd="/",
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
 
@@ -529,8 +617,7 @@ def _classify(
         return SandboxResult(status == "passed", status, cause, detail, seconds, stdout, str(isolation))
 
     if timed_out:
-        return result("timeout", "timeout",
-                      f"exceeded {policy.timeout_s:g}s wall clock; all processes killed")
+        return result("timeout", "timeout", f"exceeded {policy.timeout_s:g}s wall clock; all processes killed")
     if returncode == 0:
         return result("passed", "ok", stderr)
     # bwrap exits 128 + N when the code dies of signal N; Popen reports -N for a direct child.
@@ -538,8 +625,9 @@ def _classify(
     report = next((r for r in reversed(records) if r.get("event") in ("exception", "exit")), None)
     if report is None and 0 < signum < 65:
         name = _signal_name(signum)
-        cause: Cause = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size",
-                        signal.SIGKILL: "killed"}.get(signum, "signal")
+        cause: Cause = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size", signal.SIGKILL: "killed"}.get(
+            signum, "signal"
+        )
         return result("killed", cause, f"terminated by {name}. {stderr}".strip())
     if report is not None and report.get("event") == "exception":
         cause = report.get("cause") if report.get("cause") in _EXCEPTION_CAUSES else "exception"
@@ -558,8 +646,9 @@ def _signal_name(signum: int) -> str:
 # Everything below runs in the sandbox, in ``python -I -S -B sandbox.py --run``:
 # standard library only, and nothing here may rely on the pipeline's environment.
 
-_EXCEPTION_CAUSES = frozenset({"assertion", "exception", "memory", "processes", "file_size", "permission",
-                               "network", "not_found"})
+_EXCEPTION_CAUSES = frozenset(
+    {"assertion", "exception", "memory", "processes", "file_size", "permission", "network", "not_found"}
+)
 
 
 def exception_cause(exc: BaseException) -> str:
@@ -701,8 +790,7 @@ def _install_guard(work: str) -> None:
         return resolved == root or resolved.startswith(root + os.sep)
 
     def refuse(what: str, path: Any) -> None:
-        raise PermissionError(errno.EACCES,
-                              f"sandbox: {what} outside the work directory is not allowed: {path!r}")
+        raise PermissionError(errno.EACCES, f"sandbox: {what} outside the work directory is not allowed: {path!r}")
 
     real_open = builtins.open
 
@@ -736,8 +824,7 @@ def _install_guard(work: str) -> None:
 
         setattr(os, name, guarded)
 
-    for name in ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "truncate", "utime", "mkfifo",
-                 "mknod"):
+    for name in ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "truncate", "utime", "mkfifo", "mknod"):
         guard_paths(name, 1)
     for name in ("rename", "replace", "link", "symlink"):
         guard_paths(name, 2)

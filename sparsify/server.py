@@ -77,9 +77,15 @@ class _Sampling(BaseModel):
         return stops
 
     def sampling(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, seed=self.seed, stop=tuple(self.stop or ()),
-                              ignore_eos=self.ignore_eos)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=tuple(self.stop or ()),
+            ignore_eos=self.ignore_eos,
+        )
 
 
 class CompletionRequest(_Sampling):
@@ -128,8 +134,16 @@ class ChatRequest(_Sampling):
 class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -179,12 +193,16 @@ class CountRequests:
 def render_metrics(engine: Engine, http: HTTPCounters) -> str:
     """Prometheus text exposition (version 0.0.4) of the server's and the engine's counters."""
     s = engine.stats()
-    lines = ["# HELP sparsellama_http_requests_total HTTP requests by path and status code.",
-             "# TYPE sparsellama_http_requests_total counter"]
+    lines = [
+        "# HELP sparsellama_http_requests_total HTTP requests by path and status code.",
+        "# TYPE sparsellama_http_requests_total counter",
+    ]
     for (path, status), n in sorted(http.requests.items()):
         lines.append(f'sparsellama_http_requests_total{{path="{path}",status="{status}"}} {n}')
-    lines += ["# HELP sparsellama_requests_finished_total Generation requests by finish reason.",
-              "# TYPE sparsellama_requests_finished_total counter"]
+    lines += [
+        "# HELP sparsellama_requests_finished_total Generation requests by finish reason.",
+        "# TYPE sparsellama_requests_finished_total counter",
+    ]
     for reason, n in sorted(s.requests_finished.items()):
         lines.append(f'sparsellama_requests_finished_total{{reason="{reason}"}} {n}')
     scalars = [
@@ -197,15 +215,22 @@ def render_metrics(engine: Engine, http: HTTPCounters) -> str:
         ("kv_cache_bytes", "gauge", "Bytes held by the running sequences' KV caches.", s.kv_cache_bytes),
     ]
     for name, kind, help_, value in scalars:
-        lines += [f"# HELP sparsellama_{name} {help_}", f"# TYPE sparsellama_{name} {kind}",
-                  f"sparsellama_{name} {value:g}" if isinstance(value, float) else f"sparsellama_{name} {value}"]
-    lines += ["# HELP sparsellama_time_to_first_token_seconds Submission to first generated token.",
-              "# TYPE sparsellama_time_to_first_token_seconds histogram"]
+        lines += [
+            f"# HELP sparsellama_{name} {help_}",
+            f"# TYPE sparsellama_{name} {kind}",
+            f"sparsellama_{name} {value:g}" if isinstance(value, float) else f"sparsellama_{name} {value}",
+        ]
+    lines += [
+        "# HELP sparsellama_time_to_first_token_seconds Submission to first generated token.",
+        "# TYPE sparsellama_time_to_first_token_seconds histogram",
+    ]
     for bound, count in s.ttft_buckets:
         le = "+Inf" if bound == float("inf") else f"{bound:g}"
         lines.append(f'sparsellama_time_to_first_token_seconds_bucket{{le="{le}"}} {count}')
-    lines += [f"sparsellama_time_to_first_token_seconds_sum {s.ttft_sum:.6f}",
-              f"sparsellama_time_to_first_token_seconds_count {s.ttft_count}"]
+    lines += [
+        f"sparsellama_time_to_first_token_seconds_sum {s.ttft_sum:.6f}",
+        f"sparsellama_time_to_first_token_seconds_count {s.ttft_count}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -213,8 +238,11 @@ def render_metrics(engine: Engine, http: HTTPCounters) -> str:
 
 
 def _usage(out: Output) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
+    return {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+        "total_tokens": out.prompt_tokens + out.completion_tokens,
+    }
 
 
 def _sse(payload: dict | str) -> str:
@@ -255,8 +283,12 @@ def create_app(engine: Engine, name: str):
 
     def check_model(model: str) -> None:
         if model != name:
-            raise APIError(404, f"The model `{model}` does not exist (this server has `{name}`)", param="model",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist (this server has `{name}`)",
+                param="model",
+                code="model_not_found",
+            )
 
     watchers: set[asyncio.Task] = set()  # strong references: asyncio keeps only weak ones to tasks
 
@@ -276,18 +308,23 @@ def create_app(engine: Engine, name: str):
                 logger.info("request %d: client disconnected, sequence cancelled", request.id)
                 return
 
-    def submit(http_request: HTTPRequest, prompt_ids: list[int],
-               params: SamplingParams) -> tuple[Request, asyncio.Queue]:
+    def submit(
+        http_request: HTTPRequest, prompt_ids: list[int], params: SamplingParams
+    ) -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output | None] = asyncio.Queue()
         try:
-            request = engine.submit(prompt_ids, params,
-                                    lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+            request = engine.submit(prompt_ids, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
         except ContextLengthError as err:
             raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded") from err
         except QueueFull as err:
-            raise APIError(503, f"the server is busy: {err}", type="server_error", code="server_overloaded",
-                           headers={"Retry-After": "1"}) from err
+            raise APIError(
+                503,
+                f"the server is busy: {err}",
+                type="server_error",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            ) from err
         except ValueError as err:
             raise APIError(400, str(err), param="prompt") from err
         task = asyncio.create_task(watch_disconnect(http_request, request, outputs))
@@ -317,8 +354,9 @@ def create_app(engine: Engine, name: str):
             if not request.finished:
                 engine.cancel(request)
 
-    async def stream(request: Request, outputs: asyncio.Queue, chunk, include_usage: bool,
-                     first: dict | None = None) -> AsyncIterator[str]:
+    async def stream(
+        request: Request, outputs: asyncio.Queue, chunk, include_usage: bool, first: dict | None = None
+    ) -> AsyncIterator[str]:
         try:
             if first is not None:
                 yield _sse(first)
@@ -344,16 +382,22 @@ def create_app(engine: Engine, name: str):
     @app.get("/health")
     async def health():
         alive = engine.is_running
-        return JSONResponse({"status": "ok" if alive else "engine stopped", "model": name},
-                            status_code=200 if alive else 503)
+        return JSONResponse(
+            {"status": "ok" if alive else "engine stopped", "model": name}, status_code=200 if alive else 503
+        )
 
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(render_metrics(engine, http), media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "sparsellama",
-                "max_model_len": engine.max_context}
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "sparsellama",
+            "max_model_len": engine.max_context,
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -378,25 +422,39 @@ def create_app(engine: Engine, name: str):
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(out: Output | None) -> dict:
-            choices = [] if out is None else [{"index": 0, "text": out.text, "logprobs": None,
-                                               "finish_reason": out.finish_reason if out.finished else None}]
+            choices = (
+                []
+                if out is None
+                else [
+                    {
+                        "index": 0,
+                        "text": out.text,
+                        "logprobs": None,
+                        "finish_reason": out.finish_reason if out.finished else None,
+                    }
+                ]
+            )
             return {"id": rid, "object": "text_completion", "created": now, "model": name, "choices": choices}
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(request, outputs, chunk, include), media_type="text/event-stream")
         text, last = await collect(request, outputs)
-        return {"id": rid, "object": "text_completion", "created": now, "model": name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}],
-                "usage": _usage(last)}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": now,
+            "model": name,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}],
+            "usage": _usage(last),
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http_request: HTTPRequest):
         check_model(body.model)
         if body.logprobs:
             raise APIError(400, "logprobs is not supported by this server", param="logprobs")
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                    for m in body.messages]
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
         try:
             prompt_ids = chat_prompt_ids(tokenizer, messages)
         except ValueError as err:
@@ -412,21 +470,44 @@ def create_app(engine: Engine, name: str):
             choices = []
             if out is not None:
                 delta = {"content": out.text} if out.text else {}
-                choices = [{"index": 0, "delta": delta, "logprobs": None,
-                            "finish_reason": out.finish_reason if out.finished else None}]
+                choices = [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": None,
+                        "finish_reason": out.finish_reason if out.finished else None,
+                    }
+                ]
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name, "choices": choices}
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            first = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name,
-                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}]}
+            first = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": now,
+                "model": name,
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ],
+            }
             return StreamingResponse(stream(request, outputs, chunk, include, first), media_type="text/event-stream")
         text, last = await collect(request, outputs)
-        return {"id": rid, "object": "chat.completion", "created": now, "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": last.finish_reason}],
-                "usage": _usage(last)}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": now,
+            "model": name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": last.finish_reason,
+                }
+            ],
+            "usage": _usage(last),
+        }
 
     return app
 
@@ -435,6 +516,13 @@ def serve(engine: Engine, *, name: str, host: str = "127.0.0.1", port: int = 800
     """Run the server until interrupted (uvicorn, one process: the engine batches in its own thread)."""
     import uvicorn
 
-    logger.info("serving %s on http://%s:%d/v1 (batch <= %d, queue <= %d, context %d)", name, host, port,
-                engine.max_batch, engine.max_queue, engine.max_context)
+    logger.info(
+        "serving %s on http://%s:%d/v1 (batch <= %d, queue <= %d, context %d)",
+        name,
+        host,
+        port,
+        engine.max_batch,
+        engine.max_queue,
+        engine.max_context,
+    )
     uvicorn.run(create_app(engine, name), host=host, port=port, log_level=log_level)

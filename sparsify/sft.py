@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 Render = Callable[[Mapping[str, Any]], str]
 
 
-def fit_length(prompt: Sequence[int], target: Sequence[int], max_length: int,
-               keep_prefix: int = 0) -> tuple[list[int], int]:
+def fit_length(
+    prompt: Sequence[int], target: Sequence[int], max_length: int, keep_prefix: int = 0
+) -> tuple[list[int], int]:
     """Cut ``prompt + target`` to at most `max_length` tokens; returns (ids, prompt length).
 
     The prompt loses tokens from its left, after its first `keep_prefix` tokens (a BOS);
@@ -80,8 +81,9 @@ def _prompt_and_target(record: Any, index: int) -> tuple[str, str]:
         if not isinstance(record, Mapping) or name not in record:
             raise DataError(f"fine-tuning record {index}: missing field {name!r}")
         if not isinstance(record[name], str):
-            raise DataError(f"fine-tuning record {index}: field {name!r} must be a string, "
-                             f"got {type(record[name]).__name__}")
+            raise DataError(
+                f"fine-tuning record {index}: field {name!r} must be a string, got {type(record[name]).__name__}"
+            )
     return record["prompt"], record["target"]
 
 
@@ -131,8 +133,12 @@ class SFTDataset:
             examples.append(fit_length(p_ids, [*t_ids, *eos], max_length, keep_prefix=keep))
             cut += len(p_ids) + len(t_ids) + len(eos) > max_length
         if cut:
-            log.warning("%d of %d fine-tuning examples exceed %d tokens: prompts cut from the left",
-                        cut, len(examples), max_length)
+            log.warning(
+                "%d of %d fine-tuning examples exceed %d tokens: prompts cut from the left",
+                cut,
+                len(examples),
+                max_length,
+            )
         return cls(examples, pad_id)
 
     def __len__(self) -> int:
@@ -177,8 +183,9 @@ def target_nll(model: torch.nn.Module, dataset: SFTDataset, batch_size: int) -> 
         batch = dataset.collate(range(start, min(start + batch_size, len(dataset))))
         logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
         labels = batch.labels[:, 1:].to(device)  # unshifted labels: logits at t predict token t + 1
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                                ignore_index=IGNORE_INDEX, reduction="none")
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
         mask = labels != IGNORE_INDEX
         out += [(float(nll[row][mask[row]].sum()), int(mask[row].sum())) for row in range(len(labels))]
     return out

@@ -47,32 +47,58 @@ def run(cfg: Config) -> StageResult:
         model = load_model(cfg.base.source)
         rows = model.get_input_embeddings().num_embeddings
         if corpus.meta.get("max_token_id", -1) >= rows:
-            raise DataError(f"{layout.corpus} holds token id {corpus.meta['max_token_id']}, outside base.source "
-                            f"{cfg.base.source}'s embedding of {rows} rows; rebuild the corpus (stage data)")
+            raise DataError(
+                f"{layout.corpus} holds token id {corpus.meta['max_token_id']}, outside base.source "
+                f"{cfg.base.source}'s embedding of {rows} rows; rebuild the corpus (stage data)"
+            )
         model.to(device)
     else:
         model = build_llama(cfg.base.arch, tokenizer, seed=cfg.project.seed).to(device)
         metrics["ppl/val_init"] = val_perplexity(cfg, model, corpus, device)
         resume = resume_dir(cfg, "base")
-        result = train(model, corpus.blocks("train"), val, tc, seed=cfg.project.seed, device=device,
-                       checkpoint_dir=resume, on_step=live_step_logger())
+        result = train(
+            model,
+            corpus.blocks("train"),
+            val,
+            tc,
+            seed=cfg.project.seed,
+            device=device,
+            checkpoint_dir=resume,
+            on_step=live_step_logger(),
+        )
         history = result.history
         if not is_main_process():  # torchrun: rank 0 evaluates and saves
             return StageResult(metrics={}, outputs=[], variant="dense")
-        metrics.update({"train/final_loss": result.final_train_loss, "train/tokens_per_s": result.tokens_per_s,
-                        "time/train_s": result.seconds, "train/resumed_from_step": result.start_step})
+        metrics.update(
+            {
+                "train/final_loss": result.final_train_loss,
+                "train/tokens_per_s": result.tokens_per_s,
+                "time/train_s": result.seconds,
+                "train/resumed_from_step": result.start_step,
+            }
+        )
     metrics.update(val_perplexities(cfg, model, corpus, device))
     report = sparsity_report(model)
     metrics["sparsity/global"] = report["global"]
     metrics["model/params_m"] = count_parameters(model) / 1e6
-    log.info("base model: %.2fM params, val ppl %.2f%s", metrics["model/params_m"], metrics["ppl/val"],
-             f" (untrained {metrics['ppl/val_init']:.1f})" if "ppl/val_init" in metrics else "")
+    log.info(
+        "base model: %.2fM params, val ppl %.2f%s",
+        metrics["model/params_m"],
+        metrics["ppl/val"],
+        f" (untrained {metrics['ppl/val_init']:.1f})" if "ppl/val_init" in metrics else "",
+    )
 
     out = layout.model("base")
     with atomic_dir(out) as tmp:
-        save_checkpoint(model.cpu(), tokenizer, tmp,
-                        provenance("base", cfg, ("project", "data", "base"), [layout.corpus]))
+        save_checkpoint(
+            model.cpu(), tokenizer, tmp, provenance("base", cfg, ("project", "data", "base"), [layout.corpus])
+        )
         atomic_write_json(tmp / "train_history.json", history)
     release_resume(resume_dir(cfg, "base"))
-    return StageResult(metrics=metrics, outputs=[out], variant="dense", history=history,
-                       artifacts=[out / "provenance.json", out / "train_history.json"])
+    return StageResult(
+        metrics=metrics,
+        outputs=[out],
+        variant="dense",
+        history=history,
+        artifacts=[out / "provenance.json", out / "train_history.json"],
+    )

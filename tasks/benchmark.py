@@ -39,5 +39,10 @@ def run(cfg: Config, *, model: str) -> StageResult:
     # Every figure is only meaningful with the machine and kernel path it ran on.
     machine = result["machine"]
     params = {f"bench.{k}": str(machine[k]) for k in ("kernels", "cpu_model", "cpu_isa", "capability", "threads")}
-    return StageResult(metrics=metrics, outputs=[out], variant="all", params=params,
-                       artifacts=[out / "sparse_kernels.json", out / "sparse_kernels.png"])
+    return StageResult(
+        metrics=metrics,
+        outputs=[out],
+        variant="all",
+        params=params,
+        artifacts=[out / "sparse_kernels.json", out / "sparse_kernels.png"],
+    )

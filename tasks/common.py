@@ -177,8 +177,13 @@ class StageResult:
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
@@ -234,8 +239,10 @@ def root_lock(root: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RootBusy(f"another pipeline run is using {root}; give this run its own "
-                           f"project.root (e.g. --set project.root=runs/<name>)") from None
+            raise RootBusy(
+                f"another pipeline run is using {root}; give this run its own "
+                f"project.root (e.g. --set project.root=runs/<name>)"
+            ) from None
         try:
             yield
         finally:

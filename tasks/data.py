@@ -31,9 +31,13 @@ def run(cfg: Config) -> StageResult:
     with atomic_dir(out) as tmp:
         data_cfg = cfg.data.model_copy(update={"tokenizer": cfg.tokenizer_source})
         stats = build_corpus(data_cfg, tmp, seed=cfg.project.seed)
-    log.info("corpus: %s train / %s val tokens, %d duplicates removed, peak RSS %.0f MB",
-             f"{stats['tokens']['train']:,}", f"{stats['tokens']['val']:,}",
-             stats["duplicates_removed"], stats["peak_rss_mb"])
+    log.info(
+        "corpus: %s train / %s val tokens, %d duplicates removed, peak RSS %.0f MB",
+        f"{stats['tokens']['train']:,}",
+        f"{stats['tokens']['val']:,}",
+        stats["duplicates_removed"],
+        stats["peak_rss_mb"],
+    )
     metrics = {
         "data/train_tokens": stats["tokens"]["train"],
         "data/val_tokens": stats["tokens"]["val"],

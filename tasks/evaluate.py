@@ -36,8 +36,9 @@ def score_targets(cfg: Config, net, tokenizer, spec: TaskSpec, path: Path) -> li
     and cut exactly as fine-tuning does: the fine-tuning loss on the test split, a likelihood
     measure next to the generation metric that small models leave near their floor."""
     records = read_task_jsonl(path)[: cfg.evaluate.limit]
-    data = SFTDataset.from_records(records, tokenizer, cfg.finetune.max_length,
-                                   render_prompt=spec.render_prompt, render_target=spec.render_target)
+    data = SFTDataset.from_records(
+        records, tokenizer, cfg.finetune.max_length, render_prompt=spec.render_prompt, render_target=spec.render_target
+    )
     return target_nll(net, data, cfg.evaluate.batch_size)
 
 
@@ -93,10 +94,17 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
     if not runtime:
         net, tokenizer = load_for_eval(layout.model(model))
     names = [spec.name for spec, _ in specs] + list(cfg.evaluate.extra_tasks)
-    results = evaluate_model(net, tokenizer, names, include_path=include, limit=cfg.evaluate.limit,
-                             batch_size=cfg.evaluate.batch_size, samples_path=layout.eval_samples(model),
-                             details_path=layout.eval_details(model),
-                             device="cpu" if runtime else None)  # the kernels run on the CPU
+    results = evaluate_model(
+        net,
+        tokenizer,
+        names,
+        include_path=include,
+        limit=cfg.evaluate.limit,
+        batch_size=cfg.evaluate.batch_size,
+        samples_path=layout.eval_samples(model),
+        details_path=layout.eval_details(model),
+        device="cpu" if runtime else None,
+    )  # the kernels run on the CPU
     per_doc_nll = {}
     for spec, path in specs:
         if spec.output_type == "generate_until" and spec.name in results:
@@ -113,9 +121,23 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
             raise DataError(f"no evaluation of the reference model {reference!r} at {ref_file}; run eval-{reference}")
         metrics.update(recovery_where_defined(results, json.loads(ref_file.read_text())["results"])[0])
     out = layout.eval_results(model)
-    atomic_write_json(out, {"model": model, "variant": variant, "reference": reference, "results": results,
-                            "runtime": runtime, **({"runtime_unavailable": why_not} if why_not else {}),
-                            **({"sandbox": sandbox} if sandbox else {})})
+    atomic_write_json(
+        out,
+        {
+            "model": model,
+            "variant": variant,
+            "reference": reference,
+            "results": results,
+            "runtime": runtime,
+            **({"runtime_unavailable": why_not} if why_not else {}),
+            **({"sandbox": sandbox} if sandbox else {}),
+        },
+    )
     details = layout.eval_details(model)
-    return StageResult(metrics=metrics, outputs=[out, samples, details], variant=variant,
-                       artifacts=[out, samples, details], params={"sandbox": sandbox} if sandbox else {})
+    return StageResult(
+        metrics=metrics,
+        outputs=[out, samples, details],
+        variant=variant,
+        artifacts=[out, samples, details],
+        params={"sandbox": sandbox} if sandbox else {},
+    )

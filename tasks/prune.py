@@ -58,16 +58,32 @@ def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) ->
         "prune/recon_error_max": max(errors, default=0.0),
         "prune/cholesky_retries": result.cholesky_retries,
     }
-    log.info("%s: %s %s to %.3f sparsity, val ppl %.2f, %.1f s", name, pcfg.method, pcfg.structure,
-             report["global"], ppl, result.total_seconds)
+    log.info(
+        "%s: %s %s to %.3f sparsity, val ppl %.2f, %.1f s",
+        name,
+        pcfg.method,
+        pcfg.structure,
+        report["global"],
+        ppl,
+        result.total_seconds,
+    )
     with atomic_dir(out) as tmp:
         save_checkpoint(model, tokenizer, tmp, provenance(name, cfg, ("project", "prune"), [src, layout.corpus]))
         save_masks(result.masks, tmp / MASKS)
         atomic_write_json(tmp / "sparsity.json", report)
-        atomic_write_json(tmp / "prune_layers.json", {"layers": result.layers,
-                                                      "seconds_per_decoder_layer": result.seconds_per_decoder_layer,
-                                                      "targets": result.layer_sparsity_targets})
+        atomic_write_json(
+            tmp / "prune_layers.json",
+            {
+                "layers": result.layers,
+                "seconds_per_decoder_layer": result.seconds_per_decoder_layer,
+                "targets": result.layer_sparsity_targets,
+            },
+        )
         plot_sparsity(report, tmp / "sparsity.png")
     release_resume(resume)  # the checkpoint is written; the resume state is spent
-    return StageResult(metrics=metrics, outputs=[out], variant=f"sparse{round(sparsity * 100)}-oneshot",
-                       artifacts=[out / "sparsity.json", out / "sparsity.png", out / "prune_layers.json"])
+    return StageResult(
+        metrics=metrics,
+        outputs=[out],
+        variant=f"sparse{round(sparsity * 100)}-oneshot",
+        artifacts=[out / "sparsity.json", out / "sparsity.png", out / "prune_layers.json"],
+    )

@@ -60,8 +60,10 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
             save_masks(masks, tmp / MASKS)
             save_sparse_model(model, masks, tmp / "sparse")
         atomic_write_json(tmp / "provenance.json", provenance(name, cfg, ("project", "quantize"), [src]))
-        atomic_write_json(tmp / "quantize_layers.json", {"layers": result.layers,
-                                                         "seconds_per_decoder_layer": result.seconds_per_decoder_layer})
+        atomic_write_json(
+            tmp / "quantize_layers.json",
+            {"layers": result.layers, "seconds_per_decoder_layer": result.seconds_per_decoder_layer},
+        )
     release_resume(resume)  # the checkpoint is written; the resume state is spent
     errors = [r["error"] for r in result.layers]
     rtn = [r["rtn_error"] for r in result.layers if "rtn_error" in r]
@@ -76,7 +78,18 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
     }
     if rtn:
         metrics["quant/rtn_error_mean"] = statistics.fmean(rtn)
-    log.info("%s: %s %s, val ppl %.2f, %.1f MB (source %.1f MB)", name, scheme, qcfg.method, ppl,
-             metrics["size/mb"], metrics["size/source_mb"])
-    return StageResult(metrics=metrics, outputs=[out], variant=variant,
-                       artifacts=[out / "provenance.json", out / "quantize_layers.json"])
+    log.info(
+        "%s: %s %s, val ppl %.2f, %.1f MB (source %.1f MB)",
+        name,
+        scheme,
+        qcfg.method,
+        ppl,
+        metrics["size/mb"],
+        metrics["size/source_mb"],
+    )
+    return StageResult(
+        metrics=metrics,
+        outputs=[out],
+        variant=variant,
+        artifacts=[out / "provenance.json", out / "quantize_layers.json"],
+    )

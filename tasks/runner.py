@@ -69,8 +69,14 @@ def finished(stage: Stage, cfg: Config, fp: str) -> dict | None:
     return record
 
 
-def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, force: bool = False,
-            table: tuple[Stage, ...] | None = None) -> StageResult:
+def execute(
+    stage: Stage,
+    cfg: Config,
+    parent_run_id: str | None = None,
+    *,
+    force: bool = False,
+    table: tuple[Stage, ...] | None = None,
+) -> StageResult:
     """Run `stage`, log it as a (nested) MLflow run and write its DVC metrics file.
 
     Without `force`, a stage whose outputs exist with the same fingerprint is skipped (its
@@ -91,9 +97,11 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
             stage.run(cfg)
         return StageResult(metrics={}, outputs=[cfg.root / o for o in stage.outs], variant="")
     tracker = Tracker(cfg)
-    run_id = tracker.start(stage.name, tags={"stage": stage.name, **run_tags(cfg), "fingerprint": fp,
-                                             "skipped": str(done is not None).lower()},
-                           parent_run_id=parent_run_id)
+    run_id = tracker.start(
+        stage.name,
+        tags={"stage": stage.name, **run_tags(cfg), "fingerprint": fp, "skipped": str(done is not None).lower()},
+        parent_run_id=parent_run_id,
+    )
     tracker.log(run_id, params=section_params(cfg, stage.params))
     if done is not None:
         metrics = read_metrics(layout.metrics(stage.name))
@@ -120,12 +128,17 @@ def execute(stage: Stage, cfg: Config, parent_run_id: str | None = None, *, forc
     tracker.log(run_id, metrics=result.metrics, params=result.params, tags={"variant": result.variant})
     # Rows the live sink did not see: all of them without it, else those of a run this one resumed.
     first_live = live.first_step if live is not None and live.first_step is not None else None
-    tracker.log_history(run_id, [r for r in result.history if first_live is None or r["step"] < first_live],
-                        prefix="train")
+    tracker.log_history(
+        run_id, [r for r in result.history if first_live is None or r["step"] < first_live], prefix="train"
+    )
     tracker.artifacts(run_id, result.artifacts)
     tracker.end(run_id, "FINISHED")
-    log.info("stage %s done in %.1f s: %s", stage.name, time.perf_counter() - t0,
-             ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
+    log.info(
+        "stage %s done in %.1f s: %s",
+        stage.name,
+        time.perf_counter() - t0,
+        ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())),
+    )
     return result
 
 
@@ -133,26 +146,39 @@ class RemoteStageFailed(RuntimeError):
     """A stage dispatched to a work pool did not complete there."""
 
 
-def execute_remote(deployment: str, stage: Stage, cfg: Config, parent_run_id: str | None, *,
-                   force: bool = False) -> StageResult:
+def execute_remote(
+    deployment: str, stage: Stage, cfg: Config, parent_run_id: str | None, *, force: bool = False
+) -> StageResult:
     """Run `stage` as a flow run of the `run-stage` deployment `deployment` (on its work pool's
     worker, e.g. a GPU machine) and wait for it; the worker writes the outputs, metrics and stamp
     into the same project.root, where they are read back."""
     from prefect.deployments import run_deployment
 
-    flow_run = run_deployment(deployment, timeout=None, parameters={
-        "stage": stage.name, "config": cfg.model_dump(mode="json"), "parent_run_id": parent_run_id, "force": force})
+    flow_run = run_deployment(
+        deployment,
+        timeout=None,
+        parameters={
+            "stage": stage.name,
+            "config": cfg.model_dump(mode="json"),
+            "parent_run_id": parent_run_id,
+            "force": force,
+        },
+    )
     if not flow_run.state.is_completed():
-        raise RemoteStageFailed(f"stage {stage.name} on deployment {deployment} ended {flow_run.state.name}: "
-                                f"{flow_run.state.message or 'see the flow run ' + str(flow_run.id)}")
+        raise RemoteStageFailed(
+            f"stage {stage.name} on deployment {deployment} ended {flow_run.state.name}: "
+            f"{flow_run.state.message or 'see the flow run ' + str(flow_run.id)}"
+        )
     layout = Layout.of(cfg)
     variant = json.loads(layout.stamp(stage.name).read_text())["variant"]
-    return StageResult(metrics=read_metrics(layout.metrics(stage.name)), outputs=[cfg.root / o for o in stage.outs],
-                       variant=variant)
+    return StageResult(
+        metrics=read_metrics(layout.metrics(stage.name)), outputs=[cfg.root / o for o in stage.outs], variant=variant
+    )
 
 
-def _execute_limited(stage: Stage, cfg: Config, parent_run_id: str | None, limiter, table: tuple[Stage, ...],
-                     force: bool = False) -> StageResult:
+def _execute_limited(
+    stage: Stage, cfg: Config, parent_run_id: str | None, limiter, table: tuple[Stage, ...], force: bool = False
+) -> StageResult:
     with limiter:  # a semaphore shared by one flow run's stages: orchestration.max_parallel
         deployment = cfg.orchestration.gpu_deployment
         # Only the pipeline's own stages can be rebuilt from the config on the worker (not sweep points).
@@ -192,5 +218,12 @@ def prefect_task():
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    return task(_execute_limited, name="stage", cache_policy=NO_CACHE, log_prints=False,
-                retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_if_transient)
+    return task(
+        _execute_limited,
+        name="stage",
+        cache_policy=NO_CACHE,
+        log_prints=False,
+        retries=2,
+        retry_delay_seconds=[10, 60],
+        retry_condition_fn=_retry_if_transient,
+    )

@@ -32,7 +32,6 @@ TASK_DATA = _REL.task_data.as_posix()
 HELDOUT = taskdata.HELDOUT
 
 
-
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -74,23 +73,36 @@ def level_name(sparsity: float) -> str:
 
 def _prune(name: str, sparsity: float, source: str, family: str, item: dict[str, str]) -> Stage:
     output = f"models/{name}"
-    return Stage(name=name, run=partial(prune.run, name=name, sparsity=sparsity, source=source, output=output),
-                 params=("project.device", "prune", "pipeline.sparsities", "evaluate.val_blocks"),
-                 deps=(source, CORPUS), outs=(output,),
-                 family=family, item=tuple(item.items()), resumable=True, gpu=True)
+    return Stage(
+        name=name,
+        run=partial(prune.run, name=name, sparsity=sparsity, source=source, output=output),
+        params=("project.device", "prune", "pipeline.sparsities", "evaluate.val_blocks"),
+        deps=(source, CORPUS),
+        outs=(output,),
+        family=family,
+        item=tuple(item.items()),
+        resumable=True,
+        gpu=True,
+    )
 
 
-def _finetune(name: str, task: str, source: str, teacher: str | None, variant: str, family: str,
-              item: dict[str, str]) -> Stage:
+def _finetune(
+    name: str, task: str, source: str, teacher: str | None, variant: str, family: str, item: dict[str, str]
+) -> Stage:
     output = f"models/{name}"
     return Stage(
         name=name,
-        run=partial(train_stages.finetune, name=name, task=task, source=source, output=output,
-                    teacher=teacher, variant=variant),
+        run=partial(
+            train_stages.finetune, name=name, task=task, source=source, output=output, teacher=teacher, variant=variant
+        ),
         params=("project.seed", "project.device", "finetune"),
         deps=(source, TASK_DATA, *([teacher] if teacher else [])),
         outs=(output,),
-        family=family, item=tuple(item.items()), resumable=True, trains=True, gpu=True,
+        family=family,
+        item=tuple(item.items()),
+        resumable=True,
+        trains=True,
+        gpu=True,
     )
 
 
@@ -98,11 +110,22 @@ def quantized_models(cfg: Config) -> list[tuple[str, str, str, str]]:
     """(stage/model name, scheme, source model, variant) for every quantized model: each
     sparse-pretrained model, and the top-level sparse fine-tunes when `quantize.finetuned`."""
     levels = [level_name(s) for s in cfg.pipeline.sparsities]
-    out = [(f"quant-{sc}-pretrain{lv}", sc, f"pretrain{lv}", f"sparse{lv}-{sc}")
-           for lv in levels for sc in cfg.quantize.schemes]
+    out = [
+        (f"quant-{sc}-pretrain{lv}", sc, f"pretrain{lv}", f"sparse{lv}-{sc}")
+        for lv in levels
+        for sc in cfg.quantize.schemes
+    ]
     if cfg.quantize.finetuned:
-        out += [(f"quant-{sc}-ft-sparse{levels[-1]}-{task}", sc, f"ft-sparse{levels[-1]}-{task}",
-                 f"sparse{levels[-1]}-{sc}") for task in cfg.downstream.tasks for sc in cfg.quantize.schemes]
+        out += [
+            (
+                f"quant-{sc}-ft-sparse{levels[-1]}-{task}",
+                sc,
+                f"ft-sparse{levels[-1]}-{task}",
+                f"sparse{levels[-1]}-{sc}",
+            )
+            for task in cfg.downstream.tasks
+            for sc in cfg.quantize.schemes
+        ]
     return out
 
 
@@ -129,11 +152,19 @@ def evaluated_models(cfg: Config) -> list[Evaluated]:
 def stages(cfg: Config) -> tuple[Stage, ...]:
     table = [
         Stage(name="data", run=data.run, params=("project.seed", "data", "base.source"), deps=(), outs=(CORPUS,)),
-        Stage(name="taskdata", run=taskdata.run, params=("project.seed", "downstream"), deps=(CORPUS,),
-              outs=(TASK_DATA,)),
-        Stage(name="base", run=base.run, params=("project.seed", "project.device", "base", "evaluate.val_blocks"),
-              deps=(CORPUS,), outs=("models/base",),
-              resumable=True, trains=True, gpu=True),
+        Stage(
+            name="taskdata", run=taskdata.run, params=("project.seed", "downstream"), deps=(CORPUS,), outs=(TASK_DATA,)
+        ),
+        Stage(
+            name="base",
+            run=base.run,
+            params=("project.seed", "project.device", "base", "evaluate.val_blocks"),
+            deps=(CORPUS,),
+            outs=("models/base",),
+            resumable=True,
+            trains=True,
+            gpu=True,
+        ),
     ]
     # Prune → sparse-pretrain, level by level, each level from the previous level's pretrained model.
     previous = "models/base"
@@ -141,88 +172,145 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
     for sparsity, lv in zip(cfg.pipeline.sparsities, levels, strict=True):
         table.append(_prune(f"prune{lv}", sparsity, previous, "prune", {"level": lv, "source": previous}))
         name, output = f"pretrain{lv}", f"models/pretrain{lv}"
-        table.append(Stage(
-            name=name,
-            run=partial(train_stages.pretrain, name=name, source=f"models/prune{lv}", output=output,
-                        variant=f"sparse{lv}"),
-            params=("project.seed", "project.device", "pretrain", "evaluate.val_blocks"),
-            deps=(f"models/prune{lv}", CORPUS, "models/base"),
-            outs=(output,),
-            family="pretrain", item=(("level", lv),), resumable=True, trains=True, gpu=True,
-        ))
+        table.append(
+            Stage(
+                name=name,
+                run=partial(
+                    train_stages.pretrain, name=name, source=f"models/prune{lv}", output=output, variant=f"sparse{lv}"
+                ),
+                params=("project.seed", "project.device", "pretrain", "evaluate.val_blocks"),
+                deps=(f"models/prune{lv}", CORPUS, "models/base"),
+                outs=(output,),
+                family="pretrain",
+                item=(("level", lv),),
+                resumable=True,
+                trains=True,
+                gpu=True,
+            )
+        )
         previous = output
 
     if cfg.pipeline.dense_control:
-        table.append(Stage(
-            name="pretrain-dense",
-            run=partial(train_stages.pretrain_dense_control, name="pretrain-dense", output="models/pretrain-dense",
-                        levels=len(levels)),
-            params=("project.seed", "project.device", "pretrain", "pipeline.sparsities", "evaluate.val_blocks"),
-            deps=("models/base", CORPUS), outs=("models/pretrain-dense",),
-            resumable=True, trains=True, gpu=True,
-        ))
+        table.append(
+            Stage(
+                name="pretrain-dense",
+                run=partial(
+                    train_stages.pretrain_dense_control,
+                    name="pretrain-dense",
+                    output="models/pretrain-dense",
+                    levels=len(levels),
+                ),
+                params=("project.seed", "project.device", "pretrain", "pipeline.sparsities", "evaluate.val_blocks"),
+                deps=("models/base", CORPUS),
+                outs=("models/pretrain-dense",),
+                resumable=True,
+                trains=True,
+                gpu=True,
+            )
+        )
 
     # Per task: the dense teacher, sparse fine-tunes with KD, and the baseline.
     for task in cfg.downstream.tasks:
         teacher = f"models/ft-dense-{task}"
         table.append(_finetune(f"ft-dense-{task}", task, "models/base", None, "dense", "ft-dense", {"task": task}))
         for lv in levels:
-            table.append(_finetune(f"ft-sparse{lv}-{task}", task, f"models/pretrain{lv}", teacher, f"sparse{lv}",
-                                   "ft-sparse", {"level": lv, "task": task}))
+            table.append(
+                _finetune(
+                    f"ft-sparse{lv}-{task}",
+                    task,
+                    f"models/pretrain{lv}",
+                    teacher,
+                    f"sparse{lv}",
+                    "ft-sparse",
+                    {"level": lv, "task": task},
+                )
+            )
         if cfg.finetune.baseline:
             top, lv = cfg.pipeline.sparsities[-1], levels[-1]
             pruned = f"ftprune{lv}-{task}"
             table.append(_prune(pruned, top, teacher, "ftprune", {"task": task}))
-            table.append(_finetune(f"ft-baseline{lv}-{task}", task, f"models/{pruned}", teacher,
-                                   f"sparse{lv}-baseline", "ft-baseline", {"task": task}))
+            table.append(
+                _finetune(
+                    f"ft-baseline{lv}-{task}",
+                    task,
+                    f"models/{pruned}",
+                    teacher,
+                    f"sparse{lv}-baseline",
+                    "ft-baseline",
+                    {"task": task},
+                )
+            )
 
     for name, scheme, source, variant in quantized_models(cfg):
         output = f"models/{name}"
         family = "quant-ft" if source.startswith("ft-") else "quant"
-        varying = source.removeprefix(f"ft-sparse{levels[-1]}-") if source.startswith("ft-") else \
-            source.removeprefix("pretrain")
-        table.append(Stage(
-            name=name,
-            run=partial(quantize.run, name=name, scheme=scheme, source=f"models/{source}", output=output,
-                        variant=variant),
-            params=("project.device", "quantize", "evaluate.val_blocks"),
-            deps=(f"models/{source}", CORPUS),
-            outs=(output,),
-            family=family, item=(("scheme", scheme), ("task" if family == "quant-ft" else "level", varying)),
-            resumable=True, gpu=True,
-        ))
+        varying = (
+            source.removeprefix(f"ft-sparse{levels[-1]}-")
+            if source.startswith("ft-")
+            else source.removeprefix("pretrain")
+        )
+        table.append(
+            Stage(
+                name=name,
+                run=partial(
+                    quantize.run, name=name, scheme=scheme, source=f"models/{source}", output=output, variant=variant
+                ),
+                params=("project.device", "quantize", "evaluate.val_blocks"),
+                deps=(f"models/{source}", CORPUS),
+                outs=(output,),
+                family=family,
+                item=(("scheme", scheme), ("task" if family == "quant-ft" else "level", varying)),
+                resumable=True,
+                gpu=True,
+            )
+        )
 
     models = evaluated_models(cfg)
     for m in models:
         reference = _REL.eval_results(m.reference).as_posix() if m.reference else None
-        table.append(Stage(
-            name=f"eval-{m.model}",
-            run=partial(evaluate.run, model=m.model, variant=m.variant, tasks=m.tasks, reference=m.reference),
-            params=("downstream.tasks", "evaluate", "finetune.max_length"),  # targets are cut as fine-tuning cuts them
-            deps=(f"models/{m.model}", TASK_DATA, *([reference] if reference else [])),
-            outs=tuple(p.as_posix() for p in (_REL.eval_results(m.model), _REL.eval_samples(m.model),
-                                                _REL.eval_details(m.model))),
-            # Dense models have no reference, so one dependency fewer: a family of their own.
-            family="eval" if m.reference else "eval-dense",
-            item=(("model", m.model), ("reference", m.reference)) if m.reference else (("model", m.model),),
-            gpu=True,
-        ))
+        table.append(
+            Stage(
+                name=f"eval-{m.model}",
+                run=partial(evaluate.run, model=m.model, variant=m.variant, tasks=m.tasks, reference=m.reference),
+                params=(
+                    "downstream.tasks",
+                    "evaluate",
+                    "finetune.max_length",
+                ),  # targets are cut as fine-tuning cuts them
+                deps=(f"models/{m.model}", TASK_DATA, *([reference] if reference else [])),
+                outs=tuple(
+                    p.as_posix()
+                    for p in (_REL.eval_results(m.model), _REL.eval_samples(m.model), _REL.eval_details(m.model))
+                ),
+                # Dense models have no reference, so one dependency fewer: a family of their own.
+                family="eval" if m.reference else "eval-dense",
+                item=(("model", m.model), ("reference", m.reference)) if m.reference else (("model", m.model),),
+                gpu=True,
+            )
+        )
     sparsest = f"pretrain{levels[-1]}"
-    table.append(Stage(
-        name="benchmark",
-        run=partial(benchmark.run, model=sparsest),
-        params=("benchmark",),
-        deps=(f"models/{sparsest}",),
-        outs=("reports/benchmark",),
-    ))
-    table.append(Stage(
-        name="report",
-        run=partial(report.run, models=models, levels=dict(zip(levels, cfg.pipeline.sparsities, strict=True))),
-        params=("prune.method", "pipeline.sparsities"),
-        deps=(*(_REL.eval_results(m.model).as_posix() for m in models), "reports/benchmark",
-              *(["models/pretrain-dense"] if cfg.pipeline.dense_control else [])),
-        outs=("reports/run",),
-    ))
+    table.append(
+        Stage(
+            name="benchmark",
+            run=partial(benchmark.run, model=sparsest),
+            params=("benchmark",),
+            deps=(f"models/{sparsest}",),
+            outs=("reports/benchmark",),
+        )
+    )
+    table.append(
+        Stage(
+            name="report",
+            run=partial(report.run, models=models, levels=dict(zip(levels, cfg.pipeline.sparsities, strict=True))),
+            params=("prune.method", "pipeline.sparsities"),
+            deps=(
+                *(_REL.eval_results(m.model).as_posix() for m in models),
+                "reports/benchmark",
+                *(["models/pretrain-dense"] if cfg.pipeline.dense_control else []),
+            ),
+            outs=("reports/run",),
+        )
+    )
     return tuple(table)
 
 
@@ -338,15 +426,41 @@ def dvc_layout(cfg: Config) -> tuple[dict, dict[str, str]]:
             entries[m.name] = _dvc_entry(m)
             names[m.name] = m.name
     trained = [s.plot_file for s in table if s.trains]
-    plots = [{"training loss": {"x": "step", "y": {f: "loss" for f in trained}, "title": "training loss",
-                                "x_label": "optimizer step", "y_label": "loss"}},
-             {"reports/run/plots/perplexity.json": {"x": "ppl", "y": "model", "template": "bar_horizontal",
-                                                    "title": "validation perplexity"}},
-             {"reports/run/plots/recovery.json": {"x": "recovery", "y": "model", "template": "bar_horizontal",
-                                                  "title": "fine-tuned recovery (metric / dense teacher)"}},
-             {"reports/run/plots/speedup.json": {"x": "speedup_vs_fp32", "y": "variant",
-                                                 "template": "bar_horizontal",
-                                                 "title": "11008x4096 batch-1 speedup vs dense fp32"}}]
+    plots = [
+        {
+            "training loss": {
+                "x": "step",
+                "y": {f: "loss" for f in trained},
+                "title": "training loss",
+                "x_label": "optimizer step",
+                "y_label": "loss",
+            }
+        },
+        {
+            "reports/run/plots/perplexity.json": {
+                "x": "ppl",
+                "y": "model",
+                "template": "bar_horizontal",
+                "title": "validation perplexity",
+            }
+        },
+        {
+            "reports/run/plots/recovery.json": {
+                "x": "recovery",
+                "y": "model",
+                "template": "bar_horizontal",
+                "title": "fine-tuned recovery (metric / dense teacher)",
+            }
+        },
+        {
+            "reports/run/plots/speedup.json": {
+                "x": "speedup_vs_fp32",
+                "y": "variant",
+                "template": "bar_horizontal",
+                "title": "11008x4096 batch-1 speedup vs dense fp32",
+            }
+        },
+    ]
     return {"stages": entries, "plots": plots}, names
 
 

@@ -81,8 +81,10 @@ def point_config(cfg: Config, point: Point) -> PruneConfig:
     method, *options = point.method.split("+")
     unknown = [o for o in options if o not in OPTIONS]
     if unknown:
-        raise UserInputError(f"pruning sweep method {point.method!r}: unknown option(s) {unknown}; "
-                         f"expected <prune.method>[+{'|+'.join(OPTIONS)}]")
+        raise UserInputError(
+            f"pruning sweep method {point.method!r}: unknown option(s) {unknown}; "
+            f"expected <prune.method>[+{'|+'.join(OPTIONS)}]"
+        )
     fields = {**cfg.prune.model_dump(), "method": method, "sparsity": point.sparsity, "structure": point.structure}
     for option in options:
         fields |= OPTIONS[option]
@@ -100,13 +102,21 @@ def prune_point(cfg: Config, *, point: Point) -> StageResult:
     device = pick_device(cfg.project.device)
     result = prune_model(model, corpus.calibration(), pcfg, device=device, progress=False)
     ppl = val_perplexity(cfg, model, corpus, device)
-    row = {"method": point.method, "pattern": point.pattern, "structure": point.structure,
-           "sparsity": sparsity_report(model.cpu(), result.masks)["global"], "ppl": ppl,
-           "seconds": result.total_seconds}
+    row = {
+        "method": point.method,
+        "pattern": point.pattern,
+        "structure": point.structure,
+        "sparsity": sparsity_report(model.cpu(), result.masks)["global"],
+        "ppl": ppl,
+        "seconds": result.total_seconds,
+    }
     atomic_write_json(cfg.root / OUT / f"{point.name}.json", row)
     log.info("%s: ppl %.2f at sparsity %.3f in %.1f s", point.name, ppl, row["sparsity"], row["seconds"])
-    return StageResult(metrics={"ppl/val": ppl, "sparsity/global": row["sparsity"], "time/prune_s": row["seconds"]},
-                       outputs=[cfg.root / OUT / f"{point.name}.json"], variant=f"{point.slug}-{point.pattern}")
+    return StageResult(
+        metrics={"ppl/val": ppl, "sparsity/global": row["sparsity"], "time/prune_s": row["seconds"]},
+        outputs=[cfg.root / OUT / f"{point.name}.json"],
+        variant=f"{point.slug}-{point.pattern}",
+    )
 
 
 def report(cfg: Config, *, pts: list[Point]) -> StageResult:
@@ -118,15 +128,26 @@ def report(cfg: Config, *, pts: list[Point]) -> StageResult:
     atomic_write_json(cfg.root / OUT / "prune_sweep.json", {"dense_ppl": dense, "rows": rows})
     atomic_write_text(cfg.root / OUT / "prune_sweep.md", markdown(dense, rows))
     metrics = {f"sweep/{p.slug}-{r['pattern']}/ppl": r["ppl"] for p, r in zip(pts, rows, strict=True)}
-    return StageResult(metrics=metrics, outputs=[cfg.root / OUT / "prune_sweep.md"], variant="sweep",
-                       artifacts=[cfg.root / OUT / "prune_sweep.json", cfg.root / OUT / "prune_sweep.md"])
+    return StageResult(
+        metrics=metrics,
+        outputs=[cfg.root / OUT / "prune_sweep.md"],
+        variant="sweep",
+        artifacts=[cfg.root / OUT / "prune_sweep.json", cfg.root / OUT / "prune_sweep.md"],
+    )
 
 
 def markdown(dense: float, rows: list[dict]) -> str:
-    lines = [f"Dense base: val ppl {dense:.2f}.", "", "| method | pattern | sparsity | val ppl | vs dense | time (s) |",
-             "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['method']} | {r['pattern']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | {r['ppl_change']:+.2%} | "
-              f"{r['seconds']:.1f} |" for r in rows]
+    lines = [
+        f"Dense base: val ppl {dense:.2f}.",
+        "",
+        "| method | pattern | sparsity | val ppl | vs dense | time (s) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['method']} | {r['pattern']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | {r['ppl_change']:+.2%} | "
+        f"{r['seconds']:.1f} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -134,10 +155,23 @@ def sweep_stages(pts: list[Point]) -> tuple[Stage, ...]:
     """The sweep's stages: one per point (after `base`), then the summary."""
     if not pts:
         raise UserInputError("the pruning sweep has no points: give at least one method and one sparsity or structure")
-    table = [Stage(name=p.name, run=partial(prune_point, point=p), params=("project.device", "prune",
-                                                                         "evaluate.val_blocks"),
-                   deps=("models/base", CORPUS), outs=(f"{OUT}/{p.name}.json",))
-             for p in pts]
-    table.append(Stage(name="sweep-report", run=partial(report, pts=pts), params=(),
-                       deps=tuple(s.outs[0] for s in table), outs=(f"{OUT}/prune_sweep.md",)))
+    table = [
+        Stage(
+            name=p.name,
+            run=partial(prune_point, point=p),
+            params=("project.device", "prune", "evaluate.val_blocks"),
+            deps=("models/base", CORPUS),
+            outs=(f"{OUT}/{p.name}.json",),
+        )
+        for p in pts
+    ]
+    table.append(
+        Stage(
+            name="sweep-report",
+            run=partial(report, pts=pts),
+            params=(),
+            deps=tuple(s.outs[0] for s in table),
+            outs=(f"{OUT}/prune_sweep.md",),
+        )
+    )
     return tuple(table)

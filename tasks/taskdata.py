@@ -61,10 +61,14 @@ def shortfalls(cfg: Config, splits: dict[str, dict[str, list]]) -> list[str]:
     records (e.g. docsum: the stdlib has ~2,700 documented functions). Empty splits are by design
     (humaneval has no train split) and the held-out documents have their own count."""
     asked = {"train": cfg.downstream.train_size, "test": cfg.downstream.test_size}
-    return [f"task {task!r} has {len(rows):,} {split} records, fewer than downstream.{split}_size="
-            f"{asked[split]:,}: its source has no more"
-            for task, records in splits.items() if task != HELDOUT
-            for split, rows in records.items() if rows and len(rows) < asked.get(split, 0)]
+    return [
+        f"task {task!r} has {len(rows):,} {split} records, fewer than downstream.{split}_size="
+        f"{asked[split]:,}: its source has no more"
+        for task, records in splits.items()
+        if task != HELDOUT
+        for split, rows in records.items()
+        if rows and len(rows) < asked.get(split, 0)
+    ]
 
 
 def run(cfg: Config) -> StageResult:

@@ -68,14 +68,24 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
-    def log(self, run_id: str | None, *, params: dict[str, str] | None = None,
-            metrics: dict[str, float] | None = None, step: int = 0, tags: dict[str, str] | None = None) -> None:
+    def log(
+        self,
+        run_id: str | None,
+        *,
+        params: dict[str, str] | None = None,
+        metrics: dict[str, float] | None = None,
+        step: int = 0,
+        tags: dict[str, str] | None = None,
+    ) -> None:
         if not (self.enabled and run_id):
             return
         now = int(time.time() * 1000)
         ps = [Param(k, v) for k, v in (params or {}).items()]
-        ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()
-              if isinstance(v, int | float) and math.isfinite(v)]
+        ms = [
+            Metric(k, float(v), now, step)
+            for k, v in (metrics or {}).items()
+            if isinstance(v, int | float) and math.isfinite(v)
+        ]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for i in range(0, max(len(ps), len(ms), len(ts), 1), BATCH):
             self.client.log_batch(run_id, metrics=ms[i : i + BATCH], params=ps[i : i + BATCH], tags=ts[i : i + BATCH])
@@ -85,8 +95,12 @@ class Tracker:
         if not (self.enabled and run_id):
             return
         now = int(time.time() * 1000)
-        ms = [Metric(f"{prefix}/{k}", float(v), now, int(row["step"])) for row in rows
-              for k, v in row.items() if k != "step" and isinstance(v, int | float) and math.isfinite(v)]
+        ms = [
+            Metric(f"{prefix}/{k}", float(v), now, int(row["step"]))
+            for row in rows
+            for k, v in row.items()
+            if k != "step" and isinstance(v, int | float) and math.isfinite(v)
+        ]
         for i in range(0, len(ms), 1000):
             self.client.log_batch(run_id, metrics=ms[i : i + 1000])
 
@@ -111,8 +125,9 @@ class Tracker:
         really be running. Returns the ids it ended."""
         if not self.enabled:
             return []
-        stale = self.client.search_runs([self.experiment_id], f"tags.project_root = '{root}' and "
-                                        "attributes.status = 'RUNNING'", max_results=1000)
+        stale = self.client.search_runs(
+            [self.experiment_id], f"tags.project_root = '{root}' and attributes.status = 'RUNNING'", max_results=1000
+        )
         for run in stale:
             self.client.set_terminated(run.info.run_id, status="KILLED")
         if stale:
@@ -141,8 +156,11 @@ class LiveMetrics:
         if self.first_step is None:
             self.first_step = int(row["step"])
         now = int(time.time() * 1000)
-        self._pending += [Metric(f"{self.prefix}/{k}", float(v), now, int(row["step"])) for k, v in row.items()
-                          if k != "step" and isinstance(v, int | float) and math.isfinite(v)]
+        self._pending += [
+            Metric(f"{self.prefix}/{k}", float(v), now, int(row["step"]))
+            for k, v in row.items()
+            if k != "step" and isinstance(v, int | float) and math.isfinite(v)
+        ]
         if time.monotonic() - self._last >= self.every_s:
             self.flush()
 
@@ -156,8 +174,9 @@ class LiveMetrics:
 
 
 @contextmanager
-def stage_monitoring(cfg: Config, tracker: Tracker, run_id: str | None, *,
-                     live_every_s: float = 5.0) -> Iterator[LiveMetrics | None]:
+def stage_monitoring(
+    cfg: Config, tracker: Tracker, run_id: str | None, *, live_every_s: float = 5.0
+) -> Iterator[LiveMetrics | None]:
     """Around a stage's work: the live training-metrics sink (see :func:`live_step_logger`) and MLflow's
     system metrics (CPU, memory, disk, network, GPU; ``tracking.system_metrics_interval_s``)."""
     if not (tracker.enabled and run_id):
@@ -169,8 +188,9 @@ def stage_monitoring(cfg: Config, tracker: Tracker, run_id: str | None, *,
     if cfg.tracking.system_metrics_interval_s:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
-                                       tracking_uri=tracking_uri(cfg))
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=cfg.tracking.system_metrics_interval_s, tracking_uri=tracking_uri(cfg)
+        )
         monitor.start()
     try:
         yield live

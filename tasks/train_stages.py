@@ -44,9 +44,19 @@ from tasks.tracking import live_step_logger
 log = logging.getLogger(__name__)
 
 
-def _train_and_save(cfg: Config, *, name: str, source: str, output: str, teacher: str | None,
-                    train_cfg: TrainConfig, train_data, val_data, variant: str,
-                    sections: tuple[str, ...]) -> tuple[StageResult, object]:
+def _train_and_save(
+    cfg: Config,
+    *,
+    name: str,
+    source: str,
+    output: str,
+    teacher: str | None,
+    train_cfg: TrainConfig,
+    train_data,
+    val_data,
+    variant: str,
+    sections: tuple[str, ...],
+) -> tuple[StageResult, object]:
     """Load `source` (+ its masks), train with the masks fixed, save to `output` with the same masks."""
     device = pick_device(cfg.project.device)
     src = cfg.root / source
@@ -62,9 +72,18 @@ def _train_and_save(cfg: Config, *, name: str, source: str, output: str, teacher
         bf16 = train_cfg.teacher_bf16 and bf16_supported(device)
         teacher_model, _ = load_for_eval(cfg.root / teacher, dtype=torch.bfloat16 if bf16 else None)
     resume = resume_dir(cfg, name)
-    result: TrainResult = train(model, train_data, val_data, train_cfg, seed=cfg.project.seed, masks=masks,
-                                teacher=teacher_model, device=device, checkpoint_dir=resume,
-                                on_step=live_step_logger())
+    result: TrainResult = train(
+        model,
+        train_data,
+        val_data,
+        train_cfg,
+        seed=cfg.project.seed,
+        masks=masks,
+        teacher=teacher_model,
+        device=device,
+        checkpoint_dir=resume,
+        on_step=live_step_logger(),
+    )
     model.cpu()
     if masks is not None:
         check_masks(model, masks)  # every stage that writes a model asserts its sparsity
@@ -89,8 +108,13 @@ def _train_and_save(cfg: Config, *, name: str, source: str, output: str, teacher
     if result.val_loss is not None:
         metrics["train/val_loss"] = result.val_loss
     log.info("%s: trained %d steps in %.0f s, sparsity %.3f", name, result.steps, result.seconds, report["global"])
-    return StageResult(metrics=metrics, outputs=[out], variant=variant, history=result.history,
-                       artifacts=[out / "provenance.json", out / "train_history.json"]), model
+    return StageResult(
+        metrics=metrics,
+        outputs=[out],
+        variant=variant,
+        history=result.history,
+        artifacts=[out / "provenance.json", out / "train_history.json"],
+    ), model
 
 
 def pretrain(cfg: Config, *, name: str, source: str, output: str, variant: str) -> StageResult:
@@ -99,9 +123,17 @@ def pretrain(cfg: Config, *, name: str, source: str, output: str, variant: str) 
     val = corpus.blocks("val")
     tc = cfg.pretrain.train
     result, model = _train_and_save(
-        cfg, name=name, source=source, output=output, teacher="models/base", train_cfg=tc,
-        train_data=PackedBlocks(corpus.blocks("train")), val_data=PackedBlocks(val), variant=variant,
-        sections=("project", "pretrain"))
+        cfg,
+        name=name,
+        source=source,
+        output=output,
+        teacher="models/base",
+        train_cfg=tc,
+        train_data=PackedBlocks(corpus.blocks("train")),
+        val_data=PackedBlocks(val),
+        variant=variant,
+        sections=("project", "pretrain"),
+    )
     if is_main_process():
         result.metrics.update(val_perplexities(cfg, model, corpus, pick_device(cfg.project.device)))
     return result
@@ -112,19 +144,29 @@ def pretrain_dense_control(cfg: Config, *, name: str, output: str, levels: int) 
     `levels` sparse-pretraining stages, with cross-entropy only: what the extra tokens alone buy."""
     layout = Layout.of(cfg)
     corpus = Corpus.open(layout.corpus)
-    tc = cfg.pretrain.train.model_copy(update={"steps": cfg.pretrain.train.steps * levels, "kd_ce": 1.0,
-                                               "kd_kl": 0.0, "kd_squarehead": 0.0})
+    tc = cfg.pretrain.train.model_copy(
+        update={"steps": cfg.pretrain.train.steps * levels, "kd_ce": 1.0, "kd_kl": 0.0, "kd_squarehead": 0.0}
+    )
     result, model = _train_and_save(
-        cfg, name=name, source="models/base", output=output, teacher=None, train_cfg=tc,
-        train_data=PackedBlocks(corpus.blocks("train")), val_data=PackedBlocks(corpus.blocks("val")),
-        variant="dense-control", sections=("project", "pretrain", "pipeline"))
+        cfg,
+        name=name,
+        source="models/base",
+        output=output,
+        teacher=None,
+        train_cfg=tc,
+        train_data=PackedBlocks(corpus.blocks("train")),
+        val_data=PackedBlocks(corpus.blocks("val")),
+        variant="dense-control",
+        sections=("project", "pretrain", "pipeline"),
+    )
     if is_main_process():
         result.metrics.update(val_perplexities(cfg, model, corpus, pick_device(cfg.project.device)))
     return result
 
 
-def finetune(cfg: Config, *, name: str, task: str, source: str, output: str, teacher: str | None,
-             variant: str) -> StageResult:
+def finetune(
+    cfg: Config, *, name: str, task: str, source: str, output: str, teacher: str | None, variant: str
+) -> StageResult:
     layout = Layout.of(cfg)
     spec = get_task(task)
     tc = cfg.finetune.dense if teacher is None else cfg.finetune.sparse
@@ -134,11 +176,20 @@ def finetune(cfg: Config, *, name: str, task: str, source: str, output: str, tea
     n_val = max(1, len(records) // 20)
 
     def make(rows):
-        return SFTDataset.from_records(rows, tokenizer, cfg.finetune.max_length,
-                                       render_prompt=spec.render_prompt, render_target=spec.render_target)
+        return SFTDataset.from_records(
+            rows, tokenizer, cfg.finetune.max_length, render_prompt=spec.render_prompt, render_target=spec.render_target
+        )
 
     result, _ = _train_and_save(
-        cfg, name=name, source=source, output=output, teacher=teacher, train_cfg=tc,
-        train_data=make(records[n_val:]), val_data=make(records[:n_val]), variant=variant,
-        sections=("project", "finetune"))
+        cfg,
+        name=name,
+        source=source,
+        output=output,
+        teacher=teacher,
+        train_cfg=tc,
+        train_data=make(records[n_val:]),
+        val_data=make(records[:n_val]),
+        variant=variant,
+        sections=("project", "finetune"),
+    )
     return result

@@ -27,8 +27,15 @@ def tiny_llama(seed: int = 0, **config):
     """A tiny random LlamaForCausalLM (every module type, fast on one core); `config` overrides the shape."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=64)
+    shape = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**(shape | config)))
 

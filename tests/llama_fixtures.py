@@ -25,8 +25,14 @@ from pathlib import Path
 
 import torch
 
-LLAMA3_SPECIALS = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128006: "<|start_header_id|>",
-                   128007: "<|end_header_id|>", 128008: "<|eom_id|>", 128009: "<|eot_id|>"}
+LLAMA3_SPECIALS = {
+    128000: "<|begin_of_text|>",
+    128001: "<|end_of_text|>",
+    128006: "<|start_header_id|>",
+    128007: "<|end_header_id|>",
+    128008: "<|eom_id|>",
+    128009: "<|eot_id|>",
+}
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
@@ -57,11 +63,13 @@ def _trained_bpe(texts: list[str], *, byte_level: bool, vocab_size: int, special
     else:  # Llama-2 (SentencePiece-converted): spaces become ▁, a ▁ before the text, bytes as fallback
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
         alphabet = []
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -98,8 +106,9 @@ def llama2_tokenizer(texts: list[str]):
     from tokenizers import AddedToken
 
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -112,8 +121,10 @@ def llama3_tokenizer(texts: list[str]):
     names = [LLAMA3_SPECIALS.get(i, f"<|reserved_special_token_{i - 128000}|>") for i in range(128000, 128256)]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in names])  # ids 128000..128255
     tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", 128000)])
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", 128000)],
+    )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     hf.chat_template = LLAMA3_CHAT_TEMPLATE
     return hf
@@ -125,20 +136,45 @@ def llama_checkpoint(family: str, out: Path, *, seed: int = 0) -> Path:
 
     prose, code = stdlib_texts(120)
     texts = prose + code
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  rms_norm_eps=1e-5, initializer_range=0.05)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rms_norm_eps=1e-5,
+        initializer_range=0.05,
+    )
     if family == "llama2":
         tokenizer = llama2_tokenizer(texts)
-        config = LlamaConfig(vocab_size=32000, num_key_value_heads=4, max_position_embeddings=4096,
-                             rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                             **common)
+        config = LlamaConfig(
+            vocab_size=32000,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            **common,
+        )
     elif family == "llama3":
         tokenizer = llama3_tokenizer(texts)
         config = LlamaConfig(
-            vocab_size=128256, num_key_value_heads=2, max_position_embeddings=131072, rope_theta=500000.0,
-            rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 8192},
-            tie_word_embeddings=True, bos_token_id=128000, eos_token_id=[128001, 128008, 128009], **common)
+            vocab_size=128256,
+            num_key_value_heads=2,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            tie_word_embeddings=True,
+            bos_token_id=128000,
+            eos_token_id=[128001, 128008, 128009],
+            **common,
+        )
     else:
         raise ValueError(f"unknown family {family!r}")
     torch.manual_seed(seed)
@@ -162,14 +198,19 @@ def write_pretraining_files(folder: Path) -> tuple[Path, Path]:
         for text in prose:
             fh.write(json.dumps({"text": text, "meta": {"redpajama_set_name": "RedPajamaWikipedia"}}) + "\n")
     stack = folder / "the_stack_python.parquet"
-    pq.write_table(pa.table({
-        "content": code,
-        "lang": ["Python"] * len(code),
-        "max_stars_repo_path": [f"src/module_{i}.py" for i in range(len(code))],
-        "max_stars_repo_name": ["example/repo"] * len(code),
-        "size": [len(c) for c in code],
-        "ext": ["py"] * len(code),
-    }), stack)
+    pq.write_table(
+        pa.table(
+            {
+                "content": code,
+                "lang": ["Python"] * len(code),
+                "max_stars_repo_path": [f"src/module_{i}.py" for i in range(len(code))],
+                "max_stars_repo_name": ["example/repo"] * len(code),
+                "size": [len(c) for c in code],
+                "ext": ["py"] * len(code),
+            }
+        ),
+        stack,
+    )
     return slim, stack
 
 
@@ -188,12 +229,26 @@ def write_task_files(folder: Path, n_train: int = 48, n_test: int = 12) -> dict[
     for split, records in arith.items():
         rows = [{"question": r["prompt"], "answer": r["target"]} for r in records]
         files.setdefault("gsm8k", {})[split] = str(_jsonl(folder / "gsm8k" / f"{split}.jsonl", rows))
-        dolly = [{"instruction": f"Restate the question. {r['prompt']}", "context": "",
-                  "response": r["prompt"], "category": "open_qa"} for r in records]
+        dolly = [
+            {
+                "instruction": f"Restate the question. {r['prompt']}",
+                "context": "",
+                "response": r["prompt"],
+                "category": "open_qa",
+            }
+            for r in records
+        ]
         files.setdefault("dolly", {})[split] = str(_jsonl(folder / "dolly" / f"{split}.jsonl", dolly))
-        chat = [{"prompt": r["prompt"], "prompt_id": f"{split}-{i}", "messages": [
-            {"role": "user", "content": r["prompt"]},
-            {"role": "assistant", "content": r["target"].split("####")[-1].strip()},
-        ]} for i, r in enumerate(records)]
+        chat = [
+            {
+                "prompt": r["prompt"],
+                "prompt_id": f"{split}-{i}",
+                "messages": [
+                    {"role": "user", "content": r["prompt"]},
+                    {"role": "assistant", "content": r["target"].split("####")[-1].strip()},
+                ],
+            }
+            for i, r in enumerate(records)
+        ]
         files.setdefault("ultrachat", {})[split] = str(_jsonl(folder / "ultrachat" / f"{split}.jsonl", chat))
     return files

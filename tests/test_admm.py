@@ -217,8 +217,13 @@ def test_sweep_methods_with_options_configure_their_points(tmp_path):
 
     cfg = smoke_config(tmp_path)
     pts = points(["sparsegpt", "admm+owl", "admm+refine"], [0.7], ["unstructured", "2:4"])
-    assert [p.name for p in pts] == ["sweep-sparsegpt-70", "sweep-admm-owl-70", "sweep-admm-refine-70",
-                                     "sweep-sparsegpt-2of4", "sweep-admm-refine-2of4"]  # OWL: unstructured only
+    assert [p.name for p in pts] == [
+        "sweep-sparsegpt-70",
+        "sweep-admm-owl-70",
+        "sweep-admm-refine-70",
+        "sweep-sparsegpt-2of4",
+        "sweep-admm-refine-2of4",
+    ]  # OWL: unstructured only
     owl, refine = point_config(cfg, pts[1]), point_config(cfg, pts[4])
     assert (owl.method, owl.owl, owl.refine, owl.sparsity) == ("admm", True, False, 0.7)
     assert (refine.method, refine.refine, refine.structure) == ("admm", True, "2:4")

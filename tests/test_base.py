@@ -22,8 +22,9 @@ def test_training_lowers_validation_loss(smoke_root):
     model = build_llama(cfg.base.arch, tok, seed=0)
     val = corpus.blocks("val")
     before = mean_nll(model, val, max_blocks=16)
-    result = train(model, corpus.blocks("train"), val, cfg.base.train.model_copy(update={"steps": 60}), seed=0,
-                   progress=False)
+    result = train(
+        model, corpus.blocks("train"), val, cfg.base.train.model_copy(update={"steps": 60}), seed=0, progress=False
+    )
     after = mean_nll(model, val, max_blocks=16)
     assert math.log(len(tok)) - 0.3 < before  # untrained ≈ uniform over the vocabulary
     assert after < before - 1.0, (before, after)  # perplexity falls by more than e×
@@ -61,6 +62,7 @@ def test_base_stage_writes_a_loadable_checkpoint(smoke_root):
     assert prov["stage"] == "base" and prov["config"]["base"]["train"]["steps"] == 20
     model = load_model(out)
     corpus = Corpus.open(smoke_root / "data" / "corpus")
-    nll = mean_nll(model, corpus.blocks("val"), max_blocks=cfg.base.train.eval_blocks,
-                   batch_size=cfg.base.train.batch_size)
+    nll = mean_nll(
+        model, corpus.blocks("val"), max_blocks=cfg.base.train.eval_blocks, batch_size=cfg.base.train.batch_size
+    )
     assert math.isclose(math.exp(nll), result.metrics["ppl/val"], rel_tol=1e-4)

@@ -15,7 +15,7 @@ def test_prune_2of4_keeps_the_two_largest_of_every_four():
     w = torch.randn(6, 16)
     got = prune_2of4(w)
     for r, g in itertools.product(range(6), range(4)):
-        group, kept = w[r, 4 * g: 4 * g + 4], got[r, 4 * g: 4 * g + 4]
+        group, kept = w[r, 4 * g : 4 * g + 4], got[r, 4 * g : 4 * g + 4]
         # brute force: the pair of positions with the largest total magnitude
         best = max(itertools.combinations(range(4), 2), key=lambda p: group[list(p)].abs().sum())
         expect = torch.zeros(4)

@@ -11,15 +11,24 @@ from sparsify.report import ReportData, write_report
 
 
 def task(metric: str, values: dict[str, float], paired: dict[str, tuple[float, float]]) -> dict:
-    return {"metric": metric, "values": values,
-            "paired": {metric: {pair: {"diff": d, "se": se} for pair, (d, se) in paired.items()}}}
+    return {
+        "metric": metric,
+        "values": values,
+        "paired": {metric: {pair: {"diff": d, "se": se} for pair, (d, se) in paired.items()}},
+    }
 
 
 TASKS = {
-    "arith": task("exact_match", {"dense": 0.5, "sparse70": 0.45, "sparse70-baseline": 0.30},
-                  {"sparse70 - dense": (-0.05, 0.02), "sparse70 - sparse70-baseline": (0.15, 0.03)}),
-    "code": task("pass@1", {"dense": 0.4, "sparse70": 0.44, "sparse70-baseline": 0.36},
-                 {"sparse70 - dense": (0.04, 0.01), "sparse70 - sparse70-baseline": (0.08, 0.02)}),
+    "arith": task(
+        "exact_match",
+        {"dense": 0.5, "sparse70": 0.45, "sparse70-baseline": 0.30},
+        {"sparse70 - dense": (-0.05, 0.02), "sparse70 - sparse70-baseline": (0.15, 0.03)},
+    ),
+    "code": task(
+        "pass@1",
+        {"dense": 0.4, "sparse70": 0.44, "sparse70-baseline": 0.36},
+        {"sparse70 - dense": (0.04, 0.01), "sparse70 - sparse70-baseline": (0.08, 0.02)},
+    ),
 }
 
 
@@ -45,21 +54,32 @@ def test_a_missing_pair_or_a_zero_dense_score_gives_no_figure():
     assert mean_recovery(zero, "sparse70") == (None, None)
 
 
-@pytest.mark.parametrize(("value", "se", "expected"), [
-    (None, None, "not measured"), (float("nan"), 0.01, "not measured"),
-    (0.97, 0.01, "met"),  # within two standard errors of the target (0.99)
-    (0.96, 0.01, "not met"),
-    (0.50, 0.20, "inconclusive"),  # far below, but the SE is beyond the resolution
-    (1.2, None, "met"), (0.8, None, "not met"),  # point estimates (no spread recorded)
-])
+@pytest.mark.parametrize(
+    ("value", "se", "expected"),
+    [
+        (None, None, "not measured"),
+        (float("nan"), 0.01, "not measured"),
+        (0.97, 0.01, "met"),  # within two standard errors of the target (0.99)
+        (0.96, 0.01, "not met"),
+        (0.50, 0.20, "inconclusive"),  # far below, but the SE is beyond the resolution
+        (1.2, None, "met"),
+        (0.8, None, "not met"),  # point estimates (no spread recorded)
+    ],
+)
 def test_verdict_rules(value, se, expected):
     assert verdict(value, se, 0.99, resolution=0.05) == expected
 
 
-@pytest.mark.parametrize(("value", "se", "expected"), [
-    (0.1, 0.02, "met"), (0.03, 0.02, "not met"), (0.03, 0.2, "inconclusive"), (-0.2, 0.01, "not met"),
-    (None, None, "not measured"),
-])
+@pytest.mark.parametrize(
+    ("value", "se", "expected"),
+    [
+        (0.1, 0.02, "met"),
+        (0.03, 0.02, "not met"),
+        (0.03, 0.2, "inconclusive"),
+        (-0.2, 0.01, "not met"),
+        (None, None, "not measured"),
+    ],
+)
 def test_ahead_verdict_needs_two_standard_errors_above_zero(value, se, expected):
     assert ahead_verdict(value, se, resolution=0.05) == expected
 
@@ -67,9 +87,13 @@ def test_ahead_verdict_needs_two_standard_errors_above_zero(value, se, expected)
 def test_paper_claims_from_tables_and_benchmarks():
     bench = {
         "machine": {"cpu_isa": "avx512"},
-        "decode": {"layers": 2, "variants": {
-            "sparse70_bf16": {"speedup_vs_fp32": 3.8, "speedup_vs_fp32_se": 0.1},
-            "sparse70_int8_head": {"speedup_vs_fp32": 8.0, "speedup_vs_fp32_se": 0.1}}},
+        "decode": {
+            "layers": 2,
+            "variants": {
+                "sparse70_bf16": {"speedup_vs_fp32": 3.8, "speedup_vs_fp32_se": 0.1},
+                "sparse70_int8_head": {"speedup_vs_fp32": 8.0, "speedup_vs_fp32_se": 0.1},
+            },
+        },
     }
     claims = {c.claim: c for c in paper_claims(TASKS, ["70"], bench)}
     rec = claims["Fine-tuned 70% sparse models recover the dense model's accuracy"]
@@ -85,11 +109,17 @@ def test_paper_claims_from_tables_and_benchmarks():
 
 
 def test_layer_rows_stand_in_when_the_run_has_no_decode_benchmark():
-    bench = {"machine": {"cpu_isa": "avx2"}, "layers": {"rows": [
-        {"variant": "sparse70_bf16", "shape": "11008x4096", "batch": 1, "speedup_vs_fp32": 4.9},
-        {"variant": "sparse70_int8", "shape": "11008x4096", "batch": 1, "speedup_vs_fp32": 5.1},
-        {"variant": "sparse70_bf16", "shape": "11008x4096", "batch": 16, "speedup_vs_fp32": 1.2}]},
-        "gpu": [{"variant": "sparse24_fp16", "shape": "11008x4096", "batch": 16, "speedup_vs_fp16": 1.3}]}
+    bench = {
+        "machine": {"cpu_isa": "avx2"},
+        "layers": {
+            "rows": [
+                {"variant": "sparse70_bf16", "shape": "11008x4096", "batch": 1, "speedup_vs_fp32": 4.9},
+                {"variant": "sparse70_int8", "shape": "11008x4096", "batch": 1, "speedup_vs_fp32": 5.1},
+                {"variant": "sparse70_bf16", "shape": "11008x4096", "batch": 16, "speedup_vs_fp32": 1.2},
+            ]
+        },
+        "gpu": [{"variant": "sparse24_fp16", "shape": "11008x4096", "batch": 16, "speedup_vs_fp16": 1.3}],
+    }
     claims = paper_claims(TASKS, ["70"], bench)
     cpu, quant, gpu = claims[-3:]
     assert (cpu.ours, cpu.se, cpu.verdict) == (4.9, None, "met") and "one 11008x4096 layer" in cpu.basis

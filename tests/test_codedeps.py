@@ -16,15 +16,18 @@ from tasks.codedeps import code_files, module_closure
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
-STAGE_MODULES = sorted({s.run.func.__module__ if hasattr(s.run, "func") else s.run.__module__
-                        for s in stages.stages(load_config(PARAMS))})
+STAGE_MODULES = sorted(
+    {s.run.func.__module__ if hasattr(s.run, "func") else s.run.__module__ for s in stages.stages(load_config(PARAMS))}
+)
 
 
 @pytest.mark.parametrize("module", STAGE_MODULES)
 def test_closure_covers_every_repository_module_the_stage_loads(module):
     """Importing the stage module (in a fresh interpreter) loads only modules the static closure lists."""
-    code = (f"import sys, json, {module}; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('sparsify', 'tasks', 'flows'))))")
+    code = (
+        f"import sys, json, {module}; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('sparsify', 'tasks', 'flows'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     missing = loaded - set(module_closure(module))
@@ -34,8 +37,16 @@ def test_closure_covers_every_repository_module_the_stage_loads(module):
 def test_lazy_imports_and_compiled_sources_count():
     base = code_files("tasks.base")
     # What the hand-written list missed (issue #17): the trainer's own imports and the shared helpers.
-    for f in ("sparsify/distill.py", "sparsify/masks.py", "sparsify/data.py", "sparsify/config.py",
-              "sparsify/io.py", "tasks/common.py", "sparsify/__init__.py", "tasks/__init__.py"):
+    for f in (
+        "sparsify/distill.py",
+        "sparsify/masks.py",
+        "sparsify/data.py",
+        "sparsify/config.py",
+        "sparsify/io.py",
+        "tasks/common.py",
+        "sparsify/__init__.py",
+        "tasks/__init__.py",
+    ):
         assert f in base, f
     # runtime imports sparsify.quantization inside a function: still a dependency.
     assert "sparsify/quantization.py" in code_files("sparsify.runtime")

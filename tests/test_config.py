@@ -34,8 +34,10 @@ def test_every_profile_validates():
     saturated = load_config(PARAMS, profile="saturated")
     # The regime where pruning costs something: fewer parameters, more tokens per parameter.
     assert saturated.base.arch.hidden_size < load_config(PARAMS).base.arch.hidden_size
-    assert saturated.base.train.steps * saturated.base.train.batch_size * saturated.data.block_size \
+    assert (
+        saturated.base.train.steps * saturated.base.train.batch_size * saturated.data.block_size
         <= saturated.data.train_tokens
+    )
     # The paper's setting validates offline; its corpus is written with the checkpoint's ids (the chat
     # model's tokenizer, which the data stage checks against base.source before any work).
     llama = load_config(PARAMS, profile="llama2-7b")

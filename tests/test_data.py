@@ -38,8 +38,16 @@ def write_docs(folder: Path, prefix: str, n: int, words: int = 60, seed: int = 0
 
 
 def data_cfg(sources: list[dict], **kw) -> DataConfig:
-    base = dict(train_tokens=4000, val_tokens=1000, val_fraction=0.2, block_size=32, vocab_size=300,
-                tokenizer_train_chars=200_000, calib_samples=4, calib_seq_len=16)
+    base = dict(
+        train_tokens=4000,
+        val_tokens=1000,
+        val_fraction=0.2,
+        block_size=32,
+        vocab_size=300,
+        tokenizer_train_chars=200_000,
+        calib_samples=4,
+        calib_seq_len=16,
+    )
     base.update(kw)
     return DataConfig(sources=[SourceConfig(**s) for s in sources], **base)
 
@@ -163,8 +171,9 @@ def test_hf_source_through_json_builder(tmp_path):
     rows = [{"content": f"record {i} " + "word " * 30, "other": i} for i in range(200)]
     path = tmp_path / "part.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    src = [{"name": "hub", "kind": "hf", "path": "json", "data_files": [str(path)], "text_field": "content",
-            "weight": 1}]
+    src = [
+        {"name": "hub", "kind": "hf", "path": "json", "data_files": [str(path)], "text_field": "content", "weight": 1}
+    ]
     stats = build_corpus(data_cfg(src, train_tokens=1000, val_tokens=100), tmp_path / "o", seed=0, progress=False)
     assert stats["tokens"] == {"train": 1000, "val": 100}
     bad = [{**src[0], "text_field": "body"}]
@@ -222,7 +231,11 @@ def test_streaming_peak_memory_does_not_grow_with_corpus(tmp_path):
     for scale in (1, 5):
         folder = write_docs(tmp_path / f"c{scale}", "X", 60 * scale, words=1500, seed=scale)
         tokens = 60 * scale * 1500 * 8 // 10  # most of the corpus, so the whole stream is read
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(folder), str(tok_dir), str(tokens),
-                              str(tmp_path / f"o{scale}")], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, str(folder), str(tok_dir), str(tokens), str(tmp_path / f"o{scale}")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peaks[scale] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     assert peaks[5] < 1.5 * peaks[1], peaks

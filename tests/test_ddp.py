@@ -85,15 +85,32 @@ def run_case(name: str, checkpoint_dir: Path | None = None) -> tuple[torch.nn.Mo
         records = [{"prompt": "q" * (1 + i % 7), "target": "abcdefghij"[: 1 + (3 * i) % 9]} for i in range(40)]
         data = SFTDataset.from_records(records, CharTokenizer(), max_length=16)
         cfg = cfg.model_copy(update={"kd_ce": 0.5, "kd_kl": 0.5, "kd_temperature": 2.0})
-        result = train(model, data, data, cfg, seed=0, masks=masks, teacher=tiny_llama(seed=9), progress=False,
-                       checkpoint_dir=checkpoint_dir)
+        result = train(
+            model,
+            data,
+            data,
+            cfg,
+            seed=0,
+            masks=masks,
+            teacher=tiny_llama(seed=9),
+            progress=False,
+            checkpoint_dir=checkpoint_dir,
+        )
         return model, result
     blocks = random_blocks()
     if name == "fsdp_resume":  # sharded, killed after its step-3 checkpoint, resumed by a fresh model
         cfg = cfg.model_copy(update={"fsdp": True})
         with contextlib.suppress(Killed):
-            train(tiny_llama(), DyingBlocks(blocks, die_at=4), blocks, cfg, seed=0, masks=masks, progress=False,
-                  checkpoint_dir=checkpoint_dir)
+            train(
+                tiny_llama(),
+                DyingBlocks(blocks, die_at=4),
+                blocks,
+                cfg,
+                seed=0,
+                masks=masks,
+                progress=False,
+                checkpoint_dir=checkpoint_dir,
+            )
         model = tiny_llama(seed=5)
     result = train(model, blocks, blocks, cfg, seed=0, masks=masks, progress=False, checkpoint_dir=checkpoint_dir)
     return model, result
@@ -104,8 +121,21 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script),
-         str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            str(script),
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     references = {name: run_case(name) for name in set(REFERENCE.values())}
@@ -140,8 +170,16 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     model, _ = references["blocks"]
     resumed = tiny_llama(seed=7)
     cfg = tiny_config(steps=6, batch_size=4, grad_accum=2, checkpoint_every=3)
-    result = train(resumed, random_blocks(), random_blocks(), cfg, seed=0, masks=half_masks(model),
-                   progress=False, checkpoint_dir=tmp_path / "ckpt-fsdp_resume")
+    result = train(
+        resumed,
+        random_blocks(),
+        random_blocks(),
+        cfg,
+        seed=0,
+        masks=half_masks(model),
+        progress=False,
+        checkpoint_dir=tmp_path / "ckpt-fsdp_resume",
+    )
     assert result.start_step == 6 and len(result.history) == 6
     for key, value in model.state_dict().items():
         assert torch.allclose(resumed.state_dict()[key], value, rtol=1e-4, atol=1e-5), key
@@ -162,8 +200,17 @@ def test_fsdp_on_one_gpu_matches_plain_training(tmp_path):
         for fsdp in (False, True):
             model = tiny_llama()
             masks = half_masks(model)
-            result = train(model, blocks, None, tiny_config(fsdp=fsdp, checkpoint_every=3), seed=0, masks=masks,
-                           device="cuda", progress=False, checkpoint_dir=tmp_path / f"fsdp-{fsdp}")
+            result = train(
+                model,
+                blocks,
+                None,
+                tiny_config(fsdp=fsdp, checkpoint_every=3),
+                seed=0,
+                masks=masks,
+                device="cuda",
+                progress=False,
+                checkpoint_dir=tmp_path / f"fsdp-{fsdp}",
+            )
             results.append([row["loss"] for row in result.history])
             weights = checkpoint_weights(tmp_path / f"fsdp-{fsdp}")
             assert all(torch.count_nonzero(weights[k][~m]) == 0 for k, m in masks.items())
@@ -191,9 +238,29 @@ def test_pipeline_stage_under_torchrun(tmp_path, smoke_root):
         execute(stages.get(cfg, name), cfg, force=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "flows.cli",
-         "stage", "pretrain50", "--config", str(PARAMS), "--profile", "smoke", "--set", f"project.root={root}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            "-m",
+            "flows.cli",
+            "stage",
+            "pretrain50",
+            "--config",
+            str(PARAMS),
+            "--profile",
+            "smoke",
+            "--set",
+            f"project.root={root}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((root / "metrics" / "pretrain50.json").read_text())
     assert abs(metrics["sparsity"]["global"] - 0.5) < 1e-3 and metrics["ppl"]["val"] > 0

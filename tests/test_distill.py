@@ -78,7 +78,8 @@ def test_positions_without_a_label_never_count(case):
             h[b, t] -= 50.0
     assert cross_entropy_sum(student, case.labels) == cross_entropy_sum(case.student, case.labels)
     assert kl_divergence_sum(student, case.teacher, case.labels, 2.0) == kl_divergence_sum(
-        case.student, case.teacher, case.labels, 2.0)
+        case.student, case.teacher, case.labels, 2.0
+    )
     assert squarehead_loss(hs, case.ht, case.labels) == squarehead_loss(case.hs, case.ht, case.labels)
 
 
@@ -95,8 +96,10 @@ def test_micro_batch_shares_add_up_to_the_whole_batch(case):
     rows = [slice(0, 1), slice(1, 2)]  # one sequence per micro-batch: 3 and 1 of the n = 4 targets
     parts = [objective(out(case.student[r]), out(case.teacher[r]), case.labels[r], weights, n)[0] for r in rows]
     assert (parts[0] + parts[1]).item() == pytest.approx(whole.item(), rel=1e-6)
-    expected = (0.7 * cross_entropy_sum(case.student, case.labels)
-                + 0.3 * kl_divergence_sum(case.student, case.teacher, case.labels, 2.0)) / n
+    expected = (
+        0.7 * cross_entropy_sum(case.student, case.labels)
+        + 0.3 * kl_divergence_sum(case.student, case.teacher, case.labels, 2.0)
+    ) / n
     assert whole.item() == pytest.approx(expected.item(), rel=1e-6)
 
 

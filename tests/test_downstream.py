@@ -14,19 +14,41 @@ from sparsify.evaluation import extract_final_number
 # One tiny record per real dataset, in that dataset's own schema.
 SAMPLES = {
     "gsm8k": {"question": "Ann has 2 apples and buys 3. How many?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"},
-    "cnn_dailymail": {"id": "abc123", "article": "The mayor opened a bridge on Monday.",
-                      "highlights": "Mayor opens bridge."},
-    "dolly": {"instruction": "Name a colour.", "context": "Think of the sky.", "response": "Blue.",
-              "category": "open_qa"},
+    "cnn_dailymail": {
+        "id": "abc123",
+        "article": "The mayor opened a bridge on Monday.",
+        "highlights": "Mayor opens bridge.",
+    },
+    "dolly": {
+        "instruction": "Name a colour.",
+        "context": "Think of the sky.",
+        "response": "Blue.",
+        "category": "open_qa",
+    },
     "platypus": {"instruction": "Add 2 and 2.", "input": "", "output": "4", "data_source": "x"},
-    "ultrachat": {"prompt_id": "p1", "prompt": "Hi", "messages": [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Knock knock."}]},
-    "evol_codealpaca": {"instruction": "Write a function that adds two numbers.",
-                        "output": "def add(a, b):\n    return a + b"},
+    "ultrachat": {
+        "prompt_id": "p1",
+        "prompt": "Hi",
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Tell me a joke."},
+            {"role": "assistant", "content": "Knock knock."},
+        ],
+    },
+    "evol_codealpaca": {
+        "instruction": "Write a function that adds two numbers.",
+        "output": "def add(a, b):\n    return a + b",
+    },
 }
-REQUIRED = {"gsm8k": "question", "cnn_dailymail": "article", "dolly": "response", "platypus": "output",
-            "ultrachat": "messages", "evol_codealpaca": "instruction"}
+REQUIRED = {
+    "gsm8k": "question",
+    "cnn_dailymail": "article",
+    "dolly": "response",
+    "platypus": "output",
+    "ultrachat": "messages",
+    "evol_codealpaca": "instruction",
+}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -56,15 +78,23 @@ def test_every_paper_family_has_a_task():
     assert set(ds.DATASETS) <= set(ds.TASKS)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"metrics": ("bleu",)}, "unknown metric"),
-    ({"metrics": ("word_perplexity",)}, "needs output_type"),
-    ({"metrics": ()}, "at least one metric"),
-    ({"name": "bad-name"}, "task name"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"metrics": ("bleu",)}, "unknown metric"),
+        ({"metrics": ("word_perplexity",)}, "needs output_type"),
+        ({"metrics": ()}, "at least one metric"),
+        ({"name": "bad-name"}, "task name"),
+    ],
+)
 def test_spec_validation(kwargs, message):
-    base = {"name": "t", "family": "math", "output_type": "generate_until", "prompt_template": "{{prompt}}",
-            "metrics": ("exact_match",)}
+    base = {
+        "name": "t",
+        "family": "math",
+        "output_type": "generate_until",
+        "prompt_template": "{{prompt}}",
+        "metrics": ("exact_match",),
+    }
     with pytest.raises(ValueError, match=message):
         ds.TaskSpec(**{**base, **kwargs})
 
@@ -94,8 +124,11 @@ def test_loader_field_mapping(tmp_path):
         return ds.load_records(dataset, data_files=path, cache_dir=tmp_path / "cache")[0]
 
     assert load("gsm8k")["target"].endswith("#### 5")
-    assert load("cnn_dailymail") == {"id": "abc123", "prompt": "The mayor opened a bridge on Monday.",
-                                     "target": "Mayor opens bridge."}
+    assert load("cnn_dailymail") == {
+        "id": "abc123",
+        "prompt": "The mayor opened a bridge on Monday.",
+        "target": "Mayor opens bridge.",
+    }
     assert load("dolly")["prompt"] == "Name a colour.\n\nThink of the sky."
     assert load("platypus")["prompt"] == "Add 2 and 2."  # empty input adds nothing
     chat = load("ultrachat")
@@ -134,8 +167,13 @@ def test_humaneval_shipped_problems_are_local():
 
 
 def test_humaneval_local_file_and_missing_field(tmp_path):
-    problem = {"task_id": "X/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
-               "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
+    problem = {
+        "task_id": "X/0",
+        "prompt": "def f():\n",
+        "canonical_solution": "    return 1\n",
+        "test": "def check(c):\n    assert c() == 1\n",
+        "entry_point": "f",
+    }
     assert ds.load_humaneval(write_jsonl(tmp_path / "ok.jsonl", [problem]))[0]["target"] == "    return 1\n"
     broken = {**{k: v for k, v in problem.items() if k != "test"}, "task_id": "X/1"}
     with pytest.raises(ValueError, match="humaneval record 1: missing field 'test'"):
@@ -193,10 +231,13 @@ def test_first_sentence():
     assert ds.first_sentence("Return the sum of a and b.  More text.\n\nDetails.") == "Return the sum of a and b."
     assert ds.first_sentence("Too short.") is None
     assert ds.first_sentence("No terminal punctuation here") is None
-    assert ds.first_sentence("""
+    assert (
+        ds.first_sentence("""
         Spread over
         two lines of text.
-    """) == "Spread over two lines of text."
+    """)
+        == "Spread over two lines of text."
+    )
 
 
 # --------------------------------------------------------------------------- files
@@ -216,11 +257,13 @@ def test_taskdata_names_splits_smaller_than_asked(smoke_cfg):
     from tasks.taskdata import HELDOUT, shortfalls
 
     train, test = smoke_cfg.downstream.train_size, smoke_cfg.downstream.test_size
-    splits = {"docsum": {"train": [{}] * (train - 1), "test": [{}] * test},
-              "humaneval": {"train": [], "test": [{}] * test},  # no train split, by design
-              HELDOUT: {"test": [{}] * 2}}
+    splits = {
+        "docsum": {"train": [{}] * (train - 1), "test": [{}] * test},
+        "humaneval": {"train": [], "test": [{}] * test},  # no train split, by design
+        HELDOUT: {"test": [{}] * 2},
+    }
     assert shortfalls(smoke_cfg, splits) == [
-        f"task 'docsum' has {train - 1} train records, fewer than downstream.train_size={train}: "
-        "its source has no more"]
+        f"task 'docsum' has {train - 1} train records, fewer than downstream.train_size={train}: its source has no more"
+    ]
     splits["docsum"]["train"].append({})
     assert shortfalls(smoke_cfg, splits) == []

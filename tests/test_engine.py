@@ -32,7 +32,7 @@ def hf_greedy(model, tokenizer, prompt: str, max_new: int) -> tuple[list[int], s
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new, do_sample=False, pad_token_id=304)
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     return new, tokenizer.decode(new, skip_special_tokens=True)
 
 
@@ -92,6 +92,7 @@ def test_engine_greedy_equals_transformers_generate(models, tokenizer):
                     finished.add(i)
                     if len(finished) == len(prompts):
                         done.set()
+
             return callback
 
         for i, prompt in enumerate(prompts):
@@ -155,8 +156,13 @@ def test_next_token_filters():
     assert drawn == {0, 1}
     drawn = {next_token(logits, SamplingParams(temperature=1.0, top_p=0.4), g) for _ in range(50)}
     assert drawn == {0}
-    for bad, match in [(dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"),
-                       (dict(max_tokens=0), "max_tokens"), (dict(top_k=-1), "top_k"), (dict(stop=("",)), "stop")]:
+    for bad, match in [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(top_k=-1), "top_k"),
+        (dict(stop=("",)), "stop"),
+    ]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**bad)
 
@@ -272,9 +278,10 @@ def test_real_tokenizer_conventions_stream_the_transformers_text(family_checkpoi
         prompt = "def main():\n    return"
         prompt_ids = tok(prompt).input_ids
         with torch.no_grad():
-            out = loaded.model.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False,
-                                        pad_token_id=tok.eos_token_id)
-        expected = tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+            out = loaded.model.generate(
+                torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id
+            )
+        expected = tok.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
         assert "".join(o.text for o in engine.generate(prompt_ids, SamplingParams(max_tokens=16))) == expected
         if family == "llama3":
             assert {128001, 128008, 128009} <= engine.eos_token_ids

@@ -29,8 +29,10 @@ def folders(tmp_path_factory):
     tokenizer.save_pretrained(root / "hf")
     write_sparse_folder(model, masks, root / "sparse", tokenizer)
     arithmetic = ds.write_task_jsonl(ds.generate_arithmetic(1, 3)["test"], root / "arithmetic.jsonl")
-    heldout = ds.write_task_jsonl(ds.text_records(["The quick brown fox jumps over the lazy dog.",
-                                                   "def add(a, b):\n    return a + b\n"]), root / "heldout.jsonl")
+    heldout = ds.write_task_jsonl(
+        ds.text_records(["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n"]),
+        root / "heldout.jsonl",
+    )
     specs = [(dataclasses.replace(ds.TASKS["arithmetic"], max_gen_toks=6), arithmetic), (ds.TASKS["heldout"], heldout)]
     return root, ev.write_lmeval_tasks(specs, root / "tasks", cache_dir=root / "hf-cache")
 
@@ -43,8 +45,9 @@ def scores(path, include, runtime: bool, samples) -> tuple[dict[str, dict[str, f
     else:
         model, tokenizer = ev.load_for_eval(path)
     assert any(isinstance(m, SparseLinear) for m in model.modules()) == runtime
-    metrics = ev.evaluate_model(model, tokenizer, TASKS, include_path=include, limit=3, batch_size=2, device="cpu",
-                                samples_path=samples)
+    metrics = ev.evaluate_model(
+        model, tokenizer, TASKS, include_path=include, limit=3, batch_size=2, device="cpu", samples_path=samples
+    )
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     return metrics, [r["output"] for r in rows if r["task"] == "arithmetic"]
 
@@ -76,8 +79,9 @@ def test_eval_stage_scores_through_the_runtime_when_asked(tmp_path):
     results = {}
     for runtime in (False, True):
         root = tmp_path / str(runtime)
-        cfg = smoke_config(root, "tracking.enabled=false", "evaluate.limit=2",
-                           f"evaluate.runtime={str(runtime).lower()}")
+        cfg = smoke_config(
+            root, "tracking.enabled=false", "evaluate.limit=2", f"evaluate.runtime={str(runtime).lower()}"
+        )
         layout = Layout.of(cfg)
         model.save_pretrained(layout.model("tiny"))
         tokenizer.save_pretrained(layout.model("tiny"))

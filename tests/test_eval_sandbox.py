@@ -107,5 +107,6 @@ def test_report_line_names_the_sandbox_per_model_when_they_differ():
     from tasks.report import code_sandbox_line
 
     assert code_sandbox_line({"bwrap(net,fs)": ["a", "b"]}) == "bwrap(net,fs)"
-    assert code_sandbox_line({"bwrap(net)": ["a"], "unisolated(guard)": ["b"]}) == \
-        "bwrap(net) (a); unisolated(guard) (b)"
+    assert (
+        code_sandbox_line({"bwrap(net)": ["a"], "unisolated(guard)": ["b"]}) == "bwrap(net) (a); unisolated(guard) (b)"
+    )

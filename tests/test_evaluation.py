@@ -29,8 +29,9 @@ def tokenizer():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     corpus = ["Question: Ann has 3 apples. Answer: 3 + 4 = 7\n#### 7", "def add(a, b):\n    return a + b\n"] * 10
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -40,9 +41,18 @@ def model(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -54,13 +64,16 @@ def task_dir(tmp_path_factory):
     docsum = ds.write_task_jsonl(ds.generate_docsum(1, 3)["test"], root / "docsum.jsonl")
     heldout = ds.write_task_jsonl(
         ds.text_records(["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n"]),
-        root / "heldout.jsonl")
+        root / "heldout.jsonl",
+    )
     humaneval = ds.write_task_jsonl(ds.load_humaneval(limit=2), root / "humaneval.jsonl")
     short = {"max_gen_toks": GEN_TOKS}
-    specs = [(dataclasses.replace(ds.TASKS["arithmetic"], **short), arithmetic),
-             (dataclasses.replace(ds.TASKS["docsum"], **short), docsum),
-             (ds.TASKS["heldout"], heldout),
-             (dataclasses.replace(ds.TASKS["humaneval"], **short), humaneval)]
+    specs = [
+        (dataclasses.replace(ds.TASKS["arithmetic"], **short), arithmetic),
+        (dataclasses.replace(ds.TASKS["docsum"], **short), docsum),
+        (ds.TASKS["heldout"], heldout),
+        (dataclasses.replace(ds.TASKS["humaneval"], **short), humaneval),
+    ]
     return ev.write_lmeval_tasks(specs, root / "tasks", cache_dir=root / "hf-cache")
 
 
@@ -71,8 +84,15 @@ def samples_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(model, tokenizer, task_dir, samples_file):
-    return ev.evaluate_model(model, tokenizer, ["arithmetic", "docsum", "heldout", "humaneval"],
-                             include_path=task_dir, limit=2, batch_size=2, samples_path=samples_file)
+    return ev.evaluate_model(
+        model,
+        tokenizer,
+        ["arithmetic", "docsum", "heldout", "humaneval"],
+        include_path=task_dir,
+        limit=2,
+        batch_size=2,
+        samples_path=samples_file,
+    )
 
 
 def test_samples_are_the_scored_documents(results, samples_file):
@@ -94,15 +114,18 @@ def test_samples_are_the_scored_documents(results, samples_file):
 # --------------------------------------------------------------------------- scoring
 
 
-@pytest.mark.parametrize(("text", "number"), [
-    ("2 + 3 = 5\n#### 5", "5"),
-    ("#### 1,234", "1234"),
-    ("so the answer is $12.50.", "12.5"),
-    ("#### -7 apples", "-7"),
-    ("first 3 then 4", "4"),
-    ("3.0", "3"),
-    ("no digits", None),
-])
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("2 + 3 = 5\n#### 5", "5"),
+        ("#### 1,234", "1234"),
+        ("so the answer is $12.50.", "12.5"),
+        ("#### -7 apples", "-7"),
+        ("first 3 then 4", "4"),
+        ("3.0", "3"),
+        ("no digits", None),
+    ],
+)
 def test_extract_final_number(text, number):
     assert ev.extract_final_number(text) == number
 
@@ -127,7 +150,12 @@ def test_task_yaml_is_what_lm_eval_loads(task_dir):
     from lm_eval.tasks._yaml_loader import load_yaml
 
     assert sorted(p.name for p in task_dir.iterdir()) == [
-        "arithmetic.yaml", "docsum.yaml", "heldout.yaml", "humaneval.yaml", f"{ev.HOOKS_MODULE}.py"]
+        "arithmetic.yaml",
+        "docsum.yaml",
+        "heldout.yaml",
+        "humaneval.yaml",
+        f"{ev.HOOKS_MODULE}.py",
+    ]
     config = load_yaml(task_dir / "arithmetic.yaml")
     assert config["dataset_path"] == "json" and config["test_split"] == "test"
     assert config["dataset_kwargs"]["data_files"]["test"].endswith("arithmetic.jsonl")
@@ -184,12 +212,19 @@ def test_unknown_task_lists_local_tasks(model, tokenizer, task_dir):
 
 
 def test_flatten_results_names_are_stable():
-    raw = {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
-                     "exact_match,flexible-extract": 0.5},
-           "heldout": {"word_perplexity,none": 12.0, "word_perplexity_stderr,none": "N/A"}}
+    raw = {
+        "gsm8k": {
+            "alias": "gsm8k",
+            "exact_match,strict-match": 0.25,
+            "exact_match_stderr,strict-match": 0.1,
+            "exact_match,flexible-extract": 0.5,
+        },
+        "heldout": {"word_perplexity,none": 12.0, "word_perplexity_stderr,none": "N/A"},
+    }
     assert ev.flatten_results(raw) == {
         "gsm8k": {"exact_match_strict_match": 0.25, "exact_match_flexible_extract": 0.5},
-        "heldout": {"word_perplexity": 12.0}}
+        "heldout": {"word_perplexity": 12.0},
+    }
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -219,8 +254,9 @@ def test_load_for_eval_errors_name_path_and_cause(tmp_path):
 
 
 def test_code_pass_at_1_with_tiny_model(model, tokenizer):
-    score = ev.code_pass_at_1(model, tokenizer, ds.load_humaneval(limit=2), limit=2,
-                               sandbox=SandboxPolicy(timeout_s=3.0), max_new_tokens=4)
+    score = ev.code_pass_at_1(
+        model, tokenizer, ds.load_humaneval(limit=2), limit=2, sandbox=SandboxPolicy(timeout_s=3.0), max_new_tokens=4
+    )
     assert 0.0 <= score <= 1.0
 
 

@@ -71,8 +71,9 @@ def assert_same_weights(model, loaded, names) -> None:
 # --------------------------------------------------------------------------- compressed-tensors
 
 
-@pytest.mark.parametrize(("fields", "fmt"), [(W8A8, "int-quantized"), (W4G32, "pack-quantized")],
-                         ids=["w8a8", "w4a16-g32"])
+@pytest.mark.parametrize(
+    ("fields", "fmt"), [(W8A8, "int-quantized"), (W4G32, "pack-quantized")], ids=["w8a8", "w4a16-g32"]
+)
 def test_compressed_tensors_round_trip_through_transformers(sparse, calib, tmp_path, fields, fmt):
     model = quantized(sparse, calib, fields)
     save_compressed_tensors(model, tmp_path / "ct")

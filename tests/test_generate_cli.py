@@ -27,7 +27,7 @@ def folder(tmp_path_factory, tokenizer):
 def hf_text(model, tokenizer, ids: list[int], max_new: int) -> str:
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=304)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 def test_generate_streams_the_greedy_text(folder, tokenizer, capsys):
@@ -44,17 +44,55 @@ def test_generate_reads_stdin_samples_with_a_seed_and_stops(folder, monkeypatch,
     runs = []
     for _ in range(2):
         monkeypatch.setattr("sys.stdin", io.StringIO("import os"))
-        assert main(["generate", str(path), "--max-tokens", "12", "--temperature", "0.8", "--top-p", "0.9",
-                     "--top-k", "50", "--seed", "7"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    str(path),
+                    "--max-tokens",
+                    "12",
+                    "--temperature",
+                    "0.8",
+                    "--top-p",
+                    "0.9",
+                    "--top-k",
+                    "50",
+                    "--seed",
+                    "7",
+                ]
+            )
+            == 0
+        )
         runs.append(capsys.readouterr().out)
     assert runs[0] == runs[1] and len(runs[0]) > 1
     text = runs[0].rstrip("\n")
-    stop = text[len(text) // 2:len(text) // 2 + 2]  # the text ends before the stop string's first appearance
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # the text ends before the stop string's first appearance
     monkeypatch.setattr("sys.stdin", io.StringIO("import os"))
-    assert main(["generate", str(path), "--max-tokens", "12", "--temperature", "0.8", "--top-p", "0.9",
-                 "--top-k", "50", "--seed", "7", "--stop", "never-there", "--stop", stop]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(path),
+                "--max-tokens",
+                "12",
+                "--temperature",
+                "0.8",
+                "--top-p",
+                "0.9",
+                "--top-k",
+                "50",
+                "--seed",
+                "7",
+                "--stop",
+                "never-there",
+                "--stop",
+                stop,
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
-    assert out == text[:text.index(stop)] + "\n" and "(stop)" in err
+    assert out == text[: text.index(stop)] + "\n" and "(stop)" in err
 
 
 def test_chat_uses_the_template_and_keeps_the_history(folder, tokenizer, monkeypatch, capsys):
@@ -64,13 +102,15 @@ def test_chat_uses_the_template_and_keeps_the_history(folder, tokenizer, monkeyp
     out, err = capsys.readouterr()
     first, second = out.split("\n")[:2]
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
-    ids = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                    add_special_tokens=False).input_ids
+    ids = tokenizer(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    ).input_ids
     assert ids[0] == 300 and ids.count(300) == 1  # one BOS: the template's
     assert first == hf_text(dense, tokenizer, ids, 8)
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "and again"}]
-    ids = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                    add_special_tokens=False).input_ids
+    ids = tokenizer(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    ).input_ids
     assert second == hf_text(dense, tokenizer, ids, 8)
     assert err.count("tokens/s") == 2
 

@@ -36,9 +36,13 @@ def test_fingerprint_is_canonical_and_sees_every_input():
     assert fingerprint({"names": ["x", "y"], "w": t.clone(), "a": 1}) == base  # key order, tensor identity
     changed = t.clone()
     changed[1, 2] += 1e-3
-    for other in ({"a": 2, "w": t, "names": ["x", "y"]}, {"a": 1, "w": changed, "names": ["x", "y"]},
-                  {"a": 1, "w": t.double(), "names": ["x", "y"]}, {"a": 1, "w": t.reshape(3, 2), "names": ["x", "y"]},
-                  {"a": 1, "w": t, "names": ["y", "x"]}):
+    for other in (
+        {"a": 2, "w": t, "names": ["x", "y"]},
+        {"a": 1, "w": changed, "names": ["x", "y"]},
+        {"a": 1, "w": t.double(), "names": ["x", "y"]},
+        {"a": 1, "w": t.reshape(3, 2), "names": ["x", "y"]},
+        {"a": 1, "w": t, "names": ["y", "x"]},
+    ):
         assert fingerprint(other) != base
     assert len(fingerprint(base, length=16)) == 16
     # bf16 and bool tensors (masks) hash by their bytes; numpy arrays as the same tensor

@@ -236,8 +236,9 @@ def test_avx2_code_has_no_avx512_instructions(compiled_isas):
     obj = loader.build_directory() / "sparse_gemv_avx2.o"
     if not obj.is_file():
         pytest.skip("no object file in the build directory")
-    text = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(obj)], capture_output=True,
-                          text=True, check=True).stdout
+    text = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", str(obj)], capture_output=True, text=True, check=True
+    ).stdout
     functions = [f for f in text.split("\n\n") if "sparsellama::avx2::" in f.split("\n", 1)[0]]
     assert functions
     for f in functions:
@@ -250,8 +251,12 @@ def test_fallback_equals_compiled(compiled_isas, fmt):
     if not compiled_isas:
         pytest.skip("no compiled kernels")
     w = sparse_weight(129, 100, 0.7)
-    p = {"bf16": lambda: pack(w), "fp32": lambda: pack(w, dtype=torch.float32),
-         "w8a8": lambda: pack(w, dtype=torch.int8), "w8a16": lambda: pack(w, dtype=torch.int8, act_int8=False)}[fmt]()
+    p = {
+        "bf16": lambda: pack(w),
+        "fp32": lambda: pack(w, dtype=torch.float32),
+        "w8a8": lambda: pack(w, dtype=torch.int8),
+        "w8a16": lambda: pack(w, dtype=torch.int8, act_int8=False),
+    }[fmt]()
     bias = torch.randn(129)
     for batch in BATCHES:
         x = torch.randn(batch, 100)
@@ -349,8 +354,13 @@ def test_bad_inputs(compiled_isas):
     x = torch.ones(2, 70)
     good = (p.bitmask, p.offsets, p.values, None, None, None, True, 0)
     ext.sparse_linear(x, *good)
-    for i, bad in [(0, p.bitmask[:, :8].contiguous()), (1, p.offsets.int()), (2, p.values[: p.nnz]),
-                   (2, p.values.half()), (7, 9)]:
+    for i, bad in [
+        (0, p.bitmask[:, :8].contiguous()),
+        (1, p.offsets.int()),
+        (2, p.values[: p.nnz]),
+        (2, p.values.half()),
+        (7, 9),
+    ]:
         args = list(good)
         args[i] = bad
         with pytest.raises(RuntimeError, match="sparse_linear"):
@@ -493,5 +503,6 @@ def test_int4_rejects_codes_off_the_grid_and_corrupt_tensors(compiled_isas):
         dataclasses.replace(p, offsets=p.offsets + torch.arange(4)).validate()
     if compiled_isas:
         with pytest.raises(RuntimeError, match="group_size"):
-            load_extension().sparse_linear(torch.randn(1, 128), p.bitmask, p.offsets, p.values, p.scales, None, None,
-                                           True, 0, 96)
+            load_extension().sparse_linear(
+                torch.randn(1, 128), p.bitmask, p.offsets, p.values, p.scales, None, None, True, 0, 96
+            )

@@ -177,8 +177,9 @@ def test_admm_layers_are_never_worse_than_sparsegpt_layers(dense, calib):
     """Per Linear, admm keeps SparseGPT's result unless its own reconstructs better (first layer: same inputs)."""
     sparsegpt = run(copy.deepcopy(dense), calib, config(sparsity=0.7))
     admm = run(copy.deepcopy(dense), calib, config(method="admm", sparsity=0.7))
-    first = [(s["error"], a["error"]) for s, a in zip(sparsegpt.layers, admm.layers, strict=True)
-             if s["decoder_layer"] == 0]
+    first = [
+        (s["error"], a["error"]) for s, a in zip(sparsegpt.layers, admm.layers, strict=True) if s["decoder_layer"] == 0
+    ]
     assert all(a <= s for s, a in first) and sum(a for _, a in first) < sum(s for s, _ in first)
     assert all(r["sparsity"] == pytest.approx(0.7, abs=1e-3) for r in admm.layers)
 
@@ -251,8 +252,12 @@ def test_resume_with_a_different_run_is_refused_before_writing(dense, calib, tmp
 @pytest.mark.parametrize("pass_masks", [True, False])
 def test_iterative_pruning_keeps_every_old_zero(model, calib, pass_masks, method):
     first = run(model, calib, config(sparsity=0.5))
-    second = run(model, calib, config(method=method, sparsity=0.7, refine=method == "admm"),
-                 old_masks=first.masks if pass_masks else None)
+    second = run(
+        model,
+        calib,
+        config(method=method, sparsity=0.7, refine=method == "admm"),
+        old_masks=first.masks if pass_masks else None,
+    )
     for name, old in first.masks.items():
         new = second.masks[name]
         assert not torch.any(new & ~old), name

@@ -12,8 +12,20 @@ def test_cost_benchmark_runs_at_a_tiny_shape(tmp_path):
     spec = importlib.util.spec_from_file_location("llama7b_cost", REPO / "benchmarks" / "llama7b_cost.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main([str(tmp_path), "--hidden=128", "--intermediate=256", "--heads=4", "--vocab=128", "--calib=4x16",
-                "--batch=2", "--train-seq=16", "--threads=1", "--measure=prune,gptq-w4g128,train-ckpt"])
+    bench.main(
+        [
+            str(tmp_path),
+            "--hidden=128",
+            "--intermediate=256",
+            "--heads=4",
+            "--vocab=128",
+            "--calib=4x16",
+            "--batch=2",
+            "--train-seq=16",
+            "--threads=1",
+            "--measure=prune,gptq-w4g128,train-ckpt",
+        ]
+    )
     result = json.loads((tmp_path / "llama7b_cost.json").read_text())
     assert {"machine", "threads", "torch", "dtype", "shape", "calibration", "gemm_tflops", "formulas"} <= set(result)
     assert result["calibration"] == [4, 16] and result["machine"]["isa"] is not None

@@ -243,8 +243,10 @@ def test_values_are_used_in_place_from_the_file_and_older_files_without_padding_
     for f in folder.iterdir():
         if f.name != SPARSE_FILE:
             (tmp_path / "old" / f.name).write_bytes(f.read_bytes())
-    trimmed = {k: (v[: int(tensors[k.replace(".values", ".row_ptr")][-1])] if k.endswith(".values") else v).clone()
-               for k, v in tensors.items()}
+    trimmed = {
+        k: (v[: int(tensors[k.replace(".values", ".row_ptr")][-1])] if k.endswith(".values") else v).clone()
+        for k, v in tensors.items()
+    }
     save_file(trimmed, tmp_path / "old" / SPARSE_FILE, metadata=metadata)
     old = load_runtime_model(tmp_path / "old")
     ids = torch.tensor([[1, 5, 9, 200, 3]])

@@ -28,8 +28,13 @@ TASKS = {"llama2": ["gsm8k", "dolly"], "llama3": ["gsm8k", "ultrachat"]}
 # 4 documents per task are enough to compare lm-eval's scores.
 E2E = {
     "llama2": {"quantize__finetuned": False, "finetune__max_length": 128, "evaluate__limit": 4},
-    "llama3": {"quantize__finetuned": False, "finetune__max_length": 128, "evaluate__limit": 4,
-               "downstream__tasks": ["ultrachat"], "pipeline__dense_control": False},
+    "llama3": {
+        "quantize__finetuned": False,
+        "finetune__max_length": 128,
+        "evaluate__limit": 4,
+        "downstream__tasks": ["ultrachat"],
+        "pipeline__dense_control": False,
+    },
 }
 
 
@@ -37,9 +42,13 @@ E2E = {
 def fixtures(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("own-llama")
     slim, stack = write_pretraining_files(root / "pretraining")
-    return {"llama2": llama_checkpoint("llama2", root / "llama2"),
-            "llama3": llama_checkpoint("llama3", root / "llama3"),
-            "slim": slim, "stack": stack, "tasks": root / "tasks"}
+    return {
+        "llama2": llama_checkpoint("llama2", root / "llama2"),
+        "llama3": llama_checkpoint("llama3", root / "llama3"),
+        "slim": slim,
+        "stack": stack,
+        "tasks": root / "tasks",
+    }
 
 
 def user_params(fixtures: dict[str, Path], family: str, root: Path, **extra) -> dict:
@@ -49,14 +58,32 @@ def user_params(fixtures: dict[str, Path], family: str, root: Path, **extra) -> 
         "project": {"root": str(root)},
         "tracking": {"enabled": False},
         "base": {"source": str(fixtures[family])},
-        "data": {"sources": [
-            {"name": "slimpajama", "kind": "hf", "path": "json", "data_files": [str(fixtures["slim"])],
-             "text_field": "text", "weight": 0.6},
-            {"name": "the_stack", "kind": "hf", "path": "parquet", "data_files": [str(fixtures["stack"])],
-             "text_field": "content", "weight": 0.4},
-        ]},
-        "downstream": {"tasks": TASKS[family], "data_files": {t: files[t] for t in TASKS[family]},
-                       "train_size": 48, "test_size": 12},
+        "data": {
+            "sources": [
+                {
+                    "name": "slimpajama",
+                    "kind": "hf",
+                    "path": "json",
+                    "data_files": [str(fixtures["slim"])],
+                    "text_field": "text",
+                    "weight": 0.6,
+                },
+                {
+                    "name": "the_stack",
+                    "kind": "hf",
+                    "path": "parquet",
+                    "data_files": [str(fixtures["stack"])],
+                    "text_field": "content",
+                    "weight": 0.4,
+                },
+            ]
+        },
+        "downstream": {
+            "tasks": TASKS[family],
+            "data_files": {t: files[t] for t in TASKS[family]},
+            "train_size": 48,
+            "test_size": 12,
+        },
     }
     for key, value in extra.items():
         section, name = key.split("__")
@@ -113,8 +140,11 @@ def test_a_tokenizer_that_is_not_the_models_fails_before_any_work(fixtures, tmp_
     llama2_tokenizer(["completely different text " * 50, "zebra quartz " * 80]).save_pretrained(other)
     cfg = config(fixtures, "llama2", tmp_path, data__tokenizer=str(other))
     with pytest.raises(DataError, match=r"is not base.source .*'s tokenizer: [\d,]+ tokens have other ids"):
-        sparse_llama.fn(profile="smoke", params=user_params(fixtures, "llama2", tmp_path,
-                                                             data__tokenizer=str(other)), config_path=str(PARAMS))
+        sparse_llama.fn(
+            profile="smoke",
+            params=user_params(fixtures, "llama2", tmp_path, data__tokenizer=str(other)),
+            config_path=str(PARAMS),
+        )
     assert not (tmp_path / "data").exists() and not (tmp_path / "metrics").exists()
 
 
@@ -149,8 +179,14 @@ def test_a_dataset_with_one_split_gets_a_held_out_test_split(fixtures, tmp_path)
     from tasks.taskdata import task_records
 
     files = write_task_files(tmp_path / "tasks", n_train=60, n_test=0)
-    cfg = config(fixtures, "llama2", tmp_path, downstream__data_files={"dolly": {"train": files["dolly"]["train"]}},
-                 downstream__train_size=40, downstream__test_size=4)
+    cfg = config(
+        fixtures,
+        "llama2",
+        tmp_path,
+        downstream__data_files={"dolly": {"train": files["dolly"]["train"]}},
+        downstream__train_size=40,
+        downstream__test_size=4,
+    )
     splits = task_records(cfg, "dolly")
     assert len(splits["train"]) == 40 and len(splits["test"]) == 4
     assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["test"]}
@@ -164,8 +200,9 @@ def test_token_ids_outside_the_embedding_are_a_clear_error(fixtures, tmp_path):
     model = tiny_llama(vocab_size=128)
     blocks = np.full((2, 16), 5, dtype=np.int64)
     blocks[1, 3] = 300
-    with pytest.raises(ValueError,
-                       match=r"validation blocks holds token id 300, outside the model's embedding \[0, 128\)"):
+    with pytest.raises(
+        ValueError, match=r"validation blocks holds token id 300, outside the model's embedding \[0, 128\)"
+    ):
         token_nll(model, blocks)
     cfg = load_config(PARAMS, profile="smoke").base.train.model_copy(update={"steps": 1, "batch_size": 2})
     with pytest.raises(ValueError, match=r"training batch \(step 0\) holds token id 300"):
@@ -281,9 +318,13 @@ def test_the_whole_pipeline_on_your_own_llama(fixtures, family, tmp_path, prefec
     model_name = f"ft-sparse70-{task}"
     ours = json.loads((tmp_path / "reports" / "eval" / f"{model_name}.json").read_text())["results"]
     lm = HFLM(pretrained=str(tmp_path / "models" / model_name), device="cpu", batch_size=cfg.evaluate.batch_size)
-    theirs = simple_evaluate(model=lm, tasks=[task], limit=cfg.evaluate.limit, bootstrap_iters=0,
-                             task_manager=TaskManager(include_path=str(tmp_path / ".lmeval" / model_name),
-                                                      include_defaults=False))
+    theirs = simple_evaluate(
+        model=lm,
+        tasks=[task],
+        limit=cfg.evaluate.limit,
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(tmp_path / ".lmeval" / model_name), include_defaults=False),
+    )
     theirs = flatten_results(theirs["results"])[task]
     for metric, value in theirs.items():
         assert ours[task][metric] == pytest.approx(value, abs=1e-6), metric

@@ -53,14 +53,26 @@ def test_committed_dvc_yaml_matches_the_stage_table(tmp_path):
         e = expanded[s.name]
         assert e["dvc_name"] == dvc_names[s.name]
         assert e["deps"] == [*s.deps, *s.code] and e["params"] == list(s.params)
-        assert e["outs"] == sorted([(o, False, True, False, False) for o in s.outs]
-                                   + [(s.metrics_file, False, False, True, False)]
-                                   + ([(s.resume_dir, True, False, False, False)] if s.resumable else [])
-                                   + ([(s.plot_file, False, False, False, True)] if s.trains else [])), s.name
+        assert e["outs"] == sorted(
+            [(o, False, True, False, False) for o in s.outs]
+            + [(s.metrics_file, False, False, True, False)]
+            + ([(s.resume_dir, True, False, False, False)] if s.resumable else [])
+            + ([(s.plot_file, False, False, False, True)] if s.trains else [])
+        ), s.name
     # The families are written as foreach/matrix entries, not stage by stage.
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert {"prune", "pretrain", "ft-dense", "ft-sparse", "ftprune", "ft-baseline", "quant", "quant-ft",
-            "eval", "eval-dense"} <= set(declared)
+    assert {
+        "prune",
+        "pretrain",
+        "ft-dense",
+        "ft-sparse",
+        "ftprune",
+        "ft-baseline",
+        "quant",
+        "quant-ft",
+        "eval",
+        "eval-dense",
+    } <= set(declared)
     assert declared["ft-sparse"]["matrix"] == {"level": ["50", "70"], "task": ["arithmetic", "docsum"]}
     assert dvc_names["prune70"] == "prune@70" and dvc_names["ft-sparse70-docsum"] == "ft-sparse@70-docsum"
     assert {"base", "pretrain70", "ft-sparse70-docsum"} <= {s.name for s in STAGES if s.trains}
@@ -71,8 +83,15 @@ def test_committed_dvc_yaml_matches_the_stage_table(tmp_path):
     names = [s.name for s in STAGES]
     assert names[:7] == ["data", "taskdata", "base", "prune50", "pretrain50", "prune70", "pretrain70"]
     for task in ("arithmetic", "docsum"):  # the paper's per-task branch, for each default task
-        assert {f"ft-dense-{task}", f"ft-sparse50-{task}", f"ft-sparse70-{task}", f"ftprune70-{task}",
-                f"ft-baseline70-{task}", f"eval-ft-sparse70-{task}", f"eval-ft-baseline70-{task}"} <= set(names)
+        assert {
+            f"ft-dense-{task}",
+            f"ft-sparse50-{task}",
+            f"ft-sparse70-{task}",
+            f"ftprune70-{task}",
+            f"ft-baseline70-{task}",
+            f"eval-ft-sparse70-{task}",
+            f"eval-ft-baseline70-{task}",
+        } <= set(names)
     assert names[-1] == "report"
     by_name = {s.name: s for s in STAGES}
     assert by_name["prune70"].deps[0] == "models/pretrain50"  # 70% starts from the 50% sparse-pretrained model
@@ -85,8 +104,15 @@ def test_a_family_that_fits_no_template_is_written_stage_by_stage(tmp_path, monk
     import tasks.stages as st
 
     def member(lv: str) -> st.Stage:
-        return st.Stage(name=f"p{lv}", run=st.prune.run, params=("prune",), deps=("data/corpus",),
-                        outs=(f"models/p{lv}",), family="p", item=(("level", lv),))
+        return st.Stage(
+            name=f"p{lv}",
+            run=st.prune.run,
+            params=("prune",),
+            deps=("data/corpus",),
+            outs=(f"models/p{lv}",),
+            family="p",
+            item=(("level", lv),),
+        )
 
     table = (member("a"), member("b"), member("c"))
     assert st._family_entry("p", list(table)) is None
@@ -154,8 +180,10 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server, cap
     assert finetuned.tags["variant"] == "sparse70" and "eval/arithmetic/exact_match" in finetuned.metrics
     # Every scored test document, with the model's output and the target's NLL (the test-split loss).
     assert 0 < finetuned.metrics["eval/arithmetic/target_nll"] < 20
-    samples = [json.loads(line) for line in
-               (tmp_path / "reports" / "eval" / "ft-sparse70-arithmetic.samples.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(line)
+        for line in (tmp_path / "reports" / "eval" / "ft-sparse70-arithmetic.samples.jsonl").read_text().splitlines()
+    ]
     assert len(samples) == 16 and all("output" in r and r["target_tokens"] > 0 for r in samples)
     # lm-eval's own record of how the scores were computed.
     details = json.loads((tmp_path / "reports" / "eval" / "ft-sparse70-arithmetic.lmeval.json").read_text())
@@ -164,12 +192,21 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server, cap
     assert mean_nll == pytest.approx(finetuned.metrics["eval/arithmetic/target_nll"], rel=1e-6)
     assert (tmp_path / "reports" / "run" / "report.html").is_file()
     bench = children["benchmark"].data.metrics  # the smoke profile's quick kernel benchmark
-    assert {"bench/cpu/11008x4096_b1/sparse70_bf16/speedup_vs_fp32", "bench/cpu/11008x4096_b1/dense_fp32/ms",
-            "bench/cpu/stream_gbps"} <= set(bench)
+    assert {
+        "bench/cpu/11008x4096_b1/sparse70_bf16/speedup_vs_fp32",
+        "bench/cpu/11008x4096_b1/dense_fp32/ms",
+        "bench/cpu/stream_gbps",
+    } <= set(bench)
     assert (tmp_path / "reports" / "run" / "figures" / "speedup.png").is_file()
     recovery = json.loads((tmp_path / "reports" / "run" / "recovery.json").read_text())
-    assert [r["stage"] for r in recovery["perplexity"]] == ["base", "pretrain-dense", "prune50", "pretrain50",
-                                                            "prune70", "pretrain70"]
+    assert [r["stage"] for r in recovery["perplexity"]] == [
+        "base",
+        "pretrain-dense",
+        "prune50",
+        "pretrain50",
+        "prune70",
+        "pretrain70",
+    ]
     control = children["pretrain-dense"].data  # the dense base trained on the same extra tokens
     assert control.tags["variant"] == "dense-control" and control.metrics["sparsity/global"] == 0.0
     assert set(recovery["tasks"]) == {"arithmetic", "docsum"}
@@ -182,8 +219,10 @@ def test_flow_runs_end_to_end_and_tracks_in_mlflow(tmp_path, prefect_server, cap
     assert second.info.run_id != parent.info.run_id
     again = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second.info.run_id]
     assert len(again) == len(STAGES) and all(r.data.tags["skipped"] == "true" for r in again)
-    assert next(r for r in again if r.data.tags["stage"] == "prune70").data.metrics["sparsity/global"] == \
-        sparse.metrics["sparsity/global"]
+    assert (
+        next(r for r in again if r.data.tags["stage"] == "prune70").data.metrics["sparsity/global"]
+        == sparse.metrics["sparsity/global"]
+    )
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
@@ -198,8 +237,11 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
 
 
 def _dvc(repo: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
     out = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
@@ -232,13 +274,18 @@ def test_pipeline_outputs_are_git_ignored():
     paths = output_paths() | _dvc_yaml_outs()
     assert {"data/corpus", "data/tasks", "models/base", "reports/run", "metrics/data.json"} <= paths
     queries = sorted(paths | {f"{p}/x" for p in paths})
-    out = subprocess.run(["git", "check-ignore", "--stdin"], cwd=REPO, input="\n".join(queries),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "check-ignore", "--stdin"], cwd=REPO, input="\n".join(queries), capture_output=True, text=True
+    )
     assert out.returncode in (0, 1), out.stderr
     assert sorted(set(queries) - set(out.stdout.split())) == []
     # ...while the code and data/README.md stay visible to git.
-    kept = subprocess.run(["git", "check-ignore", "data/README.md", "tasks/stages.py", "dvc.yaml", "params.yaml"],
-                          cwd=REPO, capture_output=True, text=True)
+    kept = subprocess.run(
+        ["git", "check-ignore", "data/README.md", "tasks/stages.py", "dvc.yaml", "params.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert kept.returncode == 1 and kept.stdout == ""
 
 
@@ -266,9 +313,19 @@ def test_copy_checkout_leaves_pipeline_outputs_behind(tmp_path, monkeypatch):
     """The DVC test's copy of a checkout after a `make pipeline` in it: code and data/README.md
     copied; every output the stage table names left behind."""
     fake = tmp_path / "checkout"
-    for rel in ("sparsify/x.py", "data/README.md", "data/tasks/arithmetic.jsonl", "data/corpus/train.bin",
-                "reports/eval/base.json", "plots/base.json", "metrics/base.json", "models/base/config.json",
-                "models/prune70/config.json", ".resume/base/x", "mlflow.db"):
+    for rel in (
+        "sparsify/x.py",
+        "data/README.md",
+        "data/tasks/arithmetic.jsonl",
+        "data/corpus/train.bin",
+        "reports/eval/base.json",
+        "plots/base.json",
+        "metrics/base.json",
+        "models/base/config.json",
+        "models/prune70/config.json",
+        ".resume/base/x",
+        "mlflow.db",
+    ):
         (fake / rel).parent.mkdir(parents=True, exist_ok=True)
         (fake / rel).write_text("x")
     for cmd in (["init", "-q"], ["add", "sparsify/x.py", "data/README.md"]):
@@ -285,9 +342,17 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     copy_checkout(repo)
     # The smoke profile with one sparsity level, one task and one quantization scheme, resolved into
     # the params.yaml that dvc reads; dvc.yaml regenerated from it (fewer stages keep this test short).
-    raw = resolve_raw(load_raw(PARAMS), "smoke", overrides=[
-        "pipeline.sparsities=[0.5]", "downstream.tasks=[arithmetic]", "quantize.schemes=[w8a8]",
-        "quantize.finetuned=false", "finetune.baseline=false"])
+    raw = resolve_raw(
+        load_raw(PARAMS),
+        "smoke",
+        overrides=[
+            "pipeline.sparsities=[0.5]",
+            "downstream.tasks=[arithmetic]",
+            "quantize.schemes=[w8a8]",
+            "quantize.finetuned=false",
+            "finetune.baseline=false",
+        ],
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (repo / "dvc.yaml").write_text(render_dvc_yaml(repo / "params.yaml"))
     for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x"]):
@@ -318,8 +383,13 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     assert plots["data"]["reports/run/plots/perplexity.json"][0]["content"]["data"]["values"][0]["model"] == "dense"
 
 
-SMALL = ["pipeline.sparsities=[0.5]", "downstream.tasks=[arithmetic]", "quantize.schemes=[w8a8]",
-         "quantize.finetuned=false", "finetune.baseline=false"]
+SMALL = [
+    "pipeline.sparsities=[0.5]",
+    "downstream.tasks=[arithmetic]",
+    "quantize.schemes=[w8a8]",
+    "quantize.finetuned=false",
+    "finetune.baseline=false",
+]
 
 
 @pytest.mark.slow
@@ -337,10 +407,20 @@ def test_killed_flow_resumes_then_sweep_and_benchmark_flows(tmp_path, prefect_se
     root = tmp_path / "run"
     overrides = [f"project.root={root}", *SMALL, "base.train.steps=400"]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(PARAMS), "--profile", "smoke",
-           *(a for o in overrides for a in ("--set", o))]
-    child = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "--config",
+        str(PARAMS),
+        "--profile",
+        "smoke",
+        *(a for o in overrides for a in ("--set", o)),
+    ]
+    child = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     state = root / ".resume" / "base" / "trainer_state.json"
     deadline = time.monotonic() + 600
     while not state.is_file():  # the base model's first checkpoint (step 20 of 400)
@@ -357,26 +437,44 @@ def test_killed_flow_resumes_then_sweep_and_benchmark_flows(tmp_path, prefect_se
     assert resumed >= step  # continued from the killed run's last checkpoint, not from step 0
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sparsellama")
-    parents = client.search_runs([exp.experiment_id], "tags.pipeline = 'sparse-llama'",
-                                 order_by=["attributes.start_time DESC"])
+    parents = client.search_runs(
+        [exp.experiment_id], "tags.pipeline = 'sparse-llama'", order_by=["attributes.start_time DESC"]
+    )
     assert [p.info.status for p in parents] == ["FINISHED", "RUNNING"]  # the killed run never ended
-    children = {r.data.tags["stage"]: r.data.tags["skipped"] for r in client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")}
-    assert children["data"] == "true" and children["base"] == "false" and len(children) == len(
-        stages(load_config(PARAMS, profile="smoke", overrides=overrides)))
+    children = {
+        r.data.tags["stage"]: r.data.tags["skipped"]
+        for r in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    }
+    assert (
+        children["data"] == "true"
+        and children["base"] == "false"
+        and len(children) == len(stages(load_config(PARAMS, profile="smoke", overrides=overrides)))
+    )
     assert json.loads((root / ".resume" / "base" / "COMPLETE.json").read_text()) == {"complete": True}
 
     # The pruning sweep reuses data and base, prunes each point and summarizes them.
-    prune_sweep(methods=["magnitude", "sparsegpt"], sparsities=[0.7], structures=["unstructured", "2:4"],
-                profile="smoke", overrides=overrides, config_path=str(PARAMS))
+    prune_sweep(
+        methods=["magnitude", "sparsegpt"],
+        sparsities=[0.7],
+        structures=["unstructured", "2:4"],
+        profile="smoke",
+        overrides=overrides,
+        config_path=str(PARAMS),
+    )
     sweep = json.loads((root / "reports" / "sweep" / "prune_sweep.json").read_text())
     assert [(r["method"], r["pattern"]) for r in sweep["rows"]] == [
-        ("magnitude", "70"), ("sparsegpt", "70"), ("magnitude", "2of4"), ("sparsegpt", "2of4")]
+        ("magnitude", "70"),
+        ("sparsegpt", "70"),
+        ("magnitude", "2of4"),
+        ("sparsegpt", "2of4"),
+    ]
     assert [round(r["sparsity"], 3) for r in sweep["rows"]] == [0.7, 0.7, 0.5, 0.5]
     assert all(r["ppl"] > sweep["dense_ppl"] * 0.9 for r in sweep["rows"])
     sweep_run = client.search_runs([exp.experiment_id], "tags.pipeline = 'prune-sweep'")[0]
-    swept = {r.data.tags["stage"]: r for r in client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{sweep_run.info.run_id}'")}
+    swept = {
+        r.data.tags["stage"]: r
+        for r in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{sweep_run.info.run_id}'")
+    }
     assert swept["base"].data.tags["skipped"] == "true"
     assert swept["sweep-sparsegpt-70"].data.tags["variant"] == "sparsegpt-70"
     assert swept["sweep-sparsegpt-70"].data.metrics["ppl/val"] == sweep["rows"][1]["ppl"]
@@ -385,8 +483,10 @@ def test_killed_flow_resumes_then_sweep_and_benchmark_flows(tmp_path, prefect_se
     before = json.loads((root / "reports" / "benchmark" / "sparse_kernels.json").read_text())
     benchmark(profile="smoke", overrides=overrides, config_path=str(PARAMS))
     bench_run = client.search_runs([exp.experiment_id], "tags.pipeline = 'benchmark'")[0]
-    ran = {r.data.tags["stage"]: r.data.tags["skipped"] for r in client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{bench_run.info.run_id}'")}
+    ran = {
+        r.data.tags["stage"]: r.data.tags["skipped"]
+        for r in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{bench_run.info.run_id}'")
+    }
     assert ran.pop("benchmark") == "false" and set(ran.values()) == {"true"}
     assert json.loads((root / "reports" / "benchmark" / "sparse_kernels.json").read_text()) != before
 

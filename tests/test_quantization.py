@@ -287,8 +287,10 @@ def test_smoothing_a_model_leaves_its_float_outputs_unchanged(dense, calib):
     hooks = []
     for i, layer in enumerate(model.model.layers):
         for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
+
             def record(module, args, output, key=(i, name)):
                 absmax[key] = args[0].reshape(-1, args[0].shape[-1]).abs().amax(0)
+
             hooks.append(layer.get_submodule(name).register_forward_hook(record))
     with torch.no_grad():
         before = model(ids).logits
@@ -298,8 +300,14 @@ def test_smoothing_a_model_leaves_its_float_outputs_unchanged(dense, calib):
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             factors = smooth_decoder_layer(layer, {n: absmax[i, n] for (j, n) in absmax if j == i}, alpha=0.5)
-            assert set(factors) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
-                                    "mlp.up_proj", "mlp.down_proj"}
+            assert set(factors) == {
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            }
         after = model(ids).logits
     ratio = model.model.layers[0].input_layernorm.weight / norm_before
     assert ratio.max() / ratio.min() > 2 and int(ratio.argmin()) in (5, 23)  # really rescaled, most at the outliers
@@ -318,8 +326,11 @@ def logits(model, calib) -> torch.Tensor:
         return model(calib[:, :SEQ_LEN]).logits
 
 
-@pytest.mark.parametrize("fields", [{}, {"method": "rtn"}, W4_CFG, W4_CFG | {"act_order": True}],
-                         ids=["w8a8-gptq", "w8a8-rtn", "w4g32-gptq", "w4g32-gptq-actorder"])
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"method": "rtn"}, W4_CFG, W4_CFG | {"act_order": True}],
+    ids=["w8a8-gptq", "w8a8-rtn", "w4g32-gptq", "w4g32-gptq-actorder"],
+)
 def test_quantize_model_keeps_masks_and_quantizes_every_linear(sparse, calib, fields):
     source, masks = sparse
     model = copy.deepcopy(source)
@@ -432,9 +443,15 @@ def test_masks_that_do_not_match_the_model_are_refused(sparse, calib, make, matc
     assert not quantized_linears(model)
 
 
-@pytest.mark.parametrize(("fields", "match"), [({"group_size": 128, "weight_bits": 4, "activation_bits": None,
-                                                 "smoothquant": False, "block_size": 128},
-                                                "group_size 128 is larger than the input width 64 of model.layers.0")])
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        (
+            {"group_size": 128, "weight_bits": 4, "activation_bits": None, "smoothquant": False, "block_size": 128},
+            "group_size 128 is larger than the input width 64 of model.layers.0",
+        )
+    ],
+)
 def test_a_group_that_does_not_fit_a_layer_is_refused(dense, calib, fields, match):
     model = copy.deepcopy(dense)
     with pytest.raises(ValueError, match=match):

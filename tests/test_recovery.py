@@ -23,15 +23,15 @@ SPARSE = {
 def test_recovery_matches_hand_computed_values():
     out = recovery(SPARSE, DENSE)
     expected = {
-        "recovery/arithmetic": 0.75,              # 0.30 / 0.40
+        "recovery/arithmetic": 0.75,  # 0.30 / 0.40
         "recovery/arithmetic/exact_match": 0.75,
-        "recovery/docsum": 0.9,                   # primary rouge1: 0.45 / 0.50
+        "recovery/docsum": 0.9,  # primary rouge1: 0.45 / 0.50
         "recovery/docsum/rouge1": 0.9,
-        "recovery/docsum/rouge2": 1.25,           # better than dense
-        "recovery/docsum/rougeL": 0.8,            # 0.36 / 0.45
-        "recovery/heldout": 0.8,                  # lower is better: 20 / 25
+        "recovery/docsum/rouge2": 1.25,  # better than dense
+        "recovery/docsum/rougeL": 0.8,  # 0.36 / 0.45
+        "recovery/heldout": 0.8,  # lower is better: 20 / 25
         "recovery/heldout/word_perplexity": 0.8,
-        "recovery/heldout/bits_per_byte": 0.8,    # 1.0 / 1.25
+        "recovery/heldout/bits_per_byte": 0.8,  # 1.0 / 1.25
         "recovery/mean": (0.75 + 0.9 + 0.8) / 3,
     }
     assert out.keys() == expected.keys()
@@ -63,17 +63,23 @@ def test_primary_metric_for_standard_lm_eval_tasks():
     assert primary_metric("custom", {"zeta", "alpha"}) == "alpha"
 
 
-@pytest.mark.parametrize(("sparse", "dense", "message"), [
-    ({"arithmetic": {"exact_match": 0.3}}, {}, r"no dense result for \['arithmetic'\]"),
-    ({}, {"arithmetic": {"exact_match": 0.3}}, r"no result for dense tasks \['arithmetic'\]"),
-    ({}, {}, "no tasks"),
-    ({"arithmetic": {"exact_match": 0.3}}, {"arithmetic": {"exact_match": 0.0}},
-     "arithmetic/exact_match: dense value is 0"),
-    ({"heldout": {"word_perplexity": 0.0}}, {"heldout": {"word_perplexity": 5.0}}, "sparse value is 0"),
-    ({"heldout": {"word_perplexity": math.inf}}, {"heldout": {"word_perplexity": 5.0}}, "finite"),
-    ({"arithmetic": {"exact_match": 0.3}}, {"arithmetic": {"acc": 0.3}}, "no metric reported by both runs"),
-    ({"mean": {"acc": 0.3}}, {"mean": {"acc": 0.3}}, "collide"),
-])
+@pytest.mark.parametrize(
+    ("sparse", "dense", "message"),
+    [
+        ({"arithmetic": {"exact_match": 0.3}}, {}, r"no dense result for \['arithmetic'\]"),
+        ({}, {"arithmetic": {"exact_match": 0.3}}, r"no result for dense tasks \['arithmetic'\]"),
+        ({}, {}, "no tasks"),
+        (
+            {"arithmetic": {"exact_match": 0.3}},
+            {"arithmetic": {"exact_match": 0.0}},
+            "arithmetic/exact_match: dense value is 0",
+        ),
+        ({"heldout": {"word_perplexity": 0.0}}, {"heldout": {"word_perplexity": 5.0}}, "sparse value is 0"),
+        ({"heldout": {"word_perplexity": math.inf}}, {"heldout": {"word_perplexity": 5.0}}, "finite"),
+        ({"arithmetic": {"exact_match": 0.3}}, {"arithmetic": {"acc": 0.3}}, "no metric reported by both runs"),
+        ({"mean": {"acc": 0.3}}, {"mean": {"acc": 0.3}}, "collide"),
+    ],
+)
 def test_errors(sparse, dense, message):
     with pytest.raises(ValueError, match=message):
         recovery(sparse, dense)

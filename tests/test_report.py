@@ -15,15 +15,24 @@ METRICS = {
     "sparse50": {"arithmetic": {"exact_match": 0.36}, "heldout": {"word_perplexity": 22.0}},
     "sparse70": {"arithmetic": {"exact_match": 0.30}, "heldout": {"word_perplexity": 25.0}},
 }
-CURVE = [{"method": method, "sparsity": sparsity, "ppl": ppl}
-         for method, points in {"sparsegpt": [(0.0, 20), (0.5, 22), (0.7, 30)],
-                                "magnitude": [(0.0, 20), (0.5, 40), (0.7, 900)]}.items()
-         for sparsity, ppl in points]
+CURVE = [
+    {"method": method, "sparsity": sparsity, "ppl": ppl}
+    for method, points in {
+        "sparsegpt": [(0.0, 20), (0.5, 22), (0.7, 30)],
+        "magnitude": [(0.0, 20), (0.5, 40), (0.7, 900)],
+    }.items()
+    for sparsity, ppl in points
+]
 
 
 def test_full_report(tmp_path):
-    data = ReportData(title="run 42", metrics=METRICS, ppl_curve=CURVE,
-                      speedups={"sparse70": 2.5, "sparse70-int8": 5.1}, run_info={"git": "abc123"})
+    data = ReportData(
+        title="run 42",
+        metrics=METRICS,
+        ppl_curve=CURVE,
+        speedups={"sparse70": 2.5, "sparse70-int8": 5.1},
+        run_info={"git": "abc123"},
+    )
     md_path = write_report(data, tmp_path)
     md = md_path.read_text()
     html = (tmp_path / "report.html").read_text()
@@ -55,11 +64,14 @@ def test_html_escapes_text(tmp_path):
     assert "<script>" not in html and "a &lt; b" in html
 
 
-@pytest.mark.parametrize(("point", "message"), [
-    ({"method": "m", "sparsity": 70, "ppl": 3.0}, "fraction"),
-    ({"method": "m", "sparsity": 0.7, "ppl": float("nan")}, "positive finite"),
-    ({"method": "m", "ppl": 3.0}, "missing"),
-])
+@pytest.mark.parametrize(
+    ("point", "message"),
+    [
+        ({"method": "m", "sparsity": 70, "ppl": 3.0}, "fraction"),
+        ({"method": "m", "sparsity": 0.7, "ppl": float("nan")}, "positive finite"),
+        ({"method": "m", "ppl": 3.0}, "missing"),
+    ],
+)
 def test_invalid_curve(tmp_path, point, message):
     with pytest.raises(ValueError, match=message):
         write_report(ReportData(ppl_curve=[point]), tmp_path)
@@ -75,17 +87,35 @@ def test_recovery_table_from_stage_metrics(tmp_path):
 
     cfg = load_config(PARAMS, overrides=[f"project.root={tmp_path}", "downstream.tasks=[docsum]"])
     layout = Layout.of(cfg)
-    for stage, ppl in {"base": 100.0, "prune50": 104.0, "pretrain50": 101.0, "prune70": 130.0,
-                       "pretrain70": 110.0}.items():
+    for stage, ppl in {
+        "base": 100.0,
+        "prune50": 104.0,
+        "pretrain50": 101.0,
+        "prune70": 130.0,
+        "pretrain70": 110.0,
+    }.items():
         write_metrics(layout.metrics(stage), {"ppl/val": ppl})
-    for stage, loss in {"ft-dense-docsum": 2.0, "ft-sparse50-docsum": 2.05, "ft-sparse70-docsum": 2.2,
-                        "ft-baseline70-docsum": 2.4}.items():
+    for stage, loss in {
+        "ft-dense-docsum": 2.0,
+        "ft-sparse50-docsum": 2.05,
+        "ft-sparse70-docsum": 2.2,
+        "ft-baseline70-docsum": 2.4,
+    }.items():
         write_metrics(layout.metrics(stage), {"train/val_loss": loss})
-    evals = {"dense": {"docsum": {"rouge1": 0.40}}, "sparse50": {"docsum": {"rouge1": 0.40}},
-             "sparse70": {"docsum": {"rouge1": 0.38}}, "sparse70-baseline": {"docsum": {"rouge1": 0.30}}}
+    evals = {
+        "dense": {"docsum": {"rouge1": 0.40}},
+        "sparse50": {"docsum": {"rouge1": 0.40}},
+        "sparse70": {"docsum": {"rouge1": 0.38}},
+        "sparse70-baseline": {"docsum": {"rouge1": 0.30}},
+    }
     table = recovery_table(cfg, layout, {"50": 0.5, "70": 0.7}, evals)
     assert [(r["stage"], r["ppl_val"]) for r in table["perplexity"]] == [
-        ("base", 100.0), ("prune50", 104.0), ("pretrain50", 101.0), ("prune70", 130.0), ("pretrain70", 110.0)]
+        ("base", 100.0),
+        ("prune50", 104.0),
+        ("pretrain50", 101.0),
+        ("prune70", 130.0),
+        ("pretrain70", 110.0),
+    ]
     row = table["tasks"]["docsum"]
     assert row["recovery"] == pytest.approx({"sparse50": 1.0, "sparse70": 0.95, "sparse70-baseline": 0.75})
     assert row["val_loss"] == {"dense": 2.0, "sparse50": 2.05, "sparse70": 2.2, "sparse70-baseline": 2.4}
@@ -95,19 +125,26 @@ def test_recovery_table_from_stage_metrics(tmp_path):
     assert row["paired"] == {} and row["target_nll"]["dense"] is None  # no samples: no paired differences
 
     # With each fine-tune's per-document scores, the paired differences and their standard errors.
-    per_doc = {"ft-dense-docsum": [0.4, 0.5, 0.3], "ft-sparse50-docsum": [0.4, 0.5, 0.3],
-               "ft-sparse70-docsum": [0.3, 0.5, 0.3], "ft-baseline70-docsum": [0.2, 0.4, 0.2]}
+    per_doc = {
+        "ft-dense-docsum": [0.4, 0.5, 0.3],
+        "ft-sparse50-docsum": [0.4, 0.5, 0.3],
+        "ft-sparse70-docsum": [0.3, 0.5, 0.3],
+        "ft-baseline70-docsum": [0.2, 0.4, 0.2],
+    }
     for model, values in per_doc.items():
-        rows = [{"task": "docsum", "doc_id": i, "target": "t", "output": "o", "rouge1": v}
-                for i, v in enumerate(values)]
+        rows = [
+            {"task": "docsum", "doc_id": i, "target": "t", "output": "o", "rouge1": v} for i, v in enumerate(values)
+        ]
         rows.append({"task": "heldout", "doc_id": 0, "target": ""})
         (layout.reports / "eval").mkdir(parents=True, exist_ok=True)
         (layout.reports / "eval" / f"{model}.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     paired = recovery_table(cfg, layout, {"50": 0.5, "70": 0.7}, evals)["tasks"]["docsum"]["paired"]["rouge1"]
     assert paired["sparse50 - dense"] == {"diff": 0.0, "se": 0.0}
     # sparse70 - dense: -0.1, 0, 0 -> mean -1/30, sample sd sqrt(((−1/15)² + 2(1/30)²)/2) = sqrt(1/300)
-    assert paired["sparse70 - dense"] == {"diff": pytest.approx(-1 / 30),
-                                          "se": pytest.approx((1 / 300) ** 0.5 / 3 ** 0.5)}
+    assert paired["sparse70 - dense"] == {
+        "diff": pytest.approx(-1 / 30),
+        "se": pytest.approx((1 / 300) ** 0.5 / 3**0.5),
+    }
     assert paired["sparse70 - sparse70-baseline"] == {"diff": pytest.approx(0.1), "se": pytest.approx(0.0, abs=1e-12)}
     md = recovery_markdown(recovery_table(cfg, layout, {"50": 0.5, "70": 0.7}, evals))
     assert "| docsum | rouge1 | sparse70 - dense | -0.0333 ± 0.0333 | -1.0 |" in md

@@ -25,8 +25,15 @@ def extension():
 def tiny_llama(sparsity: float = 0.7, seed: int = 0, intermediate: int = 160) -> LlamaForCausalLM:
     """2 layers, hidden 64, intermediate 160 (not a multiple of 64), decoder Linears pruned per row."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name in prunable_linear_names(model):
@@ -48,8 +55,9 @@ PROMPTS = torch.tensor([[5, 17, 99, 3, 42, 8, 1], [64, 2, 2, 77, 13, 120, 31]])
 
 
 def greedy(model: nn.Module, steps: int = 12) -> torch.Tensor:
-    return model.generate(PROMPTS, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                          pad_token_id=0)[:, PROMPTS.shape[1]:]
+    return model.generate(PROMPTS, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)[
+        :, PROMPTS.shape[1] :
+    ]
 
 
 @torch.no_grad()
@@ -159,8 +167,11 @@ def test_runs_an_int4_model_quantized_by_sparsify_quantization_exactly():
     assert torch.equal(dequantize(up.packed), model.model.layers[0].mlp.up_proj.weight.float())
     a, b = model(PROMPTS).logits, sparse(PROMPTS).logits
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
-    odd = quantized(tiny_llama(), QuantScheme(weight_bits=4, group_size=32, activation_bits=None),
-                    ["model.layers.0.mlp.up_proj.weight"])
+    odd = quantized(
+        tiny_llama(),
+        QuantScheme(weight_bits=4, group_size=32, activation_bits=None),
+        ["model.layers.0.mlp.up_proj.weight"],
+    )
     with pytest.raises(ValueError, match="multiple of 64"):
         sparsify_model(odd, int4=True)
 
@@ -176,8 +187,11 @@ def test_uses_codes_of_a_model_quantized_by_sparsify_quantization():
     # The in-memory quantized model (fake-quant weights + activation hooks) computes the same logits.
     a, b = model(PROMPTS).logits, sparse(PROMPTS).logits
     assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
-    grouped = quantized(tiny_llama(), QuantScheme(weight_bits=8, group_size=32, activation_bits=None),
-                        ["model.layers.0.mlp.up_proj.weight"])
+    grouped = quantized(
+        tiny_llama(),
+        QuantScheme(weight_bits=8, group_size=32, activation_bits=None),
+        ["model.layers.0.mlp.up_proj.weight"],
+    )
     with pytest.raises(ValueError, match="per-channel"):
         sparsify_model(grouped, int8=True)
 
@@ -245,8 +259,10 @@ def test_runtime_and_kernels_import_no_orchestration():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    code = ("import sys; import sparsify.runtime, sparsify.kernels, sparsify.bench; "
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}); print(bad)")
+    code = (
+        "import sys; import sparsify.runtime, sparsify.kernels, sparsify.bench; "
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}); print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -256,8 +272,9 @@ def test_decode_benchmark_on_a_tiny_model_agrees_across_variants():
     loop decodes what its `generate()` does, the float variants the dense tokens; timings and ratios."""
     from sparsify.bench import DECODE_VARIANTS, flat_metrics, run_decode_benchmark
 
-    result = run_decode_benchmark(layers=2, repeats=2, steps=3, prompt_len=5, prefill_len=16,
-                                  hidden=64, intermediate=192, heads=4, vocab=256)
+    result = run_decode_benchmark(
+        layers=2, repeats=2, steps=3, prompt_len=5, prefill_len=16, hidden=64, intermediate=192, heads=4, vocab=256
+    )
     variants = result["variants"]
     assert list(variants) == list(DECODE_VARIANTS)
     fp32 = variants["dense_fp32"]

@@ -140,9 +140,11 @@ def test_wrong_solution_fails_with_its_assertion(problem):
 
 @needs_bwrap
 def test_writes_inside_the_temp_folder_are_allowed():
-    code = ("import os, tempfile\nopen('scratch.txt', 'w').write('ok')\n"
-            "with tempfile.NamedTemporaryFile('w', dir=os.environ['TMPDIR']) as f:\n    f.write('x')\n"
-            "print(open('scratch.txt').read())\n")
+    code = (
+        "import os, tempfile\nopen('scratch.txt', 'w').write('ok')\n"
+        "with tempfile.NamedTemporaryFile('w', dir=os.environ['TMPDIR']) as f:\n    f.write('x')\n"
+        "print(open('scratch.txt').read())\n"
+    )
     result = run_untrusted(code)
     assert result.passed and result.output == "ok", result.detail
 
@@ -176,8 +178,6 @@ def test_code_cannot_fake_a_sandbox_failure_or_a_pass():
     """)
     result = run_untrusted(code)
     assert result.status == "failed" and not result.passed
-
-
 
 
 @needs_bwrap
@@ -228,7 +228,7 @@ def test_home_and_environment_secrets_are_not_readable(monkeypatch, tmp_path):
                     print(open(f"/proc/{{pid}}/environ", "rb").read())
                 except OSError:
                     pass
-        print(open({str(home / '.secret')!r}).read())
+        print(open({str(home / ".secret")!r}).read())
     """)
     result = run_untrusted(code, FAST)
     assert "s3cret" not in result.output + result.detail
@@ -242,16 +242,17 @@ def test_home_and_environment_secrets_are_not_readable(monkeypatch, tmp_path):
 def test_fork_bomb_is_bounded_and_killed_cleanly():
     probe = run_untrusted(BOUNDED_FORKS, SandboxPolicy(max_procs=8))
     if "refused after" not in probe.output:  # never run the real bomb without a working limit
-        pytest.fail(f"process limit not effective, refusing to run the fork bomb: {probe.output!r} "
-                    f"{probe.detail!r}")
+        pytest.fail(f"process limit not effective, refusing to run the fork bomb: {probe.output!r} {probe.detail!r}")
     assert int(probe.output.split()[2].rstrip(":")) < 8
 
     start = time.monotonic()
     bomb = run_untrusted("import os\nwhile True:\n    os.fork()\n", SandboxPolicy(timeout_s=2.0, max_procs=8))
     assert bomb.status == "failed" and bomb.cause == "processes", bomb.detail
     # A bomb that swallows the refusals keeps its 8 processes spinning until the timeout kills them all.
-    stubborn = run_untrusted("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
-                             "        pass\n", SandboxPolicy(timeout_s=2.0, max_procs=8))
+    stubborn = run_untrusted(
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+        SandboxPolicy(timeout_s=2.0, max_procs=8),
+    )
     assert stubborn.status == "timeout" and stubborn.cause == "timeout"
     assert time.monotonic() - start < 10
     time.sleep(0.2)
@@ -389,8 +390,7 @@ def test_unprivileged_caller_gets_the_same_isolation(public_dir):
     """As root, re-run the hostile programs as uid 65534 with a world-readable copy of the module."""
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is not installed")
-    python = next((p for p in (os.path.realpath(sys.executable), "/usr/bin/python3")
-                   if sbx._others_can_reach(p)), None)
+    python = next((p for p in (os.path.realpath(sys.executable), "/usr/bin/python3") if sbx._others_can_reach(p)), None)
     if python is None:
         pytest.skip("no Python that an unprivileged user can run")
     module = public_dir / "sandbox.py"
@@ -399,9 +399,23 @@ def test_unprivileged_caller_gets_the_same_isolation(public_dir):
     (public_dir / ".secret").write_text("s3cret-in-home")  # readable by uid 65534 outside the sandbox
     (public_dir / ".secret").chmod(0o644)
     proc = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         python, "-I", "-c", NON_ROOT_CHECK, str(module), BOUNDED_FORKS],
-        capture_output=True, text=True, timeout=60, cwd="/", check=False,
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            python,
+            "-I",
+            "-c",
+            NON_ROOT_CHECK,
+            str(module),
+            BOUNDED_FORKS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        check=False,
         env={"PATH": "/usr/bin:/bin", "HOME": str(public_dir), "SPARSIFY_TEST_SECRET": "s3cret-in-env"},
     )
     assert proc.returncode == 0, proc.stderr

@@ -53,8 +53,9 @@ def model_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    proc, base = bench.start_server(model_dir[1], "--threads", "1", "--max-batch", str(MAX_BATCH),
-                                    "--max-queue", str(MAX_QUEUE))
+    proc, base = bench.start_server(
+        model_dir[1], "--threads", "1", "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE)
+    )
     try:
         yield base
     finally:
@@ -70,7 +71,7 @@ def client(server):
 def hf_text(model, tokenizer, ids: list[int], max_new: int) -> str:
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=304)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 def metrics(base: str) -> dict[str, float]:
@@ -93,40 +94,64 @@ def test_completions_equal_cli_generate_and_transformers(client, model_dir, toke
 
     done = client.completions.create(model="tiny-sparse", prompt=prompt, max_tokens=24, temperature=0)
     assert done.choices[0].text == expected and done.choices[0].finish_reason == "length"
-    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (len(ids), 24,
-                                                                                              len(ids) + 24)
-    chunks = list(client.completions.create(model="tiny-sparse", prompt=prompt, max_tokens=24, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (
+        len(ids),
+        24,
+        len(ids) + 24,
+    )
+    chunks = list(
+        client.completions.create(
+            model="tiny-sparse",
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert len([c for c in chunks if c.choices]) > 2  # streamed, not one block
-    assert chunks[-1].usage.completion_tokens == 24 and [c.choices[0].finish_reason for c in chunks
-                                                         if c.choices][-1] == "length"
+    assert (
+        chunks[-1].usage.completion_tokens == 24
+        and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    )
 
 
 def test_chat_equals_transformers_on_the_template(client, model_dir, tokenizer):
     dense, _ = model_dir
     messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is 2+2?"}]
-    ids = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                    add_special_tokens=False).input_ids
+    ids = tokenizer(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    ).input_ids
     expected = hf_text(dense, tokenizer, ids, 16)
     done = client.chat.completions.create(model="tiny-sparse", messages=messages, max_tokens=16, temperature=0)
     assert done.choices[0].message.role == "assistant" and done.choices[0].message.content == expected
     assert done.usage.prompt_tokens == len(ids) and done.usage.completion_tokens == 16
-    chunks = list(client.chat.completions.create(model="tiny-sparse", messages=messages, max_completion_tokens=16,
-                                                 temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-sparse", messages=messages, max_completion_tokens=16, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_stop_strings_and_seeded_sampling(client):
-    kw = dict(model="tiny-sparse", prompt="import", max_tokens=20, temperature=0.9, top_p=0.95, seed=11,
-              extra_body={"top_k": 40, "ignore_eos": True})
+    kw = dict(
+        model="tiny-sparse",
+        prompt="import",
+        max_tokens=20,
+        temperature=0.9,
+        top_p=0.95,
+        seed=11,
+        extra_body={"top_k": 40, "ignore_eos": True},
+    )
     a, b = (client.completions.create(**kw).choices[0].text for _ in range(2))
     assert a == b and len(a) > 2
-    stop = a[len(a) // 2:len(a) // 2 + 2]
+    stop = a[len(a) // 2 : len(a) // 2 + 2]
     cut = client.completions.create(**kw, stop=[stop]).choices[0]
-    assert cut.text == a[:a.index(stop)] and cut.finish_reason == "stop"
+    assert cut.text == a[: a.index(stop)] and cut.finish_reason == "stop"
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_running(client, server):
@@ -134,8 +159,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_running(client, ser
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
     assert err.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.chat.completions.create(model="tiny-sparse", messages=[{"role": "user", "content": "x"}],
-                                       temperature=-0.5)
+        client.chat.completions.create(
+            model="tiny-sparse", messages=[{"role": "user", "content": "x"}], temperature=-0.5
+        )
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny-sparse", prompt="hi", max_tokens=CONTEXT)
     assert err.value.body["code"] == "context_length_exceeded" and "max_tokens" in err.value.body["message"]
@@ -144,8 +170,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_running(client, ser
     assert err.value.body["code"] == "context_length_exceeded" and "the prompt has" in err.value.body["message"]
     with pytest.raises(openai.BadRequestError, match="stop"):
         client.completions.create(model="tiny-sparse", prompt="hi", stop=[""])
-    raw = httpx.post(server + "/completions", content=b'{"model": "tiny-sparse", "prompt": ',
-                     headers={"content-type": "application/json"})
+    raw = httpx.post(
+        server + "/completions",
+        content=b'{"model": "tiny-sparse", "prompt": ',
+        headers={"content-type": "application/json"},
+    )
     assert raw.status_code == 400
     assert set(raw.json()["error"]) == {"message", "type", "param", "code"} and "JSON" in raw.json()["error"]["message"]
     raw = httpx.post(server + "/chat/completions", json={"model": "tiny-sparse", "messages": []})
@@ -179,8 +208,9 @@ def test_full_queue_is_refused_and_disconnects_free_their_slots(client, server):
     cancelled = 'sparsellama_requests_finished_total{reason="cancelled"}'
     assert now["sparsellama_running_sequences"] == 0 and now["sparsellama_queue_depth"] == 0
     assert now[cancelled] - before.get(cancelled, 0) == MAX_BATCH + MAX_QUEUE
-    assert now["sparsellama_generation_tokens_total"] - before["sparsellama_generation_tokens_total"] < \
-        MAX_BATCH * (CONTEXT - 8)  # nobody decoded to the end
+    assert now["sparsellama_generation_tokens_total"] - before["sparsellama_generation_tokens_total"] < MAX_BATCH * (
+        CONTEXT - 8
+    )  # nobody decoded to the end
     again = client.completions.create(model="tiny-sparse", prompt="free again", max_tokens=2)
     assert again.usage.completion_tokens == 2
 
@@ -205,8 +235,10 @@ def test_metrics_are_prometheus_text(server, client):
     m = metrics(server)
     assert m['sparsellama_http_requests_total{path="/v1/completions",status="200"}'] >= 1
     assert m["sparsellama_time_to_first_token_seconds_count"] >= 1
-    assert m['sparsellama_time_to_first_token_seconds_bucket{le="+Inf"}'] == m[
-        "sparsellama_time_to_first_token_seconds_count"]
+    assert (
+        m['sparsellama_time_to_first_token_seconds_bucket{le="+Inf"}']
+        == m["sparsellama_time_to_first_token_seconds_count"]
+    )
     for name in ("sparsellama_tokens_per_second", "sparsellama_queue_depth", "sparsellama_prompt_tokens_total"):
         assert name in m
 
@@ -229,8 +261,10 @@ def test_serving_modules_import_no_orchestration():
     import subprocess
     import sys
 
-    code = ("import sys; import sparsify.loading, sparsify.engine, sparsify.generation, sparsify.server; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}))")
+    code = (
+        "import sys; import sparsify.loading, sparsify.engine, sparsify.generation, sparsify.server; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 

@@ -31,13 +31,20 @@ def ids(text: str) -> list[int]:
 
 
 def test_labels_cover_the_target_only_with_right_padding():
-    data = SFTDataset.from_records([{"id": "0", "prompt": "abc", "target": "de"},
-                                    {"id": "1", "prompt": "f", "target": "g"}], CharTokenizer(), max_length=32)
+    data = SFTDataset.from_records(
+        [{"id": "0", "prompt": "abc", "target": "de"}, {"id": "1", "prompt": "f", "target": "g"}],
+        CharTokenizer(),
+        max_length=32,
+    )
     batch = data.collate([0, 1])
-    assert batch.input_ids.tolist() == [[BOS, *ids("abc"), *ids("de"), EOS],
-                                        [BOS, *ids("f"), *ids("g"), EOS, PAD, PAD, PAD]]
-    assert batch.labels.tolist() == [[IGNORE_INDEX] * 4 + [*ids("de"), EOS],
-                                     [IGNORE_INDEX] * 2 + [*ids("g"), EOS] + [IGNORE_INDEX] * 3]
+    assert batch.input_ids.tolist() == [
+        [BOS, *ids("abc"), *ids("de"), EOS],
+        [BOS, *ids("f"), *ids("g"), EOS, PAD, PAD, PAD],
+    ]
+    assert batch.labels.tolist() == [
+        [IGNORE_INDEX] * 4 + [*ids("de"), EOS],
+        [IGNORE_INDEX] * 2 + [*ids("g"), EOS] + [IGNORE_INDEX] * 3,
+    ]
     assert batch.attention_mask.tolist() == [[1] * 7, [1] * 4 + [0] * 3]
     assert batch.n_targets == 5 and batch.n_tokens == 11
 
@@ -53,8 +60,10 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_target():
     assert row.labels.tolist() == [[IGNORE_INDEX] * 3 + [*ids("xy"), EOS]]
 
 
-@pytest.mark.parametrize(("record", "field"), [({"prompt": "q"}, "target"), ({"target": "a"}, "prompt"),
-                                               ({"prompt": 3, "target": "a"}, "prompt")])
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [({"prompt": "q"}, "target"), ({"target": "a"}, "prompt"), ({"prompt": 3, "target": "a"}, "prompt")],
+)
 def test_bad_record_names_the_field_and_index(record, field):
     records = [{"prompt": "q", "target": "a"}, record]
     with pytest.raises(ValueError, match=f"record 1: .*field '{field}'"):
@@ -69,9 +78,14 @@ def test_sampling_is_a_pure_function_of_seed_step_micro():
 
 
 def test_templates_render_prompt_and_target():
-    data = SFTDataset.from_records([{"prompt": "ab", "target": "c"}], CharTokenizer(), 16,
-                                   render_prompt=lambda r: f"Q{r['prompt']}", render_target=lambda r: f" {r['target']}",
-                                   add_eos=False)
+    data = SFTDataset.from_records(
+        [{"prompt": "ab", "target": "c"}],
+        CharTokenizer(),
+        16,
+        render_prompt=lambda r: f"Q{r['prompt']}",
+        render_target=lambda r: f" {r['target']}",
+        add_eos=False,
+    )
     assert data.collate([0]).input_ids.tolist() == [[BOS, *ids("Qab"), *ids(" c")]]
 
 
@@ -105,8 +119,9 @@ def test_task_templates_give_the_training_text_evaluation_uses(tmp_path):
     records = generate_arithmetic(n_train=6, n_test=1, seed=0)["train"]
     texts = [spec.render_prompt(r) + spec.render_target(r) for r in records]
     tok = train_tokenizer(texts * 5, vocab_size=300, out_dir=tmp_path / "tok")
-    data = SFTDataset.from_records(records, tok, max_length=256, render_prompt=spec.render_prompt,
-                                   render_target=spec.render_target)
+    data = SFTDataset.from_records(
+        records, tok, max_length=256, render_prompt=spec.render_prompt, render_target=spec.render_target
+    )
     batch = data.collate(range(len(records)))
     for row, record in enumerate(records):
         supervised = batch.labels[row] != IGNORE_INDEX
@@ -119,8 +134,11 @@ def test_target_nll_is_each_targets_log_likelihood_given_its_prompt():
     from sparsify.sft import target_nll
 
     model = tiny_llama().eval()
-    records = [{"id": "0", "prompt": "abc", "target": "de"}, {"id": "1", "prompt": "f", "target": "ghij"},
-               {"id": "2", "prompt": "klmnop", "target": "q"}]
+    records = [
+        {"id": "0", "prompt": "abc", "target": "de"},
+        {"id": "1", "prompt": "f", "target": "ghij"},
+        {"id": "2", "prompt": "klmnop", "target": "q"},
+    ]
     data = SFTDataset.from_records(records, CharTokenizer(), max_length=32)
     got = target_nll(model, data, batch_size=2)  # padded batches
     for (nll, n), r in zip(got, records, strict=True):

@@ -48,8 +48,17 @@ def half_masks(model: torch.nn.Module, seed: int = 1) -> dict[str, torch.Tensor]
 
 
 def tiny_config(**changes) -> TrainConfig:
-    base = {"steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.1,
-            "eval_every": 3, "eval_blocks": 8, "log_every": 1}
+    base = {
+        "steps": 6,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "lr": 1e-2,
+        "warmup_steps": 2,
+        "weight_decay": 0.1,
+        "eval_every": 3,
+        "eval_blocks": 8,
+        "log_every": 1,
+    }
     return TrainConfig(**{**base, **changes})
 
 
@@ -69,8 +78,16 @@ def test_masks_hold_under_weight_decay_and_momentum(tmp_path):
     model = tiny_llama()
     masks = half_masks(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, random_blocks(), None, tiny_config(checkpoint_every=6), seed=0, masks=masks, progress=False,
-          checkpoint_dir=tmp_path)
+    train(
+        model,
+        random_blocks(),
+        None,
+        tiny_config(checkpoint_every=6),
+        seed=0,
+        masks=masks,
+        progress=False,
+        checkpoint_dir=tmp_path,
+    )
     params = dict(model.named_parameters())
     optim = torch.load(tmp_path / OPTIMIZER_FILE, weights_only=True)
     for name, keep in masks.items():
@@ -115,8 +132,17 @@ def test_killed_run_resumes_to_identical_weights_and_loss(tmp_path):
     expected = train(full, blocks, blocks, cfg, seed=7, masks=masks, progress=False, checkpoint_dir=tmp_path / "a")
 
     with pytest.raises(Killed):  # dies after 5 steps; its last checkpoint holds step 4
-        train(tiny_llama(), blocks, blocks, cfg, seed=7, masks=masks, progress=False,
-              checkpoint_dir=tmp_path / "b", on_step=kill_at(4))
+        train(
+            tiny_llama(),
+            blocks,
+            blocks,
+            cfg,
+            seed=7,
+            masks=masks,
+            progress=False,
+            checkpoint_dir=tmp_path / "b",
+            on_step=kill_at(4),
+        )
     assert json.loads((tmp_path / "b" / STATE_FILE).read_text())["step"] == 4
 
     fresh = tiny_llama(seed=123)  # different init: everything must come from the checkpoint
@@ -125,8 +151,10 @@ def test_killed_run_resumes_to_identical_weights_and_loss(tmp_path):
     for (name, a), b in zip(full.named_parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a, b), name
     assert resumed.final_train_loss == expected.final_train_loss
-    assert resumed.history == [{**row, "tokens_per_s": row_b["tokens_per_s"]}
-                               for row, row_b in zip(expected.history, resumed.history, strict=True)]
+    assert resumed.history == [
+        {**row, "tokens_per_s": row_b["tokens_per_s"]}
+        for row, row_b in zip(expected.history, resumed.history, strict=True)
+    ]
     assert [e["val_loss"] for e in resumed.evals] == [e["val_loss"] for e in expected.evals]
 
 
@@ -135,16 +163,40 @@ def test_resume_from_a_different_config_or_masks_is_refused(tmp_path):
     masks = half_masks(tiny_llama())
     train(tiny_llama(), blocks, None, cfg, seed=0, masks=masks, progress=False, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"different training configuration.*lr: 0\.01 in the checkpoint, 0\.02"):
-        train(tiny_llama(), blocks, None, cfg.model_copy(update={"lr": 0.02}), seed=0, masks=masks,
-              progress=False, checkpoint_dir=tmp_path)
+        train(
+            tiny_llama(),
+            blocks,
+            None,
+            cfg.model_copy(update={"lr": 0.02}),
+            seed=0,
+            masks=masks,
+            progress=False,
+            checkpoint_dir=tmp_path,
+        )
     with pytest.raises(ValueError, match="seed: 0 in the checkpoint, 1 now"):
         train(tiny_llama(), blocks, None, cfg, seed=1, masks=masks, progress=False, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="different masks"):
-        train(tiny_llama(), blocks, None, cfg, seed=0, masks=half_masks(tiny_llama(), seed=2), progress=False,
-              checkpoint_dir=tmp_path)
+        train(
+            tiny_llama(),
+            blocks,
+            None,
+            cfg,
+            seed=0,
+            masks=half_masks(tiny_llama(), seed=2),
+            progress=False,
+            checkpoint_dir=tmp_path,
+        )
     # Logging cadence does not change the trajectory: resuming with it changed is fine.
-    train(tiny_llama(), blocks, None, cfg.model_copy(update={"log_every": 5}), seed=0, masks=masks,
-          progress=False, checkpoint_dir=tmp_path)
+    train(
+        tiny_llama(),
+        blocks,
+        None,
+        cfg.model_copy(update={"log_every": 5}),
+        seed=0,
+        masks=masks,
+        progress=False,
+        checkpoint_dir=tmp_path,
+    )
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -156,8 +208,16 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                 model.model.norm.weight.fill_(float("nan"))
 
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5.*last good checkpoint \(step 4\)"):
-        train(model, random_blocks(), None, tiny_config(steps=8, checkpoint_every=2), seed=0, progress=False,
-              checkpoint_dir=tmp_path, on_step=poison)
+        train(
+            model,
+            random_blocks(),
+            None,
+            tiny_config(steps=8, checkpoint_every=2),
+            seed=0,
+            progress=False,
+            checkpoint_dir=tmp_path,
+            on_step=poison,
+        )
     assert json.loads((tmp_path / STATE_FILE).read_text())["step"] == 4
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / WEIGHTS_FILE).values())
 
@@ -173,8 +233,15 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "make_optimizer", lambda model, cfg: Overflowing(model.parameters(), lr=cfg.lr))
     with pytest.raises(TrainingDiverged, match="weights became non-finite at step 0.*no checkpoint was written"):
-        train(tiny_llama(), random_blocks(), None, tiny_config(steps=2, checkpoint_every=1), seed=0,
-              progress=False, checkpoint_dir=tmp_path / "ck")
+        train(
+            tiny_llama(),
+            random_blocks(),
+            None,
+            tiny_config(steps=2, checkpoint_every=1),
+            seed=0,
+            progress=False,
+            checkpoint_dir=tmp_path / "ck",
+        )
     assert not (tmp_path / "ck").exists()
 
 
@@ -196,8 +263,7 @@ def test_kd_weights_need_a_teacher():
 def test_bf16_autocast_trains_and_keeps_masks():
     model = tiny_llama()
     masks = half_masks(model)
-    result = train(model, random_blocks(), None, tiny_config(steps=3, bf16=True), seed=0, masks=masks,
-                   progress=False)
+    result = train(model, random_blocks(), None, tiny_config(steps=3, bf16=True), seed=0, masks=masks, progress=False)
     assert all(np.isfinite(row["loss"]) for row in result.history)
     params = dict(model.named_parameters())
     assert all(params[n].dtype == torch.float32 and torch.count_nonzero(params[n][~m]) == 0 for n, m in masks.items())
@@ -210,16 +276,31 @@ def test_bf16_auto_resolves_to_the_device_and_is_recorded(tmp_path, monkeypatch)
     for native in (True, False):
         monkeypatch.setattr(trainer, "bf16_supported", lambda device, native=native: native)
         seen = []
-        monkeypatch.setattr(trainer, "_autocast",
-                            lambda device, enabled, seen=seen: seen.append(enabled) or real(device, enabled))
+        monkeypatch.setattr(
+            trainer, "_autocast", lambda device, enabled, seen=seen: seen.append(enabled) or real(device, enabled)
+        )
         ckpt = tmp_path / f"native-{native}"
-        train(tiny_llama(), random_blocks(), None, tiny_config(steps=2, bf16="auto", checkpoint_every=2), seed=0,
-              progress=False, checkpoint_dir=ckpt)
+        train(
+            tiny_llama(),
+            random_blocks(),
+            None,
+            tiny_config(steps=2, bf16="auto", checkpoint_every=2),
+            seed=0,
+            progress=False,
+            checkpoint_dir=ckpt,
+        )
         assert seen == [native]
         assert json.loads((ckpt / STATE_FILE).read_text())["config"]["bf16"] is native
     with pytest.raises(ValueError, match="different training configuration"):  # bf16 then, fp32 now
-        train(tiny_llama(), random_blocks(), None, tiny_config(steps=2, bf16="auto", checkpoint_every=2), seed=0,
-              progress=False, checkpoint_dir=tmp_path / "native-True")
+        train(
+            tiny_llama(),
+            random_blocks(),
+            None,
+            tiny_config(steps=2, bf16="auto", checkpoint_every=2),
+            seed=0,
+            progress=False,
+            checkpoint_dir=tmp_path / "native-True",
+        )
 
 
 def test_validation_loss_on_blocks_is_mean_nll():
@@ -238,8 +319,14 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_training():
             # HF checkpoints a layer's forward (its own hooks stay outside), and the recomputation may stop
             # once it has what backward needs: count calls of the layer's first module.
             layer.input_layernorm.register_forward_pre_hook(lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1))
-        result = train(model, random_blocks(), None, tiny_config(steps=3, gradient_checkpointing=checkpointing),
-                       seed=0, progress=False)
+        result = train(
+            model,
+            random_blocks(),
+            None,
+            tiny_config(steps=3, gradient_checkpointing=checkpointing),
+            seed=0,
+            progress=False,
+        )
         assert not model.is_activation_checkpointing  # the caller gets the model back as it gave it
         runs[checkpointing] = (result, model, calls[0])
     (plain, plain_model, plain_calls), (ckpt, ckpt_model, ckpt_calls) = runs[False], runs[True]
@@ -251,8 +338,15 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_training():
 
 def test_teacher_in_bf16_without_gradients_where_supported(caplog):
     student, teacher = tiny_llama(), tiny_llama(seed=1)
-    result = train(student, random_blocks(), None, tiny_config(steps=2, kd_kl=1.0, teacher_bf16=True), seed=0,
-                   teacher=teacher, progress=False)
+    result = train(
+        student,
+        random_blocks(),
+        None,
+        tiny_config(steps=2, kd_kl=1.0, teacher_bf16=True),
+        seed=0,
+        teacher=teacher,
+        progress=False,
+    )
     assert all(np.isfinite(row["loss"]) and np.isfinite(row["kl"]) for row in result.history)
     assert not any(p.requires_grad for p in teacher.parameters())
     expected = torch.bfloat16 if trainer.bf16_supported(torch.device("cpu")) else torch.float32

@@ -20,9 +20,13 @@ def test_prefect_yaml_deploys_every_flow_and_the_stage_runner():
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {(d["entrypoint"].split(":")[1], d["name"]): d["work_pool"]["name"] for d in spec["deployments"]}
-    assert deployments == {("sparse_llama", "default"): "cpu", ("finetune_task", "default"): "cpu",
-                           ("prune_sweep", "default"): "cpu", ("benchmark", "default"): "cpu",
-                           ("run_stage", "gpu"): "gpu"}
+    assert deployments == {
+        ("sparse_llama", "default"): "cpu",
+        ("finetune_task", "default"): "cpu",
+        ("prune_sweep", "default"): "cpu",
+        ("benchmark", "default"): "cpu",
+        ("run_stage", "gpu"): "gpu",
+    }
     for entry in spec["deployments"]:
         path, func = entry["entrypoint"].split(":")
         assert (REPO / path).is_file() and callable(getattr(pipeline, func))
@@ -47,8 +51,13 @@ def test_gpu_stages_run_on_the_gpu_pools_worker(tmp_path, prefect_server):
     from tasks.common import read_metrics
 
     prefect = str(Path(sys.executable).with_name("prefect"))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "SPARSELLAMA_REPO": str(REPO),
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "SPARSELLAMA_REPO": str(REPO),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+    }
 
     def cli(*args: str) -> None:
         done = subprocess.run([prefect, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
@@ -57,12 +66,25 @@ def test_gpu_stages_run_on_the_gpu_pools_worker(tmp_path, prefect_server):
     cli("work-pool", "create", "gpu", "--type", "process")
     cli("--no-prompt", "deploy", "--name", "gpu")  # from prefect.yaml, as a user deploys
     log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "gpu", "--limit", "1"], cwd=tmp_path, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [prefect, "worker", "start", "--pool", "gpu", "--limit", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        results = sparse_llama(profile="smoke", config_path=str(PARAMS), targets=["base"], overrides=[
-            f"project.root={tmp_path / 'run'}", "tracking.enabled=false", "base.train.steps=20",
-            "orchestration.gpu_deployment=run-stage/gpu"])
+        results = sparse_llama(
+            profile="smoke",
+            config_path=str(PARAMS),
+            targets=["base"],
+            overrides=[
+                f"project.root={tmp_path / 'run'}",
+                "tracking.enabled=false",
+                "base.train.steps=20",
+                "orchestration.gpu_deployment=run-stage/gpu",
+            ],
+        )
     finally:
         worker.terminate()
         worker.wait(timeout=60)
@@ -73,7 +95,8 @@ def test_gpu_stages_run_on_the_gpu_pools_worker(tmp_path, prefect_server):
     async def stage_runs():
         async with get_client() as client:
             runs = await client.read_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["gpu"])))
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["gpu"]))
+            )
             return [(r.parameters["stage"], r.state.type.value) for r in runs]
 
     # base ran as a flow run of the gpu pool's deployment; data ran in the flow's own process.

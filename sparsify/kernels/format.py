@@ -102,11 +102,13 @@ class PackedWeight:
         out, cols = self.shape
         words = -(-cols // 64)
         if self.dtype not in VALUE_DTYPES or self.values.dim() != 1:
-            raise ValueError(f"values must be 1-D {', '.join(map(str, VALUE_DTYPES))} (int4: uint8 bytes), "
-                             f"got {self.values.dtype}")
+            raise ValueError(
+                f"values must be 1-D {', '.join(map(str, VALUE_DTYPES))} (int4: uint8 bytes), got {self.values.dtype}"
+            )
         if self.bitmask.dtype != torch.uint8 or tuple(self.bitmask.shape) != (out, 8 * words):
-            raise ValueError(f"bitmask must be uint8 {(out, 8 * words)}, got {self.bitmask.dtype} "
-                             f"{tuple(self.bitmask.shape)}")
+            raise ValueError(
+                f"bitmask must be uint8 {(out, 8 * words)}, got {self.bitmask.dtype} {tuple(self.bitmask.shape)}"
+            )
         if self.offsets.dtype != torch.int64 or tuple(self.offsets.shape) != (out + 1,):
             raise ValueError(f"offsets must be int64 [{out + 1}], got {self.offsets.dtype} {tuple(self.offsets.shape)}")
         for name in ("bitmask", "offsets", "values", "scales", "row_sums"):
@@ -144,18 +146,20 @@ class PackedWeight:
         out, cols = self.shape
         g = self.group_size
         if g is not None and (g <= 0 or g % WORD or cols % g):
-            raise ValueError(f"int4 group_size must be a positive multiple of {WORD} that divides in_features={cols}, "
-                             f"got {g}")
+            raise ValueError(
+                f"int4 group_size must be a positive multiple of {WORD} that divides in_features={cols}, got {g}"
+            )
         groups = 1 if g is None else cols // g
         if self.scales is None or self.scales.dtype != torch.float32 or tuple(self.scales.shape) != (out, groups):
-            raise ValueError(f"int4 values need float32 scales [{out}, {groups}], got "
-                             f"{None if self.scales is None else (self.scales.dtype, tuple(self.scales.shape))}")
+            raise ValueError(
+                f"int4 values need float32 scales [{out}, {groups}], got "
+                f"{None if self.scales is None else (self.scales.dtype, tuple(self.scales.shape))}"
+            )
         if self.row_sums is not None:
             raise ValueError("int4 values take no row_sums")
         nibbles = _int4_nibbles(self.values[: int(self.offsets[-1])], self.bitmask)
         if bool(((nibbles < INT4_OFFSET - INT4_QMAX) | (nibbles > INT4_OFFSET + INT4_QMAX)).any()):
             raise ValueError(f"int4 codes must lie in [-{INT4_QMAX}, {INT4_QMAX}] (nibbles 1..15)")
-
 
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -171,8 +175,11 @@ def popcount_rows(bitmask: Tensor) -> Tensor:
 def _word_counts(bitmask: Tensor) -> np.ndarray:
     """Set bits per 64-bit mask word, int64 ``[out, words]``."""
     words = bitmask.numpy().view("<u8")
-    counts = np.bitwise_count(words) if hasattr(np, "bitwise_count") else _POPCOUNT8[bitmask.numpy()].reshape(
-        words.shape[0], words.shape[1], 8).sum(-1)
+    counts = (
+        np.bitwise_count(words)
+        if hasattr(np, "bitwise_count")
+        else _POPCOUNT8[bitmask.numpy()].reshape(words.shape[0], words.shape[1], 8).sum(-1)
+    )
     return counts.astype(np.int64)
 
 
@@ -347,8 +354,7 @@ def pack_int4_kept(
     data = _pack_int4(kept_codes, bitmask)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), _int4_row_bytes(bitmask).cumsum(0)])
     values = torch.cat([data, torch.zeros(PAD_BYTES, dtype=torch.uint8)])
-    return PackedWeight(tuple(shape), bitmask, offsets, values, scales.float().contiguous(), None, act_int8,
-                        group_size)
+    return PackedWeight(tuple(shape), bitmask, offsets, values, scales.float().contiguous(), None, act_int8, group_size)
 
 
 def _pack_int4_weight(
@@ -356,8 +362,9 @@ def _pack_int4_weight(
 ) -> PackedWeight:
     out, cols = weight.shape
     if group_size is not None and (group_size <= 0 or group_size % WORD or cols % group_size):
-        raise ValueError(f"int4 group_size must be a positive multiple of {WORD} that divides in_features={cols}, "
-                         f"got {group_size}")
+        raise ValueError(
+            f"int4 group_size must be a positive multiple of {WORD} that divides in_features={cols}, got {group_size}"
+        )
     groups = 1 if group_size is None else cols // group_size
     if weight.dtype == torch.int8:  # the kept codes' range is checked by pack_int4_kept (pruned ones are 0)
         scales = scales.detach().cpu().float().reshape(out, -1).contiguous()

@@ -32,8 +32,11 @@ def kernel_isa() -> str:
     if "isa" not in _isa_cache:
         _isa_cache["isa"] = available_isa()
         isa = _isa_cache["isa"]
-        logger.info("sparse kernels: the %s path%s", "pure-torch" if isa < 0 else ISA_NAMES[isa],
-                    f" (SPARSELLAMA_ISA={os.environ['SPARSELLAMA_ISA']})" if os.environ.get("SPARSELLAMA_ISA") else "")
+        logger.info(
+            "sparse kernels: the %s path%s",
+            "pure-torch" if isa < 0 else ISA_NAMES[isa],
+            f" (SPARSELLAMA_ISA={os.environ['SPARSELLAMA_ISA']})" if os.environ.get("SPARSELLAMA_ISA") else "",
+        )
     isa = _isa_cache["isa"]
     return "torch" if isa < 0 else ISA_NAMES[isa]
 
@@ -89,9 +92,7 @@ def _check_input(x: Tensor, packed: PackedWeight) -> None:
         raise ValueError(f"x's last dimension must be in_features={packed.shape[1]}, got shape {tuple(x.shape)}")
 
 
-def sparse_linear(
-    x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *, isa: str | None = None
-) -> Tensor:
+def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *, isa: str | None = None) -> Tensor:
     """``x [..., in] · Wᵀ + bias`` → ``[..., out]`` in x's dtype (float16 computes in fp32).
 
     ``bias`` is fp32 ``[out]`` or None. ``isa`` forces a path: 'avx512', 'avx2', 'generic' (must be
@@ -115,6 +116,14 @@ def sparse_linear(
         return sparse_linear(x.float(), packed, bias, isa=name).half()
     # Fast path (decode calls this ~7 times per layer per token): the C++ side views x as [M, in].
     return load_extension().sparse_linear(
-        x if x.is_contiguous() else x.contiguous(), packed.bitmask, packed.offsets, packed.values,
-        packed.scales, packed.row_sums, bias, packed.act_int8, ISA_NAMES.index(name), packed.group_size or 0,
+        x if x.is_contiguous() else x.contiguous(),
+        packed.bitmask,
+        packed.offsets,
+        packed.values,
+        packed.scales,
+        packed.row_sums,
+        bias,
+        packed.act_int8,
+        ISA_NAMES.index(name),
+        packed.group_size or 0,
     )

@@ -87,7 +87,11 @@ def test_gpu_stages_run_on_the_gpu_pools_worker(tmp_path, prefect_server):
         )
     finally:
         worker.terminate()
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # Prefect's worker sometimes ignores the SIGINT it forwards itself;
+            worker.kill()  # what this test checks (stages dispatched to the pool) is already decided
+            worker.wait()
         log.close()
     assert set(results) == {"data", "base"}
     assert results["base"] == read_metrics(tmp_path / "run" / "metrics" / "base.json")

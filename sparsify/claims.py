@@ -157,6 +157,16 @@ def _gpu_speedup(bench: Mapping[str, Any]) -> tuple[float | None, float | None, 
     )
 
 
+def _at_floor(tasks: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Tasks whose dense model scores 0 on a higher-is-better primary metric: recovery there is undefined and a
+    difference says nothing, so the accuracy claims are inconclusive rather than unmeasured."""
+    return sorted(
+        t
+        for t, row in tasks.items()
+        if row["values"].get("dense") is not None and row["values"]["dense"] <= 0 and higher_is_better(row["metric"])
+    )
+
+
 def paper_claims(
     tasks: Mapping[str, Mapping[str, Any]], levels: Sequence[str], bench: Mapping[str, Any]
 ) -> list[Claim]:
@@ -226,4 +236,11 @@ def paper_claims(
             basis=basis,
         )
     )
+    floor = _at_floor(tasks)
+    if floor:  # the accuracy claims (the first len(levels) + 1) cannot be judged at the noise floor
+        note = f"; the dense model scores 0 on {', '.join(floor)} (noise floor): undefined"
+        claims[: len(levels) + 1] = [
+            dataclasses.replace(c, verdict="inconclusive", basis=c.basis + note) if c.verdict == "not measured" else c
+            for c in claims[: len(levels) + 1]
+        ]
     return claims

@@ -133,3 +133,18 @@ def test_claims_come_first_in_the_report(tmp_path):
     assert md.index("The paper's claims") < md.index("git commit")
     assert "**not measured**" in md and "full (100%)" in md
     assert "The paper&#x27;s claims" in (tmp_path / "report.html").read_text()
+
+
+def test_accuracy_claims_at_the_noise_floor_are_inconclusive_not_unmeasured():
+    floor = {
+        "arith": task(
+            "exact_match",
+            {"dense": 0.0, "sparse70": 0.0, "sparse70-baseline": 0.0},
+            {"sparse70 - dense": (0.0, 0.0), "sparse70 - sparse70-baseline": (0.0, 0.0)},
+        )
+    }
+    claims = paper_claims(floor, ["70"], {})
+    assert [c.verdict for c in claims[:2]] == ["inconclusive", "inconclusive"]
+    assert "scores 0 on arith" in claims[0].basis
+    missing = {"arith": task("exact_match", {"dense": 0.5}, {})}  # no fine-tuned model scored: not measured
+    assert [c.verdict for c in paper_claims(missing, ["70"], {})[:2]] == ["not measured", "not measured"]

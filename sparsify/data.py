@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from sparsify.config import DataConfig, SourceConfig
 from sparsify.errors import DataError
-from sparsify.io import atomic_write_json
+from sparsify.io import atomic_write_json, jsonl_objects
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +125,7 @@ def _jsonl_texts(path: Path, src: SourceConfig) -> Iterator[str]:
     lineno = 0
     with path.open(encoding="utf-8") as f:
         try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"source '{src.name}': {path}:{lineno} is not a JSON record: {err}") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"source '{src.name}': {path}:{lineno} is not a JSON object")
+            for lineno, record in jsonl_objects(f, f"source '{src.name}': {path}"):
                 yield _field(record, src, f"{path}:{lineno}")
         except UnicodeDecodeError as err:
             raise DataError(f"source '{src.name}': {path} (after line {lineno}) is not UTF-8 text: {err}") from None

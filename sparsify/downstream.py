@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import hashlib
 import inspect
-import json
 import logging
 import os
 import random
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sparsify.errors import ConfigError, DataError, MissingFileError
-from sparsify.io import atomic_write_jsonl
+from sparsify.io import atomic_write_jsonl, jsonl_objects
 
 log = logging.getLogger(__name__)
 
@@ -819,15 +818,7 @@ def read_task_jsonl(path: str | os.PathLike) -> list[Record]:
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text (a binary file?): {err}") from None
     records = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: not a JSON record: {err}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: a record must be a JSON object, got {type(record).__name__}")
+    for lineno, record in jsonl_objects(lines, str(path)):
         missing = [f for f in ("id", "prompt", "target") if f not in record]
         if missing:
             raise DataError(f"{path}:{lineno}: record is missing field(s) {missing} (has {sorted(record)})")

@@ -1,4 +1,4 @@
-"""Atomic file and directory writes.
+"""Atomic file and directory writes, and the JSONL reader that matches :func:`atomic_write_jsonl`.
 
 Every output of the pipeline is written to a temporary sibling first and renamed
 into place, so an interrupted or failed write never leaves a half-written file
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sparsify.errors import OutputWriteError
+from sparsify.errors import DataError, OutputWriteError
 
 
 def _read_umask() -> int:
@@ -142,3 +142,18 @@ def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def jsonl_objects(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSONL file, read as it streams; a line that is not a JSON
+    object is a DataError naming ``where`` (the file, with any context in front) and the line."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}:{lineno}: not a JSON record: {err}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}:{lineno}: a record must be a JSON object, got {type(record).__name__}")
+        yield lineno, record

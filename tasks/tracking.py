@@ -44,6 +44,17 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or f"sqlite:///{(cfg.root / 'mlflow.db').resolve()}"
 
 
+def row_metrics(row: dict, prefix: str, timestamp_ms: int) -> list[Metric]:
+    """One training-history row (``{"step": n, "loss": ..., ...}``) as MLflow metrics ``<prefix>/<key>`` at that
+    step; values that are not finite numbers are left out (MLflow would refuse the batch)."""
+    step = int(row["step"])
+    return [
+        Metric(f"{prefix}/{k}", float(v), timestamp_ms, step)
+        for k, v in row.items()
+        if k != "step" and isinstance(v, int | float) and math.isfinite(v)
+    ]
+
+
 class Tracker:
     """Parent run per pipeline run, one nested run per stage; a no-op when tracking is disabled."""
 
@@ -95,14 +106,12 @@ class Tracker:
         if not (self.enabled and run_id):
             return
         now = int(time.time() * 1000)
-        ms = [
-            Metric(f"{prefix}/{k}", float(v), now, int(row["step"]))
-            for row in rows
-            for k, v in row.items()
-            if k != "step" and isinstance(v, int | float) and math.isfinite(v)
-        ]
-        for i in range(0, len(ms), 1000):
-            self.client.log_batch(run_id, metrics=ms[i : i + 1000])
+        self.send_metrics(run_id, [m for row in rows for m in row_metrics(row, prefix, now)])
+
+    def send_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        """``metrics`` to the run, in MLflow's batches of at most 1,000."""
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
     def artifacts(self, run_id: str | None, paths: Iterable[Path]) -> None:
         if not (self.enabled and run_id):
@@ -155,20 +164,14 @@ class LiveMetrics:
     def __call__(self, row: dict) -> None:
         if self.first_step is None:
             self.first_step = int(row["step"])
-        now = int(time.time() * 1000)
-        self._pending += [
-            Metric(f"{self.prefix}/{k}", float(v), now, int(row["step"]))
-            for k, v in row.items()
-            if k != "step" and isinstance(v, int | float) and math.isfinite(v)
-        ]
+        self._pending += row_metrics(row, self.prefix, int(time.time() * 1000))
         if time.monotonic() - self._last >= self.every_s:
             self.flush()
 
     def flush(self) -> None:
         pending, self._pending, self._last = self._pending, [], time.monotonic()
         try:
-            for i in range(0, len(pending), 1000):
-                self.tracker.client.log_batch(self.run_id, metrics=pending[i : i + 1000])
+            self.tracker.send_metrics(self.run_id, pending)
         except Exception as err:  # noqa: BLE001  (tracking is not worth a training run)
             log.warning("live metrics for run %s not logged (%s: %s)", self.run_id, type(err).__name__, err)
 

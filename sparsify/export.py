@@ -410,11 +410,16 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
     except SafetensorError as err:
         raise ModelLoadError(f"{file} is corrupt or not a safetensors file: {err}") from err
+    check_sparse_header(file, metadata)
+    return tensors, metadata
+
+
+def check_sparse_header(file: Path, metadata: dict[str, str]) -> None:
+    """ModelLoadError unless ``file``'s safetensors metadata says it is this format, in a version this code reads."""
     if metadata.get("format") != SPARSE_FORMAT:
         raise ModelLoadError(f"{file} is not in the {SPARSE_FORMAT} format (format={metadata.get('format')!r})")
     if metadata.get("version") != SPARSE_VERSION:
         raise ModelLoadError(f"{file}: unsupported {SPARSE_FORMAT} version {metadata.get('version')!r}")
-    return tensors, metadata
 
 
 def load_sparse_layers(path: str | os.PathLike) -> tuple[dict[str, SparseLayer], dict[str, Tensor]]:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsify.errors import ModelLoadError
-from sparsify.export import SPARSE_FILE, SPARSE_FORMAT, SPARSE_VERSION, SparseLayer, int4_row_codes
+from sparsify.export import SPARSE_FILE, SparseLayer, check_sparse_header, int4_row_codes
 from sparsify.kernels import PackedWeight
 from sparsify.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows, row_sums
 from sparsify.runtime import SparseLinear, sparsify_model
@@ -264,10 +264,7 @@ def load_sparse_format(file: Path) -> tuple[nn.Module, dict[str, float]]:
         tensors, metadata = read_safetensors_mmap(file)
     except SafetensorsReadError as err:
         raise ModelLoadError(str(err)) from err
-    if metadata.get("format") != SPARSE_FORMAT:
-        raise ModelLoadError(f"{file} is not in the {SPARSE_FORMAT} format (format={metadata.get('format')!r})")
-    if metadata.get("version") != SPARSE_VERSION:
-        raise ModelLoadError(f"{file}: unsupported {SPARSE_FORMAT} version {metadata.get('version')!r}")
+    check_sparse_header(file, metadata)
     model = _meta_model(file.parent)
     modules = dict(model.named_modules())
     sparse: dict[str, float] = {}

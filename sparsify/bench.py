@@ -118,16 +118,18 @@ def median_se(samples: Sequence[float]) -> float:
     return 1.2533 * statistics.stdev(samples) / math.sqrt(len(samples))
 
 
+def _stream_buffer(gb: float) -> Tensor:
+    """The buffer whose ``torch.sum`` measures memory read bandwidth (fp32, ``gb`` GiB, summed once to fault it in)."""
+    buf = torch.empty(int(gb * 2**30) // 4).fill_(1.0)
+    buf.sum()
+    return buf
+
+
 def stream_bandwidth(gb: float = 1.0, repeats: int = 9) -> dict:
     """Memory read bandwidth as this process sees it: ``torch.sum`` over a ``gb`` GB buffer, in GB/s
     (median, min and max of ``repeats``). The bound of every bandwidth-limited figure here."""
-    buf = torch.empty(int(gb * 2**30) // 4).fill_(1.0)
-    buf.sum()
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buf.sum()
-        rates.append(buf.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    buf = _stream_buffer(gb)
+    rates = [buf.numel() * 4 / _timeit(buf.sum, 1) / 1e9 for _ in range(repeats)]
     return {
         "gbps": statistics.median(rates),
         "gbps_min": min(rates),
@@ -345,9 +347,7 @@ def run_layer_benchmark(
     Returns ``{"stream": ..., "rows": [...]}``.
     """
     load_extension()
-    buf = torch.empty(int(stream_gb * 2**30) // 4).fill_(1.0)
-    stream_call = (lambda: buf.sum(), 1)  # noqa: E731
-    stream_call[0]()
+    buf = _stream_buffer(stream_gb)
     all_stream: list[float] = []
     rows = []
     for out, inn in shapes:
@@ -369,7 +369,7 @@ def run_layer_benchmark(
             samples = {name: [] for name in calls}
             stream_s: list[float] = []
             for _ in range(repeats):
-                stream_s.append(_timeit(*stream_call))
+                stream_s.append(_timeit(buf.sum, 1))
                 for name, (fn, inner) in calls.items():
                     samples[name].append(_timeit(fn, inner))
             block_stream = buf.numel() * 4 / statistics.median(stream_s) / 1e9

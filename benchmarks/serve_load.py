@@ -356,7 +356,8 @@ def weight_bytes_per_token(model_dir: str | os.PathLike) -> int:
     from sparsify.safetensors_io import read_safetensors_mmap
 
     folder = Path(model_dir)
-    files = [find_sparse_file(folder)] if find_sparse_file(folder) else sorted(folder.glob("*.safetensors"))
+    sparse = find_sparse_file(folder)
+    files = [sparse] if sparse else sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no safetensors file in {folder}")
     total = 0

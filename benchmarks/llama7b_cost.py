@@ -269,9 +269,9 @@ def build_checkpoint(args: argparse.Namespace, path: Path) -> None:
 
 
 def _measure(kind: str, args: argparse.Namespace) -> dict:
+    from sparsify.checkpoint import load_model
     from sparsify.config import TrainConfig
     from sparsify.layerwise import prune_model, quantize_model
-    from sparsify.model import load_model
     from sparsify.pruning import PruneConfig
     from sparsify.quantization import QuantConfig
     from sparsify.trainer import train

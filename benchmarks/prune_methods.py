@@ -21,10 +21,11 @@ import platform
 import torch
 
 from sparsify.bench import cpu_isa, cpu_model
+from sparsify.checkpoint import load_model
 from sparsify.config import Config, load_config
 from sparsify.data import Corpus
 from sparsify.io import atomic_write_json, atomic_write_text
-from sparsify.model import load_model, pick_device
+from sparsify.model import pick_device
 from tasks.common import val_perplexity
 from tasks.sweep import points, prune_point
 
@@ -36,7 +37,7 @@ def run(cfg: Config, methods: tuple[str, ...] = METHODS) -> dict:
     """Every method at every pattern, each point pruned and scored by the `prune-sweep` flow's
     own step (tasks.sweep.prune_point: validation perplexity on evaluate.val_blocks)."""
     corpus = Corpus.open(cfg.root / "data" / "corpus")
-    dense = load_model(cfg.root / "models" / "base")
+    dense = load_model(cfg.root / "models" / "base", dtype=torch.float32)
     rows = [
         {
             "method": "dense",

@@ -46,7 +46,7 @@ def _blocks(root: Path, seq_len: int, vocab: int) -> tuple[np.ndarray, np.ndarra
     """(train blocks, val blocks, tokenizer) from the corpus under ``root``, else random tokens."""
     corpus_dir = root / "data" / "corpus"
     if (corpus_dir / "meta.json").is_file():
-        from sparsify.data import load_tokenizer
+        from sparsify.checkpoint import load_tokenizer
 
         corpus = Corpus.open(corpus_dir)
         return corpus.blocks("train"), corpus.blocks("val"), load_tokenizer(corpus.tokenizer_path)

@@ -562,7 +562,7 @@ def run_decode_benchmark(
     """
     load_extension()
     if checkpoint is not None:
-        from sparsify.model import load_model
+        from sparsify.checkpoint import load_model
 
         base, source = load_model(checkpoint, dtype=torch.float32), str(checkpoint)
     else:

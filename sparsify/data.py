@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from sparsify.checkpoint import load_tokenizer
 from sparsify.config import DataConfig, SourceConfig
 from sparsify.errors import DataError
 from sparsify.io import atomic_write_json, jsonl_objects
@@ -223,20 +224,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path):
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(out_dir)
     return hf
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot load a tokenizer from {path}: {exc}") from exc
-    if tok.eos_token_id is None:
-        raise DataError(f"tokenizer {path} has no EOS token; documents could not be separated")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def check_tokenizer_for_model(tokenizer, model_source: str | Path, *, tokenizer_name: str = "data.tokenizer") -> None:
@@ -471,7 +458,7 @@ def build_corpus(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = Tru
     out_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = out_dir / "tokenizer"
     if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer, hub=True)
         tokenizer.save_pretrained(tok_dir)
     else:
         log.info("training a %d-token byte-level BPE on up to %d chars", cfg.vocab_size, cfg.tokenizer_train_chars)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.downstream import METRICS, TASKS, TaskSpec
-from sparsify.errors import ConfigError, DataError, ModelLoadError
+from sparsify.errors import ConfigError, DataError
 from sparsify.io import atomic_dir, atomic_write_jsonl, atomic_write_text
 from sparsify.sandbox import SandboxPolicy, check_isolation, run_untrusted
 
@@ -370,30 +370,6 @@ def evaluate_model(
     flat = flatten_results(output["results"])
     log.info("lm-eval results: %s", flat)
     return flat
-
-
-def load_for_eval(path: str | os.PathLike, dtype=None):
-    """Load a saved HF causal-LM checkpoint directory -> ``(model, tokenizer)``, in eval mode.
-
-    ``dtype`` (e.g. ``torch.bfloat16``): load the weights straight into it — a 7B teacher in bf16
-    never exists in fp32 (27 GB) first; None: the checkpoint's own dtype. Never reaches for the
-    hub: a path that is not a local directory, or a directory that does not load, is a
-    ValueError naming the path and cause.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"cannot load checkpoint {path}: not a directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, **({} if dtype is None else {"dtype": dtype})
-        )
-    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... by case
-        raise ModelLoadError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    model.eval()
-    return model, tokenizer
 
 
 # --------------------------------------------------------------------------- code pass@1

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsify.checkpoint import load_model, load_tokenizer
 from sparsify.errors import ModelLoadError
 from sparsify.export import SPARSE_FILE, SparseLayer, check_sparse_header, int4_row_codes
 from sparsify.kernels import PackedWeight
@@ -212,24 +213,6 @@ def find_sparse_file(path: Path) -> Path | None:
     return None
 
 
-def load_tokenizer(*folders: Path):
-    """The first tokenizer found in ``folders`` (local files only); ModelLoadError if none has one."""
-    from transformers import AutoTokenizer
-
-    tried = []
-    for folder in folders:
-        if folder is None or not folder.is_dir():
-            continue
-        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            tried.append(str(folder))
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except Exception as err:  # transformers raises many types by case
-            raise ModelLoadError(f"cannot load the tokenizer in {folder}: {type(err).__name__}: {err}") from err
-    raise ModelLoadError(f"no tokenizer found in {', '.join(tried) or folders}; pass the folder that holds one")
-
-
 def _generation_config(*folders: Path):
     """The first ``generation_config.json`` in ``folders``, or None."""
     from transformers import GenerationConfig
@@ -330,14 +313,9 @@ def load_runtime_model(path: str | os.PathLike, *, min_sparsity: float = 0.3) ->
         fmt = "sparse"
         root = file.parent
     else:
-        from transformers import AutoModelForCausalLM
-
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"cannot load {path}: no config.json and no {SPARSE_FILE}")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto").eval()
-        except Exception as err:
-            raise ModelLoadError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+        model = load_model(path)
         tokenizer = load_tokenizer(path)
         dtype = next(model.parameters()).dtype
         sparse = {}

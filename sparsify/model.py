@@ -1,26 +1,19 @@
-"""Building, loading and saving Llama-family checkpoints.
+"""Building Llama-family models, and choosing the device and dtype they run in.
 
-A checkpoint is a Hugging Face directory (`save_pretrained`, safetensors) with its
-tokenizer, plus `provenance.json` (stage, config section, parents, git commit)
-and, for sparse models, `masks.safetensors` (see `sparsify.masks`).
+Checkpoints are written and read by `sparsify.checkpoint`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparsify.config import ArchConfig
-from sparsify.errors import ConfigError, ModelLoadError
-from sparsify.io import atomic_write_json
+from sparsify.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-PROVENANCE = "provenance.json"
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -74,27 +67,6 @@ def build_llama(arch: ArchConfig, tokenizer, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     return model
-
-
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load an HF causal LM from a directory or hub name; errors name the path and the cause."""
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except Exception as exc:  # transformers raises OSError/ValueError/KeyError depending on what is wrong
-        raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from exc
-    if not hasattr(getattr(model, "model", None), "layers"):
-        raise ModelLoadError(f"{path}: {type(model).__name__} has no decoder layers (model.model.layers)")
-    model.eval()
-    return model
-
-
-def save_checkpoint(model, tokenizer, out_dir: Path, provenance: dict) -> None:
-    """Write model + tokenizer + provenance into `out_dir` (the caller makes the directory atomic)."""
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    atomic_write_json(out_dir / PROVENANCE, provenance)
 
 
 def count_parameters(model) -> int:

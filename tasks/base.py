@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
+from sparsify.checkpoint import PROVENANCE, load_model, load_tokenizer, save_checkpoint
 from sparsify.config import Config
-from sparsify.data import Corpus, DataError, check_tokenizer_for_model, load_tokenizer
+from sparsify.data import Corpus, DataError, check_tokenizer_for_model
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.masks import sparsity_report
-from sparsify.model import build_llama, count_parameters, load_model, pick_device, save_checkpoint
+from sparsify.model import build_llama, count_parameters, pick_device
 from sparsify.trainer import train
 from tasks.common import (
     Layout,
@@ -44,7 +47,7 @@ def run(cfg: Config) -> StageResult:
         # The corpus must speak the model's token ids: its tokenizer is the checkpoint's own, and no
         # id it holds falls outside the embedding (a corpus built for another model would).
         check_tokenizer_for_model(tokenizer, cfg.base.source, tokenizer_name=f"the corpus tokenizer ({layout.corpus})")
-        model = load_model(cfg.base.source)
+        model = load_model(cfg.base.source, dtype=torch.float32, hub=True)
         rows = model.get_input_embeddings().num_embeddings
         if corpus.meta.get("max_token_id", -1) >= rows:
             raise DataError(
@@ -100,5 +103,5 @@ def run(cfg: Config) -> StageResult:
         outputs=[out],
         variant="dense",
         history=history,
-        artifacts=[out / "provenance.json", out / "train_history.json"],
+        artifacts=[out / PROVENANCE, out / "train_history.json"],
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from sparsify.checkpoint import MASKS
 from sparsify.config import Config
 from sparsify.errors import SparsellamaError
 from sparsify.io import atomic_write_json
@@ -63,18 +64,6 @@ class Layout:
     def eval_details(self, model: str) -> Path:
         """lm-eval's own record of the run: task versions, n-shot, task configs (JSON)."""
         return self.reports / "eval" / f"{model}.lmeval.json"
-
-
-#: A checkpoint's keep-masks file (beside its weights): written by pruning, read by every later stage.
-MASKS = "masks.safetensors"
-
-
-def input_masks(path: Path) -> dict | None:
-    """The masks saved with the checkpoint at ``path``, or None for a dense one."""
-    from sparsify.masks import load_masks
-
-    masks_file = path / MASKS
-    return load_masks(masks_file) if masks_file.is_file() else None
 
 
 def checkpoint_mb(path: Path) -> float:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from sparsify.checkpoint import load_tokenizer
 from sparsify.config import Config
-from sparsify.data import build_corpus, check_tokenizer_for_model, load_tokenizer
+from sparsify.data import build_corpus, check_tokenizer_for_model
 from sparsify.downstream import check_chat_template
 from sparsify.io import atomic_dir
 from tasks.common import Layout, StageResult
@@ -19,7 +20,7 @@ def preflight(cfg: Config) -> None:
     chat task needs a tokenizer with a chat template."""
     if not cfg.tokenizer_source:
         return  # the embedded default trains its own BPE, which carries a chat template
-    tokenizer = load_tokenizer(cfg.tokenizer_source)
+    tokenizer = load_tokenizer(cfg.tokenizer_source, hub=True)
     if cfg.base.source and cfg.data.tokenizer:
         check_tokenizer_for_model(tokenizer, cfg.base.source)
     check_chat_template(cfg.downstream.tasks, tokenizer, cfg.tokenizer_source)

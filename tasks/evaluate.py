@@ -17,10 +17,11 @@ import json
 import logging
 from pathlib import Path
 
+from sparsify.checkpoint import load_model, load_tokenizer
 from sparsify.config import Config
 from sparsify.downstream import TaskSpec, get_task, read_task_jsonl
 from sparsify.errors import DataError
-from sparsify.evaluation import evaluate_model, load_for_eval, write_lmeval_tasks
+from sparsify.evaluation import evaluate_model, write_lmeval_tasks
 from sparsify.io import atomic_write_json, atomic_write_jsonl
 from sparsify.loading import UnsupportedLayer, load_runtime_model
 from sparsify.recovery import recovery_where_defined
@@ -92,7 +93,8 @@ def run(cfg: Config, *, model: str, variant: str, tasks: tuple[str, ...], refere
             log.warning("%s: cannot run on the sparse CPU runtime (%s); scoring it with transformers", model, err)
             runtime, why_not = False, str(err)
     if not runtime:
-        net, tokenizer = load_for_eval(layout.model(model))
+        # Not load_checkpoint: scoring needs no masks, which at 7B are gigabytes of bools.
+        net, tokenizer = load_model(layout.model(model)), load_tokenizer(layout.model(model))
     names = [spec.name for spec, _ in specs] + list(cfg.evaluate.extra_tasks)
     results = evaluate_model(
         net,

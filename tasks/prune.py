@@ -10,23 +10,15 @@ from __future__ import annotations
 import logging
 import statistics
 
+from sparsify.checkpoint import load_checkpoint, save_checkpoint
 from sparsify.config import Config
-from sparsify.data import Corpus, load_tokenizer
+from sparsify.data import Corpus
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.layerwise import prune_model
-from sparsify.masks import plot_sparsity, save_masks, sparsity_report
-from sparsify.model import load_model, pick_device, save_checkpoint, weights_dtype
+from sparsify.masks import plot_sparsity, sparsity_report
+from sparsify.model import pick_device, weights_dtype
 from sparsify.pruning import PruneConfig
-from tasks.common import (
-    MASKS,
-    Layout,
-    StageResult,
-    input_masks,
-    provenance,
-    release_resume,
-    resume_dir,
-    val_perplexities,
-)
+from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexities
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +30,12 @@ def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) ->
     corpus = Corpus.open(layout.corpus)
     pcfg = PruneConfig.model_validate({**cfg.prune.model_dump(), "sparsity": sparsity})
     device = pick_device(cfg.project.device)
-    model = load_model(src, dtype=weights_dtype(pcfg.dtype, device))
-    tokenizer = load_tokenizer(src)
-    old_masks = input_masks(src)
+    source_ckpt = load_checkpoint(src, dtype=weights_dtype(pcfg.dtype, device))
+    model = source_ckpt.model
     resume = resume_dir(cfg, name)
-    result = prune_model(model, corpus.calibration(), pcfg, old_masks=old_masks, device=device, resume_dir=resume)
+    result = prune_model(
+        model, corpus.calibration(), pcfg, old_masks=source_ckpt.masks, device=device, resume_dir=resume
+    )
 
     ppls = val_perplexities(cfg, model, corpus, device)
     ppl = ppls["ppl/val"]
@@ -68,8 +61,13 @@ def run(cfg: Config, *, name: str, sparsity: float, source: str, output: str) ->
         result.total_seconds,
     )
     with atomic_dir(out) as tmp:
-        save_checkpoint(model, tokenizer, tmp, provenance(name, cfg, ("project", "prune"), [src, layout.corpus]))
-        save_masks(result.masks, tmp / MASKS)
+        save_checkpoint(
+            model,
+            source_ckpt.tokenizer,
+            tmp,
+            provenance(name, cfg, ("project", "prune"), [src, layout.corpus]),
+            masks=result.masks,
+        )
         atomic_write_json(tmp / "sparsity.json", report)
         atomic_write_json(
             tmp / "prune_layers.json",

@@ -12,21 +12,19 @@ from __future__ import annotations
 import logging
 import statistics
 
+from sparsify.checkpoint import PROVENANCE, load_checkpoint, save_checkpoint
 from sparsify.config import Config
 from sparsify.data import Corpus
-from sparsify.evaluation import load_for_eval
 from sparsify.export import save_compressed_tensors, save_sparse_model
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.layerwise import quantize_model
-from sparsify.masks import check_masks, save_masks, sparsity_report
+from sparsify.masks import check_masks, sparsity_report
 from sparsify.model import pick_device
 from sparsify.quantization import check_not_quantized
 from tasks.common import (
-    MASKS,
     Layout,
     StageResult,
     checkpoint_mb,
-    input_masks,
     provenance,
     release_resume,
     resume_dir,
@@ -41,8 +39,8 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
     src = cfg.root / source
     check_not_quantized(src)
     qcfg = cfg.quantize.scheme(scheme)
-    model, tokenizer = load_for_eval(src)
-    masks = input_masks(src)
+    source_ckpt = load_checkpoint(src)
+    model, masks = source_ckpt.model, source_ckpt.masks
     device = pick_device(cfg.project.device)
     corpus = Corpus.open(layout.corpus)
     resume = resume_dir(cfg, name)
@@ -55,11 +53,16 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
     model.cpu()
     out = cfg.root / output
     with atomic_dir(out) as tmp:
-        save_compressed_tensors(model, tmp, tokenizer=tokenizer)
+        save_checkpoint(
+            model,
+            source_ckpt.tokenizer,
+            tmp,
+            provenance(name, cfg, ("project", "quantize"), [src]),
+            masks=masks,
+            write_weights=save_compressed_tensors,
+        )
         if masks is not None:
-            save_masks(masks, tmp / MASKS)
             save_sparse_model(model, masks, tmp / "sparse")
-        atomic_write_json(tmp / "provenance.json", provenance(name, cfg, ("project", "quantize"), [src]))
         atomic_write_json(
             tmp / "quantize_layers.json",
             {"layers": result.layers, "seconds_per_decoder_layer": result.seconds_per_decoder_layer},
@@ -91,5 +94,5 @@ def run(cfg: Config, *, name: str, scheme: str, source: str, output: str, varian
         metrics=metrics,
         outputs=[out],
         variant=variant,
-        artifacts=[out / "provenance.json", out / "quantize_layers.json"],
+        artifacts=[out / PROVENANCE, out / "quantize_layers.json"],
     )

@@ -15,13 +15,16 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 
+import torch
+
+from sparsify.checkpoint import load_model
 from sparsify.config import Config
 from sparsify.data import Corpus
 from sparsify.errors import UserInputError
 from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.layerwise import prune_model
 from sparsify.masks import sparsity_report
-from sparsify.model import load_model, pick_device
+from sparsify.model import pick_device
 from sparsify.pruning import PruneConfig
 from tasks.common import Layout, StageResult, val_perplexity
 from tasks.stages import CORPUS, Stage
@@ -98,7 +101,7 @@ def prune_point(cfg: Config, *, point: Point) -> StageResult:
     layout = Layout.of(cfg)
     pcfg = point_config(cfg, point)
     corpus = Corpus.open(layout.corpus)
-    model = load_model(layout.model("base"))
+    model = load_model(layout.model("base"), dtype=torch.float32)
     device = pick_device(cfg.project.device)
     result = prune_model(model, corpus.calibration(), pcfg, device=device, progress=False)
     ppl = val_perplexity(cfg, model, corpus, device)

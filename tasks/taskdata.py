@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from sparsify.checkpoint import load_tokenizer
 from sparsify.config import Config
-from sparsify.data import Corpus, load_tokenizer
+from sparsify.data import Corpus
 from sparsify.downstream import (
     DATASETS,
     apply_chat_template,

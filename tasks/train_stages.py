@@ -18,21 +18,19 @@ import logging
 
 import torch
 
+from sparsify.checkpoint import PROVENANCE, load_checkpoint, load_model, load_tokenizer, save_checkpoint
 from sparsify.config import Config, TrainConfig
 from sparsify.data import Corpus
 from sparsify.downstream import get_task, read_task_jsonl
 from sparsify.errors import ConfigError
-from sparsify.evaluation import load_for_eval
 from sparsify.io import atomic_dir, atomic_write_json
-from sparsify.masks import check_masks, save_masks, sparsity_report
-from sparsify.model import bf16_supported, pick_device, save_checkpoint
+from sparsify.masks import check_masks, sparsity_report
+from sparsify.model import bf16_supported, pick_device
 from sparsify.sft import SFTDataset
 from sparsify.trainer import PackedBlocks, TrainResult, train
 from tasks.common import (
-    MASKS,
     Layout,
     StageResult,
-    input_masks,
     is_main_process,
     provenance,
     release_resume,
@@ -60,8 +58,8 @@ def _train_and_save(
     """Load `source` (+ its masks), train with the masks fixed, save to `output` with the same masks."""
     device = pick_device(cfg.project.device)
     src = cfg.root / source
-    model, tokenizer = load_for_eval(src)
-    masks = input_masks(src)
+    source_ckpt = load_checkpoint(src)
+    model, masks = source_ckpt.model, source_ckpt.masks
     needs_teacher = train_cfg.kd_kl > 0 or train_cfg.kd_squarehead > 0
     teacher_model = None
     if needs_teacher:
@@ -70,7 +68,7 @@ def _train_and_save(
         # train.teacher_bf16 on a device with native bf16: read the teacher's weights straight into
         # bf16 (the trainer would cast it anyway; at 7B the fp32 copy alone is 27 GB of host memory).
         bf16 = train_cfg.teacher_bf16 and bf16_supported(device)
-        teacher_model, _ = load_for_eval(cfg.root / teacher, dtype=torch.bfloat16 if bf16 else None)
+        teacher_model = load_model(cfg.root / teacher, dtype=torch.bfloat16 if bf16 else None)
     resume = resume_dir(cfg, name)
     result: TrainResult = train(
         model,
@@ -93,9 +91,7 @@ def _train_and_save(
     out = cfg.root / output
     parents = [src] + ([cfg.root / teacher] if needs_teacher else [])
     with atomic_dir(out) as tmp:
-        save_checkpoint(model, tokenizer, tmp, provenance(name, cfg, sections, parents))
-        if masks is not None:
-            save_masks(masks, tmp / MASKS)
+        save_checkpoint(model, source_ckpt.tokenizer, tmp, provenance(name, cfg, sections, parents), masks=masks)
         atomic_write_json(tmp / "train_history.json", {"history": result.history, "evals": result.evals})
     release_resume(resume)  # the checkpoint is written; the resume state is spent
     metrics = {
@@ -113,7 +109,7 @@ def _train_and_save(
         outputs=[out],
         variant=variant,
         history=result.history,
-        artifacts=[out / "provenance.json", out / "train_history.json"],
+        artifacts=[out / PROVENANCE, out / "train_history.json"],
     ), model
 
 
@@ -170,7 +166,7 @@ def finetune(
     layout = Layout.of(cfg)
     spec = get_task(task)
     tc = cfg.finetune.dense if teacher is None else cfg.finetune.sparse
-    _, tokenizer = load_for_eval(cfg.root / source)
+    tokenizer = load_tokenizer(cfg.root / source)
     records = read_task_jsonl(layout.task_data / task / "train.jsonl")
     # Hold out a slice of the training records for validation loss (the test split is for evaluation).
     n_val = max(1, len(records) // 20)

@@ -25,16 +25,15 @@ import pytest
 import torch
 
 from sparsify import io as sio
+from sparsify.checkpoint import load_checkpoint, load_model, save_checkpoint
 from sparsify.config import SourceConfig, load_config
 from sparsify.data import check_tokenizer_for_model, iter_source
 from sparsify.downstream import load_records, read_task_jsonl
 from sparsify.errors import ConfigError, DataError, MissingFileError, ModelLoadError, OutputWriteError, SparsellamaError
-from sparsify.evaluation import load_for_eval
 from sparsify.export import SPARSE_FILE, save_sparse_model
 from sparsify.io import atomic_dir
 from sparsify.loading import load_runtime_model
 from sparsify.masks import check_masks, load_masks, save_masks
-from sparsify.model import load_model, save_checkpoint
 from sparsify.trainer import TrainingDiverged, train
 from tests.conftest import PARAMS, smoke_config, tiny_llama
 from tests.serve_fixtures import VOCAB, sparse_llama, tiny_tokenizer, write_sparse_folder
@@ -316,7 +315,7 @@ def _(tmp, mp):
 def _(tmp, mp):
     folder = hf_folder(tmp / "model", tokenizer=True)
     corrupt_header(folder / "model.safetensors")
-    return Row(lambda: load_for_eval(folder), ModelLoadError, str(folder))
+    return Row(lambda: load_checkpoint(folder), ModelLoadError, str(folder))
 
 
 @case("runtime-truncated-safetensors")

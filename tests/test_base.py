@@ -7,9 +7,10 @@ import math
 
 import torch
 
-from sparsify.data import Corpus, load_tokenizer
+from sparsify.checkpoint import load_model, load_tokenizer
+from sparsify.data import Corpus
 from sparsify.metrics import mean_nll
-from sparsify.model import build_llama, load_model
+from sparsify.model import build_llama
 from sparsify.trainer import lr_at, train
 from tasks import base
 from tests.conftest import smoke_config
@@ -60,7 +61,7 @@ def test_base_stage_writes_a_loadable_checkpoint(smoke_root):
     out = smoke_root / "models" / "base"
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["stage"] == "base" and prov["config"]["base"]["train"]["steps"] == 20
-    model = load_model(out)
+    model = load_model(out, dtype=torch.float32)
     corpus = Corpus.open(smoke_root / "data" / "corpus")
     nll = mean_nll(
         model, corpus.blocks("val"), max_blocks=cfg.base.train.eval_blocks, batch_size=cfg.base.train.batch_size

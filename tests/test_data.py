@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparsify.checkpoint import load_tokenizer
 from sparsify.config import DataConfig, SourceConfig
 from sparsify.data import (
     Corpus,
     DataError,
     build_corpus,
     extract_prose,
-    load_tokenizer,
     quotas,
     train_tokenizer,
 )

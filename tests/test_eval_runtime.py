@@ -11,6 +11,7 @@ import pytest
 
 from sparsify import downstream as ds
 from sparsify import evaluation as ev
+from sparsify.checkpoint import load_checkpoint
 from sparsify.kernels import load_extension
 from sparsify.loading import load_runtime_model
 from sparsify.runtime import SparseLinear
@@ -43,7 +44,8 @@ def scores(path, include, runtime: bool, samples) -> tuple[dict[str, dict[str, f
         loaded = load_runtime_model(path)
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
-        model, tokenizer = ev.load_for_eval(path)
+        loaded = load_checkpoint(path)
+        model, tokenizer = loaded.model, loaded.tokenizer
     assert any(isinstance(m, SparseLinear) for m in model.modules()) == runtime
     metrics = ev.evaluate_model(
         model, tokenizer, TASKS, include_path=include, limit=3, batch_size=2, device="cpu", samples_path=samples

@@ -227,29 +227,6 @@ def test_flatten_results_names_are_stable():
     }
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def test_load_for_eval_roundtrip(model, tokenizer, tmp_path):
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    loaded, loaded_tokenizer = ev.load_for_eval(tmp_path)
-    assert not loaded.training
-    assert loaded_tokenizer("#### 7").input_ids == tokenizer("#### 7").input_ids
-    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
-    bf16, _ = ev.load_for_eval(tmp_path, dtype=torch.bfloat16)  # read straight into bf16 (a 7B teacher)
-    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
-    assert torch.equal(bf16.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16())
-
-
-def test_load_for_eval_errors_name_path_and_cause(tmp_path):
-    with pytest.raises(ValueError, match=f"cannot load checkpoint {tmp_path / 'absent'}: not a directory"):
-        ev.load_for_eval(tmp_path / "absent")
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match=f"cannot load checkpoint {tmp_path}: .+"):
-        ev.load_for_eval(tmp_path)
-
-
 # --------------------------------------------------------------------------- code pass@1
 
 

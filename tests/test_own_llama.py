@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from sparsify.checkpoint import load_tokenizer
 from sparsify.config import load_config
-from sparsify.data import Corpus, DataError, bos_prefix, load_tokenizer, vocab_bound
+from sparsify.data import Corpus, DataError, bos_prefix, vocab_bound
 from tests.conftest import PARAMS
 from tests.llama_fixtures import llama_checkpoint, write_pretraining_files, write_task_files
 

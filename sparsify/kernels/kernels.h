@@ -22,8 +22,10 @@ enum class Fmt : int {
 
 constexpr bool is_int4(Fmt f) { return f == Fmt::I4 || f == Fmt::I4F; }
 
-// Rows of W handed to the inner loops at once by the batched (M > kDirectMax) kernels.
+// Rows of W handed to the inner loops at once by the batched (M > kDirectMax) kernels: kRowBlock by
+// the float ones, kPanelRows (one per 32-bit lane of a 512-bit vector) by AVX-512 W8A8.
 constexpr int kRowBlock = 4;
+constexpr int kPanelRows = 16;
 // Up to this many rows of x, the AVX-512 kernels expand W in registers and use it for every row
 // of x at once (no scratch): bandwidth-bound decode and tiny batches.
 constexpr int kDirectMax = 4;

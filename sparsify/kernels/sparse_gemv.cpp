@@ -132,7 +132,7 @@ std::pair<torch::Tensor, torch::Tensor> quantize_x(const torch::Tensor& x, int64
 
 // Row ranges per thread. Batches up to kDirectMax are bandwidth-bound: balance the bytes each
 // thread streams (values + mask), so rows of uneven sparsity do not leave a thread idle. Larger
-// batches are compute-bound on the expanded rows: balance row counts, in whole kRowBlock blocks.
+// batches are compute-bound on the expanded rows: balance row counts, in whole kPanelRows blocks.
 // `direct`: the kernel expands in registers for this M (every M on AVX2: no scratch rows).
 std::vector<int64_t> split_rows(const int64_t* offsets, int64_t N, int64_t words, int64_t elt,
                                 bool direct, int nthreads) {
@@ -144,7 +144,7 @@ std::vector<int64_t> split_rows(const int64_t* offsets, int64_t N, int64_t words
   for (int t = 1; t < nthreads; ++t) {
     const double target = total * t / nthreads;
     while (r < N && double(cost(r)) < target) ++r;
-    int64_t cut = direct ? r : std::min<int64_t>(N, (r + kRowBlock - 1) / kRowBlock * kRowBlock);
+    int64_t cut = direct ? r : std::min<int64_t>(N, (r + kPanelRows - 1) / kPanelRows * kPanelRows);
     b[t] = std::max(cut, b[t - 1]);
   }
   return b;

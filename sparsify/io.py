@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -142,6 +143,49 @@ def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(path: str | os.PathLike, *, replaced: bool = False) -> list[Path]:
+    """Remove what interrupted atomic writes of `path` left beside it; return what was removed.
+
+    A process killed inside :func:`atomic_path` leaves its temporary file (``.<name>.*.tmp``), inside
+    :func:`atomic_dir` its temporary folder (``.<name>.tmp-*``): never read (they do not carry the
+    target's name), but never removed either, and a killed checkpoint write can leave the size of a
+    model and its optimizer state behind, once per kill. With `replaced` (`path` has since been
+    written again), also the previous output that :func:`replace_dir` had moved aside
+    (``.<name>.old-*``) when it was killed between its two renames.
+
+    Only for a caller that alone writes `path` (a pipeline stage, its outputs, under the root lock):
+    another process writing `path` at the same time would lose its temporary.
+    """
+    path = Path(path)
+    removed = []
+    for piece in Path(path.parent).glob(f".{glob.escape(path.name)}.*"):
+        rest = piece.name[len(path.name) + 2 :]
+        if (
+            (rest.endswith(".tmp") and piece.is_file())
+            or (rest.startswith("tmp-") and piece.is_dir())
+            or (replaced and rest.startswith("old-") and path.exists())
+        ):
+            if piece.is_dir():
+                shutil.rmtree(piece, ignore_errors=True)
+            else:
+                piece.unlink(missing_ok=True)
+            removed.append(piece)
+    return removed
+
+
+def restore_moved_aside(path: str | os.PathLike) -> bool:
+    """Put back the folder :func:`replace_dir` had moved aside when it was killed between its two
+    renames (`path` missing, one ``.<name>.old-*`` beside it: the last complete output). True if it did."""
+    path = Path(path)
+    if path.exists():
+        return False
+    old = [p for p in Path(path.parent).glob(f".{glob.escape(path.name)}.old-*") if p.is_dir()]
+    if len(old) != 1:
+        return False
+    os.replace(old[0], path)
+    return True
 
 
 def jsonl_objects(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict]]:

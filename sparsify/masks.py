@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from sparsify.errors import DataError, MissingFileError
 from sparsify.io import atomic_path, atomic_write_bytes
+from sparsify.safetensors_io import canonical_bytes
 
 # Where Llama-family models keep their decoder layers: `LlamaForCausalLM` and a bare `LlamaModel`.
 _DECODER_LAYER_PATHS = ("model.layers", "layers")
@@ -102,7 +103,9 @@ def save_masks(masks: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     """Write masks to a safetensors file (bool tensors) atomically: temp file, then rename."""
     tensors = {name: _as_bool_mask(name, m).detach().cpu().contiguous() for name, m in masks.items()}
     data = save(tensors, metadata={"format": "pt", "content": "sparsity masks (True = kept)"})
-    atomic_write_bytes(Path(path), data)
+    # Canonical header: safetensors orders metadata at random per save, so the same masks saved by a
+    # resumed run differed in bytes from those of an uninterrupted one (found by test_crash_anywhere).
+    atomic_write_bytes(Path(path), canonical_bytes(data))
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, Tensor]:

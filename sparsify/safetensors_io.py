@@ -76,6 +76,24 @@ def read_safetensors_mmap(file: str | os.PathLike) -> tuple[dict[str, Tensor], d
     return tensors, metadata
 
 
+def canonical_bytes(data: bytes) -> bytes:
+    """``data`` (a safetensors file, e.g. from ``safetensors.torch.save``) with its ``__metadata__`` in
+    sorted key order, so that the same tensors and metadata give the same bytes in every process.
+
+    safetensors writes the metadata from a Rust ``HashMap``, whose order is random per map
+    (safetensors issue #584): saved twice, a file with two or more metadata entries differs in its
+    header, which breaks byte-identical reruns and content hashes (DVC) while every tensor is equal.
+    The tensor entries and the data are kept as they are; only the header is rewritten.
+    """
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data stays 8-byte aligned, as safetensors' own writer keeps it
+    return len(encoded).to_bytes(8, "little") + encoded + data[8 + header_len :]
+
+
 class SafetensorsWriter:
     """A safetensors file written one tensor at a time, so peak memory is one tensor rather than the model.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from sparsify.checkpoint import MASKS
 from sparsify.config import Config
 from sparsify.errors import SparsellamaError
-from sparsify.io import atomic_write_json
+from sparsify.io import atomic_write_json, remove_stale_temporaries, restore_moved_aside
 from sparsify.metrics import token_nll
 
 
@@ -96,6 +96,11 @@ def claim_resume(path: Path, fingerprint: str) -> bool:
     # Beside the folder, not in it: the trainer replaces its checkpoint folder wholesale.
     marker = path.parent / ".fingerprints" / f"{path.name}.json"
     discarded = False
+    # A kill between the two renames of the trainer's checkpoint swap left the folder moved aside:
+    # put it back, or the stage would start over from step 0 (found by test_crash_anywhere).
+    restore_moved_aside(path)
+    for written in (path, marker):  # a killed checkpoint write leaves up to a model + its optimizer state
+        remove_stale_temporaries(written, replaced=True)
     if path.exists():
         recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
         if recorded != fingerprint:

@@ -10,7 +10,7 @@ from pathlib import Path
 from sparsify.config import Config
 from sparsify.fingerprint import file_digest
 from sparsify.fingerprint import fingerprint as fingerprint_of
-from sparsify.io import atomic_write_json
+from sparsify.io import atomic_write_json, remove_stale_temporaries
 from tasks.common import Layout, StageResult, claim_resume, git_commit, is_main_process, read_metrics, write_metrics
 from tasks.stages import Stage, stages, upstream
 from tasks.tracking import Tracker, flatten, stage_monitoring
@@ -69,6 +69,17 @@ def finished(stage: Stage, cfg: Config, fp: str) -> dict | None:
     return record
 
 
+def stage_files(stage: Stage, cfg: Config) -> list[Path]:
+    """Every file or folder `execute` writes for `stage` outside its resume state: outputs, metrics,
+    plot, stamp."""
+    return [
+        *(cfg.root / o for o in stage.outs),
+        cfg.root / stage.metrics_file,
+        *([cfg.root / stage.plot_file] if stage.trains else []),
+        Layout.of(cfg).stamp(stage.name),
+    ]
+
+
 def execute(
     stage: Stage,
     cfg: Config,
@@ -109,6 +120,11 @@ def execute(
         tracker.end(run_id, "FINISHED")
         log.info("stage %s: up to date (fingerprint %s), skipped", stage.name, fp[:12])
         return StageResult(metrics=metrics, outputs=[cfg.root / o for o in stage.outs], variant=done["variant"])
+    # What earlier attempts killed mid-write left beside this stage's outputs (never read, but as
+    # big as the outputs): removed before the stage writes them again (found by test_crash_anywhere).
+    written = stage_files(stage, cfg)
+    for path in written:
+        remove_stale_temporaries(path)
     if stage.resumable and claim_resume(cfg.root / stage.resume_dir, fp):
         log.warning("stage %s: discarded the resume state of an earlier run with another configuration", stage.name)
     t0 = time.perf_counter()
@@ -125,6 +141,8 @@ def execute(
         common = set.intersection(*(set(r) for r in result.history)) if result.history else set()
         atomic_write_json(cfg.root / stage.plot_file, [{k: r[k] for k in r if k in common} for r in result.history])
     atomic_write_json(layout.stamp(stage.name), {"fingerprint": fp, "variant": result.variant})
+    for path in written:  # now also a previous output a killed folder swap had moved aside
+        remove_stale_temporaries(path, replaced=True)
     tracker.log(run_id, metrics=result.metrics, params=result.params, tags={"variant": result.variant})
     # Rows the live sink did not see: all of them without it, else those of a run this one resumed.
     first_live = live.first_step if live is not None and live.first_step is not None else None

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from sparsify.config import Config
 from sparsify.fingerprint import fingerprint, tensor_digest
-from sparsify.io import atomic_path, atomic_write_text
+from sparsify.io import atomic_path, atomic_write_text, remove_stale_temporaries, restore_moved_aside
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path):
@@ -56,3 +56,22 @@ def test_fingerprint_is_canonical_and_sees_every_input():
 def test_fingerprint_of_a_config_section(smoke_cfg: Config):
     assert fingerprint(smoke_cfg.prune) == fingerprint(smoke_cfg.prune.model_dump(mode="json"))
     assert fingerprint(smoke_cfg.prune) != fingerprint(smoke_cfg.prune.model_copy(update={"sparsity": 0.6}))
+
+
+def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
+    """What a process killed inside atomic_path / atomic_dir / replace_dir left beside a target."""
+    target = tmp_path / "model"
+    (tmp_path / ".model.abc.tmp").write_text("half a file")  # atomic_path
+    (tmp_path / ".model.tmp-xyz").mkdir()  # atomic_dir
+    (tmp_path / ".model.tmp-xyz" / "weights").write_text("half a folder")
+    (tmp_path / ".model.old-123").mkdir()  # replace_dir, killed between its renames
+    (tmp_path / ".model2.tmp-xyz").mkdir()  # another target's: kept
+    (tmp_path / ".model.json").write_text("{}")  # not a temporary: kept
+    removed = remove_stale_temporaries(target)
+    assert sorted(p.name for p in removed) == [".model.abc.tmp", ".model.tmp-xyz"]
+    assert remove_stale_temporaries(target, replaced=True) == []  # `model` missing: the moved-aside one is kept
+    assert restore_moved_aside(target) and target.is_dir() and not (tmp_path / ".model.old-123").exists()
+    (tmp_path / ".model.old-456").mkdir()
+    assert not restore_moved_aside(target)  # it exists: nothing to restore
+    assert [p.name for p in remove_stale_temporaries(target, replaced=True)] == [".model.old-456"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.json", ".model2.tmp-xyz", "model"]

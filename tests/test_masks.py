@@ -64,6 +64,20 @@ def test_save_load_round_trip(model, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["masks.safetensors"]  # no temp file left behind
 
 
+def test_saved_masks_are_the_same_bytes_every_time(model, tmp_path):
+    """safetensors orders the header's metadata at random per save; the masks file must not (a resumed
+    run's masks differed in bytes from an uninterrupted run's, test_crash_anywhere)."""
+    masks = half_masks(model)
+    files = []
+    for i in range(8):  # two metadata entries: one random order in 2 per save
+        save_masks(masks, tmp_path / f"{i}.safetensors")
+        files.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    header = files[0][8 : 8 + int.from_bytes(files[0][:8], "little")].decode()
+    assert '"__metadata__":{"content":"sparsity masks (True = kept)","format":"pt"}' in header
+    assert load_masks(tmp_path / "0.safetensors").keys() == masks.keys()
+
+
 def test_load_accepts_uint8_and_refuses_other_dtypes(tmp_path):
     save_file({"a": torch.tensor([[0, 1]], dtype=torch.uint8)}, tmp_path / "u8.safetensors")
     assert load_masks(tmp_path / "u8.safetensors")["a"].tolist() == [[False, True]]

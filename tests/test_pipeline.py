@@ -528,3 +528,11 @@ def test_resume_state_is_kept_for_the_same_fingerprint_only(tmp_path):
     release_resume(d)
     assert [p.name for p in d.iterdir()] == ["COMPLETE.json"]
     assert not claim_resume(d, "fp-b")  # a finished stage's marker is not resume state
+
+    # Killed inside the trainer's checkpoint swap: between its two renames (the last checkpoint moved
+    # aside, the new one still a temporary folder). The last checkpoint is put back, the temporary goes.
+    (d / "trainer_state.json").write_text('{"step": 4}')
+    d.rename(d.with_name(".prune70.old-k1"))
+    (d.parent / ".prune70.tmp-k2").mkdir()
+    assert not claim_resume(d, "fp-b") and (d / "trainer_state.json").read_text() == '{"step": 4}'
+    assert sorted(p.name for p in d.parent.iterdir()) == [".fingerprints", "prune70"]

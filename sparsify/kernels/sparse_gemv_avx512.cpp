@@ -28,7 +28,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <utility>
-#include <vector>
 
 #include "kernels.h"
 
@@ -629,11 +628,15 @@ bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, f
 void run(Fmt fmt, const Problem& p) {
   const int64_t kp = p.words * 64;
   const bool batched = p.M > kDirectMax && !is_int4(fmt), panels = batched && fmt == Fmt::I8;
-  std::vector<int32_t> xt, xsum;  // W8A8 panels: x transposed once, shared by the threads
+  // W8A8 panels: x transposed once, shared by the threads. malloc, not std::vector: a template
+  // instantiated here would be compiled for AVX-512, and the linker may keep that one copy for the
+  // other translation units too (see kernels.h).
+  int32_t *xt = nullptr, *xsum = nullptr;
   if (panels) {
-    xt.resize((p.M + kPanelTokens - 1) / kPanelTokens * kp / 4 * kPanelTokens);
-    xsum.resize(p.M);
-    panel_x(p, xt.data(), xsum.data());
+    const int64_t passes = (p.M + kPanelTokens - 1) / kPanelTokens;
+    xt = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * passes * kp / 4 * kPanelTokens));
+    xsum = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * p.M));
+    panel_x(p, xt, xsum);
   }
 #pragma omp parallel num_threads(p.nthreads)
   {
@@ -648,7 +651,7 @@ void run(Fmt fmt, const Problem& p) {
         case Fmt::BF16: rows<FmtBF16>(p, r0, r1, scratch); break;
         case Fmt::F32: rows<FmtF32>(p, r0, r1, scratch); break;
         case Fmt::I8:
-          if (panels) panel_rows(p, r0, r1, xt.data(), xsum.data(), scratch);
+          if (panels) panel_rows(p, r0, r1, xt, xsum, scratch);
           else rows<FmtI8>(p, r0, r1, scratch);
           break;
         case Fmt::I8F: rows<FmtI8F>(p, r0, r1, scratch); break;
@@ -658,6 +661,8 @@ void run(Fmt fmt, const Problem& p) {
     }
     std::free(scratch);
   }
+  std::free(xt);
+  std::free(xsum);
 }
 
 }  // namespace avx512

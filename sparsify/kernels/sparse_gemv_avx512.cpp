@@ -28,7 +28,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <utility>
-#include <vector>
 
 #include "kernels.h"
 
@@ -309,8 +308,8 @@ void batched_rows(const Problem& p, int64_t r0, int64_t r1, void* scratch) {
 // 16 tokens that is 16 register-resident accumulators, one panel load and one broadcast per dot —
 // the shape of a dense VNNI GEMM's micro-kernel, with the expansion and the transpose (~6
 // instructions per 16 dwords) amortized over the tokens. Measured at 11008x4096, 70%, on Zen 4:
-// 3.1 ms at 16 tokens and 8.3 at 64, against 4.6 and 16.0 for the expand-into-scratch kernel above
-// (docs/results.md).
+// 2.4 ms at 16 tokens and 7.5 at 64 (torch's dense INT8: 2.4 and 7.4), against 4.6 and 16.0 for the
+// expand-into-scratch kernel above (docs/results.md).
 //
 // The panel holds the codes as unsigned bytes (code + 128, pruned = 128) and x the signed codes q,
 // the operand order VPDPBUSD wants: Σ (w + 128)·q = Σ w·q + 128·Σ q, and Σ q is one number per
@@ -361,19 +360,27 @@ void panel_x(const Problem& p, int32_t* xt, int32_t* xsum) {
   }
 }
 
-// Weight rows [rb, rb + nr) (nr ≤ 16) as a panel of kd = 16 · words vectors. The rows are expanded
-// one after another into `rows` ([16, kp] bytes), so each row's mask and values are read as one
-// sequential stream (expanding the 16 rows a mask word at a time interleaves 32 DRAM streams, which
-// the hardware prefetchers do not follow: measured ~1.5x slower); the transposes then read `rows`
-// from L2. Rows past nr are zero.
-void build_panel(const Problem& p, int64_t rb, int nr, __m512i* panel, int8_t* rows) {
-  const int64_t kp = p.words * 64;
-  for (int i = 0; i < nr; ++i) expand_row<FmtI8>(p, rb + i, rows + i * kp);
-  if (nr < kPanelRows) std::memset(rows + nr * kp, 0, (kPanelRows - nr) * kp);
+// Weight rows [rb, rb + nr) (nr ≤ 16) as a panel of kd = 16 · words vectors: per mask word, the 16
+// rows' codes expanded in registers (code + 128; rows past nr all 128, i.e. code 0), transposed and
+// stored. The 16 rows are read a word at a time, 32 interleaved streams that the hardware
+// prefetchers do not follow from DRAM; panel_micro has already fetched them into L2 (Prefetch).
+// Measured against expanding each row whole into an L1/L2 buffer first (sequential streams, then
+// the transposes from the buffer): 2.4 against 3.1 ms at 16 tokens, 1.4 against 1.9 at 5.
+void build_panel(const Problem& p, int64_t rb, int nr, __m512i* panel) {
   const __m512i offset = _mm512_set1_epi8(char(0x80));  // code + 128
+  const int8_t* v[kPanelRows];
+  for (int i = 0; i < nr; ++i) v[i] = static_cast<const int8_t*>(p.values) + p.offsets[rb + i];
   for (int64_t c = 0; c < p.words; ++c) {
     __m512i r[kPanelRows];
-    for (int i = 0; i < kPanelRows; ++i) r[i] = _mm512_xor_si512(_mm512_load_si512(rows + i * kp + c * 64), offset);
+    for (int i = 0; i < kPanelRows; ++i) {
+      if (i < nr) {
+        const uint64_t m = p.mask[(rb + i) * p.words + c];
+        r[i] = _mm512_xor_si512(FmtI8::expand(m, v[i]), offset);
+        v[i] += popcount(m);
+      } else {
+        r[i] = offset;
+      }
+    }
     transpose16(r);
     for (int d = 0; d < 16; ++d) _mm512_store_si512(panel + c * 16 + d, r[d]);
   }
@@ -396,8 +403,7 @@ struct Prefetch {
 // T tokens (one pass) times a panel of kd dwords: out[t] lane i = Σ_d panel[d] lane i · x_t dword d.
 // The accumulators are locals, stored once at the end: passed in as an array, GCC kept them in
 // rotating registers with a copy per dot product. Meanwhile the next panel's rows (values, then
-// mask) are prefetched into L2, a line per step: without it every panel starts by waiting on DRAM
-// (measured: 3.3 → 3.1 ms at 16 tokens, 2.2 → 1.9 at 5).
+// mask) are prefetched into L2, a line per step, for build_panel.
 template <int T>
 void panel_micro(const __m512i* panel, const int32_t* xt, int64_t kd, int32_t out[kPanelTokens][16],
                  Prefetch& next) {
@@ -416,11 +422,10 @@ void panel_micro(const __m512i* panel, const int32_t* xt, int64_t kd, int32_t ou
 void panel_rows(const Problem& p, int64_t r0, int64_t r1, const int32_t* xt, const int32_t* xsum, void* scratch) {
   const int64_t kd = p.words * 16;
   auto* panel = static_cast<__m512i*>(scratch);
-  auto* rows = reinterpret_cast<int8_t*>(panel + kd);  // [16, kp] expanded rows
   alignas(64) int32_t out[kPanelTokens][16];
   for (int64_t rb = r0; rb < r1; rb += kPanelRows) {
     const int nr = int(r1 - rb < kPanelRows ? r1 - rb : kPanelRows);
-    build_panel(p, rb, nr, panel, rows);
+    build_panel(p, rb, nr, panel);
     const int64_t ne = rb + 2 * kPanelRows < r1 ? rb + 2 * kPanelRows : r1;  // the next panel's rows
     const auto* values = static_cast<const char*>(p.values);
     Prefetch next{values + p.offsets[rb + nr], values + p.offsets[ne],
@@ -629,17 +634,21 @@ bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, f
 void run(Fmt fmt, const Problem& p) {
   const int64_t kp = p.words * 64;
   const bool batched = p.M > kDirectMax && !is_int4(fmt), panels = batched && fmt == Fmt::I8;
-  std::vector<int32_t> xt, xsum;  // W8A8 panels: x transposed once, shared by the threads
+  // W8A8 panels: x transposed once, shared by the threads. malloc, not std::vector: a template
+  // instantiated here would be compiled for AVX-512, and the linker may keep that one copy for the
+  // other translation units too (see kernels.h).
+  int32_t *xt = nullptr, *xsum = nullptr;
   if (panels) {
-    xt.resize((p.M + kPanelTokens - 1) / kPanelTokens * kp / 4 * kPanelTokens);
-    xsum.resize(p.M);
-    panel_x(p, xt.data(), xsum.data());
+    const int64_t passes = (p.M + kPanelTokens - 1) / kPanelTokens;
+    xt = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * passes * kp / 4 * kPanelTokens));
+    xsum = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * p.M));
+    panel_x(p, xt, xsum);
   }
 #pragma omp parallel num_threads(p.nthreads)
   {
-    // Scratch, 64-byte aligned: W8A8, a panel and the 16 expanded rows it is built from (16 · kp
-    // bytes each); float formats, kRowBlock expanded rows (4-byte elements at most).
-    void* scratch = batched ? std::aligned_alloc(64, panels ? 2 * kPanelRows * kp : kRowBlock * kp * 4) : nullptr;
+    // Scratch, 64-byte aligned: W8A8, a panel (16 · kp bytes); float formats, kRowBlock expanded
+    // rows (4-byte elements at most).
+    void* scratch = batched ? std::aligned_alloc(64, panels ? kPanelRows * kp : kRowBlock * kp * 4) : nullptr;
     const int nth = omp_get_num_threads();
     // The row ranges are precomputed per part; a smaller team than asked still covers them all.
     for (int part = omp_get_thread_num(); part < p.nthreads; part += nth) {
@@ -648,7 +657,7 @@ void run(Fmt fmt, const Problem& p) {
         case Fmt::BF16: rows<FmtBF16>(p, r0, r1, scratch); break;
         case Fmt::F32: rows<FmtF32>(p, r0, r1, scratch); break;
         case Fmt::I8:
-          if (panels) panel_rows(p, r0, r1, xt.data(), xsum.data(), scratch);
+          if (panels) panel_rows(p, r0, r1, xt, xsum, scratch);
           else rows<FmtI8>(p, r0, r1, scratch);
           break;
         case Fmt::I8F: rows<FmtI8F>(p, r0, r1, scratch); break;
@@ -658,6 +667,8 @@ void run(Fmt fmt, const Problem& p) {
     }
     std::free(scratch);
   }
+  std::free(xt);
+  std::free(xsum);
 }
 
 }  // namespace avx512

@@ -5,10 +5,10 @@ temp dir (hidden 4096, MLP 11008, 32 heads; 2 layers and vocab 4096 by default: 
 per-layer cost is what scales to 32 layers), then measures, each in its own subprocess
 so that peak memory (``ru_maxrss``) belongs to one measurement only:
 
-* ``prune``: SparseGPT 50% (:func:`sparsify.layerwise.prune_model`),
+* ``prune``: SparseGPT 50% (:func:`sparsify.sparsity.layerwise.prune_model`),
 * ``gptq-w8`` / ``gptq-w4g128``: GPTQ W8 per channel and W4 group 128, no SmoothQuant
-  (:func:`sparsify.layerwise.quantize_model`),
-* ``train`` / ``train-ckpt``: one optimizer step of :func:`sparsify.trainer.train`
+  (:func:`sparsify.sparsity.layerwise.quantize_model`),
+* ``train`` / ``train-ckpt``: one optimizer step of :func:`sparsify.training.trainer.train`
   (AdamW, batch 1 × ``--train-seq`` tokens) without / with gradient checkpointing.
 
 Writes ``OUT/llama7b_cost.json`` (machine, ISA, threads, torch version, calibration size,
@@ -271,10 +271,10 @@ def build_checkpoint(args: argparse.Namespace, path: Path) -> None:
 def _measure(kind: str, args: argparse.Namespace) -> dict:
     from sparsify.checkpoint import load_model
     from sparsify.config import TrainConfig
-    from sparsify.layerwise import prune_model, quantize_model
-    from sparsify.pruning import PruneConfig
-    from sparsify.quantization import QuantConfig
-    from sparsify.trainer import train
+    from sparsify.quant.quantization import QuantConfig
+    from sparsify.sparsity.layerwise import prune_model, quantize_model
+    from sparsify.sparsity.pruning import PruneConfig
+    from sparsify.training.trainer import train
 
     torch.set_num_threads(args.threads)
     rss_imports = current_rss_gb()

@@ -1,6 +1,6 @@
 """Cost of the one-layer pruning methods on one Linear: SparseGPT, ADMM, and the refinement pass.
 
-Times :func:`sparsify.pruning.prune_linear` on a random ``OUT x IN`` weight with the Hessian of
+Times :func:`sparsify.sparsity.pruning.prune_linear` on a random ``OUT x IN`` weight with the Hessian of
 correlated calibration inputs (``IN/8`` latent factors plus noise: SparseGPT's and ADMM's work
 does not depend on the values, only the errors do), at one sparsity, each variant ``--repeats``
 times alternated (medians), and writes ``OUT_DIR/prune_layer_cost.{json,md}`` with the CPU model,
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from sparsify.bench import cpu_isa, cpu_model
+from sparsify.bench.cpu import cpu_isa, cpu_model
 from sparsify.io import atomic_write_json, atomic_write_text
-from sparsify.pruning import PruneConfig, prune_linear
+from sparsify.sparsity.pruning import PruneConfig, prune_linear
 
 log = logging.getLogger("prune_layer_cost")
 

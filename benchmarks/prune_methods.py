@@ -20,10 +20,10 @@ import platform
 
 import torch
 
-from sparsify.bench import cpu_isa, cpu_model
+from sparsify.bench.cpu import cpu_isa, cpu_model
 from sparsify.checkpoint import load_model
 from sparsify.config import Config, load_config
-from sparsify.data import Corpus
+from sparsify.data.corpus import Corpus
 from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.model import pick_device
 from tasks.common import val_perplexity

@@ -191,7 +191,7 @@ def machine() -> dict:
     except OSError:
         pass
     try:
-        from sparsify.kernels import kernel_isa
+        from sparsify.inference.kernels import kernel_isa
 
         info["kernels_isa"] = kernel_isa()
     except Exception as err:  # the client side may lack the kernels; the figure still stands
@@ -257,7 +257,7 @@ def _random_llama(config, seed: int):
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
 
-    from sparsify.masks import prunable_linear_names
+    from sparsify.sparsity.masks import prunable_linear_names
 
     with init_empty_weights(include_buffers=False):
         meta = LlamaForCausalLM(config)
@@ -296,16 +296,16 @@ def make_synthetic_model(
     * ``dense_bf16``: the unpruned weights in bf16, as a Hugging Face folder (torch's dense kernels).
 
     Every kind holds the same random weights (seeded per tensor). The model is generated and written one
-    tensor at a time (:func:`sparsify.export.sparse_model_writer`, :class:`SafetensorsWriter`), so a 7B
+    tensor at a time (:func:`sparsify.inference.export.sparse_model_writer`, :class:`SafetensorsWriter`), so a 7B
     shape needs memory for one weight, not for the model.
     """
     import torch
     from transformers import LlamaConfig
 
-    from sparsify.bench import prune_rows
-    from sparsify.export import encode_sparse, sparse_model_writer
+    from sparsify.bench.cpu import prune_rows
+    from sparsify.inference.export import encode_sparse, sparse_model_writer
     from sparsify.io import atomic_dir
-    from sparsify.quantization import QuantScheme, rtn_quantize
+    from sparsify.quant.quantization import QuantScheme, rtn_quantize
     from sparsify.safetensors_io import SafetensorsWriter
 
     if kind not in SYNTHETIC_KINDS:
@@ -352,7 +352,7 @@ def make_synthetic_model(
 def weight_bytes_per_token(model_dir: str | os.PathLike) -> int:
     """Bytes a decode step reads from memory at batch 1: every stored tensor of the model but the embedding
     table (one row of it per token). Read from the safetensors headers, touching no weight."""
-    from sparsify.loading import find_sparse_file
+    from sparsify.inference.loading import find_sparse_file
     from sparsify.safetensors_io import read_safetensors_mmap
 
     folder = Path(model_dir)
@@ -385,8 +385,8 @@ def engine_decode(
     ``batch`` sequences at once, after an 8-token prompt each. What the server's figures are read against."""
     import gc
 
-    from sparsify.engine import BatchedLlama
-    from sparsify.loading import load_runtime_model
+    from sparsify.inference.engine import BatchedLlama
+    from sparsify.inference.loading import load_runtime_model
 
     engine = BatchedLlama(load_runtime_model(model_dir).model)
     rows = {}
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt=args.prompt,
         )
     else:
-        from sparsify.bench import stream_bandwidth
+        from sparsify.bench.cpu import stream_bandwidth
 
         stream = stream_bandwidth()  # before any server: the machine is otherwise idle
         runs = [

@@ -4,7 +4,7 @@
                                              [--curve-steps N] [--threads 2]
 
 * **Speed.** Each round trains a fresh copy of the `base` stage's model for ``--steps`` optimizer
-  steps with the real trainer (:func:`sparsify.trainer.train`), once per variant, variants
+  steps with the real trainer (:func:`sparsify.training.trainer.train`), once per variant, variants
   alternating within the round, so drift of this shared machine hits both alike. Reported: the
   median tokens/s over the rounds and each variant's ratio to fp32.
 * **Same result.** With a corpus (the data stage's output under ``--root``, default the
@@ -33,11 +33,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sparsify.bench import machine_info  # noqa: E402
+from sparsify.bench.cpu import machine_info  # noqa: E402
 from sparsify.config import load_config  # noqa: E402
-from sparsify.data import Corpus  # noqa: E402
+from sparsify.data.corpus import Corpus  # noqa: E402
 from sparsify.model import bf16_supported, build_llama  # noqa: E402
-from sparsify.trainer import train  # noqa: E402
+from sparsify.training.trainer import train  # noqa: E402
 
 VARIANTS = {"fp32": False, "bf16": True}
 

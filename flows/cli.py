@@ -28,7 +28,7 @@ import yaml
 import tasks  # noqa: F401  (environment defaults first)
 from sparsify.config import load_config
 from sparsify.errors import SparsellamaError
-from sparsify.sandbox import SandboxUnavailable
+from sparsify.evaluation.sandbox import SandboxUnavailable
 
 DEFAULT_MAX_TOKENS = 256  # generate / chat, when --max-tokens is not given
 
@@ -160,8 +160,8 @@ def render_dvc_yaml(config: str | Path = "params.yaml") -> str:
 def _load_engine(args: argparse.Namespace, **engine_options):
     import torch
 
-    from sparsify.engine import Engine
-    from sparsify.loading import load_runtime_model
+    from sparsify.inference.engine import Engine
+    from sparsify.inference.loading import load_runtime_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -170,7 +170,7 @@ def _load_engine(args: argparse.Namespace, **engine_options):
 
 
 def _sampling(args: argparse.Namespace):
-    from sparsify.generation import SamplingParams
+    from sparsify.inference.generation import SamplingParams
 
     return SamplingParams(
         max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
@@ -204,7 +204,7 @@ def _report(result) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from sparsify.engine import stream_generation
+    from sparsify.inference.engine import stream_generation
 
     params = _sampling(args)  # bad options fail before the model loads
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -223,8 +223,8 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def chat_command(args: argparse.Namespace) -> int:
-    from sparsify.engine import ContextLengthError, stream_generation
-    from sparsify.generation import chat_prompt_ids
+    from sparsify.inference.engine import ContextLengthError, stream_generation
+    from sparsify.inference.generation import chat_prompt_ids
 
     params = _sampling(args)
     loaded, engine = _load_engine(args, max_batch=1, max_queue=0)
@@ -260,7 +260,7 @@ def chat_command(args: argparse.Namespace) -> int:
 
 
 def serve_model_command(args: argparse.Namespace) -> int:
-    from sparsify.server import serve
+    from sparsify.inference.server import serve
 
     loaded, engine = _load_engine(
         args, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk

@@ -5,15 +5,15 @@ Every stage that writes a model writes this layout, and every stage that reads o
   config.json, model*.safetensors     the model (Hugging Face ``save_pretrained``; never pickle)
   tokenizer.json, ...                 its tokenizer
   provenance.json                     stage, config sections, parents, git commit
-  masks.safetensors                   the keep-masks of a sparse model (file format: ``sparsify.masks``)
+  masks.safetensors                   the keep-masks of a sparse model (file format: ``sparsify.sparsity.masks``)
 
 Reads are local: a checkpoint that is not on disk is an error that names the path, never a
 download. Only what the user names as a source (``base.source``, ``data.tokenizer``) may be a
 hub id (``hub=True``), served by the user's own Hugging Face cache and login.
 
-Two other folders are not this one: the trainer's resume state (``sparsify.trainer.save_checkpoint``:
+Two other folders are not this one: the trainer's resume state (``sparsify.training.trainer.save_checkpoint``:
 optimizer, step and RNG, to continue a killed run) and the sparse format the CPU runtime loads
-(``sparsify.loading.load_runtime_model``).
+(``sparsify.inference.loading.load_runtime_model``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sparsify.errors import DataError, ModelLoadError
 from sparsify.io import atomic_write_json
-from sparsify.masks import load_masks, save_masks
+from sparsify.sparsity.masks import load_masks, save_masks
 
 PROVENANCE = "provenance.json"
 MASKS = "masks.safetensors"

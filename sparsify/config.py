@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sparsify.errors import ConfigError
-from sparsify.pruning import PruneConfig
-from sparsify.quantization import QuantConfig
+from sparsify.quant.quantization import QuantConfig
+from sparsify.sparsity.pruning import PruneConfig
 
 
 class Section(BaseModel):
@@ -128,8 +128,8 @@ class TrainConfig(Section):
     # AVX2-only CPU bf16 is emulated and slower than fp32, so "auto" keeps fp32 there.
     bf16: bool | Literal["auto"] = False
     checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps between resumable checkpoints; 0 = off
-    # Objective: kd_ce·CE(labels) + kd_kl·KL_T(teacher‖student)·T² + kd_squarehead·SquareHead (sparsify.distill).
-    # The teacher only runs when kd_kl or kd_squarehead is > 0.
+    # Objective: kd_ce·CE(labels) + kd_kl·KL_T(teacher‖student)·T² + kd_squarehead·SquareHead
+    # (sparsify.training.distill). The teacher only runs when kd_kl or kd_squarehead is > 0.
     kd_ce: float = Field(default=1.0, ge=0)
     kd_kl: float = Field(default=0.0, ge=0)
     kd_squarehead: float = Field(default=0.0, ge=0)
@@ -209,7 +209,7 @@ class QuantizeConfig(Section):
 
 
 class DownstreamConfig(Section):
-    """Fine-tuning/evaluation tasks (names from `sparsify.downstream.TASKS`).
+    """Fine-tuning/evaluation tasks (names from `sparsify.data.downstream.TASKS`).
 
     The embedded default runs the two offline tasks with real ground truth. On a real
     machine list e.g. [gsm8k, cnn_dailymail, dolly, ultrachat, evol_codealpaca]; their data
@@ -225,7 +225,7 @@ class DownstreamConfig(Section):
     @field_validator("tasks")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from sparsify.downstream import TASKS
+        from sparsify.data.downstream import TASKS
 
         unknown = [t for t in v if t not in TASKS or t == "heldout"]
         if unknown:
@@ -239,7 +239,7 @@ class DownstreamConfig(Section):
 class SandboxConfig(Section):
     """Limits for model-generated code (pass@1) and whether it may run without kernel isolation.
 
-    The code runs under bubblewrap (`sparsify.sandbox`). Where bwrap is missing or cannot create
+    The code runs under bubblewrap (`sparsify.evaluation.sandbox`). Where bwrap is missing or cannot create
     namespaces, generated code is refused unless `allow_unisolated` is true: then it runs with only
     rlimits and a Python-level guard, and the eval results say so.
     """
@@ -257,7 +257,7 @@ class EvaluateConfig(Section):
     limit: int | None = Field(default=None, gt=0)  # documents per task (None: the whole test split)
     batch_size: int = Field(default=8, gt=0)
     extra_tasks: list[str] = []  # standard lm-eval tasks (arc_easy, hellaswag, ...) on machines that have them
-    # Score the model as it is deployed: loaded onto the sparse CPU runtime (sparsify.loading), the
+    # Score the model as it is deployed: loaded onto the sparse CPU runtime (sparsify.inference.loading), the
     # same kernels `sparsellama generate` / `serve-model` run; on the CPU.
     runtime: bool = False
     sandbox: SandboxConfig = SandboxConfig()  # model-generated code (pass@1)

@@ -14,11 +14,11 @@ import torch
 
 from sparsify.checkpoint import PROVENANCE, load_model, load_tokenizer, save_checkpoint
 from sparsify.config import Config
-from sparsify.data import Corpus, DataError, check_tokenizer_for_model
+from sparsify.data.corpus import Corpus, DataError, check_tokenizer_for_model
 from sparsify.io import atomic_dir, atomic_write_json
-from sparsify.masks import sparsity_report
 from sparsify.model import build_llama, count_parameters, pick_device
-from sparsify.trainer import train
+from sparsify.sparsity.masks import sparsity_report
+from sparsify.training.trainer import train
 from tasks.common import (
     Layout,
     StageResult,

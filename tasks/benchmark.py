@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from sparsify.bench import plot, run_decode_benchmark
-from sparsify.bench import run as run_benchmark
+from sparsify.bench.cpu import plot, run_decode_benchmark
+from sparsify.bench.cpu import run as run_benchmark
 from sparsify.config import Config
 from sparsify.io import atomic_dir, atomic_write_json
 from tasks.common import Layout, StageResult

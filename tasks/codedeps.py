@@ -24,13 +24,13 @@ PACKAGES = ("sparsify", "tasks", "flows")  # the repository's own top-level pack
 
 
 def _kernel_sources() -> tuple[str, ...]:
-    from sparsify.kernels.loader import HEADERS, SOURCES  # the files the JIT build compiles
+    from sparsify.inference.kernels.loader import HEADERS, SOURCES  # the files the JIT build compiles
 
-    return tuple(f"sparsify/kernels/{name}" for name in (*SOURCES, *HEADERS))
+    return tuple(f"sparsify/inference/kernels/{name}" for name in (*SOURCES, *HEADERS))
 
 
 # Files that a module reads or compiles at run time, which an import graph cannot see.
-DATA_FILES = {"sparsify.kernels.loader": _kernel_sources}
+DATA_FILES = {"sparsify.inference.kernels.loader": _kernel_sources}
 
 
 def module_file(module: str) -> Path | None:

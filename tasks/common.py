@@ -17,8 +17,8 @@ from pathlib import Path
 from sparsify.checkpoint import MASKS
 from sparsify.config import Config
 from sparsify.errors import SparsellamaError
+from sparsify.evaluation.metrics import token_nll
 from sparsify.io import atomic_write_json, remove_stale_temporaries, restore_moved_aside
-from sparsify.metrics import token_nll
 
 
 @dataclass(frozen=True)

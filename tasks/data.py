@@ -6,8 +6,8 @@ import logging
 
 from sparsify.checkpoint import load_tokenizer
 from sparsify.config import Config
-from sparsify.data import build_corpus, check_tokenizer_for_model
-from sparsify.downstream import check_chat_template
+from sparsify.data.corpus import build_corpus, check_tokenizer_for_model
+from sparsify.data.downstream import check_chat_template
 from sparsify.io import atomic_dir
 from tasks.common import Layout, StageResult
 

@@ -6,7 +6,7 @@ YAML is generated from the task definitions; standard lm-eval task names in
 model's metric (`base` for pruned models), per task and averaged. Generation tasks also get
 `target_nll`: the fine-tuning loss on the test split (each reference target's NLL given its
 prompt), per document in `reports/eval/<model>.samples.jsonl` beside what the model generated.
-Tasks scored by running generated code (pass@1) run it in `sparsify.sandbox` under
+Tasks scored by running generated code (pass@1) run it in `sparsify.evaluation.sandbox` under
 `evaluate.sandbox`; the results name the protections that were in force (`sandbox`), and the stage
 refuses to start when the code could not be isolated unless `evaluate.sandbox.allow_unisolated`.
 """
@@ -19,14 +19,14 @@ from pathlib import Path
 
 from sparsify.checkpoint import load_model, load_tokenizer
 from sparsify.config import Config
-from sparsify.downstream import TaskSpec, get_task, read_task_jsonl
+from sparsify.data.downstream import TaskSpec, get_task, read_task_jsonl
 from sparsify.errors import DataError
-from sparsify.evaluation import evaluate_model, write_lmeval_tasks
+from sparsify.evaluation.lmeval import evaluate_model, write_lmeval_tasks
+from sparsify.evaluation.recovery import recovery_where_defined
+from sparsify.evaluation.sandbox import SandboxPolicy, check_isolation
+from sparsify.inference.loading import UnsupportedLayer, load_runtime_model
 from sparsify.io import atomic_write_json, atomic_write_jsonl
-from sparsify.loading import UnsupportedLayer, load_runtime_model
-from sparsify.recovery import recovery_where_defined
-from sparsify.sandbox import SandboxPolicy, check_isolation
-from sparsify.sft import SFTDataset, target_nll
+from sparsify.training.sft import SFTDataset, target_nll
 from tasks.common import Layout, StageResult
 
 log = logging.getLogger(__name__)

@@ -12,12 +12,12 @@ import statistics
 
 from sparsify.checkpoint import load_checkpoint, save_checkpoint
 from sparsify.config import Config
-from sparsify.data import Corpus
+from sparsify.data.corpus import Corpus
 from sparsify.io import atomic_dir, atomic_write_json
-from sparsify.layerwise import prune_model
-from sparsify.masks import plot_sparsity, sparsity_report
 from sparsify.model import pick_device, weights_dtype
-from sparsify.pruning import PruneConfig
+from sparsify.sparsity.layerwise import prune_model
+from sparsify.sparsity.masks import plot_sparsity, sparsity_report
+from sparsify.sparsity.pruning import PruneConfig
 from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexities
 
 log = logging.getLogger(__name__)

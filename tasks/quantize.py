@@ -14,13 +14,13 @@ import statistics
 
 from sparsify.checkpoint import PROVENANCE, load_checkpoint, save_checkpoint
 from sparsify.config import Config
-from sparsify.data import Corpus
-from sparsify.export import save_compressed_tensors, save_sparse_model
+from sparsify.data.corpus import Corpus
+from sparsify.inference.export import save_compressed_tensors, save_sparse_model
 from sparsify.io import atomic_dir, atomic_write_json
-from sparsify.layerwise import quantize_model
-from sparsify.masks import check_masks, sparsity_report
 from sparsify.model import pick_device
-from sparsify.quantization import check_not_quantized
+from sparsify.quant.quantization import check_not_quantized
+from sparsify.sparsity.layerwise import quantize_model
+from sparsify.sparsity.masks import check_masks, sparsity_report
 from tasks.common import (
     Layout,
     StageResult,

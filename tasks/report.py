@@ -11,13 +11,13 @@ import dataclasses
 import json
 import logging
 
-from sparsify.claims import paper_claims
 from sparsify.config import Config
-from sparsify.downstream import get_task
+from sparsify.data.downstream import get_task
 from sparsify.errors import DataError
+from sparsify.evaluation.recovery import metric_recovery, paired_difference
 from sparsify.io import atomic_write_json, atomic_write_text
-from sparsify.recovery import metric_recovery, paired_difference
-from sparsify.report import ReportData, write_report
+from sparsify.reporting.claims import paper_claims
+from sparsify.reporting.report import ReportData, write_report
 from tasks.common import Evaluated, Layout, StageResult, checkpoint_mb, git_commit
 
 log = logging.getLogger(__name__)

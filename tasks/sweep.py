@@ -19,13 +19,13 @@ import torch
 
 from sparsify.checkpoint import load_model
 from sparsify.config import Config
-from sparsify.data import Corpus
+from sparsify.data.corpus import Corpus
 from sparsify.errors import UserInputError
 from sparsify.io import atomic_write_json, atomic_write_text
-from sparsify.layerwise import prune_model
-from sparsify.masks import sparsity_report
 from sparsify.model import pick_device
-from sparsify.pruning import PruneConfig
+from sparsify.sparsity.layerwise import prune_model
+from sparsify.sparsity.masks import sparsity_report
+from sparsify.sparsity.pruning import PruneConfig
 from tasks.common import Layout, StageResult, val_perplexity
 from tasks.stages import CORPUS, Stage
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from sparsify.checkpoint import load_tokenizer
 from sparsify.config import Config
-from sparsify.data import Corpus
-from sparsify.downstream import (
+from sparsify.data.corpus import Corpus
+from sparsify.data.downstream import (
     DATASETS,
     apply_chat_template,
     chat_tasks,

@@ -205,6 +205,6 @@ def stage_monitoring(
 
 
 def live_step_logger() -> Callable[[dict], None] | None:
-    """What a training stage passes to ``sparsify.trainer.train(on_step=...)``: the running stage's live
+    """What a training stage passes to ``sparsify.training.trainer.train(on_step=...)``: the running stage's live
     MLflow sink, or None outside a tracked stage."""
     return _LIVE.get()

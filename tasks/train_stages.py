@@ -20,14 +20,14 @@ import torch
 
 from sparsify.checkpoint import PROVENANCE, load_checkpoint, load_model, load_tokenizer, save_checkpoint
 from sparsify.config import Config, TrainConfig
-from sparsify.data import Corpus
-from sparsify.downstream import get_task, read_task_jsonl
+from sparsify.data.corpus import Corpus
+from sparsify.data.downstream import get_task, read_task_jsonl
 from sparsify.errors import ConfigError
 from sparsify.io import atomic_dir, atomic_write_json
-from sparsify.masks import check_masks, sparsity_report
 from sparsify.model import bf16_supported, pick_device
-from sparsify.sft import SFTDataset
-from sparsify.trainer import PackedBlocks, TrainResult, train
+from sparsify.sparsity.masks import check_masks, sparsity_report
+from sparsify.training.sft import SFTDataset
+from sparsify.training.trainer import PackedBlocks, TrainResult, train
 from tasks.common import (
     Layout,
     StageResult,

@@ -43,7 +43,7 @@ LLAMA3_CHAT_TEMPLATE = (
 
 def stdlib_texts(limit: int = 400) -> tuple[list[str], list[str]]:
     """(prose, code): docstrings/comments and source of standard-library modules, sorted order."""
-    from sparsify.data import extract_prose
+    from sparsify.data.corpus import extract_prose
 
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py"))[:limit]
@@ -222,7 +222,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 def write_task_files(folder: Path, n_train: int = 48, n_test: int = 12) -> dict[str, dict[str, str]]:
     """GSM8K, Dolly and UltraChat-200k records in their own schemas; `downstream.data_files` form."""
-    from sparsify.downstream import generate_arithmetic
+    from sparsify.data.downstream import generate_arithmetic
 
     arith = generate_arithmetic(n_train, n_test, seed=1)
     files: dict[str, dict[str, str]] = {}

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from sparsify.export import save_sparse_model
-from sparsify.kernels import load_extension
-from sparsify.masks import prunable_linear_names
-from sparsify.quantization import QuantScheme, attach_quantization, rtn_quantize
+from sparsify.inference.export import save_sparse_model
+from sparsify.inference.kernels import load_extension
+from sparsify.quant.quantization import QuantScheme, attach_quantization, rtn_quantize
+from sparsify.sparsity.masks import prunable_linear_names
 from tests.llama_fixtures import LLAMA3_CHAT_TEMPLATE, stdlib_texts
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]

@@ -27,14 +27,14 @@ import torch
 from sparsify import io as sio
 from sparsify.checkpoint import load_checkpoint, load_model, save_checkpoint
 from sparsify.config import SourceConfig, load_config
-from sparsify.data import check_tokenizer_for_model, iter_source
-from sparsify.downstream import load_records, read_task_jsonl
+from sparsify.data.corpus import check_tokenizer_for_model, iter_source
+from sparsify.data.downstream import load_records, read_task_jsonl
 from sparsify.errors import ConfigError, DataError, MissingFileError, ModelLoadError, OutputWriteError, SparsellamaError
-from sparsify.export import SPARSE_FILE, save_sparse_model
+from sparsify.inference.export import SPARSE_FILE, save_sparse_model
+from sparsify.inference.loading import load_runtime_model
 from sparsify.io import atomic_dir
-from sparsify.loading import load_runtime_model
-from sparsify.masks import check_masks, load_masks, save_masks
-from sparsify.trainer import TrainingDiverged, train
+from sparsify.sparsity.masks import check_masks, load_masks, save_masks
+from sparsify.training.trainer import TrainingDiverged, train
 from tests.conftest import PARAMS, smoke_config, tiny_llama
 from tests.serve_fixtures import VOCAB, sparse_llama, tiny_tokenizer, write_sparse_folder
 from tests.test_trainer import random_blocks
@@ -519,7 +519,7 @@ def _(tmp, mp):
 
 
 def _train_row(tmp: Path, damage: Callable[[Path], object], file_name: str) -> Row:
-    from sparsify.trainer import STATE_FILE, WEIGHTS_FILE
+    from sparsify.training.trainer import STATE_FILE, WEIGHTS_FILE
 
     ckpt = tmp / "ckpt"
     blocks = random_blocks(n=16).astype(np.int64) % 256

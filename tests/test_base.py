@@ -8,10 +8,10 @@ import math
 import torch
 
 from sparsify.checkpoint import load_model, load_tokenizer
-from sparsify.data import Corpus
-from sparsify.metrics import mean_nll
+from sparsify.data.corpus import Corpus
+from sparsify.evaluation.metrics import mean_nll
 from sparsify.model import build_llama
-from sparsify.trainer import lr_at, train
+from sparsify.training.trainer import lr_at, train
 from tasks import base
 from tests.conftest import smoke_config
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from sparsify.bench_gpu import _int4_pack_cuda, flat_gpu_metrics, prune_2of4, run_gpu_layer_benchmark
+from sparsify.bench.gpu import _int4_pack_cuda, flat_gpu_metrics, prune_2of4, run_gpu_layer_benchmark
 
 
 def test_prune_2of4_keeps_the_two_largest_of_every_four():

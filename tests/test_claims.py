@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from sparsify.claims import ahead_verdict, mean_paired, mean_recovery, paper_claims, verdict
-from sparsify.report import ReportData, write_report
+from sparsify.reporting.claims import ahead_verdict, mean_paired, mean_recovery, paper_claims, verdict
+from sparsify.reporting.report import ReportData, write_report
 
 
 def task(metric: str, values: dict[str, float], paired: dict[str, tuple[float, float]]) -> dict:

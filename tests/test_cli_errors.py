@@ -13,10 +13,10 @@ import pytest
 
 from flows.cli import main
 from sparsify.config import ConfigError
-from sparsify.data import DataError
+from sparsify.data.corpus import DataError
 from sparsify.errors import MissingFileError, ModelLoadError, OutputWriteError, SparsellamaError, UserInputError
-from sparsify.loading import UnsupportedLayer
-from sparsify.trainer import TrainingDiverged
+from sparsify.inference.loading import UnsupportedLayer
+from sparsify.training.trainer import TrainingDiverged
 from tasks.common import RootBusy
 from tests.conftest import PARAMS, REPO
 

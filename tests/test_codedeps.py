@@ -38,9 +38,9 @@ def test_lazy_imports_and_compiled_sources_count():
     base = code_files("tasks.base")
     # What the hand-written list missed (issue #17): the trainer's own imports and the shared helpers.
     for f in (
-        "sparsify/distill.py",
-        "sparsify/masks.py",
-        "sparsify/data.py",
+        "sparsify/training/distill.py",
+        "sparsify/sparsity/masks.py",
+        "sparsify/data/corpus.py",
         "sparsify/config.py",
         "sparsify/io.py",
         "tasks/common.py",
@@ -48,10 +48,10 @@ def test_lazy_imports_and_compiled_sources_count():
         "tasks/__init__.py",
     ):
         assert f in base, f
-    # runtime imports sparsify.quantization inside a function: still a dependency.
-    assert "sparsify/quantization.py" in code_files("sparsify.runtime")
+    # runtime imports sparsify.quant.quantization inside a function: still a dependency.
+    assert "sparsify/quant/quantization.py" in code_files("sparsify.inference.runtime")
     bench = code_files("tasks.benchmark")
-    assert {"sparsify/kernels/sparse_gemv_avx2.cpp", "sparsify/kernels/outer.h"} <= set(bench)
+    assert {"sparsify/inference/kernels/sparse_gemv_avx2.cpp", "sparsify/inference/kernels/outer.h"} <= set(bench)
 
 
 def test_dvc_yaml_and_fingerprint_use_the_derived_lists():
@@ -59,7 +59,7 @@ def test_dvc_yaml_and_fingerprint_use_the_derived_lists():
     base = stages.get(cfg, "base")
     assert base.code == code_files("tasks.base")
     dvc = (REPO / "dvc.yaml").read_text()
-    assert "- sparsify/distill.py" in dvc and "- sparsify/kernels/sparse_gemv_avx512.cpp" in dvc
+    assert "- sparsify/training/distill.py" in dvc and "- sparsify/inference/kernels/sparse_gemv_avx512.cpp" in dvc
     from tasks.runner import fingerprint
 
     before = fingerprint(base, cfg)

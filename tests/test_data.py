@@ -14,7 +14,7 @@ import pytest
 
 from sparsify.checkpoint import load_tokenizer
 from sparsify.config import DataConfig, SourceConfig
-from sparsify.data import (
+from sparsify.data.corpus import (
     Corpus,
     DataError,
     build_corpus,
@@ -212,7 +212,7 @@ def test_failed_build_leaves_no_partial_output(two_sources, built, tmp_path):
 MEMORY_PROBE = """
 import json, sys, tracemalloc
 from sparsify.config import DataConfig, SourceConfig
-from sparsify.data import build_corpus
+from sparsify.data.corpus import build_corpus
 folder, tok, tokens, out = sys.argv[1:]
 cfg = DataConfig(sources=[SourceConfig(name="big", kind="files", glob=folder + "/*.txt", weight=1)],
                  train_tokens=int(tokens), val_tokens=int(tokens) // 20, val_fraction=0.05, block_size=64,

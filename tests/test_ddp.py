@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparsify.sft import SFTDataset
-from sparsify.trainer import (
+from sparsify.training.sft import SFTDataset
+from sparsify.training.trainer import (
     CHECKPOINT_FORMAT,
     SHARDED_FORMAT,
     SHARDS_DIR,
@@ -226,7 +226,7 @@ def test_pipeline_stage_under_torchrun(tmp_path, smoke_root):
 
     from mlflow.tracking import MlflowClient
 
-    from sparsify.masks import load_masks
+    from sparsify.sparsity.masks import load_masks
     from tasks import stages
     from tasks.runner import execute
     from tests.conftest import PARAMS, smoke_config

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsify.distill import (
+from sparsify.training.distill import (
     IGNORE_INDEX,
     KDWeights,
     check_teacher,
@@ -17,7 +17,7 @@ from sparsify.distill import (
     objective,
     squarehead_loss,
 )
-from sparsify.trainer import train
+from sparsify.training.trainer import train
 from tests.test_trainer import random_blocks, tiny_config, tiny_llama
 
 

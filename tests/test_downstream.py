@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sparsify import downstream as ds
-from sparsify.evaluation import extract_final_number
+from sparsify.data import downstream as ds
+from sparsify.evaluation.lmeval import extract_final_number
 
 # One tiny record per real dataset, in that dataset's own schema.
 SAMPLES = {

@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from sparsify.engine import BatchedLlama, ContextLengthError, Engine, QueueFull
-from sparsify.generation import IncrementalDetokenizer, SamplingParams, TextStream, next_token
-from sparsify.loading import load_runtime_model
+from sparsify.inference.engine import BatchedLlama, ContextLengthError, Engine, QueueFull
+from sparsify.inference.generation import IncrementalDetokenizer, SamplingParams, TextStream, next_token
+from sparsify.inference.loading import load_runtime_model
 from tests.serve_fixtures import (
     extension,  # noqa: F401  (a pytest fixture)
     sparse_llama,

@@ -9,12 +9,12 @@ import math
 
 import pytest
 
-from sparsify import downstream as ds
-from sparsify import evaluation as ev
 from sparsify.checkpoint import load_checkpoint
-from sparsify.kernels import load_extension
-from sparsify.loading import load_runtime_model
-from sparsify.runtime import SparseLinear
+from sparsify.data import downstream as ds
+from sparsify.evaluation import lmeval as ev
+from sparsify.inference.kernels import load_extension
+from sparsify.inference.loading import load_runtime_model
+from sparsify.inference.runtime import SparseLinear
 from tests.serve_fixtures import sparse_llama, tiny_tokenizer, write_sparse_folder
 
 TASKS = ["arithmetic", "heldout"]

@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from sparsify import downstream as ds
-from sparsify import sandbox as sbx
-from sparsify.sandbox import SandboxUnavailable
+from sparsify.data import downstream as ds
+from sparsify.evaluation import sandbox as sbx
+from sparsify.evaluation.sandbox import SandboxUnavailable
 from tests.serve_fixtures import sparse_llama, tiny_tokenizer
 
 

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from sparsify import downstream as ds
-from sparsify import evaluation as ev
-from sparsify.sandbox import SandboxPolicy
+from sparsify.data import downstream as ds
+from sparsify.evaluation import lmeval as ev
+from sparsify.evaluation.sandbox import SandboxPolicy
 
 GEN_TOKS = 4  # generation budget in the end-to-end run: scores are meaningless, plumbing is not
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from sparsify.export import (
+from sparsify.inference.export import (
     SPARSE_FILE,
     load_sparse_layers,
     load_sparse_tensors,
@@ -21,9 +21,14 @@ from sparsify.export import (
     unpack_bitmask,
     unpack_int4_rows,
 )
-from sparsify.layerwise import prune_model, quantize_model
-from sparsify.pruning import PruneConfig
-from sparsify.quantization import QuantConfig, activation_quantization_disabled, check_not_quantized, quantized_linears
+from sparsify.quant.quantization import (
+    QuantConfig,
+    activation_quantization_disabled,
+    check_not_quantized,
+    quantized_linears,
+)
+from sparsify.sparsity.layerwise import prune_model, quantize_model
+from sparsify.sparsity.pruning import PruneConfig
 from tests.conftest import tiny_llama as conftest_tiny_llama
 
 N_SAMPLES, SEQ_LEN = 4, 16

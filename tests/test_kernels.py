@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from sparsify.kernels import (
+from sparsify.inference.kernels import (
     PackedWeight,
     dequantize,
     kernel_isa,
@@ -23,8 +23,8 @@ from sparsify.kernels import (
     torch_sparse_linear,
     unpack,
 )
-from sparsify.kernels.loader import ISA_NAMES
-from sparsify.quantization import fake_quantize_per_token
+from sparsify.inference.kernels.loader import ISA_NAMES
+from sparsify.quant.quantization import fake_quantize_per_token
 
 SHAPES = [(37, 100), (100, 129), (129, 37), (64, 128), (3, 1)]  # (out, in): odd sizes hit every tail
 SPARSITIES = [0.0, 0.5, 0.7, 0.95, 1.0]
@@ -194,7 +194,7 @@ def test_int8_kernels_match_dequantized_reference(compiled_isas, isa, act_int8):
         bias = torch.randn(shape[0]) if i % 2 else None
         for batch in BATCHES:
             x = torch.randn(batch, shape[1])
-            # Independent reference: the activation grid sparsify.quantization fakes, dequantized weights.
+            # Independent reference: the activation grid sparsify.quant.quantization fakes, dequantized weights.
             xq = fake_quantize_per_token(x) if act_int8 else x
             y = sparse_linear(x, p, bias, isa=isa)
             assert_close(y, *reference(xq, dequantize(p), bias), 1e-5)
@@ -406,9 +406,9 @@ def int4_weight(out: int, inn: int, group: int | None, sparsity: float, seed: in
 @pytest.mark.parametrize("shape", INT4_SHAPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_int4_pack_round_trip_and_layout(shape, sparsity):
-    """Codes and scales are sparsify.quantization's INT4 grid; unpack(pack(w)) returns them exactly;
+    """Codes and scales are sparsify.quant.quantization's INT4 grid; unpack(pack(w)) returns them exactly;
     the bytes follow the documented layout (per mask word, ceil(p/2) bytes, code + 8, low nibble first)."""
-    from sparsify.quantization import quantize_codes, weight_scales
+    from sparsify.quant.quantization import quantize_codes, weight_scales
 
     out, inn, group = shape
     w = sparse_weight(out, inn, sparsity, seed=out + inn)

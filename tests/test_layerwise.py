@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from sparsify import layerwise
-from sparsify.layerwise import PruneResult, prune_model
-from sparsify.masks import check_masks, prunable_linear_names, sparsity_report
-from sparsify.pruning import PruneConfig
+from sparsify.sparsity import layerwise
+from sparsify.sparsity.layerwise import PruneResult, prune_model
+from sparsify.sparsity.masks import check_masks, prunable_linear_names, sparsity_report
+from sparsify.sparsity.pruning import PruneConfig
 from tests.conftest import tiny_llama
 
 N_SAMPLES, SEQ_LEN = 6, 12

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from sparsify.engine import default_eos_ids
-from sparsify.export import save_sparse_model
-from sparsify.loading import ModelLoadError, UnsupportedLayer, load_runtime_model
-from sparsify.quantization import QuantScheme
-from sparsify.runtime import SparseLinear, sparsify_model
+from sparsify.inference.engine import default_eos_ids
+from sparsify.inference.export import save_sparse_model
+from sparsify.inference.loading import ModelLoadError, UnsupportedLayer, load_runtime_model
+from sparsify.inference.runtime import SparseLinear, sparsify_model
+from sparsify.quant.quantization import QuantScheme
 from sparsify.safetensors_io import SafetensorsReadError, read_safetensors_mmap
 from tests.serve_fixtures import (
     extension,  # noqa: F401  (a pytest fixture)
@@ -197,9 +197,9 @@ def test_mmap_reader_matches_safetensors(tmp_path):
 def test_compressed_tensors_checkpoint_runs_through_transformers(tmp_path, tokenizer):
     """A compressed-tensors folder (no sparse/ beside it) is not packed: its Linears hold compressed weights and
     their own activation quantization, which transformers' integration runs exactly."""
-    from sparsify.engine import Engine
-    from sparsify.export import save_compressed_tensors
-    from sparsify.generation import SamplingParams
+    from sparsify.inference.engine import Engine
+    from sparsify.inference.export import save_compressed_tensors
+    from sparsify.inference.generation import SamplingParams
 
     source, masks = sparse_llama()
     model = quantize_rtn(source, masks, QuantScheme(weight_bits=8, group_size=None, activation_bits=8))
@@ -221,8 +221,8 @@ def test_values_are_used_in_place_from_the_file_and_older_files_without_padding_
     memory-mapped values (no copy of GBs); a file written before that (no padding) loads to the same model."""
     from safetensors.torch import save_file
 
-    from sparsify.export import SPARSE_FILE
-    from sparsify.loading import _padded_values
+    from sparsify.inference.export import SPARSE_FILE
+    from sparsify.inference.loading import _padded_values
 
     model, masks = sparse_llama()
     model = quantize_rtn(model, masks, QuantScheme(weight_bits=8, group_size=None, activation_bits=8))

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from sparsify.masks import (
+from sparsify.sparsity.masks import (
     apply_masks,
     check_masks,
     find_decoder_layers,

@@ -18,7 +18,7 @@ import torch
 
 from sparsify.checkpoint import load_tokenizer
 from sparsify.config import load_config
-from sparsify.data import Corpus, DataError, bos_prefix, vocab_bound
+from sparsify.data.corpus import Corpus, DataError, bos_prefix, vocab_bound
 from tests.conftest import PARAMS
 from tests.llama_fixtures import llama_checkpoint, write_pretraining_files, write_task_files
 
@@ -158,8 +158,8 @@ def test_a_chat_task_needs_a_chat_template(fixtures, tmp_path):
 
 
 def test_chat_records_use_the_tokenizers_template(fixtures):
-    from sparsify.downstream import apply_chat_template, load_records
-    from sparsify.sft import SFTDataset, encode_prompt
+    from sparsify.data.downstream import apply_chat_template, load_records
+    from sparsify.training.sft import SFTDataset, encode_prompt
 
     tok = load_tokenizer(fixtures["llama3"])
     files = write_task_files(fixtures["tasks"])
@@ -194,8 +194,8 @@ def test_a_dataset_with_one_split_gets_a_held_out_test_split(fixtures, tmp_path)
 
 
 def test_token_ids_outside_the_embedding_are_a_clear_error(fixtures, tmp_path):
-    from sparsify.metrics import token_nll
-    from sparsify.trainer import PackedBlocks, train
+    from sparsify.evaluation.metrics import token_nll
+    from sparsify.training.trainer import PackedBlocks, train
     from tests.conftest import tiny_llama
 
     model = tiny_llama(vocab_size=128)
@@ -278,8 +278,8 @@ def test_the_whole_pipeline_on_your_own_llama(fixtures, family, tmp_path, prefec
     from transformers import AutoModelForCausalLM
 
     from flows.pipeline import sparse_llama
-    from sparsify.evaluation import flatten_results
-    from sparsify.masks import load_masks
+    from sparsify.evaluation.lmeval import flatten_results
+    from sparsify.sparsity.masks import load_masks
     from tasks.common import read_metrics, val_perplexities
     from tasks.stages import stages
 

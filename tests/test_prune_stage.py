@@ -7,7 +7,7 @@ import json
 import torch
 
 from sparsify.checkpoint import load_model
-from sparsify.masks import load_masks
+from sparsify.sparsity.masks import load_masks
 from tasks import base
 from tasks.runner import execute
 from tasks.stages import get

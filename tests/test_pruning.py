@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from sparsify.pruning import (
+from sparsify.sparsity.pruning import (
     PruneConfig,
     _inverse_hessian_cholesky,
     _prune_lowest,

@@ -10,11 +10,7 @@ import torch
 from pydantic import ValidationError
 from transformers import LlamaForCausalLM
 
-from sparsify import layerwise
-from sparsify.layerwise import QuantizeResult, prune_model, quantize_model
-from sparsify.masks import check_masks, prunable_linear_names
-from sparsify.pruning import PruneConfig, reconstruction_error
-from sparsify.quantization import (
+from sparsify.quant.quantization import (
     QUANT_MARKER,
     ActivationQuantHook,
     QuantConfig,
@@ -30,6 +26,10 @@ from sparsify.quantization import (
     smooth_decoder_layer,
     smoothing_factors,
 )
+from sparsify.sparsity import layerwise
+from sparsify.sparsity.layerwise import QuantizeResult, prune_model, quantize_model
+from sparsify.sparsity.masks import check_masks, prunable_linear_names
+from sparsify.sparsity.pruning import PruneConfig, reconstruction_error
 from tests.conftest import tiny_llama
 
 F64 = torch.float64

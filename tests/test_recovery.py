@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sparsify.recovery import higher_is_better, paired_difference, primary_metric, recovery
+from sparsify.evaluation.recovery import higher_is_better, paired_difference, primary_metric, recovery
 
 DENSE = {
     "arithmetic": {"exact_match": 0.40},

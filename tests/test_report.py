@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from sparsify.report import ReportData, write_report
+from sparsify.reporting.report import ReportData, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 METRICS = {

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sparsify.kernels import dequantize, load_extension, pack
-from sparsify.masks import prunable_linear_names
-from sparsify.quantization import QuantScheme, fake_quantize_per_token
-from sparsify.runtime import SparseLinear, sparsify_model
+from sparsify.inference.kernels import dequantize, load_extension, pack
+from sparsify.inference.runtime import SparseLinear, sparsify_model
+from sparsify.quant.quantization import QuantScheme, fake_quantize_per_token
+from sparsify.sparsity.masks import prunable_linear_names
 from tests.serve_fixtures import quantize_rtn
 
 
@@ -84,7 +84,7 @@ def test_fp32_sparse_model_matches_dense_logits():
 
 
 class FakeQuantInput:
-    """Forward pre-hook: the per-token activation grid of W8A8 (sparsify.quantization's)."""
+    """Forward pre-hook: the per-token activation grid of W8A8 (sparsify.quant.quantization's)."""
 
     def __call__(self, module, args):
         return (fake_quantize_per_token(args[0].float()).to(args[0].dtype),)
@@ -156,7 +156,7 @@ def test_int4_model_matches_its_quantized_reference(mode):
 
 @torch.no_grad()
 def test_runs_an_int4_model_quantized_by_sparsify_quantization_exactly():
-    """A W4A16 model from sparsify.quantization (groups of 64) keeps its codes and scales: the runtime
+    """A W4A16 model from sparsify.quant.quantization (groups of 64) keeps its codes and scales: the runtime
     computes the in-memory quantized model's logits; groups the kernels cannot tile are refused."""
     model = quantized(tiny_llama(intermediate=192), QuantScheme(weight_bits=4, group_size=64, activation_bits=None))
     sparse = copy.deepcopy(model)
@@ -260,7 +260,7 @@ def test_runtime_and_kernels_import_no_orchestration():
 
     repo = Path(__file__).resolve().parents[1]
     code = (
-        "import sys; import sparsify.runtime, sparsify.kernels, sparsify.bench; "
+        "import sys; import sparsify.inference.runtime, sparsify.inference.kernels, sparsify.bench.cpu; "
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}); print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
@@ -270,7 +270,7 @@ def test_runtime_and_kernels_import_no_orchestration():
 def test_decode_benchmark_on_a_tiny_model_agrees_across_variants():
     """The decode/prefill benchmark's bookkeeping on a tiny 70%-sparse model: each variant's timed
     loop decodes what its `generate()` does, the float variants the dense tokens; timings and ratios."""
-    from sparsify.bench import DECODE_VARIANTS, flat_metrics, run_decode_benchmark
+    from sparsify.bench.cpu import DECODE_VARIANTS, flat_metrics, run_decode_benchmark
 
     result = run_decode_benchmark(
         layers=2, repeats=2, steps=3, prompt_len=5, prefill_len=16, hidden=64, intermediate=192, heads=4, vocab=256

@@ -7,7 +7,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sparsify.export import SPARSE_FILE, encode_sparse, load_sparse_layers, load_sparse_tensors, sparse_model_writer
+from sparsify.inference.export import (
+    SPARSE_FILE,
+    encode_sparse,
+    load_sparse_layers,
+    load_sparse_tensors,
+    sparse_model_writer,
+)
 from sparsify.safetensors_io import DTYPES, SafetensorsReadError, SafetensorsWriter, read_safetensors_mmap
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from sparsify import sandbox as sbx
-from sparsify.evaluation import humaneval_program
-from sparsify.sandbox import (
+from sparsify.evaluation import sandbox as sbx
+from sparsify.evaluation.lmeval import humaneval_program
+from sparsify.evaluation.sandbox import (
     SANDBOX_UID_RANGE,
     SandboxPolicy,
     SandboxUnavailable,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from flows.cli import main as cli
-from sparsify.kernels import load_extension
+from sparsify.inference.kernels import load_extension
 from tests.conftest import REPO
 from tests.serve_fixtures import (
     sparse_llama,
@@ -262,7 +262,8 @@ def test_serving_modules_import_no_orchestration():
     import sys
 
     code = (
-        "import sys; import sparsify.loading, sparsify.engine, sparsify.generation, sparsify.server; "
+        "import sys; import sparsify.inference.loading, sparsify.inference.engine; "
+        "import sparsify.inference.generation, sparsify.inference.server; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'dvc'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -275,8 +276,8 @@ def test_synthetic_models_hold_the_same_weights_and_load_on_the_runtime(tmp_path
     written tensor by tensor, and each loads and generates; the weight bytes per token are the stored ones."""
     from safetensors.torch import load_file
 
-    from sparsify.export import load_sparse_tensors
-    from sparsify.loading import load_runtime_model
+    from sparsify.inference.export import load_sparse_tensors
+    from sparsify.inference.loading import load_runtime_model
 
     shape = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=300)
     folders = {kind: bench.make_synthetic_model(tmp_path / kind, kind=kind, **shape) for kind in bench.SYNTHETIC_KINDS}

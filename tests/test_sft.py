@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sparsify.data import train_tokenizer
-from sparsify.distill import IGNORE_INDEX
-from sparsify.downstream import generate_arithmetic, get_task
-from sparsify.sft import SFTDataset, fit_length
-from sparsify.trainer import evaluate, train
+from sparsify.data.corpus import train_tokenizer
+from sparsify.data.downstream import generate_arithmetic, get_task
+from sparsify.training.distill import IGNORE_INDEX
+from sparsify.training.sft import SFTDataset, fit_length
+from sparsify.training.trainer import evaluate, train
 from tests.test_trainer import tiny_config, tiny_llama
 
 BOS, EOS, PAD = 1, 2, 0
@@ -131,7 +131,7 @@ def test_task_templates_give_the_training_text_evaluation_uses(tmp_path):
 
 
 def test_target_nll_is_each_targets_log_likelihood_given_its_prompt():
-    from sparsify.sft import target_nll
+    from sparsify.training.sft import target_nll
 
     model = tiny_llama().eval()
     records = [

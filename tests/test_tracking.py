@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from sparsify.config import load_config
-from sparsify.trainer import train
+from sparsify.training.trainer import train
 from tasks.tracking import Tracker, live_step_logger, stage_monitoring
 from tests.test_trainer import random_blocks, tiny_config, tiny_llama
 

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from sparsify import trainer
 from sparsify.config import TrainConfig
-from sparsify.masks import prunable_linear_names
-from sparsify.metrics import mean_nll
-from sparsify.trainer import (
+from sparsify.evaluation.metrics import mean_nll
+from sparsify.sparsity.masks import prunable_linear_names
+from sparsify.training import trainer
+from sparsify.training.trainer import (
     OPTIMIZER_FILE,
     STATE_FILE,
     WEIGHTS_FILE,

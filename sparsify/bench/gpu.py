@@ -13,7 +13,7 @@ At Llama-2-7B shapes, in one run, CUDA-event medians of interleaved repeats:
 Every variant's output is checked against an fp32 matmul with the weight it actually holds
 (pruned and/or dequantized). A variant this torch build cannot run is reported with its error
 instead of a time. Without CUDA, ``run_gpu_layer_benchmark`` returns None: the CPU benchmark
-(:mod:`sparsify.bench`) is the one that runs everywhere.
+(:mod:`sparsify.bench.cpu`) is the one that runs everywhere.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in), as in sparsify.bench
+GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in), as in sparsify.bench.cpu
 GPU_BATCHES = (1, 16, 64, 512)
 GPU_VARIANTS = ("dense_fp16", "dense_bf16", "sparse24_fp16", "torch_int8", "torch_int4")
 INT4_GROUP = 128

@@ -14,7 +14,7 @@ modules are the model's own (SparseLinear or nn.Linear, RMSNorm, MLP): no weight
 every step the waiting requests join the running batch up to ``max_batch`` and finished or
 cancelled ones leave it (continuous batching). A background thread runs the steps; each request's
 outputs go to its callback (text deltas with stop strings and incremental detokenization from
-:mod:`sparsify.generation`). :meth:`Engine.generate` is the blocking, streaming form the CLI uses.
+:mod:`sparsify.inference.generation`). :meth:`Engine.generate` is the blocking, streaming form the CLI uses.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsify.errors import ModelLoadError, UserInputError
-from sparsify.generation import SamplingParams, TextStream, make_generator, next_token
+from sparsify.inference.generation import SamplingParams, TextStream, make_generator, next_token
 
 logger = logging.getLogger(__name__)
 

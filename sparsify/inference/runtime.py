@@ -1,7 +1,7 @@
 """Run sparse (+ INT8) Llama models on the sparse CPU kernels.
 
 ``sparsify_model(model)`` swaps every decoder-layer ``nn.Linear`` whose weight is sparse enough
-for a :class:`SparseLinear` holding the compressed weight (:mod:`sparsify.kernels.format`), so
+for a :class:`SparseLinear` holding the compressed weight (:mod:`sparsify.inference.kernels.format`), so
 ``model(...)`` and ``model.generate(...)`` run on the kernels. Embeddings stay as they are;
 ``lm_head`` stays dense and unquantized (the paper prunes neither) unless ``lm_head=True`` with
 INT8, which stores it as dense per-channel INT8 on the same kernel: at batch 1 it is the
@@ -12,7 +12,7 @@ INT8 (``int8=True`` or ``"w8a8"``): per-output-channel symmetric weight codes, a
 quantized per token at run time and multiplied with VNNI (the fastest kernel: 1 byte per kept
 weight, 64 columns per instruction) — W8A8, the scheme the paper deploys. ``"w8a16"`` keeps float
 activations (the codes are widened to fp32 in registers): slower to compute, no activation error.
-A Linear already quantized by :mod:`sparsify.quantization` (per-channel INT8, or INT4 in groups
+A Linear already quantized by :mod:`sparsify.quant.quantization` (per-channel INT8, or INT4 in groups
 that are a multiple of 64) keeps its exact codes and scales, and its scheme decides the kernel
 (W8A8, W8A16, W4A8, W4A16) whichever of ``int8`` / ``int4`` asked for quantized kernels.
 
@@ -23,7 +23,7 @@ W4A16 keeps them float and computes exactly the weight-only scheme the quantize 
 
 ``SparseLinear`` is an inference module: its compressed tensors are plain attributes, not
 parameters or buffers, so ``model.to(dtype)`` cannot re-type them and ``state_dict()`` does not
-hold them (save sparse checkpoints with :mod:`sparsify.export`).
+hold them (save sparse checkpoints with :mod:`sparsify.inference.export`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from sparsify.errors import UserInputError
-from sparsify.kernels import PackedWeight, dequantize, kernel_isa, pack, sparse_linear
-from sparsify.masks import find_decoder_layers, matches_any
+from sparsify.inference.kernels import PackedWeight, dequantize, kernel_isa, pack, sparse_linear
+from sparsify.sparsity.masks import find_decoder_layers, matches_any
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ def _quant_mode(int8: bool | str, int4: bool | str) -> str | None:
 
 
 def _quantized_pack(name: str, linear: nn.Linear, mode: str | None) -> PackedWeight | None:
-    """The Linear's own INT8 codes and scales if :mod:`sparsify.quantization` quantized it, else None."""
-    from sparsify.quantization import quant_state  # lazy: only needed for quantized models
+    """The Linear's own INT8 codes and scales if :mod:`sparsify.quant.quantization` quantized it, else None."""
+    from sparsify.quant.quantization import quant_state  # lazy: only needed for quantized models
 
     state = quant_state(linear)
     if state is None:
@@ -176,7 +176,7 @@ def sparsify_model(
     ``dtype`` (bfloat16 or float32) stores the values of float layers; ``int8`` (True / "w8a8" /
     "w8a16") stores INT8 codes instead, ``int4`` (True / "w4a8" / "w4a16") INT4 codes in groups of
     ``group_size`` columns. ``ignore``: module-name patterns to leave dense
-    (:func:`sparsify.masks.matches_any`). ``lm_head`` (INT8 or INT4): also store the output
+    (:func:`sparsify.sparsity.masks.matches_any`). ``lm_head`` (INT8 or INT4): also store the output
     projection as dense per-channel INT8 (W8A8 with ``w*a8`` modes, else W8A16). Returns
     ``{module name: sparsity}`` of the replaced layers.
     """

@@ -6,7 +6,7 @@ Layers (W [out, in], x [batch, in]), variants timed in the same run, interleaved
 * ``torch_int8`` — ``torch.ao.quantization.quantize_dynamic`` on an ``nn.Linear`` (W8A8, x86 engine);
 * ``torch_int4`` — ``torch._weight_int4pack_mm_for_cpu``, group 128, bf16 activations;
 * ``sparse50_bf16`` / ``sparse70_bf16`` / ``sparse70_int8`` (W8A8) / ``sparse70_w8a16`` /
-  ``sparse70_int4`` (W4A8) / ``sparse70_w4a16`` (INT4: groups of 128) — ours (:mod:`sparsify.kernels`),
+  ``sparse70_int4`` (W4A8) / ``sparse70_w4a16`` (INT4: groups of 128) — ours (:mod:`sparsify.inference.kernels`),
   weights pruned per row by magnitude. ``name@isa`` forces a kernel path
   (``generic``, ``avx2``, ``avx512``); the full run times every sparse variant on every path this
   CPU has, side by side. Each row records the path it ran on (``isa``), the JSON the CPU model.
@@ -26,7 +26,7 @@ variants.
     python benchmarks/sparse_kernels.py OUT_DIR [--quick] [--threads 2] [--checkpoint DIR]
     (the `benchmark` pipeline stage calls `run` below)
 
-With CUDA, the same run adds the GPU layer benchmark (:mod:`sparsify.bench_gpu`: 2:4
+With CUDA, the same run adds the GPU layer benchmark (:mod:`sparsify.bench.gpu`: 2:4
 semi-structured sparsity, torch's INT8 and INT4 GPU paths) under ``gpu``.
 
 ``--quick``: only the 11008x4096 batch-1 layer benchmark (a few seconds; the smoke profile's).
@@ -58,11 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsify.bench_gpu import GPU_BATCHES, GPU_SHAPES, flat_gpu_metrics, int4_groups, run_gpu_layer_benchmark
-from sparsify.kernels import PackedWeight, kernel_isa, load_extension, pack, sparse_linear
-from sparsify.kernels.loader import ISA_NAMES
-from sparsify.masks import prunable_linear_names
-from sparsify.runtime import sparsify_model
+from sparsify.bench.gpu import GPU_BATCHES, GPU_SHAPES, flat_gpu_metrics, int4_groups, run_gpu_layer_benchmark
+from sparsify.inference.kernels import PackedWeight, kernel_isa, load_extension, pack, sparse_linear
+from sparsify.inference.kernels.loader import ISA_NAMES
+from sparsify.inference.runtime import sparsify_model
+from sparsify.sparsity.masks import prunable_linear_names
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _timeit(fn: Callable[[], object], inner: int) -> float:
 
 def _int4_pack(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(packed, scales_and_zeros, dequantized fp32) for ``torch._weight_int4pack_mm_for_cpu``
-    (:func:`sparsify.bench_gpu.int4_groups`'s codes in the CPU kernel's int32 layout)."""
+    (:func:`sparsify.bench.gpu.int4_groups`'s codes in the CPU kernel's int32 layout)."""
     q, sz, deq = int4_groups(weight, INT4_GROUP)
     return torch._convert_weight_to_int4pack_for_cpu(q, 2), sz, deq
 
@@ -283,7 +283,7 @@ def _head_rows(packed: PackedWeight, rows: int) -> PackedWeight:
 
 def _layer_reference(name: str, state: object, x32: Tensor, xb: Tensor) -> Tensor:
     """fp32 product with the weights the variant holds, for the first CHECK_ROWS outputs."""
-    from sparsify.kernels import torch_sparse_linear
+    from sparsify.inference.kernels import torch_sparse_linear
 
     r = CHECK_ROWS
     if name == "dense_fp32":
@@ -501,7 +501,7 @@ def _decode_models(base: nn.Module, variants: Sequence[str], min_sparsity: float
 
 
 def _model_bytes(model: nn.Module) -> int:
-    from sparsify.runtime import SparseLinear
+    from sparsify.inference.runtime import SparseLinear
 
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     n += sum(m.packed.nbytes for m in model.modules() if isinstance(m, SparseLinear))

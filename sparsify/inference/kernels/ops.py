@@ -14,9 +14,9 @@ import os
 import torch
 from torch import Tensor
 
-from sparsify.grids import activation_codes
-from sparsify.kernels.format import PackedWeight, dequantize, unpack
-from sparsify.kernels.loader import ISA_NAMES, available_isa, load_extension
+from sparsify.inference.kernels.format import PackedWeight, dequantize, unpack
+from sparsify.inference.kernels.loader import ISA_NAMES, available_isa, load_extension
+from sparsify.quant.grids import activation_codes
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Used by quantization (RTN, GPTQ, the activation hooks), the CPU kernels' packing and their torch
 reference, and the benchmarks, so that every path rounds the same way (see
-:mod:`sparsify.quantization` for the conventions):
+:mod:`sparsify.quant.quantization` for the conventions):
 
 * weights: symmetric, ``scale = max|w| / qmax`` over each row's (group's) kept weights, codes in
   ``[−qmax, qmax]`` with ``qmax = 2^(b−1) − 1``; pruned weights are exactly code 0;

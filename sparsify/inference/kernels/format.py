@@ -1,10 +1,10 @@
 """The compressed weight format the sparse CPU kernels read: per-row bitmask + packed values.
 
-A weight ``W [out, in]`` with a keep-mask (``True`` = stored, as in :mod:`sparsify.masks`) becomes
+A weight ``W [out, in]`` with a keep-mask (``True`` = stored, as in :mod:`sparsify.sparsity.masks`) becomes
 
 * ``bitmask`` — uint8 ``[out, 8 * ceil(in / 64)]``: each row padded to whole 64-bit words;
   column ``j`` is bit ``j % 8`` of byte ``j // 8`` (the bit order of
-  :func:`sparsify.export.pack_bitmask`, which does not pad rows). Padding bits are 0.
+  :func:`sparsify.inference.export.pack_bitmask`, which does not pad rows). Padding bits are 0.
 * ``offsets`` — int64 ``[out + 1]``: row ``r``'s values are ``values[offsets[r]:offsets[r+1]]``.
 * ``values`` — 1-D, the kept entries in row-major order, as bf16, fp32 or int8 codes, followed
   by 64 bytes of zeros: the kernels load 64-byte vectors and may read past the last row.
@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparsify.grids import quantize_codes, weight_scales
+from sparsify.quant.grids import quantize_codes, weight_scales
 
 VALUE_DTYPES = (torch.bfloat16, torch.float32, torch.int8, torch.int4)
 PAD_BYTES = 64  # vector over-read allowance after the last value
-INT8_QMAX = 127  # symmetric grid: codes in [-127, 127], as sparsify.quantization uses for weights
+INT8_QMAX = 127  # symmetric grid: codes in [-127, 127], as sparsify.quant.quantization uses for weights
 INT4_QMAX = 7
 INT4_OFFSET = 8  # nibble = code + 8
 WORD = 64  # columns per mask word
@@ -219,10 +219,10 @@ def _pack_int4(kept_codes: Tensor, bitmask: Tensor) -> Tensor:
 def quantize_groups(weight: Tensor, mask: Tensor, group_size: int | None) -> tuple[Tensor, Tensor]:
     """Symmetric INT4 round-to-nearest per row and group: (codes int8 in [-7, 7], fp32 scales [out, groups]).
 
-    The grid of :mod:`sparsify.quantization` (``scale = max|w| / 7`` over the kept weights of the group,
+    The grid of :mod:`sparsify.quant.quantization` (``scale = max|w| / 7`` over the kept weights of the group,
     1 for an empty group), so pruned weights stay exactly 0.
     """
-    from sparsify.quantization import quantize_codes, weight_scales  # one INT4 grid for the project
+    from sparsify.quant.quantization import quantize_codes, weight_scales  # one INT4 grid for the project
 
     w = weight.float().masked_fill(~mask, 0)
     scales = weight_scales(w, 4, group_size, keep=mask, dtype=torch.float32)
@@ -254,7 +254,7 @@ def quantize_rows(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel INT8 round-to-nearest: (codes int8, scales fp32 [out]).
 
     ``scale = max|w| / 127`` over the kept weights (1 for an empty row), so nothing clips and
-    pruned weights stay exactly 0 — the grid of :func:`sparsify.quantization.weight_scales`.
+    pruned weights stay exactly 0 — the grid of :func:`sparsify.quant.quantization.weight_scales`.
     """
     w = weight.float().masked_fill(~mask, 0)
     scales = weight_scales(w, 8, None)

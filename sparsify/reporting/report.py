@@ -20,10 +20,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sparsify.claims import Claim
 from sparsify.errors import DataError
+from sparsify.evaluation.recovery import primary_metrics, recovery_where_defined
 from sparsify.io import atomic_write_bytes, atomic_write_text
-from sparsify.recovery import primary_metrics, recovery_where_defined
+from sparsify.reporting.claims import Claim
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ReportData:
         ppl_curve: points ``{"method", "sparsity" (fraction 0-1), "ppl"}``.
         speedups: ``{variant: speedup over the dense baseline}`` from benchmarks.
         run_info: free-form provenance shown at the top (run id, commit, ...).
-        claims: the paper's claims against this run (:func:`sparsify.claims.paper_claims`), shown first.
+        claims: the paper's claims against this run (:func:`sparsify.reporting.claims.paper_claims`), shown first.
     """
 
     title: str = "sparsellama run report"
@@ -223,7 +223,7 @@ def build_blocks(data: ReportData, figures_dir: Path) -> list[_Block]:
             ),
             _Paragraph(
                 "Met: within 2 standard errors of the paper's figure, with an SE small enough to tell; "
-                "inconclusive: the SE is too large to decide (see `sparsify/claims.py`)."
+                "inconclusive: the SE is too large to decide (see `sparsify/reporting/claims.py`)."
             ),
         ]
     if data.run_info:

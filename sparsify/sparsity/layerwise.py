@@ -28,7 +28,7 @@ How it works
 3. **OWL** (``cfg.owl``): a pre-pass propagates the calibration set through the *dense*
    model layer by layer (only ‖X_j‖², no Hessians), computes each decoder layer's outlier
    ratio over all its prunable Linears, and maps the ratios to per-layer sparsities
-   (:func:`sparsify.pruning.owl_sparsities`); the activations are then re-captured and the
+   (:func:`sparsify.sparsity.pruning.owl_sparsities`); the activations are then re-captured and the
    normal pass runs with those targets. Cost: one extra forward of the model.
 
 Memory
@@ -86,16 +86,7 @@ from tqdm import tqdm
 
 from sparsify.fingerprint import fingerprint as fingerprint_of
 from sparsify.io import atomic_path
-from sparsify.masks import check_masks, find_decoder_layers, matches_any, prunable_linear_names, validate_masks
-from sparsify.pruning import (
-    PruneConfig,
-    outlier_ratio,
-    owl_sparsities,
-    prune_linear,
-    reconstruction_error,
-    wanda_scores,
-)
-from sparsify.quantization import (
+from sparsify.quant.quantization import (
     QuantConfig,
     attach_quantization,
     check_not_quantized,
@@ -105,6 +96,15 @@ from sparsify.quantization import (
     quantize_linear,
     smooth_decoder_layer,
     smoothing_groups,
+)
+from sparsify.sparsity.masks import check_masks, find_decoder_layers, matches_any, prunable_linear_names, validate_masks
+from sparsify.sparsity.pruning import (
+    PruneConfig,
+    outlier_ratio,
+    owl_sparsities,
+    prune_linear,
+    reconstruction_error,
+    wanda_scores,
 )
 
 log = logging.getLogger(__name__)
@@ -879,7 +879,7 @@ def quantize_model(
     """Quantize ``model``'s decoder-layer Linears in place with ``cfg`` (GPTQ or RTN, SmoothQuant first).
 
     Afterwards each quantized Linear holds fake-quantized weights plus its integer codes
-    and scales (:func:`sparsify.quantization.attach_quantization`), dynamic per-token
+    and scales (:func:`sparsify.quant.quantization.attach_quantization`), dynamic per-token
     activation quantization runs in its forward when ``cfg.activation_bits`` is set, and
     ``model.config`` is marked quantized. ``masks``: the sparsity masks, checked against
     the model and kept (without them, existing zeros are kept). Inputs are checked before

@@ -1,6 +1,6 @@
 """Decoding, one sequence at a time: sampling options, the next-token choice, incremental text.
 
-Pure pieces the engine (:mod:`sparsify.engine`) composes for every sequence of a batch:
+Pure pieces the engine (:mod:`sparsify.inference.engine`) composes for every sequence of a batch:
 
 * :class:`SamplingParams` — greedy (``temperature == 0``) or sampling with temperature, top-k,
   top-p and a seed; stop strings; max tokens. Bad values raise ValueError naming the field.

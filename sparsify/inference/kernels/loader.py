@@ -41,7 +41,7 @@ def build_directory() -> Path:
     env = os.environ.get("TORCH_EXTENSIONS_DIR")
     if env:
         return Path(env) / NAME
-    repo = _HERE.parents[1]
+    repo = _HERE.parents[2]
     if (repo / "pyproject.toml").is_file():
         return repo / ".cache" / "torch_extensions" / NAME
     from torch.utils.cpp_extension import _get_build_directory

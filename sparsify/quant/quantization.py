@@ -3,7 +3,7 @@
 Notation and conventions
 ------------------------
 * ``W`` is a Linear weight ``[out, in]``; ``H = 2XXᵀ/n`` the Hessian of its inputs, as in
-  :mod:`sparsify.pruning`. A mask is bool ``[out, in]``, True = kept.
+  :mod:`sparsify.sparsity.pruning`. A mask is bool ``[out, in]``, True = kept.
 * **Symmetric integer grid.** A b-bit code c lies in ``[−qmax, qmax]`` with
   ``qmax = 2^(b−1) − 1`` (127 for INT8, 7 for INT4) and stands for ``c · scale``. There is
   no zero point, so 0 is exactly representable: a pruned weight quantizes to 0, its
@@ -22,13 +22,13 @@ Notation and conventions
   holds the fake-quantized (dequantized) values ``ŵ = codes · scale`` in float, so
   evaluation code runs unchanged, and the exact integers live next to it as non-persistent
   buffers ``weight_codes`` (int8) and ``weight_scales``, with the scheme in the attribute
-  ``sparsify_quant_scheme``; :mod:`sparsify.export` writes them out. Masks do not change.
+  ``sparsify_quant_scheme``; :mod:`sparsify.inference.export` writes them out. Masks do not change.
 
 Sparsity and GPTQ
 -----------------
 GPTQ (Frantar et al. 2022) fixes the input columns one at a time to their quantized values
 and compensates each column's error with the OBS update of the columns still free — the
-same sweep as SparseGPT (:func:`sparsify.pruning._obs_sweep`), which this module reuses
+same sweep as SparseGPT (:func:`sparsify.sparsity.pruning._obs_sweep`), which this module reuses
 with a rounding rule. On a pruned layer the target of a weight is its quantized value
 where the mask keeps it and 0 where it is pruned (SparseGPT's joint sparsification and
 quantization). A pruned weight that is still ahead of the sweep is treated like any free
@@ -78,8 +78,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from sparsify.errors import ConfigError, DataError, UserInputError
-from sparsify.grids import as_exact, dequantize, fake_quantize_per_token, quantize_codes, weight_scales
-from sparsify.pruning import _obs_sweep, _prepare, check_ignore_patterns
+from sparsify.quant.grids import as_exact, dequantize, fake_quantize_per_token, quantize_codes, weight_scales
+from sparsify.sparsity.pruning import _obs_sweep, _prepare, check_ignore_patterns
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ quantized (``lm_head``, ignored ones) are listed in ``ignore``.
 Loading it back: ``AutoModelForCausalLM.from_pretrained(path)`` (transformers'
 compressed-tensors integration) works on the CPU with the default options: the weights
 load compressed and are decompressed (``codes · scale``, the same arithmetic as
-:func:`sparsify.quantization.dequantize`, hence bit-identical weights) on the first
+:func:`sparsify.quant.quantization.dequantize`, hence bit-identical weights) on the first
 forward; ``dequantize=True`` in a ``CompressedTensorsConfig`` decompresses at load time
 instead. For W8A8 the loaded model fake-quantizes activations per token with
-compressed-tensors' grid, which :func:`sparsify.quantization.fake_quantize_per_token`
+compressed-tensors' grid, which :func:`sparsify.quant.quantization.fake_quantize_per_token`
 reproduces, so the loaded model's logits match the in-memory model's (fp32: to float
 rounding).
 
@@ -82,11 +82,11 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from sparsify.errors import MissingFileError, ModelLoadError
+from sparsify.inference.kernels.format import PAD_BYTES
 from sparsify.io import atomic_dir
-from sparsify.kernels.format import PAD_BYTES
-from sparsify.masks import check_masks
-from sparsify.quantization import QuantScheme, dequantize, quant_state, quantized_linears
+from sparsify.quant.quantization import QuantScheme, dequantize, quant_state, quantized_linears
 from sparsify.safetensors_io import SafetensorsWriter
+from sparsify.sparsity.masks import check_masks
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +146,14 @@ def compression_format(scheme: QuantScheme) -> CompressionFormat:
 
 
 def save_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, tokenizer=None) -> None:
-    """Write ``model`` (quantized by :func:`sparsify.layerwise.quantize_model`) as a compressed-tensors checkpoint.
+    """Write ``model`` (quantized by :func:`sparsify.sparsity.layerwise.quantize_model`) as a compressed-tensors folder.
 
     The folder is written atomically (a temporary sibling, then renamed); see the module
     docstring for the format and for loading it back. The model is not modified.
     """
     linears = quantized_linears(model)
     if not linears:
-        raise ValueError("the model has no quantized Linear: run sparsify.layerwise.quantize_model first")
+        raise ValueError("the model has no quantized Linear: run sparsify.sparsity.layerwise.quantize_model first")
     schemes = {quant_state(linear).scheme for linear in linears.values()}
     if len(schemes) > 1:
         raise ValueError(f"the quantized Linears use {len(schemes)} different schemes; one is supported: {schemes}")

@@ -6,10 +6,10 @@ neither weight decay nor momentum can regrow a pruned weight, and the mask never
 changes.
 
 Objective: ``kd_ce``·CE + ``kd_kl``·KL + ``kd_squarehead``·SquareHead from a frozen
-teacher (see :mod:`sparsify.distill`); the teacher only runs when a KD weight is > 0.
+teacher (see :mod:`sparsify.training.distill`); the teacher only runs when a KD weight is > 0.
 
 Batches come from a :class:`BatchSource`: packed LM blocks (:class:`PackedBlocks`) or
-prompt/target fine-tuning records (:class:`sparsify.sft.SFTDataset`). Micro-batch
+prompt/target fine-tuning records (:class:`sparsify.training.sft.SFTDataset`). Micro-batch
 (step, micro) is a pure function of (seed, step, micro), so a resumed run, or any rank,
 rebuilds exactly the batches an uninterrupted single process would have seen.
 
@@ -22,7 +22,7 @@ over target tokens divided by the number of target tokens in the step's whole gl
 batch, and each rank's loss is multiplied by W so DDP's gradient average becomes a
 sum: the gradient equals the one-process gradient, and the trajectories match up to
 float summation order. (SquareHead is the exception: its normalizer is per local
-micro-batch, see :mod:`sparsify.distill`.) With ``cfg.fsdp`` the model is sharded with
+micro-batch, see :mod:`sparsify.training.distill`.) With ``cfg.fsdp`` the model is sharded with
 FSDP2 (one unit per decoder layer) instead of replicated; meant for CUDA, it also runs
 on CPU/gloo, which is how it is tested. The teacher is replicated on every rank.
 Rank 0 alone writes checkpoints, logs and calls ``on_step``.
@@ -77,13 +77,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from sparsify.config import TrainConfig
-from sparsify.distill import KDWeights, check_teacher, cross_entropy_sum, freeze, objective, target_positions
 from sparsify.errors import ConfigError, DataError, MissingFileError, SparsellamaError
+from sparsify.evaluation.metrics import check_token_ids
 from sparsify.fingerprint import fingerprint
 from sparsify.io import atomic_dir, atomic_write_json, replace_dir
-from sparsify.masks import find_decoder_layers, validate_masks
-from sparsify.metrics import check_token_ids
 from sparsify.model import bf16_supported
+from sparsify.sparsity.masks import find_decoder_layers, validate_masks
+from sparsify.training.distill import KDWeights, check_teacher, cross_entropy_sum, freeze, objective, target_positions
 
 log = logging.getLogger(__name__)
 

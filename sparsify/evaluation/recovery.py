@@ -16,7 +16,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 
-from sparsify.downstream import METRICS, TASKS
+from sparsify.data.downstream import METRICS, TASKS
 from sparsify.errors import DataError
 
 log = logging.getLogger(__name__)

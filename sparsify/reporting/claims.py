@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from sparsify.recovery import higher_is_better
+from sparsify.evaluation.recovery import higher_is_better
 
 Verdict = Literal["met", "not met", "inconclusive", "not measured"]
 

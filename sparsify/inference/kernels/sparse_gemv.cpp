@@ -96,7 +96,7 @@ torch::Tensor encode_float_x(const torch::Tensor& x, int64_t kp, bool to_bf16, b
 }
 
 // Dynamic symmetric per-token int8 quantization on compressed-tensors' grid (the grid
-// sparsify/quantization.py fakes): scale = max|x_t| / 127.5, q = round(clamp(x / scale, −128, 127)),
+// sparsify/quant/quantization.py fakes): scale = max|x_t| / 127.5, q = round(clamp(x / scale, −128, 127)),
 // stored as q + 128 (uint8) for VPDPBUSD's unsigned operand. Computed in fp32.
 std::pair<torch::Tensor, torch::Tensor> quantize_x(const torch::Tensor& x, int64_t kp, bool vector) {
   const int64_t M = x.size(0), K = x.size(1);

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server over the continuous-batching :class:`~sparsify.engine.Engine`.
+"""An OpenAI-compatible HTTP server over the continuous-batching :class:`~sparsify.inference.engine.Engine`.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (the
 tokenizer's chat template), ``GET /health``, ``GET /metrics`` (Prometheus text format). With
@@ -37,9 +37,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sparsify.engine import ContextLengthError, Engine, Output, QueueFull, Request
 from sparsify.errors import UserInputError
-from sparsify.generation import SamplingParams, chat_prompt_ids
+from sparsify.inference.engine import ContextLengthError, Engine, Output, QueueFull, Request
+from sparsify.inference.generation import SamplingParams, chat_prompt_ids
 
 logger = logging.getLogger(__name__)
 

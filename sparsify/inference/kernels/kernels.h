@@ -1,5 +1,5 @@
 // Shared declarations of the sparse GEMM kernels: y[M, N] = x[M, K] · W[N, K]ᵀ with W stored as
-// per-row bitmask + packed nonzero values (see sparsify/kernels/format.py for the layout).
+// per-row bitmask + packed nonzero values (see sparsify/inference/kernels/format.py for the layout).
 //
 // The ISA-specific translation units (generic, AVX2, AVX-512) see only this header and raw
 // pointers: no torch headers, so nothing compiled there for a wider ISA can be merged by the

@@ -1,12 +1,12 @@
 """Load a pipeline output straight into the sparse CPU runtime.
 
 :func:`load_runtime_model` takes a folder and returns a model whose sparse Linears are
-:class:`sparsify.runtime.SparseLinear` modules, plus the tokenizer:
+:class:`sparsify.inference.runtime.SparseLinear` modules, plus the tokenizer:
 
 * **The project's sparse format** (``sparse_model.safetensors`` + ``config.json``, written by
-  :func:`sparsify.export.save_sparse_model`; the quantize stage writes it under ``<output>/sparse``,
+  :func:`sparsify.inference.export.save_sparse_model`; the quantize stage writes it under ``<output>/sparse``,
   which is found from ``<output>`` too). Each encoded weight becomes a
-  :class:`sparsify.kernels.PackedWeight` directly (:func:`packed_from_layer`): no dense copy of a
+  :class:`sparsify.inference.kernels.PackedWeight` directly (:func:`packed_from_layer`): no dense copy of a
   sparse weight is ever built. The file is memory-mapped: dense tensors (embeddings, norms, a
   float ``lm_head``), the bitmasks (when ``in_features`` is a multiple of 64, as in every Llama
   shape, the file's rows already are whole 64-bit words) and the row offsets are views of the
@@ -14,7 +14,7 @@
   zeros after them (vector loads may read past the last row).
 * **A Hugging Face folder** (dense, or holding the zeros of a pruned model): loaded by
   transformers (which memory-maps safetensors), then decoder Linears at least ``min_sparsity``
-  sparse are swapped for SparseLinear (:func:`sparsify.runtime.sparsify_model`) in the model's
+  sparse are swapped for SparseLinear (:func:`sparsify.inference.runtime.sparsify_model`) in the model's
   own float dtype, so the arithmetic is the dense model's. A compressed-tensors checkpoint is left
   to transformers' integration (its Linears hold compressed weights and activation quantization).
 
@@ -38,10 +38,10 @@ from torch import Tensor, nn
 
 from sparsify.checkpoint import load_model, load_tokenizer
 from sparsify.errors import ModelLoadError
-from sparsify.export import SPARSE_FILE, SparseLayer, check_sparse_header, int4_row_codes
-from sparsify.kernels import PackedWeight
-from sparsify.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows, row_sums
-from sparsify.runtime import SparseLinear, sparsify_model
+from sparsify.inference.export import SPARSE_FILE, SparseLayer, check_sparse_header, int4_row_codes
+from sparsify.inference.kernels import PackedWeight
+from sparsify.inference.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows, row_sums
+from sparsify.inference.runtime import SparseLinear, sparsify_model
 from sparsify.safetensors_io import SafetensorsReadError, read_safetensors_mmap
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class UnsupportedLayer(ModelLoadError):
 
 def _padded_values(values: Tensor, row_ptr: Tensor) -> Tensor:
     """The stored values followed by the kernels' 64 bytes of zeros: the file's own tensor (a view of the
-    mapping, no copy) when it was written with them (:class:`sparsify.export.SparseModelWriter` does),
+    mapping, no copy) when it was written with them (:class:`sparsify.inference.export.SparseModelWriter` does),
     else one copy."""
     stored, pad = int(row_ptr[-1]), PAD_BYTES // values.element_size()
     if values.numel() == stored + pad and not values[stored:].any():

@@ -1,6 +1,6 @@
 """Fine-tuning batches: prompt + target records, with the loss on the target only.
 
-Records are the task records of :mod:`sparsify.downstream` (``{"id", "prompt",
+Records are the task records of :mod:`sparsify.data.downstream` (``{"id", "prompt",
 "target", ...}``). Each becomes the prompt's tokens followed by the target's tokens
 and EOS (so the model learns where an answer ends). Labels are -100 on the prompt and
 on padding, so the model is trained to answer, not to reproduce questions.
@@ -13,7 +13,7 @@ A too-long example keeps its target: the prompt is cut from the left (its start 
 least useful context for the answer), keeping a leading BOS. Only a target longer
 than the whole budget is itself cut, from the right.
 
-:class:`SFTDataset` is a :class:`sparsify.trainer.BatchSource`: micro-batch
+:class:`SFTDataset` is a :class:`sparsify.training.trainer.BatchSource`: micro-batch
 (step, micro) is drawn from (seed, step, micro) alone, like the packed blocks.
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsify.distill import IGNORE_INDEX
 from sparsify.errors import ConfigError, DataError
-from sparsify.trainer import Batch, sample_indices
+from sparsify.training.distill import IGNORE_INDEX
+from sparsify.training.trainer import Batch, sample_indices
 
 log = logging.getLogger(__name__)
 

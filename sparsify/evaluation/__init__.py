@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval tasks and scoring, perplexity, accuracy recovery, the code sandbox."""

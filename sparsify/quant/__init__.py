@@ -1,0 +1,1 @@
+"""Quantization: round-to-nearest, GPTQ, SmoothQuant, and the integer grids every path shares."""

@@ -1,0 +1,1 @@
+"""Reporting: the run report and the paper's claims against this run."""

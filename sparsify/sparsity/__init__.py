@@ -1,0 +1,1 @@
+"""Pruning: one-layer algorithms (SparseGPT, Wanda, ADMM, ...), the layer-wise driver, masks as data."""

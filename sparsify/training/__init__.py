@@ -1,0 +1,1 @@
+"""Training: the mask-preserving trainer, distillation objectives, fine-tuning batches."""

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from sparsify.bench.gpu import _int4_pack_cuda, flat_gpu_metrics, prune_2of4, run_gpu_layer_benchmark
+from sparsify.bench.gpu import _int4_pack_cuda, _variant, flat_gpu_metrics, prune_2of4, run_gpu_layer_benchmark
+from sparsify.quant.grids import fake_quantize_per_token
 
 
 def test_prune_2of4_keeps_the_two_largest_of_every_four():
@@ -24,6 +25,19 @@ def test_prune_2of4_keeps_the_two_largest_of_every_four():
     assert (got != 0).sum() == w.numel() // 2
     with pytest.raises(ValueError, match="multiple of 4"):
         prune_2of4(torch.randn(2, 6))
+
+
+def test_int8_variant_uses_the_project_grids():
+    """The GPU INT8 variant quantizes on sparsify.quant.grids' grids (per-row weights, compressed-tensors'
+    per-token activations), like the CPU kernels and the quantize stage; torch._int_mm also runs on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 64, generator=g), torch.randn(5, 64, generator=g)
+    call, ref, weight_bytes, rows = _variant("torch_int8", w, x)
+    ws = w.abs().amax(1, keepdim=True) / 127
+    grid_ref = fake_quantize_per_token(x) @ (torch.round(w / ws) * ws).t()
+    torch.testing.assert_close(ref, grid_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(call()[:5], ref, rtol=1e-5, atol=1e-5)
+    assert weight_bytes == w.numel() and rows >= 5
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")

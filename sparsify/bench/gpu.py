@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsify.quant.grids import activation_codes, quantize_codes, weight_scales
+
 logger = logging.getLogger(__name__)
 
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in), as in sparsify.bench.cpu
@@ -44,12 +46,6 @@ def prune_2of4(weight: Tensor) -> Tensor:
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(-1, groups.abs().topk(2, dim=-1, sorted=False).indices, True)
     return (groups * keep).reshape(out, inn)
-
-
-def _quantize_int8(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row (dim=1) INT8 codes and fp32 scales."""
-    scale = t.float().abs().amax(dim=dim, keepdim=True).clamp_min(1e-8) / 127
-    return torch.round(t.float() / scale).clamp(-127, 127).to(torch.int8), scale
 
 
 def int4_groups(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,11 +87,14 @@ def _variant(name: str, w32: Tensor, x32: Tensor) -> tuple[Callable[[], Tensor],
         # 2 of 4 fp16 values + 2-bit indices per kept value: 0.5 * 2 B + 0.5 * 0.25 B per weight
         return (lambda: F.linear(x, ws)), x.float() @ w24.float().t(), int(w24.numel() * 1.125), rows
     if name == "torch_int8":
-        wq, ws = _quantize_int8(w32, dim=1)
+        # The project's INT8 grids (sparsify.quant.grids): the CPU kernels' and the quantize stage's.
+        ws = weight_scales(w32, 8, None)  # [out, 1]
+        wq = quantize_codes(w32, ws, 8, None)
         padded = max(rows, INT8_MIN_ROWS)
         xp = torch.zeros(padded, x32.shape[1], device=x32.device)
         xp[:rows] = x32
-        xq, xs = _quantize_int8(xp, dim=1)
+        codes, xs = activation_codes(xp)
+        xq = codes.to(torch.int8)
         wt = wq.t()  # [in, out], column-major view: the layout _int_mm wants for its second operand
         scale = xs * ws.reshape(1, -1)
 

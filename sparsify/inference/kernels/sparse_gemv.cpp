@@ -229,7 +229,9 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   XKind xk;
   if (fmt == Fmt::I8) xk = isa == kAvx2 || outer ? XKind::I32 : XKind::U8;
   else if (fmt == Fmt::I4) xk = isa == kAvx512 ? XKind::S8 : XKind::I32;  // AVX2 outer: int32 codes too
-  else xk = isa == kAvx512 && !outer && fmt == Fmt::BF16 ? XKind::BF16 : XKind::F32;
+  // AVX-512 W8A16 batches multiply bf16 copies of the codes (FmtI8FBatched): bf16 x, like bf16 weights.
+  else if (isa == kAvx512 && (fmt == Fmt::BF16 || (fmt == Fmt::I8F && M > kDirectMax))) xk = XKind::BF16;
+  else xk = XKind::F32;
   const bool split = xk == XKind::BF16 && x.scalar_type() == torch::kFloat;
   torch::Tensor xe, xscale, xgroup;
   if (xk == XKind::U8 || xk == XKind::I32 || xk == XKind::S8) {

@@ -185,6 +185,26 @@ struct FmtI8F {
   }
 };
 
+// W8A16 in batches (M > kDirectMax): the codes stored into the scratch rows as bf16 — exact, |code|
+// ≤ 127 fits bf16's 8-bit significand — so the batched kernel multiplies them with bf16 x (fp32 x
+// split into bf16 hi + lo, as for bf16 weights) by VDPBF16PS, 32 products per instruction, where
+// FmtI8F's fp32 scratch takes FMAs of 16. Measured at 11008x4096, 70%, Zen 4: 7.5 against 11.3 ms at 16
+// tokens (dense bf16 7.5), 17.8 against 34.3 at 64.
+struct FmtI8FBatched {
+  using D = DotBF16;
+  using V = int8_t;
+  using MaskT = u64a;
+  using W = __m512i;
+  static W expand(uint64_t m, const V* v) { return FmtI8F::expand(m, v); }
+  static void store(uint16_t* dst, W w) {
+    for (int i = 0; i < 4; ++i) {
+      const __m512 f = FmtI8F::widen(_mm512_extracti32x4_epi32(w, i));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16 * i), (__m256i)_mm512_cvtneps_pbh(f));
+    }
+  }
+  static float finish(float s, const Problem& p, int64_t t, int64_t r) { return FmtI8F::finish(s, p, t, r); }
+};
+
 // ----------------------------------------------------------------- M <= kDirectMax: expand in registers
 
 // One weight row at a time, two mask pieces per iteration into two accumulator sets (two
@@ -660,7 +680,10 @@ void run(Fmt fmt, const Problem& p) {
           if (panels) panel_rows(p, r0, r1, xt, xsum, scratch);
           else rows<FmtI8>(p, r0, r1, scratch);
           break;
-        case Fmt::I8F: rows<FmtI8F>(p, r0, r1, scratch); break;
+        case Fmt::I8F:
+          if (batched) batched_rows<FmtI8FBatched>(p, r0, r1, scratch);
+          else rows<FmtI8F>(p, r0, r1, scratch);
+          break;
         case Fmt::I4: int4_rows<true>(p, r0, r1); break;
         case Fmt::I4F: int4_rows<false>(p, r0, r1); break;
       }

@@ -270,11 +270,10 @@ def build_checkpoint(args: argparse.Namespace, path: Path) -> None:
 
 def _measure(kind: str, args: argparse.Namespace) -> dict:
     from sparsify.checkpoint import load_model
-    from sparsify.config import TrainConfig
     from sparsify.quant.quantization import QuantConfig
     from sparsify.sparsity.layerwise import prune_model, quantize_model
     from sparsify.sparsity.pruning import PruneConfig
-    from sparsify.training.trainer import train
+    from sparsify.training.trainer import TrainConfig, train
 
     torch.set_num_threads(args.threads)
     rss_imports = current_rss_gb()

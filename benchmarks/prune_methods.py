@@ -22,11 +22,11 @@ import torch
 
 from sparsify.bench.cpu import cpu_isa, cpu_model
 from sparsify.checkpoint import load_model
-from sparsify.config import Config, load_config
 from sparsify.data.corpus import Corpus
 from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.model import pick_device
 from tasks.common import val_perplexity
+from tasks.config import Config, load_config
 from tasks.sweep import points, prune_point
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt+owl", "admm", "admm+owl", "sparsegpt+refine", "admm+refine")

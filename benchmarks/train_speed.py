@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sparsify.bench.cpu import machine_info  # noqa: E402
-from sparsify.config import load_config  # noqa: E402
 from sparsify.data.corpus import Corpus  # noqa: E402
 from sparsify.model import bf16_supported, build_llama  # noqa: E402
 from sparsify.training.trainer import train  # noqa: E402
+from tasks.config import load_config  # noqa: E402
 
 VARIANTS = {"fp32": False, "bf16": True}
 

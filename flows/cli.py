@@ -26,9 +26,9 @@ from pathlib import Path
 import yaml
 
 import tasks  # noqa: F401  (environment defaults first)
-from sparsify.config import load_config
 from sparsify.errors import SparsellamaError
 from sparsify.evaluation.sandbox import SandboxUnavailable
+from tasks.config import load_config
 
 DEFAULT_MAX_TOKENS = 256  # generate / chat, when --max-tokens is not given
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from prefect import flow
 
-from sparsify.config import Config, load_config
 from sparsify.errors import UserInputError
 from tasks import data
 from tasks.common import root_lock
+from tasks.config import Config, load_config
 from tasks.runner import prefect_task, run_tags
 from tasks.stages import stages, upstream
 from tasks.tracking import Tracker, flatten, tracking_uri
@@ -74,7 +74,7 @@ def run_stage(
     """One stage of the pipeline, on whichever worker picked the flow run up: what the orchestrating
     flow dispatches to the GPU work pool (`orchestration.gpu_deployment`). `config` is the
     orchestrating run's whole resolved configuration, so both sides run the same stage table."""
-    from sparsify.config import validate
+    from tasks.config import validate
     from tasks.runner import execute
     from tasks.stages import get
 

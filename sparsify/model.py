@@ -6,14 +6,39 @@ Checkpoints are written and read by `sparsify.checkpoint`.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from pydantic import Field, model_validator
 
-from sparsify.config import ArchConfig
+from sparsify.config import Section
 from sparsify.errors import ConfigError
 
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
 log = logging.getLogger(__name__)
+
+
+class ArchConfig(Section):
+    """Shape of the embedded default Llama (ignored when `base.source` is set)."""
+
+    hidden_size: int = Field(default=256, gt=0)
+    intermediate_size: int = Field(default=768, gt=0)
+    num_hidden_layers: int = Field(default=4, gt=0)
+    num_attention_heads: int = Field(default=4, gt=0)
+    num_key_value_heads: int = Field(default=4, gt=0)
+    max_position_embeddings: int = Field(default=512, gt=0)
+    rope_theta: float = Field(default=10000.0, gt=0)
+    tie_word_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ArchConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        return self
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -50,6 +75,8 @@ def weights_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def build_llama(arch: ArchConfig, tokenizer, seed: int) -> LlamaForCausalLM:
     """A randomly initialised Llama of the given shape, its vocabulary taken from `tokenizer`."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # here: loading the configuration needs no transformers
+
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=arch.hidden_size,

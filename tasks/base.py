@@ -13,7 +13,6 @@ import logging
 import torch
 
 from sparsify.checkpoint import PROVENANCE, load_model, load_tokenizer, save_checkpoint
-from sparsify.config import Config
 from sparsify.data.corpus import Corpus, DataError, check_tokenizer_for_model
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.model import build_llama, count_parameters, pick_device
@@ -29,6 +28,7 @@ from tasks.common import (
     val_perplexities,
     val_perplexity,
 )
+from tasks.config import Config
 from tasks.tracking import live_step_logger
 
 log = logging.getLogger(__name__)

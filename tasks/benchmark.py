@@ -11,9 +11,9 @@ import logging
 
 from sparsify.bench.cpu import plot, run_decode_benchmark
 from sparsify.bench.cpu import run as run_benchmark
-from sparsify.config import Config
 from sparsify.io import atomic_dir, atomic_write_json
 from tasks.common import Layout, StageResult
+from tasks.config import Config
 
 log = logging.getLogger(__name__)
 

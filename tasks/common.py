@@ -15,10 +15,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from sparsify.checkpoint import MASKS
-from sparsify.config import Config
 from sparsify.errors import SparsellamaError
 from sparsify.evaluation.metrics import token_nll
 from sparsify.io import atomic_write_json, remove_stale_temporaries, restore_moved_aside
+from tasks.config import Config
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 from sparsify.checkpoint import load_tokenizer
-from sparsify.config import Config
 from sparsify.data.corpus import build_corpus, check_tokenizer_for_model
 from sparsify.data.downstream import check_chat_template
 from sparsify.io import atomic_dir
 from tasks.common import Layout, StageResult
+from tasks.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 
 from sparsify.checkpoint import load_model, load_tokenizer
-from sparsify.config import Config
 from sparsify.data.downstream import TaskSpec, get_task, read_task_jsonl
 from sparsify.errors import DataError
 from sparsify.evaluation.lmeval import evaluate_model, write_lmeval_tasks
@@ -28,6 +27,7 @@ from sparsify.inference.loading import UnsupportedLayer, load_runtime_model
 from sparsify.io import atomic_write_json, atomic_write_jsonl
 from sparsify.training.sft import SFTDataset, target_nll
 from tasks.common import Layout, StageResult
+from tasks.config import Config
 
 log = logging.getLogger(__name__)
 

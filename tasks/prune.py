@@ -11,7 +11,6 @@ import logging
 import statistics
 
 from sparsify.checkpoint import load_checkpoint, save_checkpoint
-from sparsify.config import Config
 from sparsify.data.corpus import Corpus
 from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.model import pick_device, weights_dtype
@@ -19,6 +18,7 @@ from sparsify.sparsity.layerwise import prune_model
 from sparsify.sparsity.masks import plot_sparsity, sparsity_report
 from sparsify.sparsity.pruning import PruneConfig
 from tasks.common import Layout, StageResult, provenance, release_resume, resume_dir, val_perplexities
+from tasks.config import Config
 
 log = logging.getLogger(__name__)
 

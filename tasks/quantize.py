@@ -13,7 +13,6 @@ import logging
 import statistics
 
 from sparsify.checkpoint import PROVENANCE, load_checkpoint, save_checkpoint
-from sparsify.config import Config
 from sparsify.data.corpus import Corpus
 from sparsify.inference.export import save_compressed_tensors, save_sparse_model
 from sparsify.io import atomic_dir, atomic_write_json
@@ -30,6 +29,7 @@ from tasks.common import (
     resume_dir,
     val_perplexities,
 )
+from tasks.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 
-from sparsify.config import Config
 from sparsify.data.downstream import get_task
 from sparsify.errors import DataError
 from sparsify.evaluation.recovery import metric_recovery, paired_difference
@@ -19,6 +18,7 @@ from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.reporting.claims import paper_claims
 from sparsify.reporting.report import ReportData, write_report
 from tasks.common import Evaluated, Layout, StageResult, checkpoint_mb, git_commit
+from tasks.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ import logging
 import time
 from pathlib import Path
 
-from sparsify.config import Config
 from sparsify.fingerprint import file_digest
 from sparsify.fingerprint import fingerprint as fingerprint_of
 from sparsify.io import atomic_write_json, remove_stale_temporaries
 from tasks.common import Layout, StageResult, claim_resume, git_commit, is_main_process, read_metrics, write_metrics
+from tasks.config import Config
 from tasks.stages import Stage, stages, upstream
 from tasks.tracking import Tracker, flatten, stage_monitoring
 

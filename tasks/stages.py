@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from sparsify.config import Config
 from sparsify.errors import UserInputError
 from tasks import base, benchmark, data, evaluate, prune, quantize, report, taskdata, train_stages
 from tasks.codedeps import code_files
 from tasks.common import Evaluated, Layout, StageResult
+from tasks.config import Config
 
 # Output paths relative to project.root, from the one Layout the stages themselves write through.
 _REL = Layout(Path())

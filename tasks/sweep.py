@@ -18,7 +18,6 @@ from functools import partial
 import torch
 
 from sparsify.checkpoint import load_model
-from sparsify.config import Config
 from sparsify.data.corpus import Corpus
 from sparsify.errors import UserInputError
 from sparsify.io import atomic_write_json, atomic_write_text
@@ -27,6 +26,7 @@ from sparsify.sparsity.layerwise import prune_model
 from sparsify.sparsity.masks import sparsity_report
 from sparsify.sparsity.pruning import PruneConfig
 from tasks.common import Layout, StageResult, val_perplexity
+from tasks.config import Config
 from tasks.stages import CORPUS, Stage
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 from sparsify.checkpoint import load_tokenizer
-from sparsify.config import Config
 from sparsify.data.corpus import Corpus
 from sparsify.data.downstream import (
     DATASETS,
@@ -29,6 +28,7 @@ from sparsify.data.downstream import (
 from sparsify.errors import ConfigError
 from sparsify.io import atomic_dir, atomic_write_json
 from tasks.common import Layout, StageResult
+from tasks.config import Config
 
 log = logging.getLogger(__name__)
 

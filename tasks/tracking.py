@@ -18,7 +18,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from sparsify.config import Config
+from tasks.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ import logging
 import torch
 
 from sparsify.checkpoint import PROVENANCE, load_checkpoint, load_model, load_tokenizer, save_checkpoint
-from sparsify.config import Config, TrainConfig
 from sparsify.data.corpus import Corpus
 from sparsify.data.downstream import get_task, read_task_jsonl
 from sparsify.errors import ConfigError
@@ -27,7 +26,7 @@ from sparsify.io import atomic_dir, atomic_write_json
 from sparsify.model import bf16_supported, pick_device
 from sparsify.sparsity.masks import check_masks, sparsity_report
 from sparsify.training.sft import SFTDataset
-from sparsify.training.trainer import PackedBlocks, TrainResult, train
+from sparsify.training.trainer import PackedBlocks, TrainConfig, TrainResult, train
 from tasks.common import (
     Layout,
     StageResult,
@@ -37,6 +36,7 @@ from tasks.common import (
     resume_dir,
     val_perplexities,
 )
+from tasks.config import Config
 from tasks.tracking import live_step_logger
 
 log = logging.getLogger(__name__)

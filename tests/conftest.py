@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import tasks  # noqa: E402,F401  (the project's environment defaults, as the CLI sets them, before prefect loads)
-from sparsify.config import Config, load_config  # noqa: E402
+from tasks.config import Config, load_config  # noqa: E402
 
 # Unit tests use tiny tensors: extra threads only add synchronisation (and contend on 2 cores).
 torch.set_num_threads(1)

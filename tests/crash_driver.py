@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from sparsify.config import load_config
     from tasks.common import root_lock
+    from tasks.config import load_config
     from tasks.runner import execute
     from tasks.stages import stages, upstream
 

@@ -26,8 +26,7 @@ import torch
 
 from sparsify import io as sio
 from sparsify.checkpoint import load_checkpoint, load_model, save_checkpoint
-from sparsify.config import SourceConfig, load_config
-from sparsify.data.corpus import check_tokenizer_for_model, iter_source
+from sparsify.data.corpus import SourceConfig, check_tokenizer_for_model, iter_source
 from sparsify.data.downstream import load_records, read_task_jsonl
 from sparsify.errors import ConfigError, DataError, MissingFileError, ModelLoadError, OutputWriteError, SparsellamaError
 from sparsify.inference.export import SPARSE_FILE, save_sparse_model
@@ -35,6 +34,7 @@ from sparsify.inference.loading import load_runtime_model
 from sparsify.io import atomic_dir
 from sparsify.sparsity.masks import check_masks, load_masks, save_masks
 from sparsify.training.trainer import TrainingDiverged, train
+from tasks.config import load_config
 from tests.conftest import PARAMS, smoke_config, tiny_llama
 from tests.serve_fixtures import VOCAB, sparse_llama, tiny_tokenizer, write_sparse_folder
 from tests.test_trainer import random_blocks

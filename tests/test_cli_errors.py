@@ -12,9 +12,15 @@ import sys
 import pytest
 
 from flows.cli import main
-from sparsify.config import ConfigError
 from sparsify.data.corpus import DataError
-from sparsify.errors import MissingFileError, ModelLoadError, OutputWriteError, SparsellamaError, UserInputError
+from sparsify.errors import (
+    ConfigError,
+    MissingFileError,
+    ModelLoadError,
+    OutputWriteError,
+    SparsellamaError,
+    UserInputError,
+)
 from sparsify.inference.loading import UnsupportedLayer
 from sparsify.training.trainer import TrainingDiverged
 from tasks.common import RootBusy

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sparsify.config import load_config
 from tasks import stages
 from tasks.codedeps import code_files, module_closure
+from tasks.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"

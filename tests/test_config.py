@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from sparsify.config import ConfigError, load_config, load_raw, resolve_raw, validate
+from sparsify.errors import ConfigError
+from tasks.config import load_config, load_raw, resolve_raw, validate
 from tests.conftest import PARAMS
 
 

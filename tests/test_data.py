@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from sparsify.checkpoint import load_tokenizer
-from sparsify.config import DataConfig, SourceConfig
 from sparsify.data.corpus import (
     Corpus,
+    DataConfig,
     DataError,
+    SourceConfig,
     build_corpus,
     extract_prose,
     quotas,
@@ -211,7 +212,7 @@ def test_failed_build_leaves_no_partial_output(two_sources, built, tmp_path):
 
 MEMORY_PROBE = """
 import json, sys, tracemalloc
-from sparsify.config import DataConfig, SourceConfig
+from sparsify.data.corpus import DataConfig, SourceConfig
 from sparsify.data.corpus import build_corpus
 folder, tok, tokens, out = sys.argv[1:]
 cfg = DataConfig(sources=[SourceConfig(name="big", kind="files", glob=folder + "/*.txt", weight=1)],

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparsify.config import Config
 from sparsify.fingerprint import fingerprint, tensor_digest
 from sparsify.io import atomic_path, atomic_write_text, remove_stale_temporaries, restore_moved_aside
+from tasks.config import Config
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path):

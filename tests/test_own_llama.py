@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from sparsify.checkpoint import load_tokenizer
-from sparsify.config import load_config
 from sparsify.data.corpus import Corpus, DataError, bos_prefix, vocab_bound
+from tasks.config import load_config
 from tests.conftest import PARAMS
 from tests.llama_fixtures import llama_checkpoint, write_pretraining_files, write_task_files
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from flows.cli import main, render_dvc_yaml
-from sparsify.config import load_config, load_raw, resolve_raw
+from tasks.config import load_config, load_raw, resolve_raw
 from tasks.stages import dvc_layout, stages
 from tests.conftest import PARAMS, REPO
 

@@ -80,8 +80,8 @@ def test_invalid_curve(tmp_path, point, message):
 def test_recovery_table_from_stage_metrics(tmp_path):
     """The pipeline's recovery table: perplexity through the schedule from the stage metrics files,
     per task metric ÷ dense teacher, and the fine-tunes' held-out task loss."""
-    from sparsify.config import load_config
     from tasks.common import Layout, write_metrics
+    from tasks.config import load_config
     from tasks.report import dvc_plots, recovery_markdown, recovery_table
     from tests.conftest import PARAMS
 

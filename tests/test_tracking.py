@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sparsify.config import load_config
 from sparsify.training.trainer import train
+from tasks.config import load_config
 from tasks.tracking import Tracker, live_step_logger, stage_monitoring
 from tests.test_trainer import random_blocks, tiny_config, tiny_llama
 

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from sparsify.config import TrainConfig
 from sparsify.evaluation.metrics import mean_nll
 from sparsify.sparsity.masks import prunable_linear_names
 from sparsify.training import trainer
@@ -19,6 +18,7 @@ from sparsify.training.trainer import (
     STATE_FILE,
     WEIGHTS_FILE,
     PackedBlocks,
+    TrainConfig,
     TrainingDiverged,
     bind_masks,
     enforce_masks,

@@ -33,7 +33,7 @@ def test_prefect_yaml_deploys_every_flow_and_the_stage_runner():
 
 
 def test_accelerator_stages_are_marked():
-    from sparsify.config import load_config
+    from tasks.config import load_config
     from tasks.stages import stages
 
     gpu = {s.name for s in stages(load_config(PARAMS)) if s.gpu}

@@ -34,14 +34,16 @@ import tokenize
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sparsify.checkpoint import load_tokenizer
-from sparsify.config import DataConfig, SourceConfig
+from sparsify.config import Section
 from sparsify.errors import DataError
 from sparsify.io import atomic_write_json, jsonl_objects
 
@@ -58,6 +60,55 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+
+
+class SourceConfig(Section):
+    """One corpus source. `kind` selects how documents are read."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["stdlib_code", "stdlib_prose", "files", "hf"]
+    weight: float = Field(gt=0)
+    glob: str | None = None  # files: e.g. "corpus/**/*.txt" (.jsonl files: one record a line)
+    path: str | None = None  # hf: dataset name, or a builder such as "json"
+    config_name: str | None = None
+    split: str = "train"
+    data_files: list[str] | None = None
+    text_field: str = "text"  # hf and .jsonl files
+    max_doc_chars: int = Field(default=200_000, gt=0)  # longer documents are truncated
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> SourceConfig:
+        if self.kind == "files" and not self.glob:
+            raise ValueError(f"source '{self.name}': kind 'files' needs 'glob'")
+        if self.kind == "hf" and not self.path:
+            raise ValueError(f"source '{self.name}': kind 'hf' needs 'path' (a dataset name)")
+        return self
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    train_tokens: int = Field(gt=0)
+    val_tokens: int = Field(gt=0)
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)  # share of documents hashed to validation
+    block_size: int = Field(default=256, ge=8)
+    # None: the base checkpoint's own tokenizer (base.source), or a byte-level BPE trained on the corpus
+    # for the embedded default. Another tokenizer than base.source's is an error.
+    tokenizer: str | None = None
+    vocab_size: int = Field(default=4096, ge=300, le=65535)
+    tokenizer_train_chars: int = Field(default=8_000_000, gt=0)
+    calib_samples: int = Field(default=128, gt=0)
+    calib_seq_len: int = Field(default=256, gt=0)
+    dedup: bool = True
+    shuffle_buffer: int = Field(default=10_000, gt=0)  # hf streaming shuffle buffer
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, v: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return v
 
 
 # --------------------------------------------------------------------------- sources

@@ -41,6 +41,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field, field_validator
+
+from sparsify.config import Section
 from sparsify.errors import ConfigError, DataError, MissingFileError
 from sparsify.io import atomic_write_jsonl, jsonl_objects
 
@@ -242,6 +245,32 @@ def get_task(name: str) -> TaskSpec:
         return TASKS[name]
     except KeyError:
         raise ConfigError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)}") from None
+
+
+class DownstreamConfig(Section):
+    """Fine-tuning/evaluation tasks (names from `TASKS`).
+
+    The embedded default runs the two offline tasks with real ground truth. On a real
+    machine list e.g. [gsm8k, cnn_dailymail, dolly, ultrachat, evol_codealpaca]; their data
+    come from the hub, or from local files in the dataset's schema via `data_files`.
+    """
+
+    tasks: list[str] = Field(default=["arithmetic", "docsum"])
+    train_size: int = Field(default=2000, gt=0)
+    test_size: int = Field(default=100, gt=0)
+    heldout_docs: int = Field(default=40, gt=0)  # validation documents for the rolling-perplexity task
+    data_files: dict[str, dict[str, str]] = {}  # task -> {train: path, test: path}
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in TASKS or t == "heldout"]
+        if unknown:
+            known = sorted(t for t in TASKS if t != "heldout")
+            raise ValueError(f"unknown task(s) {unknown}; known: {known}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"tasks repeat: {v}")
+        return v
 
 
 # --------------------------------------------------------------------------- loaders

@@ -74,9 +74,10 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from sparsify.config import Section
 from sparsify.errors import ConfigError, DataError, UserInputError
 from sparsify.quant.grids import as_exact, dequantize, fake_quantize_per_token, quantize_codes, weight_scales
 from sparsify.sparsity.pruning import _obs_sweep, _prepare, check_ignore_patterns
@@ -127,15 +128,13 @@ def check_scheme(scheme: QuantScheme, in_features: int | None = None) -> None:
             raise ConfigError(f"group_size {g} does not divide the input width {in_features}")
 
 
-class QuantConfig(BaseModel):
+class QuantConfig(Section):
     """Options of one quantization run; this is the ``quantize`` section of params.yaml.
 
     Defaults: the paper's W8A8 — GPTQ per-channel INT8 weights, dynamic per-token INT8
     activations, SmoothQuant α = 0.5. INT4: ``weight_bits: 4, group_size: 128,
     activation_bits: null, smoothquant: false``.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["gptq", "rtn"] = "gptq"  # rtn: round-to-nearest, the baseline of every scheme
     weight_bits: int = 8  # 4 or 8, symmetric

@@ -43,8 +43,10 @@ from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
+
+from sparsify.config import Section
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +83,8 @@ def check_ignore_patterns(patterns: list[str]) -> list[str]:
     return patterns
 
 
-class PruneConfig(BaseModel):
+class PruneConfig(Section):
     """Options of one pruning run; this is the ``prune`` section of params.yaml."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["sparsegpt", "wanda", "magnitude", "admm"] = "sparsegpt"
     sparsity: float = 0.5  # fraction of zeros per layer, in [0, 1)

@@ -173,12 +173,6 @@ struct FmtI8F {
   static float sum(Acc a) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a.a[0], a.a[1]), _mm512_add_ps(a.a[2], a.a[3])));
   }
-  static void store(float* dst, W w) {
-    _mm512_store_ps(dst, widen(_mm512_castsi512_si128(w)));
-    _mm512_store_ps(dst + 16, widen(_mm512_extracti32x4_epi32(w, 1)));
-    _mm512_store_ps(dst + 32, widen(_mm512_extracti32x4_epi32(w, 2)));
-    _mm512_store_ps(dst + 48, widen(_mm512_extracti32x4_epi32(w, 3)));
-  }
   static float finish(float s, const Problem& p, int64_t, int64_t r) {
     float y = s * p.w_scale[r];
     return p.bias ? y + p.bias[r] : y;
@@ -474,14 +468,12 @@ void panel_rows(const Problem& p, int64_t r0, int64_t r1, const int32_t* xt, con
 }
 
 template <class F>
-void rows(const Problem& p, int64_t r0, int64_t r1, void* scratch) {
-  if (r0 >= r1) return;
+void direct(const Problem& p, int64_t r0, int64_t r1) {  // M <= kDirectMax
   switch (p.M) {
     case 1: direct_rows<F, 1>(p, r0, r1); break;
     case 2: direct_rows<F, 2>(p, r0, r1); break;
     case 3: direct_rows<F, 3>(p, r0, r1); break;
-    case 4: direct_rows<F, 4>(p, r0, r1); break;
-    default: batched_rows<F>(p, r0, r1, scratch);
+    default: direct_rows<F, 4>(p, r0, r1); break;
   }
 }
 
@@ -673,17 +665,12 @@ void run(Fmt fmt, const Problem& p) {
     // The row ranges are precomputed per part; a smaller team than asked still covers them all.
     for (int part = omp_get_thread_num(); part < p.nthreads; part += nth) {
       const int64_t r0 = p.bounds[part], r1 = p.bounds[part + 1];
+      if (r0 >= r1) continue;
       switch (fmt) {
-        case Fmt::BF16: rows<FmtBF16>(p, r0, r1, scratch); break;
-        case Fmt::F32: rows<FmtF32>(p, r0, r1, scratch); break;
-        case Fmt::I8:
-          if (panels) panel_rows(p, r0, r1, xt, xsum, scratch);
-          else rows<FmtI8>(p, r0, r1, scratch);
-          break;
-        case Fmt::I8F:
-          if (batched) batched_rows<FmtI8FBatched>(p, r0, r1, scratch);
-          else rows<FmtI8F>(p, r0, r1, scratch);
-          break;
+        case Fmt::BF16: batched ? batched_rows<FmtBF16>(p, r0, r1, scratch) : direct<FmtBF16>(p, r0, r1); break;
+        case Fmt::F32: batched ? batched_rows<FmtF32>(p, r0, r1, scratch) : direct<FmtF32>(p, r0, r1); break;
+        case Fmt::I8: panels ? panel_rows(p, r0, r1, xt, xsum, scratch) : direct<FmtI8>(p, r0, r1); break;
+        case Fmt::I8F: batched ? batched_rows<FmtI8FBatched>(p, r0, r1, scratch) : direct<FmtI8F>(p, r0, r1); break;
         case Fmt::I4: int4_rows<true>(p, r0, r1); break;
         case Fmt::I4F: int4_rows<false>(p, r0, r1); break;
       }

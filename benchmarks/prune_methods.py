@@ -27,6 +27,7 @@ from sparsify.io import atomic_write_json, atomic_write_text
 from sparsify.model import pick_device
 from tasks.common import val_perplexity
 from tasks.config import Config, load_config
+from tasks.stages import BASE
 from tasks.sweep import points, prune_point
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt+owl", "admm", "admm+owl", "sparsegpt+refine", "admm+refine")
@@ -37,7 +38,7 @@ def run(cfg: Config, methods: tuple[str, ...] = METHODS) -> dict:
     """Every method at every pattern, each point pruned and scored by the `prune-sweep` flow's
     own step (tasks.sweep.prune_point: validation perplexity on evaluate.val_blocks)."""
     corpus = Corpus.open(cfg.root / "data" / "corpus")
-    dense = load_model(cfg.root / "models" / "base", dtype=torch.float32)
+    dense = load_model(cfg.root / BASE, dtype=torch.float32)
     rows = [
         {
             "method": "dense",
@@ -49,7 +50,7 @@ def run(cfg: Config, methods: tuple[str, ...] = METHODS) -> dict:
     ]
     for sparsity, structure in PATTERNS:
         for point in points(list(methods), [sparsity], [structure]):
-            m = prune_point(cfg, point=point).metrics
+            m = prune_point(cfg, point=point, source=BASE).metrics
             pattern = structure if structure != "unstructured" else f"{sparsity:.0%}"
             rows.append(
                 {

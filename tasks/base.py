@@ -34,7 +34,7 @@ from tasks.tracking import live_step_logger
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config) -> StageResult:
+def run(cfg: Config, *, output: str) -> StageResult:
     layout = Layout.of(cfg)
     corpus = Corpus.open(layout.corpus)
     tokenizer = load_tokenizer(corpus.tokenizer_path)
@@ -91,7 +91,7 @@ def run(cfg: Config) -> StageResult:
         f" (untrained {metrics['ppl/val_init']:.1f})" if "ppl/val_init" in metrics else "",
     )
 
-    out = layout.model("base")
+    out = layout.root / output
     with atomic_dir(out) as tmp:
         save_checkpoint(
             model.cpu(), tokenizer, tmp, provenance("base", cfg, ("project", "data", "base"), [layout.corpus])

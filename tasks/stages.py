@@ -28,6 +28,7 @@ from tasks.config import Config
 # Output paths relative to project.root, from the one Layout the stages themselves write through.
 _REL = Layout(Path())
 CORPUS = _REL.corpus.as_posix()
+BASE = _REL.model("base").as_posix()  # the dense base model: every sparse model's starting point and teacher
 TASK_DATA = _REL.task_data.as_posix()
 HELDOUT = taskdata.HELDOUT
 
@@ -157,17 +158,17 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
         ),
         Stage(
             name="base",
-            run=base.run,
+            run=partial(base.run, output=BASE),
             params=("project.seed", "project.device", "base", "evaluate.val_blocks"),
             deps=(CORPUS,),
-            outs=("models/base",),
+            outs=(BASE,),
             resumable=True,
             trains=True,
             gpu=True,
         ),
     ]
     # Prune → sparse-pretrain, level by level, each level from the previous level's pretrained model.
-    previous = "models/base"
+    previous = BASE
     levels = [level_name(s) for s in cfg.pipeline.sparsities]
     for sparsity, lv in zip(cfg.pipeline.sparsities, levels, strict=True):
         table.append(_prune(f"prune{lv}", sparsity, previous, "prune", {"level": lv, "source": previous}))
@@ -176,10 +177,15 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
             Stage(
                 name=name,
                 run=partial(
-                    train_stages.pretrain, name=name, source=f"models/prune{lv}", output=output, variant=f"sparse{lv}"
+                    train_stages.pretrain,
+                    name=name,
+                    source=f"models/prune{lv}",
+                    teacher=BASE,
+                    output=output,
+                    variant=f"sparse{lv}",
                 ),
                 params=("project.seed", "project.device", "pretrain", "evaluate.val_blocks"),
-                deps=(f"models/prune{lv}", CORPUS, "models/base"),
+                deps=(f"models/prune{lv}", CORPUS, BASE),
                 outs=(output,),
                 family="pretrain",
                 item=(("level", lv),),
@@ -197,11 +203,12 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
                 run=partial(
                     train_stages.pretrain_dense_control,
                     name="pretrain-dense",
+                    source=BASE,
                     output="models/pretrain-dense",
                     levels=len(levels),
                 ),
                 params=("project.seed", "project.device", "pretrain", "pipeline.sparsities", "evaluate.val_blocks"),
-                deps=("models/base", CORPUS),
+                deps=(BASE, CORPUS),
                 outs=("models/pretrain-dense",),
                 resumable=True,
                 trains=True,
@@ -212,7 +219,7 @@ def stages(cfg: Config) -> tuple[Stage, ...]:
     # Per task: the dense teacher, sparse fine-tunes with KD, and the baseline.
     for task in cfg.downstream.tasks:
         teacher = f"models/ft-dense-{task}"
-        table.append(_finetune(f"ft-dense-{task}", task, "models/base", None, "dense", "ft-dense", {"task": task}))
+        table.append(_finetune(f"ft-dense-{task}", task, BASE, None, "dense", "ft-dense", {"task": task}))
         for lv in levels:
             table.append(
                 _finetune(

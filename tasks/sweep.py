@@ -27,7 +27,7 @@ from sparsify.sparsity.masks import sparsity_report
 from sparsify.sparsity.pruning import PruneConfig
 from tasks.common import Layout, StageResult, val_perplexity
 from tasks.config import Config
-from tasks.stages import CORPUS, Stage
+from tasks.stages import BASE, CORPUS, Stage
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,11 @@ def point_config(cfg: Config, point: Point) -> PruneConfig:
         raise UserInputError(f"pruning sweep point {point.name}: {err}") from None
 
 
-def prune_point(cfg: Config, *, point: Point) -> StageResult:
+def prune_point(cfg: Config, *, point: Point, source: str) -> StageResult:
     layout = Layout.of(cfg)
     pcfg = point_config(cfg, point)
     corpus = Corpus.open(layout.corpus)
-    model = load_model(layout.model("base"), dtype=torch.float32)
+    model = load_model(layout.root / source, dtype=torch.float32)
     device = pick_device(cfg.project.device)
     result = prune_model(model, corpus.calibration(), pcfg, device=device, progress=False)
     ppl = val_perplexity(cfg, model, corpus, device)
@@ -161,9 +161,9 @@ def sweep_stages(pts: list[Point]) -> tuple[Stage, ...]:
     table = [
         Stage(
             name=p.name,
-            run=partial(prune_point, point=p),
+            run=partial(prune_point, point=p, source=BASE),
             params=("project.device", "prune", "evaluate.val_blocks"),
-            deps=("models/base", CORPUS),
+            deps=(BASE, CORPUS),
             outs=(f"{OUT}/{p.name}.json",),
         )
         for p in pts

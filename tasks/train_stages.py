@@ -113,7 +113,7 @@ def _train_and_save(
     ), model
 
 
-def pretrain(cfg: Config, *, name: str, source: str, output: str, variant: str) -> StageResult:
+def pretrain(cfg: Config, *, name: str, source: str, teacher: str, output: str, variant: str) -> StageResult:
     layout = Layout.of(cfg)
     corpus = Corpus.open(layout.corpus)
     val = corpus.blocks("val")
@@ -123,7 +123,7 @@ def pretrain(cfg: Config, *, name: str, source: str, output: str, variant: str) 
         name=name,
         source=source,
         output=output,
-        teacher="models/base",
+        teacher=teacher,
         train_cfg=tc,
         train_data=PackedBlocks(corpus.blocks("train")),
         val_data=PackedBlocks(val),
@@ -135,7 +135,7 @@ def pretrain(cfg: Config, *, name: str, source: str, output: str, variant: str) 
     return result
 
 
-def pretrain_dense_control(cfg: Config, *, name: str, output: str, levels: int) -> StageResult:
+def pretrain_dense_control(cfg: Config, *, name: str, source: str, output: str, levels: int) -> StageResult:
     """The dense base trained on as many extra corpus tokens as the most sparse model saw across the
     `levels` sparse-pretraining stages, with cross-entropy only: what the extra tokens alone buy."""
     layout = Layout.of(cfg)
@@ -146,7 +146,7 @@ def pretrain_dense_control(cfg: Config, *, name: str, output: str, levels: int) 
     result, model = _train_and_save(
         cfg,
         name=name,
-        source="models/base",
+        source=source,
         output=output,
         teacher=None,
         train_cfg=tc,

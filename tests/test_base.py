@@ -13,6 +13,7 @@ from sparsify.evaluation.metrics import mean_nll
 from sparsify.model import build_llama
 from sparsify.training.trainer import lr_at, train
 from tasks import base
+from tasks.stages import BASE
 from tests.conftest import smoke_config
 
 
@@ -55,7 +56,7 @@ def test_lr_schedule_warmup_then_cosine(smoke_cfg):
 
 def test_base_stage_writes_a_loadable_checkpoint(smoke_root):
     cfg = smoke_config(smoke_root, "tracking.enabled=false", "base.train.steps=20")
-    result = base.run(cfg)
+    result = base.run(cfg, output=BASE)
     assert result.metrics["ppl/val"] < result.metrics["ppl/val_init"]
     assert result.metrics["sparsity/global"] < 0.01
     out = smoke_root / "models" / "base"

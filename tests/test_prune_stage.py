@@ -10,7 +10,7 @@ from sparsify.checkpoint import load_model
 from sparsify.sparsity.masks import load_masks
 from tasks import base
 from tasks.runner import execute
-from tasks.stages import get
+from tasks.stages import BASE, get
 from tests.conftest import smoke_config
 
 
@@ -22,7 +22,7 @@ def _zeros_match_masks(path, masks) -> None:
 
 def test_prune_pretrain_prune_keeps_masks_and_old_zeros(smoke_root):
     cfg = smoke_config(smoke_root, "tracking.enabled=false", "base.train.steps=30")
-    base.run(cfg)
+    base.run(cfg, output=BASE)
     results = {name: execute(get(cfg, name), cfg) for name in ("prune50", "pretrain50", "prune70")}
     masks = {}
     for name, target in (("prune50", 0.5), ("prune70", 0.7)):

@@ -181,9 +181,9 @@ struct FmtI8F {
 
 // W8A16 in batches (M > kDirectMax): the codes stored into the scratch rows as bf16 — exact, |code|
 // ≤ 127 fits bf16's 8-bit significand — so the batched kernel multiplies them with bf16 x (fp32 x
-// split into bf16 hi + lo, as for bf16 weights) by VDPBF16PS, 32 products per instruction, where
-// FmtI8F's fp32 scratch takes FMAs of 16. Measured at 11008x4096, 70%, Zen 4: 7.5 against 11.3 ms at 16
-// tokens (dense bf16 7.5), 17.8 against 34.3 at 64.
+// split into bf16 hi + lo, as for bf16 weights) by VDPBF16PS, 32 products per instruction, where the
+// fp32 scratch rows it replaced took FMAs of 16. Measured at 11008x4096, 70%, Zen 4: 7.5 against 11.3
+// ms at 16 tokens (dense bf16 7.5), 17.8 against 34.3 at 64. FmtI8F itself serves M <= kDirectMax.
 struct FmtI8FBatched {
   using D = DotBF16;
   using V = int8_t;

@@ -2,11 +2,13 @@
 
 Prunes the pipeline's dense base model (from `models/base` under the project root)
 with each method and pattern, on the data stage's calibration set, and reports
-validation perplexity and wall time. Writes `reports/prune_methods.{json,md}` (and, as the
-`prune-sweep` flow whose step it runs, each point to `reports/sweep/`). Methods are the
-sweep's: a `prune.method` with optional "+owl" / "+refine" (OWL rows are unstructured only).
+validation perplexity and wall time. Writes `reports/prune_methods.{json,md}` (or `--out
+NAME.{json,md}`; and, as the `prune-sweep` flow whose step it runs, each point to
+`reports/sweep/`). Methods are the sweep's: a `prune.method` with optional "+owl" / "+refine"
+(OWL rows are unstructured only).
 
     python benchmarks/prune_methods.py [--profile smoke] [--set KEY=VALUE ...] [--methods admm admm+owl ...]
+        [--patterns 70% 2:4] [--out reports/owl_grid/l0.04_m5]
 
 Run it alone: wall times are only comparable when nothing else uses the cores.
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import logging
 import platform
+from pathlib import Path
 
 import torch
 
@@ -31,10 +34,10 @@ from tasks.stages import BASE
 from tasks.sweep import points, prune_point
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt+owl", "admm", "admm+owl", "sparsegpt+refine", "admm+refine")
-PATTERNS = ((0.5, "unstructured"), (0.7, "unstructured"), (0.5, "2:4"))
+PATTERNS = {"50%": (0.5, "unstructured"), "70%": (0.7, "unstructured"), "2:4": (0.5, "2:4")}
 
 
-def run(cfg: Config, methods: tuple[str, ...] = METHODS) -> dict:
+def run(cfg: Config, methods: tuple[str, ...] = METHODS, patterns: tuple[str, ...] = tuple(PATTERNS)) -> dict:
     """Every method at every pattern, each point pruned and scored by the `prune-sweep` flow's
     own step (tasks.sweep.prune_point: validation perplexity on evaluate.val_blocks)."""
     corpus = Corpus.open(cfg.root / "data" / "corpus")
@@ -48,7 +51,7 @@ def run(cfg: Config, methods: tuple[str, ...] = METHODS) -> dict:
             "ppl": val_perplexity(cfg, dense, corpus, pick_device(cfg.project.device)),
         }
     ]
-    for sparsity, structure in PATTERNS:
+    for sparsity, structure in (PATTERNS[p] for p in patterns):
         for point in points(list(methods), [sparsity], [structure]):
             m = prune_point(cfg, point=point, source=BASE).metrics
             pattern = structure if structure != "unstructured" else f"{sparsity:.0%}"
@@ -95,16 +98,20 @@ def main() -> None:
     parser.add_argument("--profile", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="sweep methods, e.g. admm admm+owl")
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    parser.add_argument("--out", default=None, help="output path without suffix (default: reports/prune_methods)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # OWL only where a method asks for it ("+owl"): the others prune every layer to the same sparsity.
     cfg = load_config(args.config, args.profile, overrides=[*args.overrides, "prune.owl=false"])
-    result = run(cfg, tuple(args.methods))
-    out = cfg.root / "reports"
-    atomic_write_json(out / "prune_methods.json", result)
-    atomic_write_text(out / "prune_methods.md", markdown(result))
+    result = run(cfg, tuple(args.methods), tuple(args.patterns))
+    result["settings"] = {"overrides": args.overrides, "methods": args.methods, "patterns": args.patterns}
+    out = Path(args.out) if args.out else cfg.root / "reports" / "prune_methods"
+    json_path, md_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
+    atomic_write_json(json_path, result)
+    atomic_write_text(md_path, markdown(result))
     print(markdown(result))  # noqa: T201  (a script's report on stdout)
-    print(json.dumps({"written": [str(out / "prune_methods.json"), str(out / "prune_methods.md")]}))  # noqa: T201
+    print(json.dumps({"written": [str(json_path), str(md_path)]}))  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def exact_optimum(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[i
 
 
 def config(**fields) -> PruneConfig:
-    return PruneConfig(**{"block_size": 8, "dampening": DAMPENING, **fields})
+    return PruneConfig(**{"method": "sparsegpt", "block_size": 8, "dampening": DAMPENING, **fields})
 
 
 PATTERNS = [(0.5, "unstructured"), (0.75, "unstructured"), (0.5, "2:4")]

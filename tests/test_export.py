@@ -49,7 +49,7 @@ def calib() -> torch.Tensor:
 def sparse(request, calib) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor]]:
     """A 60%-sparse tiny Llama (SparseGPT) and its masks."""
     model = tiny_llama(tied=request.param)
-    cfg = PruneConfig(num_samples=N_SAMPLES, seq_len=SEQ_LEN, sparsity=0.6, block_size=32)
+    cfg = PruneConfig(method="sparsegpt", num_samples=N_SAMPLES, seq_len=SEQ_LEN, sparsity=0.6, block_size=32)
     return model, prune_model(model, calib, cfg, progress=False).masks
 
 

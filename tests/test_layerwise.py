@@ -34,7 +34,8 @@ def calib() -> torch.Tensor:
 
 
 def config(**fields) -> PruneConfig:
-    return PruneConfig(**{"num_samples": N_SAMPLES, "seq_len": SEQ_LEN, "block_size": 16, **fields})
+    fields = {"method": "sparsegpt", "num_samples": N_SAMPLES, "seq_len": SEQ_LEN, "block_size": 16, **fields}
+    return PruneConfig(**fields)
 
 
 def run(model, calib, cfg, **kwargs) -> PruneResult:

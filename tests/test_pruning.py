@@ -253,7 +253,7 @@ def test_nm_with_unstructured_keep_mask_keeps_at_most_n():
 def test_cholesky_failure_retries_with_more_dampening(caplog):
     H = torch.eye(16, dtype=F64)
     H[-1, -1] = -0.05  # indefinite: 0.01 dampening is not enough, 0.1 is
-    cfg = PruneConfig(block_size=16)
+    cfg = PruneConfig(method="sparsegpt", block_size=16)
     with caplog.at_level(logging.WARNING):
         result = prune_linear(random_weight(4, 16, seed=22), H, cfg)
     assert result.cholesky_retries == 1
@@ -296,7 +296,7 @@ def test_bad_arguments_are_refused(kwargs, match):
 
 def test_config_defaults_and_structure_parsing():
     cfg = PruneConfig()
-    assert (cfg.method, cfg.sparsity, cfg.nm) == ("sparsegpt", 0.5, None)
+    assert (cfg.method, cfg.sparsity, cfg.nm) == ("admm", 0.5, None)
     assert PruneConfig(structure="2:4").nm == (2, 4)
     assert parse_structure(" 4:8 ") == (4, 8)
     with pytest.raises(ValidationError):
@@ -389,7 +389,7 @@ def test_error_from_the_sweep_equals_reconstruction_error(dtype, rel, structure)
     X[3] = 0  # a dead input: zeroed weight, H_jj set to 1 inside
     H, W = hessian(X), random_weight(48, 64, seed=6, dtype=dtype)
     keep = torch.rand(48, 64, generator=torch.Generator().manual_seed(7)) > 0.2
-    cfg = PruneConfig(sparsity=0.5, structure=structure, block_size=16, dampening=0.05)
+    cfg = PruneConfig(method="sparsegpt", sparsity=0.5, structure=structure, block_size=16, dampening=0.05)
     result = prune_linear(W, H, cfg, keep_mask=keep)
     assert result.error == pytest.approx(reconstruction_error(W, result.weight, H), rel=rel)
     assert 0 < result.error < 1

@@ -276,7 +276,8 @@ def calib() -> torch.Tensor:
 def sparse(dense, calib) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor]]:
     """``dense`` pruned to 50% (SparseGPT) and its masks."""
     model = copy.deepcopy(dense)
-    result = prune_model(model, calib, PruneConfig(num_samples=N_SAMPLES, seq_len=SEQ_LEN), progress=False)
+    cfg = PruneConfig(method="sparsegpt", num_samples=N_SAMPLES, seq_len=SEQ_LEN)
+    result = prune_model(model, calib, cfg, progress=False)
     return model, result.masks
 
 

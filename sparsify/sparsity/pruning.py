@@ -86,7 +86,7 @@ def check_ignore_patterns(patterns: list[str]) -> list[str]:
 class PruneConfig(Section):
     """Options of one pruning run; this is the ``prune`` section of params.yaml."""
 
-    method: Literal["sparsegpt", "wanda", "magnitude", "admm"] = "sparsegpt"
+    method: Literal["sparsegpt", "wanda", "magnitude", "admm"] = "admm"  # params.yaml says why
     sparsity: float = 0.5  # fraction of zeros per layer, in [0, 1)
     # "unstructured", or "N:M": N weights kept in every M consecutive input weights (then sparsity = 1 - N/M)
     structure: str = "unstructured"

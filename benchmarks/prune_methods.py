@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 from pathlib import Path
 
 import torch
 
-from sparsify.bench.cpu import cpu_isa, cpu_model
+from sparsify.bench.cpu import machine_info
 from sparsify.checkpoint import load_model
 from sparsify.data.corpus import Corpus
 from sparsify.io import atomic_write_json, atomic_write_text
@@ -51,10 +50,10 @@ def run(cfg: Config, methods: tuple[str, ...] = METHODS, patterns: tuple[str, ..
             "ppl": val_perplexity(cfg, dense, corpus, pick_device(cfg.project.device)),
         }
     ]
-    for sparsity, structure in (PATTERNS[p] for p in patterns):
+    for pattern in patterns:
+        sparsity, structure = PATTERNS[pattern]
         for point in points(list(methods), [sparsity], [structure]):
             m = prune_point(cfg, point=point, source=BASE).metrics
-            pattern = structure if structure != "unstructured" else f"{sparsity:.0%}"
             rows.append(
                 {
                     "method": point.method,
@@ -67,12 +66,7 @@ def run(cfg: Config, methods: tuple[str, ...] = METHODS, patterns: tuple[str, ..
             logging.info("%-16s %-4s ppl %8.2f  %.2f s", point.method, pattern, m["ppl/val"], m["time/prune_s"])
     return {
         "rows": rows,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_model": cpu_model(),
-            "cpu_isa": cpu_isa(),
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "calibration": list(corpus.calibration().shape),
         "eval_blocks": cfg.evaluate.val_blocks,
         "model_params_m": sum(p.numel() for p in dense.parameters()) / 1e6,

@@ -13,9 +13,9 @@
 // branch-free variant (each segment's columns listed through a byte → positions table first, then
 // one flat loop) measured 10-25% slower. Re-measured on Zen 5 (2026-12-01, docs/results.md): a
 // whole row listed by vector code, values widened to fp32 first, then one flat loop with 8 FMA
-// chains was only 2-4% faster; tiling x to keep its columns in L1 was slower (the per-tile restart
-// costs more than the L2 reads it saves). The loop is bound by its ~4 loads per stored weight
-// (value, column, two 32-byte halves of the column of x), not by branches or cache misses.
+// chains was only 2-4% faster. Its columns of x come from L2 (a probe that kept them in L1, with
+// wrong results, ran 1.36x faster), but tiling x to keep them in L1 made it slower. The rest of the
+// loop is its ~4 loads per stored weight (value, column, two 32-byte halves of the column of x).
 //
 // W8A8 stays exact: the products q·code are integers below 2^14, and fp32 sums of them are exact
 // while below 2^24, so the fp32 accumulators are moved into int32 totals every kOuterSettleWords

@@ -33,7 +33,10 @@ constexpr int kDirectMax = 4;
 // per stored weight, instead of expanding W 8 columns at a time for every 8 rows of x (which
 // does a dense matmul's arithmetic). Measured at 11008x4096, 70%, on Zen 4 with the AVX2 path:
 // the outer kernel costs ~8 ms whatever M (its per-weight loop, not the FMAs, bounds it), the
-// expanding one ~1.06 ms per row of x (bf16: 5.2 ms at M = 5, 8.5 at 8, 16.8 at 16).
+// expanding one ~1.06 ms per row of x (bf16: 5.2 ms at M = 5, 8.5 at 8, 16.8 at 16). The int8-x
+// kernels (32 columns per expansion) hold out longer but still lose at 8 rows, whose codes and
+// magnitudes (8 · 2 · K bytes) no longer fit L1: W8A8 5.6 ms expanding against 8.1 outer at M = 6,
+// 10.3 against 7.6 at M = 8 (2026-12-01, Zen 4, AVX2 path).
 // On AVX-512 the expanding kernels won at every M up to 16 (VPEXPAND does 16-64 columns at once),
 // so they never take it.
 constexpr int kOuterMin = 8;
@@ -47,7 +50,8 @@ struct Problem {
   const uint64_t* mask;     // [N, words], bit j of word w = column 64w + j is stored
   const int64_t* offsets;   // [N + 1] start of each row in `values`
   const void* values;       // packed nonzeros (padded at the end for 64-byte over-reads)
-  const void* x;            // [M, 64 * words]: uint16 (bf16 bits), float, uint8 (int8 code + 128) or int32 (code)
+  const void* x;            // [M, 64 * words]: uint16 (bf16 bits), float, uint8 (int8 code + 128), int32 (code),
+                            // int8 (code); or [M, 2 · 64 · words]: int8 codes then uint8 |code| (XKind::S8Abs)
   const float* x_scale;     // [M] per-token activation scale (Fmt::I8 only)
   const float* w_scale;     // [N] per-row weight scale (Fmt::I8 / I8F); [N, words / group_words] (Fmt::I4 / I4F)
   const int32_t* row_sum;   // [N] sum of each row's int8 codes (Fmt::I8 with uint8 x: undoes the +128)
@@ -80,6 +84,8 @@ bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, f
 }  // namespace avx512
 
 // Which x encoding each (ISA, format) pair expects, decided in one place (sparse_gemv.cpp).
-enum class XKind : int { F32 = 0, BF16 = 1, U8 = 2, I32 = 3, S8 = 4 };
+// S8Abs (AVX2 W8A8 and W4A8): each row of x is its int8 codes q followed by their magnitudes |q|
+// as uint8 (VPSIGNB takes the sign from q, VPMADDUBSW multiplies by |q|).
+enum class XKind : int { F32 = 0, BF16 = 1, U8 = 2, I32 = 3, S8 = 4, S8Abs = 5 };
 
 }  // namespace sparsellama

@@ -130,6 +130,22 @@ std::pair<torch::Tensor, torch::Tensor> quantize_x(const torch::Tensor& x, int64
   return {q, sc};
 }
 
+// uint8 codes q + 128 [M, kp] → [M, 2·kp] bytes: q as int8, then |q| as uint8 (XKind::S8Abs). One
+// pass in C++: this runs once per linear layer per decoded token.
+torch::Tensor codes_and_magnitudes(const torch::Tensor& u8) {
+  const int64_t M = u8.size(0), kp = u8.size(1);
+  auto out = torch::empty({M, 2 * kp}, torch::kUInt8);
+  const uint8_t* in = u8.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < kp; ++k) {
+      const int q = int(in[m * kp + k]) - 128;
+      o[m * 2 * kp + k] = uint8_t(q);                   // two's complement int8
+      o[m * 2 * kp + kp + k] = uint8_t(q < 0 ? -q : q);  // ≤ 128
+    }
+  return out;
+}
+
 // Row ranges per thread. Batches up to kDirectMax are bandwidth-bound: balance the bytes each
 // thread streams (values + mask), so rows of uneven sparsity do not leave a thread idle. Larger
 // batches are compute-bound on the expanded rows: balance row counts, in whole kPanelRows blocks.
@@ -222,21 +238,23 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   if (M == 0 || N == 0) return torch::zeros(out_shape, x.options());
 
   // How this kernel reads x: W8A8 codes as uint8 (q + 128, VPDPBUSD's unsigned operand) for the
-  // AVX-512 and generic kernels, as int32 q (VPMADDWD's 16-bit lanes) for AVX2; bf16 for AVX-512's
-  // bf16 dot product; fp32 otherwise.
-  // The outer-product kernel (outer.h) reads fp32 x, or int32 codes for W8A8.
+  // AVX-512 and generic kernels, as q and |q| bytes for AVX2's VPSIGNB/VPMADDUBSW (W4A8 too);
+  // bf16 for AVX-512's bf16 dot product; fp32 otherwise.
+  // The outer-product kernel (outer.h) reads fp32 x, or int32 codes for W8A8 and W4A8.
   const bool outer = isa == kAvx2 && (g_outer_from > 0 ? M >= g_outer_from : avx2::outer(M));
   XKind xk;
-  if (fmt == Fmt::I8) xk = isa == kAvx2 || outer ? XKind::I32 : XKind::U8;
-  else if (fmt == Fmt::I4) xk = isa == kAvx512 ? XKind::S8 : XKind::I32;  // AVX2 outer: int32 codes too
+  if ((fmt == Fmt::I8 || fmt == Fmt::I4) && isa == kAvx2) xk = outer ? XKind::I32 : XKind::S8Abs;
+  else if (fmt == Fmt::I8) xk = XKind::U8;
+  else if (fmt == Fmt::I4) xk = isa == kAvx512 ? XKind::S8 : XKind::I32;
   // AVX-512 W8A16 batches multiply bf16 copies of the codes (FmtI8FBatched): bf16 x, like bf16 weights.
   else if (isa == kAvx512 && (fmt == Fmt::BF16 || (fmt == Fmt::I8F && M > kDirectMax))) xk = XKind::BF16;
   else xk = XKind::F32;
   const bool split = xk == XKind::BF16 && x.scalar_type() == torch::kFloat;
   torch::Tensor xe, xscale, xgroup;
-  if (xk == XKind::U8 || xk == XKind::I32 || xk == XKind::S8) {
+  if (xk == XKind::U8 || xk == XKind::I32 || xk == XKind::S8 || xk == XKind::S8Abs) {
     std::tie(xe, xscale) = quantize_x(x, kp, isa == kAvx512);
     if (xk == XKind::I32) xe = (xe.to(torch::kInt) - 128).contiguous();
+    if (xk == XKind::S8Abs) xe = codes_and_magnitudes(xe);
     if (xk == XKind::S8) {  // AVX-512 W4A8 multiplies signed q by the unsigned nibbles (see there)
       const auto q = xe.to(torch::kShort) - 128;
       xgroup = (q.view({M, groups, group_words, 16, 4}).sum({2, 4}, false, torch::kInt) * 8).contiguous();

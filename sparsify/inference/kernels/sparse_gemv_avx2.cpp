@@ -10,20 +10,24 @@
 // bytes into the 32-bit lane of the k-th set bit and zeroes the other lanes (control byte 0x80).
 // Where in the 32-bit lane the value's bytes land makes the conversion free:
 //   bf16  → bytes 2-3: the lane IS the fp32 value (bf16 is the top half of an fp32; exact);
-//   int8  → byte 1 (W8A8): the low 16 bits hold code·256, the high 16 bits 0, for VPMADDWD;
 //   int8  → byte 3 (W8A16): code·2^24, an arithmetic shift right by 24 gives the int32 code.
 // fp32 values are 32 bytes per 8 columns, more than a lane holds: VPERMPS with an index table and
 // a lane mask instead. The popcount of the mask byte advances the value pointer.
 //
-// The expanded 8-lane vector meets x (fp32, or int32 activation codes for W8A8) with one FMA or
-// VPMADDWD per row of x: up to kTokens rows of x share each expanded vector in registers (batched
-// decode); more rows are done kTokens at a time while the weight row is still in L1. From
-// kOuterMin rows of x on, the outer-product kernel of outer.h takes over (see kernels.h).
+// The expanded 8-lane vector meets x (fp32) with one FMA per row of x: up to kTokens rows of x
+// share each expanded vector in registers (batched decode); more rows are done kTokens at a time
+// while the weight row is still in L1. From kOuterMin rows of x on, the outer-product kernel of
+// outer.h takes over (see kernels.h).
 //
-// W8A8 exactness: VPMADDWD gives code·256·q per lane, at most 127·256·128 ≈ 4.2e6, so an int32
-// accumulator is moved (>> 8, exact: every term is a multiple of 256) into a running total every
-// kSettleWords mask words, long before it could overflow. The total is Σ q·code, the same integer
-// the AVX-512 kernel gets as Σ (q+128)·code − 128·row_sum.
+// W8A8 and W4A8 (int8 activation codes q) keep the codes as bytes and expand 32 columns per
+// step, one mask byte pair per 128-bit lane: both bytes' codes (at most 16, contiguous) are one
+// 16-byte load, and the control is two 8-byte table rows, the second offset by the first byte's
+// popcount (kPairs). One VPSHUFB per 32 columns instead of one per 8 and, per row of x, the AVX2
+// int8 dot product: VPSIGNB moves q's sign onto the codes, VPMADDUBSW multiplies by |q| (uint8),
+// VPMADDWD by ones widens to int32. Exact: |q| ≤ 128 and |code| ≤ 127, so a VPMADDUBSW pair sum is
+// at most 2·128·127 = 32512 < 2^15 (no saturation), and an int32 lane gains at most 4·128·127 per
+// step, K / 32 ≤ 2048 steps (K ≤ 65536, checked by the binding): < 2^31. This measured 1.2-1.25x
+// the per-byte VPMADDWD kernel it replaced (Zen 4, AVX2 path, 11008x4096 at 30-100% density).
 #include <omp.h>
 
 #include <cstdlib>
@@ -44,9 +48,6 @@ namespace {
 
 // Rows of x that share one expanded weight vector (accumulators in registers: 16 ymm in all).
 constexpr int kTokens = 8;
-// W8A8: mask words between moves of the code·256 accumulators into the totals. A lane gets at most
-// 8 products per word (fewer with several accumulator sets): 32 · 8 · 4.2e6 < 2^31.
-constexpr int kSettleWords = 32;
 
 // ----------------------------------------------------------------- expansion tables
 
@@ -87,11 +88,30 @@ constexpr PermuteTable make_permutes() {
   return t;
 }
 
+struct alignas(64) PairTable {
+  uint64_t ctrl[9][256];
+};
+
+// Byte controls for the int8 kernels' 32-column steps: ctrl[c][b] has, in byte k, c + the rank of
+// bit k among b's set bits when bit k is set, else 0x80 (zero). Row 0 places the first byte of a
+// pair; row c = popcount(first byte) places the second byte's codes after the first's.
+constexpr PairTable make_pairs() {
+  PairTable t{};
+  for (int c = 0; c < 9; ++c)
+    for (int b = 0; b < 256; ++b) {
+      uint64_t e = 0;
+      int rank = 0;
+      for (int k = 0; k < 8; ++k) e |= uint64_t((b >> k & 1) ? c + rank++ : 0x80) << (8 * k);
+      t.ctrl[c][b] = e;
+    }
+  return t;
+}
+
 // Constant-initialized (computed by the compiler): no code runs at load time on CPUs without AVX2.
 constexpr ShuffleTable kBF16Shuffle = make_shuffles(2, 2);
-constexpr ShuffleTable kI8Shuffle = make_shuffles(1, 1);
 constexpr ShuffleTable kI8FShuffle = make_shuffles(1, 3);
 constexpr PermuteTable kF32Permute = make_permutes();
+constexpr PairTable kPairs = make_pairs();
 
 // The kernels pass a mask byte as `row` = byte · 32, the byte offset of its 32-byte table row:
 // (m >> (8j − 5)) & 0x1FE0 gets it from the mask word in two instructions, with no separate
@@ -159,8 +179,8 @@ struct Vec {  // 8 fp32 lanes: outer.h's batched kernel runs two of these per co
 
 // ----------------------------------------------------------------- formats (M < kOuterMin)
 // A format: the stored value type V and epilogue (finish) from outer.h, the x element type XE, how
-// one mask byte's values expand to an 8-lane vector W, the accumulator and its dot product with 8
-// elements of x, and its reduction to one number.
+// one mask byte's values expand to an 8-lane vector W, and the accumulator and its dot product
+// with 8 elements of x. The int8-activation formats (W8A8, W4A8) follow further down.
 
 struct FloatAcc {  // fp32 accumulators, FMA with 8 fp32 x
   using XE = float;
@@ -169,8 +189,6 @@ struct FloatAcc {  // fp32 accumulators, FMA with 8 fp32 x
   static Acc zero() { return _mm256_setzero_ps(); }
   static Acc dot(Acc a, W w, const float* x) { return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), a); }
   static Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
-  static void settle(Acc&, Acc&) {}
-  static float reduce(Acc a, Acc) { return hsum(a); }
 };
 
 struct FmtBF16 : FloatAcc, Outer<Fmt::BF16> {
@@ -185,37 +203,15 @@ struct FmtF32 : FloatAcc, Outer<Fmt::F32> {
   }
 };
 
-struct FmtI8F : FloatAcc, Outer<Fmt::I8F> {  // W8A16: Σ x·code in fp32, then the row's scale
+struct FmtI8F : FloatAcc, Outer<Fmt::I8F> {  // W8A16 (W4A16 after unpacking): Σ x·code in fp32, then the scale
   static W expand(unsigned row, const V* v) {
     return _mm256_cvtepi32_ps(_mm256_srai_epi32(shuffle8(v, kI8FShuffle, row), 24));
   }
 };
 
-struct FmtI8 : Outer<Fmt::I8> {  // W8A8: x is int32 activation codes q; integer sums, exact
-  using XE = int32_t;
-  using W = __m256i;
-  using Acc = __m256i;
-  static Acc zero() { return _mm256_setzero_si256(); }
-  static W expand(unsigned row, const V* v) { return shuffle8(v, kI8Shuffle, row); }
-  static Acc dot(Acc a, W w, const int32_t* x) {
-    return _mm256_add_epi32(a, _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))));
-  }
-  static Acc add(Acc a, Acc b) { return _mm256_add_epi32(a, b); }
-  // Moves the code·256 partial sums into the total (exact: multiples of 256).
-  static void settle(Acc& part, Acc& total) {
-    total = _mm256_add_epi32(total, _mm256_srai_epi32(part, 8));
-    part = zero();
-  }
-  // The exact integer sum, rounded to fp32 once (as the reference rounds its exact sum).
-  static float reduce(Acc part, Acc total) {
-    settle(part, total);
-    return float(hsum(total));
-  }
-};
-
 // ----------------------------------------------------------------- the kernel
 
-// Independent accumulator sets per row of x: the FMA/VPMADDWD latency (4-5 cycles) needs about 4
+// Independent accumulator sets per row of x: the FMA latency (4 cycles) needs about 4
 // dependency chains in flight; with T rows of x there are T chains per set already.
 constexpr int sets_for(int T) { return T >= 4 ? 1 : (T >= 2 ? 2 : 4); }
 
@@ -223,18 +219,15 @@ constexpr int sets_for(int T) { return T >= 4 ? 1 : (T >= 2 ? 2 : 4); }
 template <class F, int T>
 void rows_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0) {
   constexpr int S = sets_for(T);
-  constexpr bool kInt = std::is_same<F, FmtI8>::value;
   const int64_t kp = p.words * 64;
   const auto* x = static_cast<const typename F::XE*>(p.x) + t0 * kp;
   const auto* vals = static_cast<const typename F::V*>(p.values);
   for (int64_t r = r0; r < r1; ++r) {
     const uint64_t* mk = p.mask + r * p.words;
     const typename F::V* v = vals + p.offsets[r];
-    typename F::Acc acc[S][T], total[T];
-    for (int t = 0; t < T; ++t) {
-      total[t] = F::zero();
+    typename F::Acc acc[S][T];
+    for (int t = 0; t < T; ++t)
       for (int s = 0; s < S; ++s) acc[s][t] = F::zero();
-    }
     for (int64_t w = 0; w < p.words; ++w) {
       // Software prefetch of the value and mask streams (as in the AVX-512 kernels): the hardware
       // prefetcher alone leaves the two interleaved streams short of DRAM bandwidth.
@@ -250,17 +243,11 @@ void rows_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0) {
         const typename F::XE* xc = x + w * 64 + j * 8;
         for (int t = 0; t < T; ++t) acc[j % S][t] = F::dot(acc[j % S][t], wv, xc + t * kp);
       }
-      if (kInt && (w + 1) % kSettleWords == 0)
-        for (int s = 0; s < S; ++s)
-          for (int t = 0; t < T; ++t) F::settle(acc[s][t], total[t]);
     }
     for (int t = 0; t < T; ++t) {
       typename F::Acc a = acc[0][t];
-      for (int s = 1; s < S; ++s) {
-        if (kInt) F::settle(acc[s][t], total[t]);
-        else a = F::add(a, acc[s][t]);
-      }
-      p.y[(t0 + t) * p.N + r] = F::finish(F::reduce(a, total[t]), p, t0 + t, r);
+      for (int s = 1; s < S; ++s) a = F::add(a, acc[s][t]);
+      p.y[(t0 + t) * p.N + r] = F::finish(hsum(a), p, t0 + t, r);
     }
   }
 }
@@ -289,11 +276,11 @@ void token_blocks(const Problem& p, int64_t r0, int64_t r1, Block&& block) {
   }
 }
 
-// ----------------------------------------------------------------- int4 (W4A8, W4A16)
+// ----------------------------------------------------------------- int4 with float x (W4A16)
 // Each weight row's nibbles are first unpacked, 32 codes per 16 bytes, into a per-thread buffer of
 // signed int8 codes (a word with an odd count keeps its padding nibble, skipped below); from there
-// the int8 formats' byte-wise expansion runs unchanged (FmtI8: W4A8 with int32 x codes; FmtI8F:
-// W4A16). Every group_words words the group's sum meets the group's scale in fp32 row totals.
+// the W8A16 byte-wise expansion runs unchanged. Every group_words words the group's sum meets the
+// group's scale in fp32 row totals.
 
 // fn(integral_constant<int, J>) for each J, in order: an unrolled loop whose index is a constant.
 template <int... J, class Fn>
@@ -301,10 +288,10 @@ inline void unroll(std::integer_sequence<int, J...>, Fn&& fn) {
   (fn(std::integral_constant<int, J>{}), ...);
 }
 
-template <class F, int T>
+template <int T>
 void int4_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0, int8_t* codes) {
+  using F = FmtI8F;
   constexpr int S = sets_for(T);
-  constexpr bool kInt = std::is_same<F, FmtI8>::value;
   const int64_t kp = p.words * 64, gw = p.group_words, groups = p.words / gw;
   const auto* x = static_cast<const typename F::XE*>(p.x) + t0 * kp;
   const auto* bytes = static_cast<const uint8_t*>(p.values);
@@ -316,11 +303,9 @@ void int4_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0, int8_t* co
     __m256 row[T];
     for (int t = 0; t < T; ++t) row[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      typename F::Acc acc[S][T], total[T];
-      for (int t = 0; t < T; ++t) {
-        total[t] = F::zero();
+      typename F::Acc acc[S][T];
+      for (int t = 0; t < T; ++t)
         for (int s = 0; s < S; ++s) acc[s][t] = F::zero();
-      }
       for (int64_t w = g * gw; w < (g + 1) * gw; ++w) {
         const uint64_t m = mk[w];
         if (m == 0) continue;
@@ -335,38 +320,119 @@ void int4_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0, int8_t* co
           for (int t = 0; t < T; ++t) acc[J % S][t] = F::dot(acc[J % S][t], wv, xw + J * 8 + t * kp);
         });
         v += __builtin_popcountll(m) & 1;  // the word's padding nibble
-        if (kInt && (w + 1 - g * gw) % kSettleWords == 0)
-          for (int s = 0; s < S; ++s)
-            for (int t = 0; t < T; ++t) F::settle(acc[s][t], total[t]);
       }
       const __m256 scale = _mm256_set1_ps(sc[g]);
       for (int t = 0; t < T; ++t) {
-        if constexpr (kInt) {  // the group's exact Σ q·c (≤ 1024 words · 64 · 7 · 128 < 2^24: exact in fp32)
-          for (int s = 0; s < S; ++s) F::settle(acc[s][t], total[t]);
-          row[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total[t]), scale, row[t]);
-        } else {
-          typename F::Acc a = acc[0][t];
-          for (int s = 1; s < S; ++s) a = F::add(a, acc[s][t]);
-          row[t] = _mm256_fmadd_ps(a, scale, row[t]);
+        typename F::Acc a = acc[0][t];
+        for (int s = 1; s < S; ++s) a = F::add(a, acc[s][t]);
+        row[t] = _mm256_fmadd_ps(a, scale, row[t]);
+      }
+    }
+    for (int t = 0; t < T; ++t) p.y[(t0 + t) * p.N + r] = p.bias ? hsum(row[t]) + p.bias[r] : hsum(row[t]);
+  }
+}
+
+// ----------------------------------------------------------------- int8 x: W8A8, W4A8 (M < kOuterMin)
+
+// The codes of 32 columns (mask bytes mb[0..3]) at their columns, zeros elsewhere: lane 0 holds
+// mask bytes 0-1, whose codes start at v; lane 1 bytes 2-3, whose codes start after those. The
+// bytes are read from memory one by one (no shifts to extract them from a word).
+inline __m256i expand32(const uint8_t* mb, const int8_t* v) {
+  const unsigned b0 = mb[0], b1 = mb[1], b2 = mb[2], b3 = mb[3];
+  const unsigned c0 = __builtin_popcount(b0), c2 = __builtin_popcount(b2), c01 = c0 + __builtin_popcount(b1);
+  __m128i lo = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kPairs.ctrl[0][b0]));
+  lo = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), reinterpret_cast<const double*>(&kPairs.ctrl[c0][b1])));
+  __m128i hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kPairs.ctrl[0][b2]));
+  hi = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(hi), reinterpret_cast<const double*>(&kPairs.ctrl[c2][b3])));
+  const __m256i ctrl = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+  const __m256i src = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(v + c01), reinterpret_cast<const __m128i*>(v));
+  return _mm256_shuffle_epi8(src, ctrl);
+}
+
+// Weight rows [r0, r1) times the T rows of x starting at t0; x row t is kp codes q (int8) followed
+// by kp magnitudes |q| (uint8), see XKind::S8Abs. W8A8 (kInt4 false): one group per row, the exact
+// Σ q·code meets both scales once. W4A8: each row is first unpacked into `codes` (as for W4A16) and
+// each group's exact integer sum is scaled into fp32 row totals (converted exactly while below
+// 2^24, i.e. for groups up to 2^24 / (8·128) = 16384 columns; a longer group is rounded once).
+// Not inlined into token_blocks: alone, each instance keeps its pointers in registers (inlined, the
+// batch-1 loop reloaded spilled ones every word).
+template <int T, bool kInt4>
+__attribute__((noinline)) void int8_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0, int8_t* codes) {
+  const int64_t kp = p.words * 64, gw = kInt4 ? p.group_words : p.words, groups = p.words / gw;
+  const int64_t pf = p.prefetch, pf_mask = p.prefetch / 4;  // locals: kept in registers
+  const int8_t* xq = static_cast<const int8_t*>(p.x) + t0 * 2 * kp;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint64_t* mk = p.mask + r * p.words;
+    const int8_t* v;
+    if constexpr (kInt4) {
+      const auto* bytes = static_cast<const uint8_t*>(p.values);
+      unpack_row_int4(bytes + p.offsets[r], p.offsets[r + 1] - p.offsets[r], codes);
+      v = codes;
+    } else {
+      v = static_cast<const int8_t*>(p.values) + p.offsets[r];
+    }
+    __m256 row[T];
+    __m256i acc[T];
+    for (int t = 0; t < T; ++t) row[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+      for (int64_t w = g * gw; w < (g + 1) * gw; ++w) {
+        if constexpr (!kInt4) {  // the unpacked int4 row is already in L1
+          _mm_prefetch(reinterpret_cast<const char*>(v) + pf, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(mk + w) + pf_mask, _MM_HINT_T0);
         }
+        const uint64_t m = mk[w];
+        if (m == 0) continue;
+        const auto* mb = reinterpret_cast<const uint8_t*>(mk + w);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i wv = expand32(mb + 4 * h, v);
+          v += __builtin_popcount(uint32_t(m >> (32 * h)));
+          const int64_t col = w * 64 + h * 32;
+          for (int t = 0; t < T; ++t) {
+            const int8_t* xt = xq + t * 2 * kp + col;
+            const __m256i sw = _mm256_sign_epi8(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt)));
+            const __m256i pr = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + kp)), sw);
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(pr, ones));
+          }
+        }
+        if constexpr (kInt4) v += __builtin_popcountll(m) & 1;  // the word's padding nibble
+      }
+      if constexpr (kInt4) {
+        const __m256 scale = _mm256_set1_ps(p.w_scale[r * groups + g]);
+        for (int t = 0; t < T; ++t) row[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), scale, row[t]);
       }
     }
     for (int t = 0; t < T; ++t) {
-      float y = hsum(row[t]);
-      if constexpr (kInt) y *= p.x_scale[t0 + t];
-      p.y[(t0 + t) * p.N + r] = p.bias ? y + p.bias[r] : y;
+      float y;
+      if constexpr (kInt4) {
+        y = hsum(row[t]) * p.x_scale[t0 + t];
+        if (p.bias) y += p.bias[r];
+      } else {
+        y = Outer<Fmt::I8>::finish(float(hsum(acc[t])), p, t0 + t, r);
+      }
+      p.y[(t0 + t) * p.N + r] = y;
     }
   }
 }
 
-template <class F>
+// Rows of int4 nibbles, unpacked one row at a time into a per-thread buffer: with int8 x (kIntX:
+// W4A8, int8_block) or float x (W4A16, int4_block).
+template <bool kIntX>
 void int4_rows(const Problem& p, int64_t r0, int64_t r1) {
   // Unpacked codes of one row: ≤ in_features + one padding nibble per word, + 64 bytes of over-read.
   int8_t* codes = static_cast<int8_t*>(std::aligned_alloc(64, (p.words * 65 + 127) / 64 * 64 + 64));
   token_blocks(p, r0, r1, [&](int64_t rb, int64_t re, int64_t t0, auto T) {
-    int4_block<F, decltype(T)::value>(p, rb, re, t0, codes);
+    if constexpr (kIntX) int8_block<decltype(T)::value, true>(p, rb, re, t0, codes);
+    else int4_block<decltype(T)::value>(p, rb, re, t0, codes);
   });
   std::free(codes);
+}
+
+void int8_rows(const Problem& p, int64_t r0, int64_t r1) {
+  token_blocks(p, r0, r1, [&](int64_t rb, int64_t re, int64_t t0, auto T) {
+    int8_block<decltype(T)::value, false>(p, rb, re, t0, nullptr);
+  });
 }
 
 template <class F>
@@ -388,10 +454,10 @@ void run(Fmt fmt, const Problem& p) {
       switch (fmt) {
         case Fmt::BF16: rows<FmtBF16>(p, r0, r1); break;
         case Fmt::F32: rows<FmtF32>(p, r0, r1); break;
-        case Fmt::I8: rows<FmtI8>(p, r0, r1); break;
+        case Fmt::I8: int8_rows(p, r0, r1); break;
         case Fmt::I8F: rows<FmtI8F>(p, r0, r1); break;
-        case Fmt::I4: int4_rows<FmtI8>(p, r0, r1); break;
-        case Fmt::I4F: int4_rows<FmtI8F>(p, r0, r1); break;
+        case Fmt::I4: int4_rows<true>(p, r0, r1); break;
+        case Fmt::I4F: int4_rows<false>(p, r0, r1); break;
       }
     }
   }

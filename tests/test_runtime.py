@@ -288,3 +288,16 @@ def test_decode_benchmark_on_a_tiny_model_agrees_across_variants():
     assert variants["sparse70_bf16"]["model_mb"] < variants["dense_bf16"]["model_mb"]
     metrics = flat_metrics({"decode": result})
     assert "bench/cpu/decode_2l/sparse70_int8_head/prefill_tok_s" in metrics
+
+
+def test_machine_record_names_the_isa_caps(monkeypatch):
+    """Benchmark JSON says which ISA caps were set (an AVX-512 machine emulating an AVX2-only one),
+    and only those: an unset or empty variable is not a cap."""
+    from sparsify.bench.cpu import ISA_CAP_VARIABLES, machine_info
+
+    for name in ISA_CAP_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert machine_info()["isa_caps"] == {}
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    assert machine_info()["isa_caps"] == {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}

@@ -732,12 +732,25 @@ def cpu_isa() -> str:
     return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512"
 
 
+# Environment variables that cap the instruction set below what the CPU has: ours, ATen's dispatch,
+# oneDNN's (torch's dense bf16/fp32 matmuls) and fbgemm's (torch's dynamic INT8). All four set to
+# AVX2 make an AVX-512 machine run every variant, baselines included, as an AVX2-only CPU would.
+ISA_CAP_VARIABLES = ("SPARSELLAMA_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def isa_caps() -> dict[str, str]:
+    """The ISA caps set in this process's environment (empty: every library uses the CPU's best)."""
+    return {k: os.environ[k] for k in ISA_CAP_VARIABLES if os.environ.get(k)}
+
+
 def machine_info() -> dict:
-    """Where the figures come from: CPU model and extensions, torch's dispatch level, our kernel path."""
+    """Where the figures come from: CPU model and extensions, ISA caps, torch's dispatch level, our
+    kernel path."""
     return {
         "cpu": platform.processor() or platform.machine(),
         "cpu_model": cpu_model(),
         "cpu_isa": cpu_isa(),
+        "isa_caps": isa_caps(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "capability": torch.backends.cpu.get_cpu_capability(),
@@ -775,9 +788,10 @@ def run(
     load_extension()
     result: dict = {"machine": machine_info()}
     logger.info(
-        "CPU %s (%s); torch dispatch %s; sparse kernels: %s",
+        "CPU %s (%s); ISA caps %s; torch dispatch %s; sparse kernels: %s",
         result["machine"]["cpu_model"],
         result["machine"]["cpu_isa"],
+        result["machine"]["isa_caps"] or "none",
         result["machine"]["capability"],
         result["machine"]["kernels"],
     )

@@ -29,6 +29,15 @@ variants.
 With CUDA, the same run adds the GPU layer benchmark (:mod:`sparsify.bench.gpu`: 2:4
 semi-structured sparsity, torch's INT8 and INT4 GPU paths) under ``gpu``.
 
+An AVX-512 machine measures as an AVX2-only CPU (Zen 1-3, Intel before Ice Lake) would when every
+library is capped at AVX2, torch's baselines included (the JSON's ``machine.isa_caps`` lists them):
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/sparse_kernels.py OUT_DIR --isas avx2
+
+(ATen's cap alone already confines our kernels to AVX2; ``SPARSELLAMA_ISA=avx2`` confines only ours,
+leaving torch's baselines on AVX-512.)
+
 ``--quick``: only the 11008x4096 batch-1 layer benchmark (a few seconds; the smoke profile's).
 Writes ``OUT_DIR/sparse_kernels.json`` and ``OUT_DIR/sparse_kernels.png``. Run it alone: two torch
 jobs on the same cores slow each other by up to 10x.

@@ -66,10 +66,12 @@ def _ninja_on_path() -> str | None:
     return None
 
 
-def _build(verbose: bool) -> ModuleType:
+def compile_kernels(name: str, source_dir: Path, build_dir: Path, verbose: bool = False) -> ModuleType:
+    """Compile the kernel sources in ``source_dir`` (SOURCES, HEADERS) into module ``name`` under
+    ``build_dir`` and import it. Also used to build an older revision's kernels next to the current
+    ones (benchmarks/kernel_ab.py)."""
     from torch.utils.cpp_extension import load
 
-    build_dir = build_directory()
     build_dir.mkdir(parents=True, exist_ok=True)
     extra_path = _ninja_on_path()
     old_path = os.environ.get("PATH", "")
@@ -77,9 +79,9 @@ def _build(verbose: bool) -> ModuleType:
         os.environ["PATH"] = extra_path + os.pathsep + old_path
     try:
         return load(
-            name=NAME,
-            sources=[str(_HERE / s) for s in SOURCES],
-            extra_include_paths=[str(_HERE)],
+            name=name,
+            sources=[str(source_dir / s) for s in SOURCES],
+            extra_include_paths=[str(source_dir)],
             # -O3 for the auto-vectorized portable loops; OpenMP for threads. No -march: the AVX2 and
             # AVX-512 code is enabled per file by `#pragma GCC target` and chosen at run time.
             extra_cflags=["-O3", "-fopenmp"],
@@ -90,6 +92,10 @@ def _build(verbose: bool) -> ModuleType:
     finally:
         if extra_path:
             os.environ["PATH"] = old_path
+
+
+def _build(verbose: bool) -> ModuleType:
+    return compile_kernels(NAME, _HERE, build_directory(), verbose)
 
 
 def load_extension(verbose: bool = False) -> ModuleType | None:

@@ -1,0 +1,159 @@
+"""A/B of two builds of the sparse CPU kernels: a git revision's against the working tree's, same run.
+
+    python benchmarks/kernel_ab.py OUT_DIR --baseline REV [--isa avx2] [--threads 2]
+                                   [--formats int8 int4 bf16 w8a16] [--sparsities 0.7]
+                                   [--batches 1 2 4] [--shape 11008x4096] [--repeats 15]
+
+A kernel change is judged against the code it replaces, on the same machine, in the same minutes:
+this machine's speed drifts by tens of percent between runs. The baseline's kernel sources
+(``git show REV:sparsify/inference/kernels/...``) are compiled into their own extension module next
+to the working tree's; both are called through the same binding (``sparse_linear``; the two
+revisions must agree on its signature) on the same packed weights. Per format, sparsity and batch:
+both results are checked against each other first (a fast wrong kernel is not a result), then the
+two builds alternate call by call, order swapped every repeat, each call reading a different copy of
+the weight (copies totalling more than the L3, as decode streams its weights from DRAM). Reported:
+medians, their standard errors, and the ratio baseline / working tree (> 1: the change is faster).
+
+Writes ``OUT_DIR/kernel_ab.json`` with the machine record (CPU model, ISA, caps). Run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sparsify.bench.cpu import ROTATE_BYTES, machine_info, median_se, prune_rows  # noqa: E402
+from sparsify.inference.kernels import loader  # noqa: E402
+from sparsify.inference.kernels.format import PackedWeight, pack  # noqa: E402
+
+logger = logging.getLogger("kernel_ab")
+
+KERNEL_DIR = "sparsify/inference/kernels"
+# format name → pack() arguments (INT4 in the quantize stage's groups of 128)
+FORMATS = {
+    "bf16": {"dtype": torch.bfloat16},
+    "int8": {"dtype": torch.int8, "act_int8": True},
+    "w8a16": {"dtype": torch.int8, "act_int8": False},
+    "int4": {"dtype": torch.int4, "act_int8": True, "group_size": 128},
+    "w4a16": {"dtype": torch.int4, "act_int8": False, "group_size": 128},
+}
+
+
+def build_revision(rev: str, root: Path) -> ModuleType:
+    """The kernels as of git revision ``rev``, compiled into their own module under ``root``."""
+    sha = subprocess.run(["git", "rev-parse", "--short=10", rev], cwd=REPO, check=True, capture_output=True, text=True)
+    sha = sha.stdout.strip()
+    src = root / f"src_{sha}"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in loader.SOURCES + loader.HEADERS:
+        text = subprocess.run(
+            ["git", "show", f"{sha}:{KERNEL_DIR}/{name}"], cwd=REPO, check=True, capture_output=True, text=True
+        ).stdout
+        (src / name).write_text(text)
+    return loader.compile_kernels(f"sparsellama_kernels_{sha}", src, root / f"build_{sha}")
+
+
+def call(module: ModuleType, x: torch.Tensor, p: PackedWeight, isa: int) -> torch.Tensor:
+    return module.sparse_linear(
+        x, p.bitmask, p.offsets, p.values, p.scales, p.row_sums, None, p.act_int8, isa, p.group_size or 0
+    )
+
+
+def compare(
+    modules: dict[str, ModuleType], packed: list[PackedWeight], x: torch.Tensor, isa: int, repeats: int
+) -> dict:
+    """Both builds on the same weights: checked against each other, then timed alternately."""
+    names = list(modules)
+    ref, out = (call(modules[n], x, packed[0], isa) for n in names)
+    if not torch.allclose(ref, out, rtol=1e-5, atol=1e-5 * float(ref.abs().max()) + 1e-12):
+        raise AssertionError(f"the builds disagree: max |diff| {float((ref - out).abs().max()):.3g}")
+    times: dict[str, list[float]] = {n: [] for n in names}
+    k = 0
+    for rep in range(repeats):
+        for n in names if rep % 2 else reversed(names):
+            p = packed[k % len(packed)]
+            k += 1
+            t0 = time.perf_counter()
+            call(modules[n], x, p, isa)
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    row = {f"{n}_ms": statistics.median(t) for n, t in times.items()}
+    row |= {f"{n}_ms_se": median_se(t) for n, t in times.items()}
+    row["speedup"] = row[f"{names[0]}_ms"] / row[f"{names[1]}_ms"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--baseline", required=True, help="git revision whose kernels are the baseline")
+    parser.add_argument("--isa", choices=loader.ISA_NAMES, default=None, help="kernel path (default: the best)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=["int8", "int4", "bf16", "w8a16"])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.7])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--shape", default="11008x4096", help="OUTxIN")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    current = loader.load_extension()
+    if current is None:
+        raise SystemExit("the kernels could not be built here")
+    isa_name = args.isa or loader.ISA_NAMES[loader.available_isa()]
+    isa = loader.ISA_NAMES.index(isa_name)
+    if isa > loader.available_isa():
+        raise SystemExit(f"--isa {isa_name} is not available on this CPU")
+    modules = {
+        "baseline": build_revision(args.baseline, loader.build_directory().parent / "kernel_ab"),
+        "tree": current,
+    }
+    out, inn = (int(d) for d in args.shape.split("x"))
+    torch.manual_seed(0)
+    dense = torch.randn(out, inn) / inn**0.5
+    rows = []
+    for sparsity in args.sparsities:
+        weight = prune_rows(dense, sparsity) if sparsity else dense
+        for fmt in args.formats:
+            first = pack(weight, **FORMATS[fmt])
+            copies = max(2, -(-ROTATE_BYTES // first.nbytes))
+            packed = [first] + [pack(weight, **FORMATS[fmt]) for _ in range(copies - 1)]
+            for batch in args.batches:
+                row = {"format": fmt, "sparsity": sparsity, "batch": batch}
+                row |= compare(modules, packed, torch.randn(batch, inn), isa, args.repeats)
+                logger.info(
+                    "%-6s %3.0f%% b=%-3d baseline %7.3f ms  tree %7.3f ms  x%.2f",
+                    fmt, 100 * sparsity, batch, row["baseline_ms"], row["tree_ms"], row["speedup"],
+                )  # fmt: skip
+                rows.append(row)
+    sha = subprocess.run(["git", "rev-parse", args.baseline], cwd=REPO, check=True, capture_output=True, text=True)
+    result = {
+        "machine": machine_info(),
+        "isa": isa_name,
+        "shape": [out, inn],
+        "baseline": sha.stdout.strip(),
+        "tree": subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip(),
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "kernel_ab.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

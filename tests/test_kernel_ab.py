@@ -1,0 +1,36 @@
+"""benchmarks/kernel_ab.py's bookkeeping on a tiny weight, with the current build on both sides
+(compiling a second revision takes ~30 s: that path runs by hand, see the script's docstring)."""
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sparsify.inference.kernels import load_extension, pack
+from sparsify.inference.kernels.loader import available_isa
+from tests.conftest import REPO
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("kernel_ab", REPO / "benchmarks" / "kernel_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(load_extension() is None, reason="no compiled kernels here")
+def test_compare_times_both_builds_and_refuses_disagreeing_ones():
+    ab = _script()
+    w = torch.randn(24, 128)
+    w[w.abs() < 0.8] = 0
+    packed = [pack(w, dtype=torch.int8, act_int8=True) for _ in range(2)]
+    x = torch.randn(3, 128)
+    ext = load_extension()
+    row = ab.compare({"baseline": ext, "tree": ext}, packed, x, available_isa(), repeats=4)
+    assert row["baseline_ms"] > 0 and row["tree_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["tree_ms"])
+    # A build that computes something else is an error, not a timing.
+    wrong = SimpleNamespace(sparse_linear=lambda *a: ext.sparse_linear(*a) + 1.0)
+    with pytest.raises(AssertionError, match="disagree"):
+        ab.compare({"baseline": ext, "tree": wrong}, packed, x, available_isa(), repeats=2)

@@ -6,6 +6,7 @@ Checkpoints are written and read by `sparsify.checkpoint`.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,10 +50,17 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` computes in bf16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX).
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) under which its bf16 matmuls are still
+# native: AVX512_CORE_BF16 and the AMX levels above it. Any lower cap emulates bf16.
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "ALL")
 
-    Elsewhere bf16 is emulated and slower than fp32, so "auto" dtypes fall back to fp32.
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX,
+    unless torch is capped below AVX-512 by ATEN_CPU_CAPABILITY, or oneDNN below its bf16 level).
+
+    Elsewhere bf16 is emulated and slower than fp32, so "auto" dtypes fall back to fp32. The caps
+    count because they are how an AVX-512 machine is made to run as an AVX2-only one.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -62,6 +70,11 @@ def bf16_supported(device: torch.device) -> bool:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
+        return False
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    onednn_cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if onednn_cap not in _ONEDNN_BF16_ISAS:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,3 +353,25 @@ def test_teacher_in_bf16_without_gradients_where_supported(caplog):
     expected = torch.bfloat16 if trainer.bf16_supported(torch.device("cpu")) else torch.float32
     assert {p.dtype for p in teacher.parameters()} == {expected}
     assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
+def test_bf16_is_not_native_under_avx2_caps(monkeypatch):
+    """An AVX-512 machine capped to AVX2 (ATEN_CPU_CAPABILITY, or oneDNN's ISA cap below its bf16
+    level) emulates bf16, so "auto" must choose fp32 there, as on a real AVX2-only CPU."""
+    from sparsify import model as model_mod
+
+    cpu = torch.device("cpu")
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(var, raising=False)
+    uncapped = model_mod.bf16_supported(cpu)
+    flags = Path("/proc/cpuinfo").read_text()
+    assert uncapped == (
+        ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    )
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not model_mod.bf16_supported(cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
+    assert model_mod.bf16_supported(cpu) == uncapped
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not model_mod.bf16_supported(cpu)

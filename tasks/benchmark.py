@@ -38,7 +38,8 @@ def run(cfg: Config, *, model: str) -> StageResult:
     log.info("benchmark: %s", {k: round(v, 3) for k, v in metrics.items() if "speedup" in k})
     # Every figure is only meaningful with the machine and kernel path it ran on.
     machine = result["machine"]
-    params = {f"bench.{k}": str(machine[k]) for k in ("kernels", "cpu_model", "cpu_isa", "capability", "threads")}
+    keys = ("kernels", "cpu_model", "cpu_isa", "isa_caps", "capability", "threads")
+    params = {f"bench.{k}": str(machine[k]) for k in keys if k in machine}
     return StageResult(
         metrics=metrics,
         outputs=[out],

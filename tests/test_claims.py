@@ -110,7 +110,7 @@ def test_paper_claims_from_tables_and_benchmarks():
 
 def test_layer_rows_stand_in_when_the_run_has_no_decode_benchmark():
     bench = {
-        "machine": {"cpu_isa": "avx2"},
+        "machine": {"cpu_isa": "avx2 avx512f", "kernels": "avx2", "isa_caps": {"ATEN_CPU_CAPABILITY": "avx2"}},
         "layers": {
             "rows": [
                 {"variant": "sparse70_bf16", "shape": "11008x4096", "batch": 1, "speedup_vs_fp32": 4.9},
@@ -123,6 +123,7 @@ def test_layer_rows_stand_in_when_the_run_has_no_decode_benchmark():
     claims = paper_claims(TASKS, ["70"], bench)
     cpu, quant, gpu = claims[-3:]
     assert (cpu.ours, cpu.se, cpu.verdict) == (4.9, None, "met") and "one 11008x4096 layer" in cpu.basis
+    assert cpu.basis.endswith("CPU avx2 avx512f; kernels avx2; capped ATEN_CPU_CAPABILITY=avx2")
     assert (quant.ours, quant.verdict) == (5.1, "not met")
     assert (gpu.ours, gpu.verdict) == (1.3, "not met") and "batch 16" in gpu.basis
 

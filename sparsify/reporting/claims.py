@@ -125,10 +125,21 @@ def mean_paired(tasks: Mapping[str, Mapping[str, Any]], pair: str) -> tuple[floa
     return sum(diffs) / len(diffs), math.sqrt(sum(variances)) / len(diffs), sum(dense) / len(dense)
 
 
+def _machine_text(machine: Mapping[str, Any]) -> str:
+    """The CPU's extensions, the kernel path the figure ran on, and any ISA caps: a capped AVX-512
+    machine measures the AVX2 class, and the flags alone would not say so."""
+    text = machine.get("cpu_isa", "unknown ISA")
+    if machine.get("kernels"):
+        text += f"; kernels {machine['kernels']}"
+    if machine.get("isa_caps"):
+        text += "; capped " + " ".join(f"{k}={v}" for k, v in sorted(machine["isa_caps"].items()))
+    return text
+
+
 def _decode_speedup(bench: Mapping[str, Any], variant: str) -> tuple[float | None, float | None, str]:
     """``variant``'s speedup over dense fp32: decode tokens/s when the run has the decode benchmark, else
     the batch-1 11008x4096 layer (an MLP projection of Llama-2-7B)."""
-    isa = bench.get("machine", {}).get("cpu_isa", "unknown ISA")
+    isa = _machine_text(bench.get("machine", {}))
     decode = bench.get("decode", {}).get("variants", {})
     if variant in decode and "speedup_vs_fp32" in decode[variant]:
         row = decode[variant]

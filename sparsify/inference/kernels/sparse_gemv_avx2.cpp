@@ -26,8 +26,10 @@
 // int8 dot product: VPSIGNB moves q's sign onto the codes, VPMADDUBSW multiplies by |q| (uint8),
 // VPMADDWD by ones widens to int32. Exact: |q| ≤ 128 and |code| ≤ 127, so a VPMADDUBSW pair sum is
 // at most 2·128·127 = 32512 < 2^15 (no saturation), and an int32 lane gains at most 4·128·127 per
-// step, K / 32 ≤ 2048 steps (K ≤ 65536, checked by the binding): < 2^31. This measured 1.2-1.25x
-// the per-byte VPMADDWD kernel it replaced (Zen 4, AVX2 path, 11008x4096 at 30-100% density).
+// step, K / 32 ≤ 2048 steps (K ≤ 65536, checked by the binding): < 2^31. Against the per-byte
+// VPMADDWD kernel it replaced (benchmarks/kernel_ab.py, Zen 4, AVX2 path, 11008x4096, 0-70%
+// sparsity): 1.11-1.24x at batch 1, 1.35-1.64x at batches 2-4 (docs/results.md). It is still
+// bound by issuing instructions, half of them the scalar work of finding each pair's table rows.
 #include <omp.h>
 
 #include <cstdlib>

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from sparsify.bench.cpu import ROTATE_BYTES, machine_info, median_se, prune_rows  # noqa: E402
 from sparsify.inference.kernels import loader  # noqa: E402
 from sparsify.inference.kernels.format import PackedWeight, pack  # noqa: E402
+from sparsify.inference.kernels.ops import call_extension  # noqa: E402
 
 logger = logging.getLogger("kernel_ab")
 
@@ -65,18 +66,12 @@ def build_revision(rev: str, root: Path) -> ModuleType:
     return loader.compile_kernels(f"sparsellama_kernels_{sha}", src, root / f"build_{sha}")
 
 
-def call(module: ModuleType, x: torch.Tensor, p: PackedWeight, isa: int) -> torch.Tensor:
-    return module.sparse_linear(
-        x, p.bitmask, p.offsets, p.values, p.scales, p.row_sums, None, p.act_int8, isa, p.group_size or 0
-    )
-
-
 def compare(
-    modules: dict[str, ModuleType], packed: list[PackedWeight], x: torch.Tensor, isa: int, repeats: int
+    modules: dict[str, ModuleType], packed: list[PackedWeight], x: torch.Tensor, isa: str, repeats: int
 ) -> dict:
     """Both builds on the same weights: checked against each other, then timed alternately."""
     names = list(modules)
-    ref, out = (call(modules[n], x, packed[0], isa) for n in names)
+    ref, out = (call_extension(modules[n], x, packed[0], None, isa) for n in names)
     if not torch.allclose(ref, out, rtol=1e-5, atol=1e-5 * float(ref.abs().max()) + 1e-12):
         raise AssertionError(f"the builds disagree: max |diff| {float((ref - out).abs().max()):.3g}")
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -86,7 +81,7 @@ def compare(
             p = packed[k % len(packed)]
             k += 1
             t0 = time.perf_counter()
-            call(modules[n], x, p, isa)
+            call_extension(modules[n], x, p, None, isa)
             times[n].append((time.perf_counter() - t0) * 1e3)
     row = {f"{n}_ms": statistics.median(t) for n, t in times.items()}
     row |= {f"{n}_ms_se": median_se(t) for n, t in times.items()}
@@ -113,8 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     if current is None:
         raise SystemExit("the kernels could not be built here")
     isa_name = args.isa or loader.ISA_NAMES[loader.available_isa()]
-    isa = loader.ISA_NAMES.index(isa_name)
-    if isa > loader.available_isa():
+    if loader.ISA_NAMES.index(isa_name) > loader.available_isa():
         raise SystemExit(f"--isa {isa_name} is not available on this CPU")
     modules = {
         "baseline": build_revision(args.baseline, loader.build_directory().parent / "kernel_ab"),
@@ -132,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             packed = [first] + [pack(weight, **FORMATS[fmt]) for _ in range(copies - 1)]
             for batch in args.batches:
                 row = {"format": fmt, "sparsity": sparsity, "batch": batch}
-                row |= compare(modules, packed, torch.randn(batch, inn), isa, args.repeats)
+                row |= compare(modules, packed, torch.randn(batch, inn), isa_name, args.repeats)
                 logger.info(
                     "%-6s %3.0f%% b=%-3d baseline %7.3f ms  tree %7.3f ms  x%.2f",
                     fmt, 100 * sparsity, batch, row["baseline_ms"], row["tree_ms"], row["speedup"],

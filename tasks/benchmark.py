@@ -39,7 +39,7 @@ def run(cfg: Config, *, model: str) -> StageResult:
     # Every figure is only meaningful with the machine and kernel path it ran on.
     machine = result["machine"]
     keys = ("kernels", "cpu_model", "cpu_isa", "isa_caps", "capability", "threads")
-    params = {f"bench.{k}": str(machine[k]) for k in keys if k in machine}
+    params = {f"bench.{k}": str(machine[k]) for k in keys}
     return StageResult(
         metrics=metrics,
         outputs=[out],

@@ -115,8 +115,14 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *
     if x.dtype == torch.float16:  # no fp16 kernels: fp32 holds every fp16 exactly
         return sparse_linear(x.float(), packed, bias, isa=name).half()
     # Fast path (decode calls this ~7 times per layer per token): the C++ side views x as [M, in].
-    return load_extension().sparse_linear(
-        x if x.is_contiguous() else x.contiguous(),
+    return call_extension(load_extension(), x if x.is_contiguous() else x.contiguous(), packed, bias, name)
+
+
+def call_extension(module, x: Tensor, packed: PackedWeight, bias: Tensor | None, isa: str) -> Tensor:
+    """The compiled binding's ``sparse_linear`` on contiguous ``x``, unchecked: the one place that
+    knows its argument order (``module``: this build, or another revision's in benchmarks/kernel_ab.py)."""
+    return module.sparse_linear(
+        x,
         packed.bitmask,
         packed.offsets,
         packed.values,
@@ -124,6 +130,6 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *
         packed.row_sums,
         bias,
         packed.act_int8,
-        ISA_NAMES.index(name),
+        ISA_NAMES.index(isa),
         packed.group_size or 0,
     )

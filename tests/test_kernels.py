@@ -506,3 +506,84 @@ def test_int4_rejects_codes_off_the_grid_and_corrupt_tensors(compiled_isas):
             load_extension().sparse_linear(
                 torch.randn(1, 128), p.bitmask, p.offsets, p.values, p.scales, None, None, True, 0, 96
             )
+
+
+# --------------------------------------------------------------------------- decode attention
+
+# (heads, kv_heads, head_dim, length, capacity): one key; lengths off the 4-key blocks; head_dim off
+# every vector width; grouped-query (2x, 4x); and one big enough for two threads (kv·length·dim ≥ 2^16).
+ATTENTION_CASES = [(4, 4, 24, 1, 3), (8, 2, 72, 33, 40), (6, 3, 16, 7, 7), (8, 8, 128, 5, 64), (32, 8, 32, 300, 301)]
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scale: float) -> torch.Tensor:
+    """softmax(scale · q kᵀ) v in float64, written out: query head i reads kv head i // (heads / kv_heads)."""
+    group = q.shape[0] // k.shape[0]
+    kk = k[:, :length].double().repeat_interleave(group, 0)  # [heads, length, dim]
+    vv = v[:, :length].double().repeat_interleave(group, 0)
+    s = torch.einsum("hd,hld->hl", q.double(), kk) * scale
+    p = torch.exp(s - s.max(-1, keepdim=True).values)
+    return torch.einsum("hl,hld->hd", p / p.sum(-1, keepdim=True), vv)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["torch", *ISA_NAMES])
+def test_decode_attention_matches_float64_reference(compiled_isas, isa, cache_dtype):
+    """Every path against the written-out softmax, with nan in the cache slots past `length` (never read)."""
+    if isa != "torch" and isa not in compiled_isas:
+        pytest.skip(f"{isa} kernels not available here")
+    g = torch.Generator().manual_seed(0)
+    for heads, kv_heads, dim, length, capacity in ATTENTION_CASES:
+        q = torch.randn(heads, dim, generator=g) * 2
+        k, v = (torch.randn(kv_heads, capacity, dim, generator=g).to(cache_dtype) for _ in range(2))
+        k[:, length:], v[:, length:] = float("nan"), float("nan")
+        scale = 0.7 / dim**0.5
+        out = ops.decode_attention(q, k, v, length, scale, isa=isa)
+        assert out.dtype == torch.float32 and out.shape == (heads, dim)
+        ref = attention_reference(q, k, v, length, scale)
+        torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-5, msg=f"{(heads, kv_heads, dim, length)}")
+        # bf16 queries: the same computation from the rounded q, the output rounded to bf16
+        qb = q.bfloat16()
+        outb = ops.decode_attention(qb, k, v, length, scale, isa=isa)
+        assert outb.dtype == torch.bfloat16
+        torch.testing.assert_close(outb.double(), attention_reference(qb, k, v, length, scale), atol=1e-2, rtol=1e-2)
+
+
+def test_decode_attention_default_scale_and_threads_agree(compiled_isas):
+    """The default scale is head_dim^-0.5; one thread and two give the same numbers."""
+    if not compiled_isas:
+        pytest.skip("no compiled kernels")
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(16, 64, generator=g)
+    k, v = torch.randn(4, 400, 64, generator=g), torch.randn(4, 400, 64, generator=g)
+    ref = attention_reference(q, k, v, 400, 64**-0.5)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(ops.decode_attention(q, k, v, 400).double(), ref, atol=2e-6, rtol=2e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "length", "match"),
+    [
+        (((8, 16), (3, 4, 16), (3, 4, 16)), 2, "multiple of kv_heads"),
+        (((8, 16), (2, 4, 16), (2, 4, 8)), 2, "one shape"),
+        (((8, 16), (2, 4, 32), (2, 4, 32)), 2, "one shape"),
+        (((8, 16), (2, 4, 16), (2, 4, 16)), 5, r"length must be in \[1, 4\]"),
+        (((8, 16), (2, 4, 16), (2, 4, 16)), 0, r"length must be in \[1, 4\]"),
+    ],
+)
+def test_decode_attention_rejects_bad_shapes(shapes, length, match):
+    q, k, v = (torch.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        ops.decode_attention(q, k, v, length)
+
+
+def test_decode_attention_rejects_other_dtypes():
+    q, k = torch.zeros(4, 8), torch.zeros(2, 3, 8)
+    with pytest.raises(TypeError, match="k must be a float32 or bfloat16"):
+        ops.decode_attention(q, k.half(), k.half(), 1)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        ops.decode_attention(q, k, k.bfloat16(), 1)

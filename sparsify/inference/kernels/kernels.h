@@ -67,17 +67,35 @@ struct Problem {
   const int32_t* x_lane_sum;
 };
 
+// Decode attention (attention.h): one token's queries against a KV cache of `length` positions.
+struct AttentionProblem {
+  int64_t heads, kv_heads, head_dim, length;
+  const float* q;       // [heads, head_dim]; query head i reads kv head i / (heads / kv_heads)
+  const void* k;        // [kv_heads, ·, head_dim] bf16 bits or fp32; kv head h starts at h · head_stride
+  const void* v;        // same layout as k
+  int64_t head_stride;  // elements between kv heads (the cache's capacity · head_dim)
+  bool bf16;            // k and v hold bf16 (else fp32)
+  float scale;          // applied to q · k before the softmax
+  float* out;           // [heads, head_dim]
+  int nthreads;
+};
+
 // int4: each 64-column mask word with p set bits owns ceil(p / 2) bytes of nibbles.
 inline int64_t int4_bytes(uint64_t m) { return (__builtin_popcountll(m) + 1) >> 1; }
 
-namespace generic { void run(Fmt fmt, const Problem& p); }
+namespace generic {
+void run(Fmt fmt, const Problem& p);
+void decode_attention(const AttentionProblem& a);
+}  // namespace generic
 namespace avx2 {
 void run(Fmt fmt, const Problem& p);
+void decode_attention(const AttentionProblem& a);
 // Whether a call with M rows of x takes the outer-product kernel (x as fp32, or int32 codes for W8A8).
 constexpr bool outer(int64_t M) { return M >= kOuterMin; }
 }  // namespace avx2
 namespace avx512 {
 void run(Fmt fmt, const Problem& p);
+void decode_attention(const AttentionProblem& a);
 // Vectorized activation encoders (same results as the scalar ones in sparse_gemv.cpp).
 void encode_bf16(const float* x, int64_t M, int64_t K, int64_t kp, uint16_t* out, bool split);
 bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, float* scale);

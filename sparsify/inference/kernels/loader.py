@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 NAME = "sparsellama_kernels"
 SOURCES = ("sparse_gemv.cpp", "sparse_gemv_avx2.cpp", "sparse_gemv_avx512.cpp")
-HEADERS = ("kernels.h", "generic.h", "outer.h")
+HEADERS = ("kernels.h", "generic.h", "outer.h", "attention.h")
 ISA_NAMES = ("generic", "avx2", "avx512")
 
 _HERE = Path(__file__).resolve().parent

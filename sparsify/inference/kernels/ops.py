@@ -1,4 +1,5 @@
-"""``sparse_linear(x, packed, bias)``: the kernel call with input checks and a pure-torch fallback.
+"""``sparse_linear(x, packed, bias)`` and ``decode_attention``: the kernel calls with input checks and
+pure-torch fallbacks.
 
 The fallback (no compiler, non-CPU-kernel platform, or autograd through x) computes the same
 function as the kernels: float formats in fp32 from the exact stored values; W8A8 and W4A8 with the
@@ -12,6 +13,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify.inference.kernels.format import PackedWeight, dequantize, unpack
@@ -102,13 +104,7 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *
     _check_input(x, packed)
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (packed.shape[0],)):
         raise ValueError(f"bias must be float32 [{packed.shape[0]}], got {bias.dtype} {tuple(bias.shape)}")
-    name = isa or kernel_isa()
-    if name != "torch":
-        if name not in ISA_NAMES:
-            raise ValueError(f"isa must be one of {ISA_NAMES + ('torch',)}, got {name!r}")
-        level, best = ISA_NAMES.index(name), kernel_isa()
-        if best == "torch" or level > ISA_NAMES.index(best):
-            raise ValueError(f"isa {name!r} is not available here (best: {best!r})")
+    name = _check_isa(isa)
     if name == "torch" or (x.requires_grad and torch.is_grad_enabled()):
         y = torch_sparse_linear(x.reshape(-1, packed.shape[1]), packed, bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
@@ -116,6 +112,56 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *
         return sparse_linear(x.float(), packed, bias, isa=name).half()
     # Fast path (decode calls this ~7 times per layer per token): the C++ side views x as [M, in].
     return call_extension(load_extension(), x if x.is_contiguous() else x.contiguous(), packed, bias, name)
+
+
+def _check_isa(isa: str | None) -> str:
+    """The path to run: ``isa`` if given and available here (ValueError if not), else the best one."""
+    name = isa or kernel_isa()
+    if name != "torch":
+        if name not in ISA_NAMES:
+            raise ValueError(f"isa must be one of {ISA_NAMES + ('torch',)}, got {name!r}")
+        best = kernel_isa()
+        if best == "torch" or ISA_NAMES.index(name) > ISA_NAMES.index(best):
+            raise ValueError(f"isa {name!r} is not available here (best: {best!r})")
+    return name
+
+
+def decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, length: int, scale: float | None = None, *, isa: str | None = None
+) -> Tensor:
+    """One token's attention: ``q [heads, head_dim]`` against cache positions ``[0, length)`` of
+    ``k, v [kv_heads, capacity, head_dim]`` (grouped-query: query head i reads kv head
+    ``i // (heads // kv_heads)``) → ``[heads, head_dim]`` in q's dtype. ``scale`` defaults to
+    ``head_dim ** -0.5``. The kernels accumulate in fp32; the torch path is SDPA on the same slots.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"{name} must be a float32 or bfloat16 CPU tensor")
+    if q.dim() != 2 or k.dim() != 3 or k.shape != v.shape or k.dtype != v.dtype or k.shape[2] != q.shape[1]:
+        raise ValueError(
+            f"expected q [heads, head_dim] and k, v [kv_heads, capacity, head_dim] of one shape and dtype, got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype}"
+        )
+    heads, head_dim = q.shape
+    kv_heads, capacity = k.shape[:2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if not 1 <= length <= capacity:
+        raise ValueError(f"length must be in [1, {capacity}], got {length}")
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    name = _check_isa(isa)
+    if name == "torch" or heads // kv_heads > 64:
+        out = F.scaled_dot_product_attention(
+            q[None, :, None].float(),
+            k[None, :, :length].float(),
+            v[None, :, :length].float(),
+            scale=scale,
+            enable_gqa=kv_heads != heads,
+        )
+        return out[0, :, 0].to(q.dtype)
+    return load_extension().decode_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), length, scale, ISA_NAMES.index(name)
+    )
 
 
 def call_extension(module, x: Tensor, packed: PackedWeight, bias: Tensor | None, isa: str) -> Tensor:

@@ -20,6 +20,7 @@
 namespace sparsellama {
 namespace generic {
 #include "generic.h"
+#include "attention.h"
 }  // namespace generic
 
 namespace {
@@ -308,6 +309,52 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   return (x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type())).view(out_shape);
 }
 
+// q [heads, D] (fp32 or bf16), k and v [kv_heads, capacity, D] (bf16 or fp32, the same): the
+// attention output [heads, D] in q's dtype over cache positions [0, length).
+torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v,
+                               int64_t length, double scale, int64_t isa) {
+  TORCH_CHECK(q_in.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "decode_attention: tensors must be on the CPU");
+  TORCH_CHECK(q_in.dim() == 2 && q_in.is_contiguous() &&
+                  (q_in.scalar_type() == torch::kFloat || q_in.scalar_type() == torch::kBFloat16),
+              "decode_attention: q must be a contiguous float32 or bfloat16 tensor [heads, head_dim]");
+  TORCH_CHECK(k.dim() == 3 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() &&
+                  k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == torch::kFloat || k.scalar_type() == torch::kBFloat16),
+              "decode_attention: k and v must be contiguous float32 or bfloat16 tensors of one shape "
+              "[kv_heads, capacity, head_dim]");
+  const int64_t heads = q_in.size(0), D = q_in.size(1), kv_heads = k.size(0), capacity = k.size(1);
+  TORCH_CHECK(k.size(2) == D, "decode_attention: head_dim of q (", D, ") and the cache (", k.size(2), ") differ");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= 64,
+              "decode_attention: heads (", heads, ") must be a multiple of kv_heads (", kv_heads, "), at most 64x");
+  TORCH_CHECK(length >= 1 && length <= capacity, "decode_attention: length must be in [1, ", capacity, "], got ",
+              length);
+  TORCH_CHECK(isa >= kGeneric && isa <= best_isa(), "decode_attention: isa ", isa, " is not supported by this CPU");
+  const torch::Tensor q = q_in.scalar_type() == torch::kFloat ? q_in : q_in.to(torch::kFloat);
+  auto out = torch::empty({heads, D}, torch::kFloat);
+  AttentionProblem a;
+  a.heads = heads;
+  a.kv_heads = kv_heads;
+  a.head_dim = D;
+  a.length = length;
+  a.q = q.data_ptr<float>();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.head_stride = capacity * D;
+  a.bf16 = k.scalar_type() == torch::kBFloat16;
+  a.scale = float(scale);
+  a.out = out.data_ptr<float>();
+  // A short cache is not worth waking a second thread for.
+  a.nthreads = kv_heads * length * D < (int64_t(1) << 16) ? 1 : at::get_num_threads();
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (isa == kAvx512) avx512::decode_attention(a);
+    else if (isa == kAvx2) avx2::decode_attention(a);
+    else generic::decode_attention(a);
+  }
+  return q_in.scalar_type() == torch::kFloat ? out : out.to(q_in.scalar_type());
+}
+
 }  // namespace
 }  // namespace sparsellama
 
@@ -317,6 +364,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "in x's dtype", pybind11::arg("x"), pybind11::arg("bitmask"), pybind11::arg("offsets"),
         pybind11::arg("values"), pybind11::arg("w_scale"), pybind11::arg("row_sum"), pybind11::arg("bias"),
         pybind11::arg("act_int8"), pybind11::arg("isa"), pybind11::arg("group_size") = 0);
+  m.def("decode_attention", &sparsellama::decode_attention, "one token's attention [heads, D] over a KV cache "
+        "[kv_heads, capacity, D], positions [0, length)", pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("length"), pybind11::arg("scale"), pybind11::arg("isa"));
   m.def("set_prefetch", &sparsellama::set_prefetch, "AVX-512 batch-1 software prefetch distance in bytes (tuning)");
   m.def("set_outer_from", &sparsellama::set_outer_from, "AVX2: batches from this many rows take the "
         "outer-product kernel (0: built-in choice; benchmarking only)");

@@ -32,6 +32,7 @@
 // bound by issuing instructions, half of them the scalar work of finding each pair's table rows.
 #include <omp.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -465,6 +466,8 @@ void run(Fmt fmt, const Problem& p) {
   }
 }
 
+#include "attention.h"
+
 }  // namespace avx2
 }  // namespace sparsellama
 #pragma GCC pop_options
@@ -473,6 +476,7 @@ void run(Fmt fmt, const Problem& p) {
 namespace sparsellama {
 namespace avx2 {
 void run(Fmt, const Problem&) {}
+void decode_attention(const AttentionProblem&) {}
 }  // namespace avx2
 }  // namespace sparsellama
 #endif

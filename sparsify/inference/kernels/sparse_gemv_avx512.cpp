@@ -25,6 +25,7 @@
 
 #include <omp.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -681,6 +682,8 @@ void run(Fmt fmt, const Problem& p) {
   std::free(xsum);
 }
 
+#include "attention.h"
+
 }  // namespace avx512
 }  // namespace sparsellama
 
@@ -692,6 +695,7 @@ void run(Fmt fmt, const Problem& p) {
 namespace sparsellama {
 namespace avx512 {
 void run(Fmt, const Problem&) {}
+void decode_attention(const AttentionProblem&) {}
 void encode_bf16(const float*, int64_t, int64_t, int64_t, uint16_t*, bool) {}
 bool quantize_u8(const float*, int64_t, int64_t, int64_t, uint8_t*, float*) { return false; }
 }  // namespace avx512

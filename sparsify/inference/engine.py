@@ -5,8 +5,9 @@
 step). All sequences' new tokens go through every decoder Linear together — one call with
 ``M = total new tokens`` rows, which the sparse kernels (and dense GEMMs) process while streaming
 each weight once — so a decode step costs about one weight read however many sequences share it
-(batch-1 decode is memory-bound). Attention is per sequence, against its own cache, with torch's
-SDPA (grouped-query heads without copying K/V). Rotary cos/sin come from the model's own rotary
+(batch-1 decode is memory-bound). Attention is per sequence, against its own cache (grouped-query
+heads without copying K/V): a decoding sequence's one new token through ``decode_attention`` (the
+kernels' attention.h), prompt chunks through torch's SDPA. Rotary cos/sin come from the model's own rotary
 module, so every rope scaling it knows (``llama3``, ``linear``, ``dynamic``...) stays right. The
 modules are the model's own (SparseLinear or nn.Linear, RMSNorm, MLP): no weight is copied.
 
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from sparsify.errors import ModelLoadError, UserInputError
 from sparsify.inference.generation import SamplingParams, TextStream, make_generator, next_token
+from sparsify.inference.kernels.ops import decode_attention
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +118,10 @@ class BatchedLlama:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.dtype = self.embed.weight.dtype
+        self.scale = self.head_dim**-0.5
+        # One new token attends through decode_attention (fp32 accumulation over a bf16 or fp32 cache;
+        # torch's SDPA reads a bf16 cache 4-10x slower at q_len = 1); fp16 caches stay with SDPA.
+        self.decode_kernel = self.dtype in (torch.bfloat16, torch.float32)
         self.max_positions = int(cfg.max_position_embeddings)
         if getattr(cfg, "sliding_window", None):
             raise ModelLoadError("sliding-window attention is not supported by the engine")
@@ -160,17 +166,19 @@ class BatchedLlama:
                 past, end = cache.length, start + n
                 cache.k[i][:, past : past + n] = k[start:end].transpose(0, 1)
                 cache.v[i][:, past : past + n] = v[start:end].transpose(0, 1)
-                keys, values = cache.k[i][None, :, : past + n], cache.v[i][None, :, : past + n]
-                # Query j (position past + j) sees keys 0 .. past + j; one new token sees everything.
-                mask = torch.ones(n, past + n, dtype=torch.bool).tril(past) if n > 1 else None
-                o = F.scaled_dot_product_attention(
-                    q[None, start:end].transpose(1, 2),
-                    keys,
-                    values,
-                    attn_mask=mask,
-                    enable_gqa=self.n_kv != self.n_heads,
-                )
-                outs.append(o[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
+                if n == 1 and self.decode_kernel:  # a decoding sequence: memory-bound, our kernel
+                    o = decode_attention(q[start], cache.k[i], cache.v[i], past + 1, self.scale)
+                else:  # query j (position past + j) sees keys 0 .. past + j
+                    mask = torch.ones(n, past + n, dtype=torch.bool).tril(past) if n > 1 else None
+                    o = F.scaled_dot_product_attention(
+                        q[None, start:end].transpose(1, 2),
+                        cache.k[i][None, :, : past + n],
+                        cache.v[i][None, :, : past + n],
+                        attn_mask=mask,
+                        scale=self.scale,
+                        enable_gqa=self.n_kv != self.n_heads,
+                    )[0].transpose(0, 1)
+                outs.append(o.reshape(n, self.n_heads * self.head_dim))
                 start = end
             x = x + attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
             x = x + layer.mlp(layer.post_attention_layernorm(x))

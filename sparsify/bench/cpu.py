@@ -461,8 +461,10 @@ def build_decode_model(
     vocab: int = 32000,
     sparsity: float = 0.7,
     seed: int = 0,
+    kv_heads: int | None = None,
 ) -> nn.Module:
-    """A random fp32 Llama with Llama-2-7B shapes and ``layers`` decoder layers, decoder Linears pruned per row."""
+    """A random fp32 Llama with Llama-2-7B shapes and ``layers`` decoder layers, decoder Linears pruned per row
+    (``kv_heads`` < ``heads``: grouped-query attention, as Llama 3)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -472,7 +474,7 @@ def build_decode_model(
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=4096,
     )
     model = LlamaForCausalLM(config).eval()

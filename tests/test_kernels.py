@@ -548,6 +548,19 @@ def test_decode_attention_matches_float64_reference(compiled_isas, isa, cache_dt
         torch.testing.assert_close(outb.double(), attention_reference(qb, k, v, length, scale), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("isa", ["torch", *ISA_NAMES])
+def test_decode_attention_nan_query_gives_nan_head(compiled_isas, isa):
+    """A non-finite query makes its own head's output nan, never a made-up number (torch's CPU SDPA
+    returns finite numbers here, so the torch path writes the softmax out)."""
+    if isa != "torch" and isa not in compiled_isas:
+        pytest.skip(f"{isa} kernels not available here")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(4, 16, generator=g), torch.randn(2, 9, 16, generator=g), torch.randn(2, 9, 16, generator=g)
+    q[1, 3] = float("nan")
+    out = ops.decode_attention(q, k, v, 9, isa=isa)
+    assert out[1].isnan().all() and out[[0, 2, 3]].isfinite().all()
+
+
 def test_decode_attention_default_scale_and_threads_agree(compiled_isas):
     """The default scale is head_dim^-0.5; one thread and two give the same numbers."""
     if not compiled_isas:

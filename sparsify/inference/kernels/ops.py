@@ -13,7 +13,6 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify.inference.kernels.format import PackedWeight, dequantize, unpack
@@ -132,7 +131,7 @@ def decode_attention(
     """One token's attention: ``q [heads, head_dim]`` against cache positions ``[0, length)`` of
     ``k, v [kv_heads, capacity, head_dim]`` (grouped-query: query head i reads kv head
     ``i // (heads // kv_heads)``) → ``[heads, head_dim]`` in q's dtype. ``scale`` defaults to
-    ``head_dim ** -0.5``. The kernels accumulate in fp32; the torch path is SDPA on the same slots.
+    ``head_dim ** -0.5``. fp32 arithmetic on every path; a nan query gives its head a nan output.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
@@ -151,14 +150,11 @@ def decode_attention(
     scale = head_dim**-0.5 if scale is None else float(scale)
     name = _check_isa(isa)
     if name == "torch" or heads // kv_heads > 64:
-        out = F.scaled_dot_product_attention(
-            q[None, :, None].float(),
-            k[None, :, :length].float(),
-            v[None, :, :length].float(),
-            scale=scale,
-            enable_gqa=kv_heads != heads,
-        )
-        return out[0, :, 0].to(q.dtype)
+        # Written out rather than SDPA, which returns finite numbers for a nan query on the CPU.
+        group = heads // kv_heads
+        keys, values = (t[:, :length].float().repeat_interleave(group, 0) for t in (k, v))
+        p = (torch.einsum("hd,hld->hl", q.float(), keys) * scale).softmax(-1)
+        return torch.einsum("hl,hld->hd", p, values).to(q.dtype)
     return load_extension().decode_attention(
         q.contiguous(), k.contiguous(), v.contiguous(), length, scale, ISA_NAMES.index(name)
     )

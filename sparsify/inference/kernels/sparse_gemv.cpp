@@ -20,6 +20,7 @@
 namespace sparsellama {
 namespace generic {
 #include "generic.h"
+constexpr int kLanes = 4;  // floats per vector, for attention.h
 #include "attention.h"
 }  // namespace generic
 

@@ -32,7 +32,6 @@
 // bound by issuing instructions, half of them the scalar work of finding each pair's table rows.
 #include <omp.h>
 
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -466,6 +465,7 @@ void run(Fmt fmt, const Problem& p) {
   }
 }
 
+constexpr int kLanes = 8;  // floats per vector, for attention.h
 #include "attention.h"
 
 }  // namespace avx2

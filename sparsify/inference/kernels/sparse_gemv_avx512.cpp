@@ -25,7 +25,6 @@
 
 #include <omp.h>
 
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -682,6 +681,7 @@ void run(Fmt fmt, const Problem& p) {
   std::free(xsum);
 }
 
+constexpr int kLanes = 16;  // floats per vector, for attention.h
 #include "attention.h"
 
 }  // namespace avx512

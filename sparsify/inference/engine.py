@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from sparsify.errors import ModelLoadError, UserInputError
 from sparsify.inference.generation import SamplingParams, TextStream, make_generator, next_token
-from sparsify.inference.kernels.ops import decode_attention
+from sparsify.inference.kernels.ops import decode_attention, kernel_isa
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +119,10 @@ class BatchedLlama:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.dtype = self.embed.weight.dtype
         self.scale = self.head_dim**-0.5
-        # One new token attends through decode_attention (fp32 accumulation over a bf16 or fp32 cache;
-        # torch's SDPA reads a bf16 cache 4-10x slower at q_len = 1); fp16 caches stay with SDPA.
-        self.decode_kernel = self.dtype in (torch.bfloat16, torch.float32)
+        # One new token attends through the decode_attention kernel (fp32 accumulation over a bf16 or
+        # fp32 cache; torch's SDPA reads a bf16 cache 4-12x slower at q_len = 1). fp16 caches, and
+        # machines without the compiled kernels, stay with SDPA.
+        self.decode_kernel = self.dtype in (torch.bfloat16, torch.float32) and kernel_isa() != "torch"
         self.max_positions = int(cfg.max_position_embeddings)
         if getattr(cfg, "sliding_window", None):
             raise ModelLoadError("sliding-window attention is not supported by the engine")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sparsify.inference import runtime
 from sparsify.inference.kernels import dequantize, load_extension, pack
 from sparsify.inference.runtime import SparseLinear, sparsify_model
 from sparsify.quant.quantization import QuantScheme, fake_quantize_per_token
@@ -81,6 +82,38 @@ def test_fp32_sparse_model_matches_dense_logits():
     assert b.dtype == torch.float32
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     assert torch.equal(greedy(sparse), greedy(dense))
+
+
+@torch.no_grad()
+def test_decode_steps_attend_through_the_kernel(monkeypatch):
+    """After sparsify_model, transformers' decode steps with nothing masked run decode_attention (prefill
+    and padded batches run SDPA), and generate gives SDPA's tokens and per-step logits."""
+    if load_extension() is None:
+        pytest.skip("no compiled kernels")
+    sparse = tiny_llama()
+    sparsify_model(sparse, dtype=torch.float32)
+    assert sparse.config._attn_implementation == runtime.DECODE_ATTENTION
+    reference = copy.deepcopy(sparse)
+    reference.set_attn_implementation("sdpa")
+    calls = []
+    real = runtime.decode_attention
+    monkeypatch.setattr(runtime, "decode_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    kwargs |= {"output_logits": True, "return_dict_in_generate": True}
+    out, ref = sparse.generate(PROMPTS, **kwargs), reference.generate(PROMPTS, **kwargs)
+    assert len(calls) == 5 * 2 * 2  # decode steps (the prefill gives the first token) × layers × sequences
+    assert all(shape == (4, 16) for shape in calls)  # one sequence's query heads at a time
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    padded = PROMPTS.clone()
+    padded[0, :2] = 0
+    mask = (torch.arange(PROMPTS.shape[1]) >= 2).long().expand(2, -1) | torch.tensor([[0], [1]])
+    out = sparse.generate(padded, attention_mask=mask, **kwargs)
+    ref = reference.generate(padded, attention_mask=mask, **kwargs)
+    assert not calls  # a padding mask: SDPA
+    assert torch.equal(out.sequences, ref.sequences)
 
 
 class FakeQuantInput:

@@ -2,7 +2,8 @@
 
 ``sparsify_model(model)`` swaps every decoder-layer ``nn.Linear`` whose weight is sparse enough
 for a :class:`SparseLinear` holding the compressed weight (:mod:`sparsify.inference.kernels.format`), so
-``model(...)`` and ``model.generate(...)`` run on the kernels. Embeddings stay as they are;
+``model(...)`` and ``model.generate(...)`` run on the kernels; so does the decode steps' attention
+(:func:`use_decode_attention`). Embeddings stay as they are;
 ``lm_head`` stays dense and unquantized (the paper prunes neither) unless ``lm_head=True`` with
 INT8, which stores it as dense per-channel INT8 on the same kernel: at batch 1 it is the
 largest single matrix (32000x4096 in Llama-2-7B), so on a 2-layer benchmark model it dominates
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from sparsify.errors import UserInputError
 from sparsify.inference.kernels import PackedWeight, dequantize, kernel_isa, pack, sparse_linear
+from sparsify.inference.kernels.ops import decode_attention
 from sparsify.sparsity.masks import find_decoder_layers, matches_any
 
 logger = logging.getLogger(__name__)
@@ -225,8 +227,65 @@ def sparsify_model(
             SparseLinear.from_linear(head, mask=torch.ones_like(weight, dtype=torch.bool), int8=head_mode)
         )
         replaced[name] = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
-    logger.info("sparsify_model: %d Linear layers on the sparse kernels (%s)", len(replaced), kernel_isa())
+    attention = use_decode_attention(model)
+    logger.info(
+        "sparsify_model: %d Linear layers on the sparse kernels (%s)%s",
+        len(replaced),
+        kernel_isa(),
+        "; decode attention on the kernel" if attention else "",
+    )
     return replaced
+
+
+DECODE_ATTENTION = "sparsellama_decode"  # the transformers attention implementation use_decode_attention sets
+
+
+def _attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """A transformers attention function: one new token with nothing masked (batch decode without
+    padding) goes through the decode_attention kernel, sequence by sequence; everything else
+    (prefill, padding or sliding-window masks, dropout, softcapping) through transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    decode = (
+        query.shape[2] == 1
+        and attention_mask is None
+        and not dropout
+        and kwargs.get("softcap") is None
+        and query.device.type == "cpu"
+        and key.dtype in (torch.bfloat16, torch.float32)
+        and not (torch.is_grad_enabled() and query.requires_grad)
+    )
+    if not decode:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    length = key.shape[2]
+    out = torch.stack([decode_attention(query[b, :, 0], key[b], value[b], length, scaling) for b in range(len(query))])
+    return out[:, None], None  # [batch, 1 token, heads, head_dim], as sdpa_attention_forward returns
+
+
+def use_decode_attention(model: nn.Module) -> bool:
+    """Route ``model``'s decode-step attention (transformers' forward, ``model.generate``) through the
+    decode_attention kernel: torch's CPU SDPA reads a bf16 KV cache 4-12x slower when the query is
+    one token (docs/results.md). Needs the compiled kernels and a transformers model whose attention
+    dispatches by ``config._attn_implementation``; returns whether it was set."""
+    if kernel_isa() == "torch" or not hasattr(model, "set_attn_implementation"):
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(DECODE_ATTENTION, _attention_forward)
+    # The masks SDPA gets: None wherever nothing is masked, which is when the kernel may run.
+    AttentionMaskInterface.register(DECODE_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(DECODE_ATTENTION)
+    return True
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

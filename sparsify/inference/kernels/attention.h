@@ -75,7 +75,9 @@ inline Lanes load_lanes(const float* p) {
   return v;
 }
 
-// Lane i of the result: lane 2⌊i/2⌋ + (i mod 2) · kLanes + `odd` of (a, b) — pairs of a and b interleaved.
+// Shuffle mask of fold<kStep> over (a, b) as one vector of 2·kLanes: result lanes come in groups of
+// 2·kStep, the first kStep from a, the next kStep from b; lane k of a group takes the first (odd = 0)
+// or second (odd = 1) of two source lanes kStep apart, which fold adds.
 template <int kStep>
 constexpr LaneIdx pair_mask(int odd) {
   LaneIdx m = {};
@@ -86,7 +88,7 @@ constexpr LaneIdx pair_mask(int odd) {
   return m;
 }
 
-// Sum adjacent blocks of kStep lanes of a and of b: lanes [a block sums, b block sums] interleaved.
+// Pairwise sums of lanes kStep apart, a's and b's interleaved in groups of kStep lanes.
 template <int kStep>
 inline Lanes fold(Lanes a, Lanes b) {
   return __builtin_shuffle(a, b, pair_mask<kStep>(0)) + __builtin_shuffle(a, b, pair_mask<kStep>(1));

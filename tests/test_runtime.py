@@ -116,6 +116,13 @@ def test_decode_steps_attend_through_the_kernel(monkeypatch):
     assert torch.equal(out.sequences, ref.sequences)
 
 
+def test_a_model_without_transformers_attention_dispatch_keeps_its_attention(monkeypatch):
+    model = tiny_llama()
+    monkeypatch.setattr(type(model), "_supports_attention_backend", False)
+    assert not runtime.use_decode_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
 class FakeQuantInput:
     """Forward pre-hook: the per-token activation grid of W8A8 (sparsify.quant.quantization's)."""
 

@@ -275,8 +275,9 @@ def use_decode_attention(model: nn.Module) -> bool:
     """Route ``model``'s decode-step attention (transformers' forward, ``model.generate``) through the
     decode_attention kernel: torch's CPU SDPA reads a bf16 KV cache 4-12x slower when the query is
     one token (docs/results.md). Needs the compiled kernels and a transformers model whose attention
-    dispatches by ``config._attn_implementation``; returns whether it was set."""
-    if kernel_isa() == "torch" or not hasattr(model, "set_attn_implementation"):
+    dispatches through transformers' AttentionInterface (``_supports_attention_backend``: the Llama
+    family does); any other model keeps its attention. Returns whether it was set."""
+    if kernel_isa() == "torch" or not getattr(model, "_supports_attention_backend", False):
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface

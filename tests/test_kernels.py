@@ -511,8 +511,16 @@ def test_int4_rejects_codes_off_the_grid_and_corrupt_tensors(compiled_isas):
 # --------------------------------------------------------------------------- decode attention
 
 # (heads, kv_heads, head_dim, length, capacity): one key; lengths off the 4-key blocks; head_dim off
-# every vector width; grouped-query (2x, 4x); and one big enough for two threads (kv·length·dim ≥ 2^16).
-ATTENTION_CASES = [(4, 4, 24, 1, 3), (8, 2, 72, 33, 40), (6, 3, 16, 7, 7), (8, 8, 128, 5, 64), (32, 8, 32, 300, 301)]
+# every vector width; grouped-query (2x, 4x, and 72 query heads on one kv head); and one big enough
+# for two threads (kv·length·dim ≥ 2^16).
+ATTENTION_CASES = [
+    (4, 4, 24, 1, 3),
+    (8, 2, 72, 33, 40),
+    (6, 3, 16, 7, 7),
+    (8, 8, 128, 5, 64),
+    (72, 1, 16, 9, 10),
+    (32, 8, 32, 300, 301),
+]
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scale: float) -> torch.Tensor:

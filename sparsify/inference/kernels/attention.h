@@ -7,8 +7,8 @@
 // 70% INT8 decoder Linears. Here each cached row is read once, for every query head of its group
 // (grouped-query attention shares the row, no copy), in three passes per kv head:
 //   scores s[g][j] = scale · q_g · k_j    (kKeyBlock keys at a time: independent dot-product chains)
-//   p[g][j] = exp(s − max_j s), Σ_j p     (fp32, a vectorizable exp)
-//   out_g = Σ_j p[g][j] · v_j / Σ_j p     (fp32 accumulators, kKeyBlock value rows per update)
+//   p[g][j] = exp(s − max_j s) / Σ_j exp  (fp32, a vectorizable exp)
+//   out_g = Σ_j p[g][j] · v_j             (summed in out, kKeyBlock value rows per update)
 // bf16 rows are widened exactly (bf16 is the top half of an fp32); everything accumulates in fp32.
 // One source serves every ISA: loops written for the auto-vectorizer, and GCC vector types of kLanes
 // floats for the dot products. This header is included inside namespaces generic, avx2 and avx512,
@@ -115,9 +115,9 @@ inline void dot4(const float* q, const float* const* k, int64_t D, float out[4])
 }
 
 // Kv head h: the G = heads / kv_heads query heads h·G .. h·G + G − 1. Scratch: s (G · L floats),
-// rows (kKeyBlock · D), acc (G · D).
+// rows (kKeyBlock · D).
 template <class E>
-void attend_kv_head(const AttentionProblem& a, int64_t h, float* s, float* rows, float* acc) {
+void attend_kv_head(const AttentionProblem& a, int64_t h, float* s, float* rows) {
   const int64_t D = a.head_dim, L = a.length, G = a.heads / a.kv_heads;
   const E* K = static_cast<const E*>(a.k) + h * a.head_stride;
   const E* V = static_cast<const E*>(a.v) + h * a.head_stride;
@@ -135,7 +135,6 @@ void attend_kv_head(const AttentionProblem& a, int64_t h, float* s, float* rows,
       for (int b = 0; b < kKeyBlock && j0 + b < L; ++b) s[g * L + j0 + b] = dots[b] * a.scale;
     }
   }
-  float inv[64];  // 1 / Σ p per query head of the group (G ≤ 64, checked by the binding)
   for (int64_t g = 0; g < G; ++g) {
     float* sg = s + g * L;
     float m = sg[0];
@@ -147,10 +146,13 @@ void attend_kv_head(const AttentionProblem& a, int64_t h, float* s, float* rows,
       sg[j] = exp_nonpositive(sg[j] - m);
       sum += sg[j];
     }
-    inv[g] = 1.f / sum;
+    const float inv = 1.f / sum;  // normalized here, so the value pass sums straight into out
+#pragma omp simd
+    for (int64_t j = 0; j < L; ++j) sg[j] *= inv;
   }
   // kKeyBlock value rows per update of the accumulators: one load and store of acc per block, not
   // per key (per key, the store-to-load chain through acc measured ~40% of the kernel's time).
+  float* acc = a.out + h * G * D;  // the group's G output rows
   std::memset(acc, 0, sizeof(float) * G * D);
   for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
     const float* vr[kKeyBlock];
@@ -167,11 +169,6 @@ void attend_kv_head(const AttentionProblem& a, int64_t h, float* s, float* rows,
       for (int64_t d = 0; d < D; ++d) ag[d] += p[0] * vr[0][d] + p[1] * vr[1][d] + p[2] * vr[2][d] + p[3] * vr[3][d];
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* o = a.out + (h * G + g) * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv[g];
-  }
 }
 
 }  // namespace
@@ -181,12 +178,12 @@ void decode_attention(const AttentionProblem& a) {
   const int64_t G = a.heads / a.kv_heads;
 #pragma omp parallel num_threads(a.nthreads)
   {
-    float* scratch = static_cast<float*>(std::malloc(sizeof(float) * (G * a.length + (kKeyBlock + G) * a.head_dim)));
+    float* scratch = static_cast<float*>(std::malloc(sizeof(float) * (G * a.length + kKeyBlock * a.head_dim)));
     float* rows = scratch + G * a.length;
 #pragma omp for schedule(static)
     for (int64_t h = 0; h < a.kv_heads; ++h) {
-      if (a.bf16) attend_kv_head<uint16_t>(a, h, scratch, rows, rows + kKeyBlock * a.head_dim);
-      else attend_kv_head<float>(a, h, scratch, rows, rows + kKeyBlock * a.head_dim);
+      if (a.bf16) attend_kv_head<uint16_t>(a, h, scratch, rows);
+      else attend_kv_head<float>(a, h, scratch, rows);
     }
     std::free(scratch);
   }

@@ -149,7 +149,7 @@ def decode_attention(
         raise ValueError(f"length must be in [1, {capacity}], got {length}")
     scale = head_dim**-0.5 if scale is None else float(scale)
     name = _check_isa(isa)
-    if name == "torch" or heads // kv_heads > 64:
+    if name == "torch":
         # Written out rather than SDPA, which returns finite numbers for a nan query on the CPU.
         group = heads // kv_heads
         keys, values = (t[:, :length].float().repeat_interleave(group, 0) for t in (k, v))

@@ -326,8 +326,8 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
               "[kv_heads, capacity, head_dim]");
   const int64_t heads = q_in.size(0), D = q_in.size(1), kv_heads = k.size(0), capacity = k.size(1);
   TORCH_CHECK(k.size(2) == D, "decode_attention: head_dim of q (", D, ") and the cache (", k.size(2), ") differ");
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= 64,
-              "decode_attention: heads (", heads, ") must be a multiple of kv_heads (", kv_heads, "), at most 64x");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0,
+              "decode_attention: heads (", heads, ") must be a multiple of kv_heads (", kv_heads, ")");
   TORCH_CHECK(length >= 1 && length <= capacity, "decode_attention: length must be in [1, ", capacity, "], got ",
               length);
   TORCH_CHECK(isa >= kGeneric && isa <= best_isa(), "decode_attention: isa ", isa, " is not supported by this CPU");

@@ -40,25 +40,20 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sparsify.bench.cpu import ROTATE_BYTES, _stream_buffer, build_decode_model, machine_info, median_se  # noqa: E402
+from sparsify.bench.cpu import (  # noqa: E402
+    ROTATE_BYTES,
+    _stream_buffer,
+    _timeit,
+    build_decode_model,
+    machine_info,
+    median_se,
+)
 from sparsify.inference.engine import BatchedLlama  # noqa: E402
 from sparsify.inference.kernels.loader import ISA_NAMES  # noqa: E402
 from sparsify.inference.kernels.ops import decode_attention, kernel_isa  # noqa: E402
 from sparsify.inference.runtime import sparsify_model  # noqa: E402
 
 logger = logging.getLogger("decode_attention")
-
-
-def _sample(fn: Callable[[], object], target_s: float) -> float:
-    """Seconds per call, averaged over enough calls to last ~``target_s``."""
-    t0 = time.perf_counter()
-    fn()
-    once = time.perf_counter() - t0
-    inner = max(1, int(target_s / max(once, 1e-6)))
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner
 
 
 def _summary(samples: Sequence[float]) -> dict:
@@ -116,12 +111,14 @@ def kernel_rows(
                 raise AssertionError(f"{name} at length {length}: max |error| {err:.3g} against float64")
             errors[name] = err
         calls = {name: _rotating(fn, copies) for name, fn in variants.items()}
+        # Calls per sample: enough to last ~target_s, fixed per variant (as run_layer_benchmark does).
+        inner = {name: max(1, int(target_s / max(_timeit(fn, 1), 1e-6))) for name, fn in calls.items()}
         samples: dict[str, list[float]] = {name: [] for name in variants}
         stream_gbps = []
         for rep in range(repeats):
-            stream_gbps.append(stream.numel() * 4 / _sample(stream.sum, 0.0) / 1e9)
+            stream_gbps.append(stream.numel() * 4 / _timeit(stream.sum, 1) / 1e9)
             for name in variants if rep % 2 else reversed(list(variants)):
-                samples[name].append(_sample(calls[name], target_s))
+                samples[name].append(_timeit(calls[name], inner[name]))
         block_stream = statistics.median(stream_gbps)
         base = statistics.median(samples["torch_sdpa"])
         for name in variants:

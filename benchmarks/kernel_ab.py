@@ -3,6 +3,7 @@
     python benchmarks/kernel_ab.py OUT_DIR --baseline REV [--isa avx2] [--threads 2]
                                    [--formats int8 int4 bf16 w8a16] [--sparsities 0.7]
                                    [--batches 1 2 4] [--shape 11008x4096] [--repeats 15]
+                                   [--tree-outer-from M]
 
 A kernel change is judged against the code it replaces, on the same machine, in the same minutes:
 this machine's speed drifts by tens of percent between runs. The baseline's kernel sources
@@ -13,6 +14,11 @@ both results are checked against each other first (a fast wrong kernel is not a 
 two builds alternate call by call, order swapped every repeat, each call reading a different copy of
 the weight (copies totalling more than the L3, as decode streams its weights from DRAM). Reported:
 medians, their standard errors, and the ratio baseline / working tree (> 1: the change is faster).
+
+``--tree-outer-from M`` makes the working tree's build send every batch of at least M rows of x to
+the outer-product kernel (outer.h) whatever the format and ISA (the binding's benchmark override),
+while the baseline keeps its built-in choice: with ``--baseline HEAD`` that measures where the
+outer-product kernel overtakes the expanding one.
 
 Writes ``OUT_DIR/kernel_ab.json`` with the machine record (CPU model, ISA, caps). Run it alone.
 """
@@ -101,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--shape", default="11008x4096", help="OUTxIN")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--tree-outer-from", type=int, default=0, help="the working tree's build: batches from M rows take outer.h"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -119,20 +128,24 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     dense = torch.randn(out, inn) / inn**0.5
     rows = []
-    for sparsity in args.sparsities:
-        weight = prune_rows(dense, sparsity) if sparsity else dense
-        for fmt in args.formats:
-            first = pack(weight, **FORMATS[fmt])
-            copies = max(2, -(-ROTATE_BYTES // first.nbytes))
-            packed = [first] + [pack(weight, **FORMATS[fmt]) for _ in range(copies - 1)]
-            for batch in args.batches:
-                row = {"format": fmt, "sparsity": sparsity, "batch": batch}
-                row |= compare(modules, packed, torch.randn(batch, inn), isa_name, args.repeats)
-                logger.info(
-                    "%-6s %3.0f%% b=%-3d baseline %7.3f ms  tree %7.3f ms  x%.2f",
-                    fmt, 100 * sparsity, batch, row["baseline_ms"], row["tree_ms"], row["speedup"],
-                )  # fmt: skip
-                rows.append(row)
+    current.set_outer_from(args.tree_outer_from)
+    try:
+        for sparsity in args.sparsities:
+            weight = prune_rows(dense, sparsity) if sparsity else dense
+            for fmt in args.formats:
+                first = pack(weight, **FORMATS[fmt])
+                copies = max(2, -(-ROTATE_BYTES // first.nbytes))
+                packed = [first] + [pack(weight, **FORMATS[fmt]) for _ in range(copies - 1)]
+                for batch in args.batches:
+                    row = {"format": fmt, "sparsity": sparsity, "batch": batch}
+                    row |= compare(modules, packed, torch.randn(batch, inn), isa_name, args.repeats)
+                    logger.info(
+                        "%-6s %3.0f%% b=%-3d baseline %7.3f ms  tree %7.3f ms  x%.2f",
+                        fmt, 100 * sparsity, batch, row["baseline_ms"], row["tree_ms"], row["speedup"],
+                    )  # fmt: skip
+                    rows.append(row)
+    finally:
+        current.set_outer_from(0)  # the module is shared by the whole process
     sha = subprocess.run(["git", "rev-parse", args.baseline], cwd=REPO, check=True, capture_output=True, text=True)
     result = {
         "machine": machine_info(),
@@ -143,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
             ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip(),
         "repeats": args.repeats,
+        "tree_outer_from": args.tree_outer_from,
         "rows": rows,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)

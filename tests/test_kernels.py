@@ -29,7 +29,8 @@ from sparsify.quant.quantization import fake_quantize_per_token
 SHAPES = [(37, 100), (100, 129), (129, 37), (64, 128), (3, 1)]  # (out, in): odd sizes hit every tail
 SPARSITIES = [0.0, 0.5, 0.7, 0.95, 1.0]
 # Every batch 1..17 (each kernel's token blocking and its remainders: AVX-512 in-register ≤ 4 then
-# scratch rows; AVX2 expanded ≤ 7 then 16-row outer-product passes) and one large batch.
+# scratch rows, W4A16 outer products from 12; AVX2 expanded ≤ 7 then 16-row outer-product passes)
+# and one large batch.
 BATCHES = [*range(1, 18), 64]
 
 
@@ -264,6 +265,46 @@ def test_fallback_equals_compiled(compiled_isas, fmt):
         scale = x.abs() @ dequantize(p).abs().T + bias.abs()
         for isa in compiled_isas:
             assert_close(sparse_linear(x, p, bias, isa=isa), fallback, scale, 3e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dtype": torch.bfloat16},
+        {"dtype": torch.float32},
+        {"dtype": torch.int8},
+        {"dtype": torch.int8, "act_int8": False},
+        {"dtype": torch.int4, "group_size": 64},
+        {"dtype": torch.int4, "act_int8": False, "group_size": 64},
+    ],
+    ids=["bf16", "fp32", "w8a8", "w8a16", "w4a8", "w4a16"],
+)
+def test_outer_product_override_gives_the_same_results(compiled_isas, kwargs):
+    """benchmarks/kernel_ab.py --tree-outer-from sends every format through outer.h on AVX2 and AVX-512,
+    also where the built-in choice never does (AVX-512 outside W4A16, batches below kOuterMin): those
+    calls must still compute the layer (exactly, for the integer-activation formats)."""
+    vector_isas = [isa for isa in compiled_isas if isa != "generic"]
+    if not vector_isas:
+        pytest.skip("no vector kernels on this CPU")
+    ext = load_extension()
+    w = sparse_weight(70, 192, 0.7)
+    p = pack(w, **kwargs)
+    bias = torch.randn(70)
+    xs = [torch.randn(batch, 192) for batch in (1, 3, 16, 21)]
+    expected = {isa: [sparse_linear(x, p, bias, isa=isa) for x in xs] for isa in vector_isas}
+    ext.set_outer_from(1)
+    try:
+        got = {isa: [sparse_linear(x, p, bias, isa=isa) for x in xs] for isa in vector_isas}
+    finally:
+        ext.set_outer_from(0)
+    exact = kwargs.get("act_int8", True) and kwargs["dtype"] in (torch.int8, torch.int4)
+    for isa in vector_isas:
+        for x, e, g in zip(xs, expected[isa], got[isa], strict=True):
+            if exact:  # the same integer sums, met by the same fp32 scales
+                torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-5, msg=f"{isa} batch {len(x)}")
+            else:
+                scale = x.abs() @ dequantize(p).abs().T + bias.abs()
+                assert_close(g, torch_sparse_linear(x, p, bias), scale, 3e-5)
 
 
 @pytest.mark.parametrize("threads", [2, 3])

@@ -37,8 +37,8 @@ constexpr int kDirectMax = 4;
 // kernels (32 columns per expansion) hold out longer but still lose at 8 rows, whose codes and
 // magnitudes (8 · 2 · K bytes) no longer fit L1: W8A8 5.6 ms expanding against 8.1 outer at M = 6,
 // 10.3 against 7.6 at M = 8 (2026-12-01, Zen 4, AVX2 path).
-// On AVX-512 the expanding kernels won at every M up to 16 (VPEXPAND does 16-64 columns at once),
-// so they never take it.
+// On AVX-512 the expanding kernels win at every M up to 16 (VPEXPAND does 16-64 columns at once),
+// except W4A16's (avx512::outer).
 constexpr int kOuterMin = 8;
 
 // One call, described with raw pointers. All x rows are zero-padded to 64 * words columns, so
@@ -97,6 +97,14 @@ namespace avx512 {
 void run(Fmt fmt, const Problem& p);
 void decode_attention(const AttentionProblem& a);
 // Vectorized activation encoders (same results as the scalar ones in sparse_gemv.cpp).
+// Whether a call with M rows of x in format f takes the outer-product kernel (outer.h): only W4A16,
+// whose expanding kernel unpacks and expands every word again for each kDirectMax rows of x, from
+// three such passes on. Measured on Zen 4, 11008x4096, 70%, in three runs (benchmarks/kernel_ab.py,
+// docs/results.md), outer against expanding: 0.73x at M = 8, 0.96-1.03x at 9, 1.13x at 10,
+// 1.05-1.22x at 12, 1.25x at 13, 1.38-1.49x at 16, 1.54x at 32. The other formats expand each row
+// once for every M (or use W8A8's panels) and stay ahead: outer 0.20-0.34x (W8A8), 0.30-0.69x
+// (W4A8), 0.43-0.89x (bf16), 0.62-1.12x (W8A16) at M = 5-16.
+constexpr bool outer(Fmt f, int64_t M) { return f == Fmt::I4F && M >= 3 * kDirectMax; }
 void encode_bf16(const float* x, int64_t M, int64_t K, int64_t kp, uint16_t* out, bool split);
 bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, float* scale);
 }  // namespace avx512

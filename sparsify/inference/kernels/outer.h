@@ -1,6 +1,7 @@
-// Batched sparse GEMM by outer products, for the AVX2 kernels' larger batches (kOuterMin). Written
-// over a vector type `Vec` so that another ISA can include it inside its own namespace; AVX-512
-// does not: its expanding kernels measured faster at every batch up to 16.
+// Batched sparse GEMM by outer products, for the AVX2 kernels' larger batches (kOuterMin) and
+// AVX-512 W4A16 batches (avx512::outer). Written over a vector type `Vec` (8 or 16 fp32 lanes), so
+// each ISA includes it inside its own namespace. Everywhere else AVX-512's expanding kernels
+// measured faster at every batch up to 16 (kernels.h).
 //
 // Why: the expanding kernels turn each piece of a weight row into a dense vector and multiply it
 // with every row of x. That costs the same per weight position whatever the sparsity, so past a few

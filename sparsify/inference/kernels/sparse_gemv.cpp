@@ -36,9 +36,9 @@ constexpr int64_t kValuePadBytes = 64;
 int64_t g_prefetch = 2048;
 void set_prefetch(int64_t bytes) { g_prefetch = bytes; }
 
-// Benchmark-only override: on AVX2, batches of at least this many rows take the outer-product
-// kernel and smaller ones the expanding kernel (0: the built-in choice). For measuring where one
-// kernel overtakes the other.
+// Benchmark-only override: on AVX2 and AVX-512, batches of at least this many rows take the
+// outer-product kernel, in every format, and smaller ones the expanding kernel (0: the built-in
+// choice). For measuring where one kernel overtakes the other.
 int64_t g_outer_from = 0;
 void set_outer_from(int64_t rows) { g_outer_from = rows; }
 
@@ -243,9 +243,11 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   // AVX-512 and generic kernels, as q and |q| bytes for AVX2's VPSIGNB/VPMADDUBSW (W4A8 too);
   // bf16 for AVX-512's bf16 dot product; fp32 otherwise.
   // The outer-product kernel (outer.h) reads fp32 x, or int32 codes for W8A8 and W4A8.
-  const bool outer = isa == kAvx2 && (g_outer_from > 0 ? M >= g_outer_from : avx2::outer(M));
+  const bool outer = g_outer_from > 0 ? isa != kGeneric && M >= g_outer_from
+                                      : (isa == kAvx2 && avx2::outer(M)) || (isa == kAvx512 && avx512::outer(fmt, M));
   XKind xk;
-  if ((fmt == Fmt::I8 || fmt == Fmt::I4) && isa == kAvx2) xk = outer ? XKind::I32 : XKind::S8Abs;
+  if (outer) xk = fmt == Fmt::I8 || fmt == Fmt::I4 ? XKind::I32 : XKind::F32;
+  else if ((fmt == Fmt::I8 || fmt == Fmt::I4) && isa == kAvx2) xk = XKind::S8Abs;
   else if (fmt == Fmt::I8) xk = XKind::U8;
   else if (fmt == Fmt::I4) xk = isa == kAvx512 ? XKind::S8 : XKind::I32;
   // AVX-512 W8A16 batches multiply bf16 copies of the codes (FmtI8FBatched): bf16 x, like bf16 weights.
@@ -273,7 +275,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   // Tiny problems (tests, toy models) are not worth waking a second thread for.
   int nthreads = at::get_num_threads();
   if (Mk * N * kp < (int64_t(1) << 18)) nthreads = 1;
-  const auto bounds = split_rows(off, N, words, elt, isa == kAvx2 || Mk <= kDirectMax || int4, nthreads);
+  const auto bounds = split_rows(off, N, words, elt, isa == kAvx2 || outer || Mk <= kDirectMax || int4, nthreads);
 
   Problem p;
   p.M = Mk;
@@ -369,7 +371,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[kv_heads, capacity, D], positions [0, length)", pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("length"), pybind11::arg("scale"), pybind11::arg("isa"));
   m.def("set_prefetch", &sparsellama::set_prefetch, "AVX-512 batch-1 software prefetch distance in bytes (tuning)");
-  m.def("set_outer_from", &sparsellama::set_outer_from, "AVX2: batches from this many rows take the "
+  m.def("set_outer_from", &sparsellama::set_outer_from, "AVX2, AVX-512: batches from this many rows take the "
         "outer-product kernel (0: built-in choice; benchmarking only)");
   m.def("best_isa", &sparsellama::best_isa, "0 = generic, 1 = AVX2+FMA, 2 = AVX-512 (BF16, VBMI2, VNNI)");
 }

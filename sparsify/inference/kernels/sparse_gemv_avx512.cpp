@@ -17,7 +17,7 @@
 // For M > kDirectMax rows of x (batched decode, prefill chunks) each weight row is expanded once and
 // reused for every row of x: W8A8 as transposed 16-row panels that VPDPBUSD meets with broadcast
 // activations (no horizontal sums), the float formats through a scratch buffer and a register-blocked
-// dot-product micro-kernel (see "expand once, reuse" below).
+// dot-product micro-kernel (see "expand once, reuse" below), W4A16 by outer products (outer.h).
 //
 // No torch headers here (see kernels.h); everything in this file is compiled for AVX-512 and only
 // called after a runtime CPU check.
@@ -27,6 +27,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "kernels.h"
@@ -563,7 +564,8 @@ void int4_direct(const Problem& p, int64_t r0, int64_t r1, int64_t t0) {
 }
 
 // Batches of more than kDirectMax rows of x run kDirectMax at a time: the unpacking is repeated
-// per pass (the weight row is in L1/L2 by then), which keeps one kernel for every M.
+// per pass (the weight row is in L1/L2 by then), which keeps one kernel for every M. W4A16 batches
+// that would take three passes or more go to the outer-product kernel instead (avx512::outer).
 template <bool kA8>
 void int4_rows(const Problem& p, int64_t r0, int64_t r1) {
   constexpr int64_t kRows = 16;  // weight rows per block, reused from cache by every pass over x
@@ -579,6 +581,34 @@ void int4_rows(const Problem& p, int64_t r0, int64_t r1) {
     }
   }
 }
+
+// ----------------------------------------------------------------- outer products (outer.h)
+// For W4A16 batches (see kernels.h, avx512::outer): each stored code broadcast against a column of
+// 16 rows of x, one 16-lane FMA per stored weight, instead of expanding every word once per 4 rows
+// of x and doing a dense matmul's FMAs.
+
+struct Vec {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kLanes = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static I izero() { return _mm512_setzero_si512(); }
+  static F set1(float a) { return _mm512_set1_ps(a); }
+  static F load(const float* x) { return _mm512_loadu_ps(x); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static I settle(I total, F a) { return _mm512_add_epi32(total, _mm512_cvtps_epi32(a)); }
+  static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+  // 64 codes per 32 bytes; reads ≤ 31 bytes past the row (the values are padded by 64).
+  static void unpack_int4(const uint8_t* v, int64_t n, int8_t* out) {
+    for (int64_t i = 0; i < n; i += 32)
+      _mm512_storeu_si512(out + 2 * i, _mm512_sub_epi8(unpack_nibbles(v + i), _mm512_set1_epi8(8)));
+  }
+  static void store(float* d, F a) { _mm512_store_ps(d, a); }
+  static void store(int32_t* d, I a) { _mm512_store_si512(d, a); }
+};
+
+#include "outer.h"
 
 // ----------------------------------------------------------------- activation encoders
 // Vector versions of the scalar encoders in sparse_gemv.cpp, bit for bit the same results
@@ -644,6 +674,7 @@ bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, f
 }
 
 void run(Fmt fmt, const Problem& p) {
+  if (p.outer) return run_outer(fmt, p);
   const int64_t kp = p.words * 64;
   const bool batched = p.M > kDirectMax && !is_int4(fmt), panels = batched && fmt == Fmt::I8;
   // W8A8 panels: x transposed once, shared by the threads. malloc, not std::vector: a template

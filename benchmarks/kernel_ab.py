@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from sparsify.bench.cpu import ROTATE_BYTES, machine_info, median_se, prune_rows  # noqa: E402
 from sparsify.inference.kernels import loader  # noqa: E402
 from sparsify.inference.kernels.format import PackedWeight, pack  # noqa: E402
-from sparsify.inference.kernels.ops import call_extension  # noqa: E402
+from sparsify.inference.kernels.ops import call_extension, for_isa  # noqa: E402
 
 logger = logging.getLogger("kernel_ab")
 
@@ -74,18 +74,19 @@ def build_revision(rev: str, root: Path) -> ModuleType:
 
 
 def compare(
-    modules: dict[str, ModuleType], packed: list[PackedWeight], x: torch.Tensor, isa: str, repeats: int
+    modules: dict[str, ModuleType], packed: dict[str, list[PackedWeight]], x: torch.Tensor, isa: str, repeats: int
 ) -> dict:
-    """Both builds on the same weights: checked against each other, then timed alternately."""
+    """Both builds on the same weights (``packed[name]``: each build's copies, which may differ only in what
+    the build derives for its ISA): checked against each other, then timed alternately."""
     names = list(modules)
-    ref, out = (call_extension(modules[n], x, packed[0], None, isa) for n in names)
+    ref, out = (call_extension(modules[n], x, packed[n][0], None, isa) for n in names)
     if not torch.allclose(ref, out, rtol=1e-5, atol=1e-5 * float(ref.abs().max()) + 1e-12):
         raise AssertionError(f"the builds disagree: max |diff| {float((ref - out).abs().max()):.3g}")
     times: dict[str, list[float]] = {n: [] for n in names}
     k = 0
     for rep in range(repeats):
         for n in names if rep % 2 else reversed(names):
-            p = packed[k % len(packed)]
+            p = packed[n][k % len(packed[n])]
             k += 1
             t0 = time.perf_counter()
             call_extension(modules[n], x, p, None, isa)
@@ -135,7 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
             for fmt in args.formats:
                 first = pack(weight, **FORMATS[fmt])
                 copies = max(2, -(-ROTATE_BYTES // first.nbytes))
-                packed = [first] + [pack(weight, **FORMATS[fmt]) for _ in range(copies - 1)]
+                copies = [first] + [pack(weight, **FORMATS[fmt]) for _ in range(copies - 1)]
+                # The working tree's build gets its runtime's preparation for this ISA (ops.for_isa: the
+                # AVX2 gather index); the baseline's binding may not know it, so it gets the plain format.
+                packed = {"baseline": copies, "tree": [for_isa(p, isa_name) for p in copies]}
                 for batch in args.batches:
                     row = {"format": fmt, "sparsity": sparsity, "batch": batch}
                     row |= compare(modules, packed, torch.randn(batch, inn), isa_name, args.repeats)

@@ -27,10 +27,11 @@ def test_compare_times_both_builds_and_refuses_disagreeing_ones():
     packed = [pack(w, dtype=torch.int8, act_int8=True) for _ in range(2)]
     x = torch.randn(3, 128)
     ext = load_extension()
-    row = ab.compare({"baseline": ext, "tree": ext}, packed, x, ISA_NAMES[available_isa()], repeats=4)
+    both = {"baseline": packed, "tree": packed}
+    row = ab.compare({"baseline": ext, "tree": ext}, both, x, ISA_NAMES[available_isa()], repeats=4)
     assert row["baseline_ms"] > 0 and row["tree_ms"] > 0
     assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["tree_ms"])
     # A build that computes something else is an error, not a timing.
     wrong = SimpleNamespace(sparse_linear=lambda *a: ext.sparse_linear(*a) + 1.0)
     with pytest.raises(AssertionError, match="disagree"):
-        ab.compare({"baseline": ext, "tree": wrong}, packed, x, ISA_NAMES[available_isa()], repeats=2)
+        ab.compare({"baseline": ext, "tree": wrong}, both, x, ISA_NAMES[available_isa()], repeats=2)

@@ -6,6 +6,7 @@ The extension is built once per session (module fixture; ~45 s the first time, c
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -211,9 +212,16 @@ def test_w8a8_integer_sums_are_exact(compiled_isas, isa):
     AVX2 kernels move partial sums out of fp32/int16-scaled accumulators every few mask words)."""
     if isa not in compiled_isas:
         pytest.skip(f"{isa} kernels not available here")
+    for p, x in _w8a8_cases():
+        for batch in (1, 2, 3, 4, 5, 8, 16, 17):
+            assert torch.equal(sparse_linear(x[:batch], p, isa=isa), torch_sparse_linear(x[:batch], p)), batch
+
+
+def _w8a8_cases() -> list[tuple[PackedWeight, torch.Tensor]]:
+    """W8A8 weights and 17 rows of x: odd widths, dense and empty rows, long rows, and the worst case."""
     g = torch.Generator().manual_seed(3)
     cases = []
-    for shape, sparsity in [((37, 100), 0.7), ((129, 37), 0.0), ((5, 4160), 0.0), ((9, 5000), 0.5)]:
+    for shape, sparsity in [((37, 100), 0.7), ((129, 37), 0.0), ((5, 4160), 0.0), ((9, 5000), 0.5), ((40, 700), 0.9)]:
         w = sparse_weight(*shape, sparsity, seed=shape[0])
         cases.append((pack(w, dtype=torch.int8), torch.randn(17, shape[1], generator=g)))
     # Worst case: all codes +127 (row 1: −127) and x = −amax everywhere (q = −128) but one +amax.
@@ -222,9 +230,74 @@ def test_w8a8_integer_sums_are_exact(compiled_isas, isa):
     x = -torch.ones(17, 4160)
     x[:, 0] = 1.0
     cases.append((pack(codes, dtype=torch.int8, scales=torch.ones(3)), x))
-    for p, x in cases:
-        for batch in (1, 2, 3, 4, 5, 8, 16, 17):
-            assert torch.equal(sparse_linear(x[:batch], p, isa=isa), torch_sparse_linear(x[:batch], p)), batch
+    return cases
+
+
+def test_gather_index_lists_each_words_columns():
+    """format.gather_index against a written-out loop: per row and 64-column word, the count, then the
+    in-word columns of the kept entries in storage order; 64 zero bytes at the end."""
+    from sparsify.inference.kernels.format import gather_index
+
+    for shape, sparsity in [((37, 100), 0.7), ((3, 1), 0.0), ((5, 130), 1.0), ((64, 128), 0.5), ((129, 37), 0.95)]:
+        p = pack(sparse_weight(*shape, sparsity, seed=shape[1]), dtype=torch.int8)
+        mask, words = p.mask(), -(-shape[1] // 64)
+        expected = []
+        for r in range(shape[0]):
+            for w in range(words):
+                cols = [c - 64 * w for c in range(64 * w, min(64 * w + 64, shape[1])) if mask[r, c]]
+                expected += [len(cols), *cols]
+        assert gather_index(p.bitmask).tolist() == expected + [0] * 64, shape
+
+
+def test_avx2_gather_kernel_is_exact_and_reads_the_index(compiled_isas):
+    """The AVX2 batch-1 W8A8 kernel with the gather index (ops.for_isa builds it on AVX2) gives the
+    reference's exact sums on every case of the W8A8 exactness test, and really reads the index: a
+    corrupted index changes the batch-1 result, not the batch-2 one (which keeps the bitmask)."""
+    if "avx2" not in compiled_isas:
+        pytest.skip("no AVX2 kernels on this CPU")
+    from sparsify.inference.kernels.format import with_gather_index
+
+    for p, x in _w8a8_cases():
+        g = with_gather_index(p)
+        g.validate()
+        for batch in (1, 2, 5, 17):
+            assert torch.equal(sparse_linear(x[:batch], g, isa="avx2"), torch_sparse_linear(x[:batch], p)), batch
+    p, x = _w8a8_cases()[0]
+    g = with_gather_index(p)
+    columns = g.columns.clone()
+    columns[1] = (int(columns[1]) + 1) % 64  # row 0's first stored code now meets the next column of x
+    bad = dataclasses.replace(g, columns=columns)
+    assert not torch.equal(sparse_linear(x[:1], bad, isa="avx2"), sparse_linear(x[:1], g, isa="avx2"))
+    assert torch.equal(sparse_linear(x[:2], bad, isa="avx2"), sparse_linear(x[:2], g, isa="avx2"))
+    with pytest.raises(ValueError, match="columns do not match the bitmask"):
+        bad.validate()
+
+
+def test_gather_index_goes_with_w8a8_only(compiled_isas):
+    """ops.for_isa adds the index only on AVX2, to W8A8 weights of ≥ GATHER_MIN_SPARSITY; elsewhere the
+    weight is returned as is, and a misplaced or mis-sized index is refused with a message."""
+    from sparsify.inference.kernels.format import with_gather_index
+    from sparsify.inference.kernels.ops import GATHER_MIN_SPARSITY, for_isa
+
+    sparse = sparse_weight(40, 700, GATHER_MIN_SPARSITY + 0.1)
+    half = sparse_weight(40, 700, GATHER_MIN_SPARSITY - 0.2)
+    assert for_isa(pack(sparse, dtype=torch.int8), "avx2").columns is not None
+    assert for_isa(pack(half, dtype=torch.int8), "avx2").columns is None
+    for isa in ("avx512", "generic", "torch"):
+        assert for_isa(pack(sparse, dtype=torch.int8), isa).columns is None
+    for kwargs in ({"dtype": torch.int8, "act_int8": False}, {"dtype": torch.bfloat16}):
+        assert for_isa(pack(sparse, **kwargs), "avx2").columns is None
+        with pytest.raises(ValueError, match="W8A8"):
+            with_gather_index(pack(sparse, **kwargs))
+    if not compiled_isas:
+        return
+    ext, x = load_extension(), torch.randn(1, 700)
+    g = with_gather_index(pack(sparse, dtype=torch.int8))
+    bf16 = pack(sparse)
+    with pytest.raises(RuntimeError, match="go with int8 W8A8 weights only"):
+        ext.sparse_linear(x, bf16.bitmask, bf16.offsets, bf16.values, None, None, None, True, 0, 0, columns=g.columns)
+    with pytest.raises(RuntimeError, match="columns must be contiguous uint8"):
+        ops.call_extension(ext, x, dataclasses.replace(g, columns=g.columns[:-1].clone()), None, compiled_isas[-1])
 
 
 def test_avx2_code_has_no_avx512_instructions(compiled_isas):

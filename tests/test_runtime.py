@@ -341,3 +341,35 @@ def test_machine_record_names_the_isa_caps(monkeypatch):
     monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
     assert machine_info()["isa_caps"] == {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def test_on_avx2_int8_layers_hold_the_gather_index_and_the_layer_benchmark_times_it(monkeypatch):
+    """Where the kernels run AVX2, SparseLinear prepares W8A8 weights of ≥ 60% sparsity with the gather
+    index (ops.for_isa), and a 70% INT8 model decodes (batch-1 calls: the gather kernel) with its quantized
+    reference's logits; the layer benchmark's @avx2 variant runs the same prepared weight, checked against
+    its reference, and counts the index's bytes instead of the bitmask's at batch 1."""
+    from sparsify.bench.cpu import make_layer_variant
+    from sparsify.inference.kernels import kernel_isa, ops
+
+    if kernel_isa() not in ("avx2", "avx512"):
+        pytest.skip("no AVX2 kernels on this CPU")
+    monkeypatch.setitem(ops._isa_cache, "isa", 1)  # the AVX2 path, as on an AVX2-only CPU
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    sparsify_model(model, int8="w8a8")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert layers and all(m.packed.columns is not None for m in layers.values())
+    with torch.no_grad():
+        for name, module in layers.items():  # the fp32 model with the dequantized codes, fake-quantized input
+            reference.get_submodule(name).weight.copy_(dequantize(module.packed))
+            reference.get_submodule(name).register_forward_pre_hook(FakeQuantInput())
+        for prompt in PROMPTS:  # one sequence: every decoder Linear call has one row of x
+            assert torch.allclose(model(prompt[None]).logits, reference(prompt[None]).logits, atol=1e-3, rtol=1e-3)
+    dense = torch.randn(96, 320)
+    cache: dict = {}
+    _, nbytes, out, ref = make_layer_variant("sparse70_int8@avx2", dense, batch=1, cache=cache, rotate_bytes=0)
+    assert float((out.float() - ref).abs().max() / ref.abs().max()) < 1e-2  # bf16 output and activations
+    _, nbytes_b2, _, _ = make_layer_variant("sparse70_int8@avx2", dense, batch=2, cache=cache, rotate_bytes=0)
+    held = cache["sparse70_int8/copies@avx2"][0]
+    assert held.columns is not None
+    assert nbytes == held.nbytes - held.bitmask.numel() + held.columns.numel() and nbytes_b2 == held.nbytes

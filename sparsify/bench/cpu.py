@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from sparsify.bench.gpu import GPU_BATCHES, GPU_SHAPES, flat_gpu_metrics, int4_groups, run_gpu_layer_benchmark
 from sparsify.inference.kernels import PackedWeight, kernel_isa, load_extension, pack, sparse_linear
 from sparsify.inference.kernels.loader import ISA_NAMES
+from sparsify.inference.kernels.ops import for_isa
 from sparsify.inference.runtime import sparsify_model, use_decode_attention
 from sparsify.sparsity.masks import prunable_linear_names
 
@@ -229,7 +230,7 @@ def _clone(state: object) -> object:
     if isinstance(state, Tensor):
         return state.clone()
     if isinstance(state, PackedWeight):
-        fields = ("bitmask", "offsets", "values", "scales", "row_sums")
+        fields = ("bitmask", "offsets", "values", "scales", "row_sums", "columns")
         copies = {f: getattr(state, f).clone() for f in fields if getattr(state, f) is not None}
         return dataclasses.replace(state, **copies)
     if isinstance(state, tuple) and isinstance(state[0], nn.Module):
@@ -245,7 +246,8 @@ def _clone(state: object) -> object:
     raise TypeError(f"cannot copy {type(state).__name__}")
 
 
-def _weight_bytes(name: str, state: object, shape: tuple[int, int]) -> int:
+def _weight_bytes(name: str, state: object, shape: tuple[int, int], batch: int) -> int:
+    """Bytes of the weight one call of variant ``name`` streams."""
     out, inn = shape
     if name == "dense_fp32":
         return out * inn * 4
@@ -255,6 +257,8 @@ def _weight_bytes(name: str, state: object, shape: tuple[int, int]) -> int:
         return out * inn + out * 8  # int8 weight + per-channel scale/zero point (fbgemm packing)
     if name == "torch_int4":
         return out * inn // 2 + state[1].numel() * 2  # nibbles + bf16 scales/zeros
+    if state.columns is not None and batch == 1:  # the AVX2 gather kernel reads its index, not the bitmask
+        return state.nbytes - state.bitmask.numel() + state.columns.numel()
     return state.nbytes
 
 
@@ -320,14 +324,21 @@ def make_layer_variant(
     """
     cache = {} if cache is None else cache
     state = prepare_weight(name, dense, cache)
-    nbytes = _weight_bytes(name, state, tuple(dense.shape))
-    key = f"{split_isa(name)[0]}/copies"  # the paths of one variant share its copies
+    base, isa = split_isa(name)
+    key = f"{base}/copies"  # the paths of one variant share its copies
     if key not in cache:
-        n = min(64, max(1, -(-rotate_bytes // nbytes)))
+        n = min(64, max(1, -(-rotate_bytes // _weight_bytes(name, state, tuple(dense.shape), batch))))
         cache[key] = [state] + [_clone(state) for _ in range(n - 1)]
+    copies = cache[key]
+    if isinstance(state, PackedWeight):  # as the runtime holds it on this path (SparseLinear: ops.for_isa)
+        path = isa or kernel_isa()
+        if f"{key}@{path}" not in cache:
+            cache[f"{key}@{path}"] = [for_isa(s, path) for s in copies]
+        copies = cache[f"{key}@{path}"]
+    nbytes = _weight_bytes(name, copies[0], tuple(dense.shape), batch)
     x32 = torch.randn(batch, dense.shape[1], generator=torch.Generator().manual_seed(1))
     xb = x32.bfloat16()
-    calls = itertools.cycle([_layer_call(name, s, x32, xb) for s in cache[key]])
+    calls = itertools.cycle([_layer_call(name, s, x32, xb) for s in copies])
     fn = lambda: next(calls)()  # noqa: E731
     return fn, nbytes, fn()[:, :CHECK_ROWS], _layer_reference(name, state, x32, xb)
 
@@ -518,7 +529,9 @@ def _model_bytes(model: nn.Module) -> int:
     from sparsify.inference.runtime import SparseLinear
 
     n = sum(p.numel() * p.element_size() for p in model.parameters())
-    n += sum(m.packed.nbytes for m in model.modules() if isinstance(m, SparseLinear))
+    for m in model.modules():
+        if isinstance(m, SparseLinear):  # the stored format, and the gather index where the runtime built one
+            n += m.packed.nbytes + (0 if m.packed.columns is None else m.packed.columns.numel())
     return n
 
 

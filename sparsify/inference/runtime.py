@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from sparsify.errors import UserInputError
 from sparsify.inference.kernels import PackedWeight, dequantize, kernel_isa, pack, sparse_linear
-from sparsify.inference.kernels.ops import decode_attention
+from sparsify.inference.kernels.ops import decode_attention, for_isa
 from sparsify.sparsity.masks import find_decoder_layers, matches_any
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class SparseLinear(nn.Module):
     def __init__(self, packed: PackedWeight, bias: Tensor | None = None) -> None:
         super().__init__()
         packed.validate()
+        packed = for_isa(packed, kernel_isa())
         out_features, in_features = packed.shape
         if bias is not None and tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")

@@ -15,7 +15,7 @@ import os
 import torch
 from torch import Tensor
 
-from sparsify.inference.kernels.format import PackedWeight, dequantize, unpack
+from sparsify.inference.kernels.format import PackedWeight, dequantize, unpack, with_gather_index
 from sparsify.inference.kernels.loader import ISA_NAMES, available_isa, load_extension
 from sparsify.quant.grids import activation_codes
 
@@ -113,6 +113,23 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *
     return call_extension(load_extension(), x if x.is_contiguous() else x.contiguous(), packed, bias, name)
 
 
+# From this sparsity on, the AVX2 batch-1 W8A8 kernel gathers x by the gather index instead of
+# expanding the bitmask: 1.68x at 60%, 2.0x at 70%, 1.83x at 80%, but 1.03x at 50%, where the index
+# (a byte per stored value) makes it read more than a dense INT8 weight (11008x4096, Zen 4 with the
+# AVX2 path, docs/results.md).
+GATHER_MIN_SPARSITY = 0.6
+
+
+def for_isa(packed: PackedWeight, isa: str) -> PackedWeight:
+    """``packed`` as the ``isa`` kernels read it fastest: on AVX2, a W8A8 weight of at least
+    GATHER_MIN_SPARSITY gains its gather index (:func:`with_gather_index`, ~1 byte per stored value
+    more in memory); anything else is returned as is."""
+    gathers = isa == "avx2" and packed.dtype == torch.int8 and packed.act_int8
+    if gathers and packed.columns is None and packed.sparsity >= GATHER_MIN_SPARSITY:
+        return with_gather_index(packed)
+    return packed
+
+
 def _check_isa(isa: str | None) -> str:
     """The path to run: ``isa`` if given and available here (ValueError if not), else the best one."""
     name = isa or kernel_isa()
@@ -162,7 +179,9 @@ def decode_attention(
 
 def call_extension(module, x: Tensor, packed: PackedWeight, bias: Tensor | None, isa: str) -> Tensor:
     """The compiled binding's ``sparse_linear`` on contiguous ``x``, unchecked: the one place that
-    knows its argument order (``module``: this build, or another revision's in benchmarks/kernel_ab.py)."""
+    knows its argument order (``module``: this build, or another revision's in benchmarks/kernel_ab.py;
+    the gather index goes only where a weight has one, so older builds still take the others)."""
+    extra = {} if packed.columns is None else {"columns": packed.columns}
     return module.sparse_linear(
         x,
         packed.bitmask,
@@ -174,4 +193,5 @@ def call_extension(module, x: Tensor, packed: PackedWeight, bias: Tensor | None,
         packed.act_int8,
         ISA_NAMES.index(isa),
         packed.group_size or 0,
+        **extra,
     )

@@ -172,7 +172,8 @@ std::vector<int64_t> split_rows(const int64_t* offsets, int64_t N, int64_t words
 torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitmask, const torch::Tensor& offsets,
                             const torch::Tensor& values, const std::optional<torch::Tensor>& w_scale,
                             const std::optional<torch::Tensor>& row_sum, const std::optional<torch::Tensor>& bias,
-                            bool act_int8, int64_t isa, int64_t group_size) {
+                            bool act_int8, int64_t isa, int64_t group_size,
+                            const std::optional<torch::Tensor>& columns) {
   TORCH_CHECK(x_in.device().is_cpu(), "sparse_linear: x must be on the CPU, got ", x_in.device());
   TORCH_CHECK(x_in.dim() >= 1 && x_in.is_contiguous(), "sparse_linear: x must be a contiguous tensor [..., in]");
   TORCH_CHECK(x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16,
@@ -230,6 +231,13 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   if (fmt == Fmt::I8 || int4) {
     // int32 accumulators: |Σ (q+128)·w| ≤ 255·128·K must stay below 2^31 (int4: group sums exact in fp32).
     TORCH_CHECK(K <= 65536, "sparse_linear: int8 and int4 weights support in_features <= 65536, got ", K);
+  }
+  if (columns.has_value()) {  // the gather index (format.py): a header byte per word + one per stored value
+    TORCH_CHECK(fmt == Fmt::I8, "sparse_linear: columns (the gather index) go with int8 W8A8 weights only");
+    TORCH_CHECK(columns->scalar_type() == torch::kUInt8 && columns->dim() == 1 && columns->is_contiguous() &&
+                    columns->numel() == off[N] + N * words + kValuePadBytes,
+                "sparse_linear: columns must be contiguous uint8 [", off[N] + N * words + kValuePadBytes,
+                "] (a count per mask word, a column per stored value, 64 bytes of padding)");
   }
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->dim() == 1 && bias->size(0) == N &&
@@ -296,6 +304,8 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   p.outer = outer;
   p.group_words = group_words;
   p.x_lane_sum = xgroup.defined() ? xgroup.data_ptr<int32_t>() : nullptr;
+  // Only the AVX2 batch-1 W8A8 kernel reads the gather index; the others keep the bitmask.
+  p.columns = columns.has_value() && isa == kAvx2 && M == 1 && !outer ? columns->data_ptr<uint8_t>() : nullptr;
   {
     pybind11::gil_scoped_release no_gil;
     if (isa == kAvx512) avx512::run(fmt, p);
@@ -366,7 +376,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sparsellama::sparse_linear, "y[M, out] = x[M, in] · Wᵀ (+ bias), float32 result "
         "in x's dtype", pybind11::arg("x"), pybind11::arg("bitmask"), pybind11::arg("offsets"),
         pybind11::arg("values"), pybind11::arg("w_scale"), pybind11::arg("row_sum"), pybind11::arg("bias"),
-        pybind11::arg("act_int8"), pybind11::arg("isa"), pybind11::arg("group_size") = 0);
+        pybind11::arg("act_int8"), pybind11::arg("isa"), pybind11::arg("group_size") = 0,
+        pybind11::arg("columns") = pybind11::none());
   m.def("decode_attention", &sparsellama::decode_attention, "one token's attention [heads, D] over a KV cache "
         "[kv_heads, capacity, D], positions [0, length)", pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("length"), pybind11::arg("scale"), pybind11::arg("isa"));

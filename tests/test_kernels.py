@@ -233,25 +233,30 @@ def _w8a8_cases() -> list[tuple[PackedWeight, torch.Tensor]]:
     return cases
 
 
-def test_gather_index_lists_each_words_columns():
+@pytest.mark.parametrize("pad_odd", [False, True], ids=["int8", "int4"])
+def test_gather_index_lists_each_words_columns(pad_odd):
     """format.gather_index against a written-out loop: per row and 64-column word, the count, then the
-    in-word columns of the kept entries in storage order; 64 zero bytes at the end."""
+    in-word columns of the kept entries in storage order (int4: a zero byte after an odd count); 64 zero
+    bytes at the end; and each row starts where the kernels look for it."""
     from sparsify.inference.kernels.format import gather_index
 
     for shape, sparsity in [((37, 100), 0.7), ((3, 1), 0.0), ((5, 130), 1.0), ((64, 128), 0.5), ((129, 37), 0.95)]:
-        p = pack(sparse_weight(*shape, sparsity, seed=shape[1]), dtype=torch.int8)
+        w = sparse_weight(*shape, sparsity, seed=shape[1])
+        p = pack(w, dtype=torch.int4, group_size=None) if pad_odd else pack(w, dtype=torch.int8)
         mask, words = p.mask(), -(-shape[1] // 64)
-        expected = []
+        expected, starts = [], []
         for r in range(shape[0]):
-            for w in range(words):
-                cols = [c - 64 * w for c in range(64 * w, min(64 * w + 64, shape[1])) if mask[r, c]]
-                expected += [len(cols), *cols]
-        assert gather_index(p.bitmask).tolist() == expected + [0] * 64, shape
+            starts.append(len(expected))
+            for k in range(words):
+                cols = [c - 64 * k for c in range(64 * k, min(64 * k + 64, shape[1])) if mask[r, c]]
+                expected += [len(cols), *cols] + [0] * (pad_odd and len(cols) % 2)
+        assert gather_index(p.bitmask, pad_odd).tolist() == expected + [0] * 64, shape
+        assert starts == [(2 if pad_odd else 1) * int(p.offsets[r]) + r * words for r in range(shape[0])]
 
 
 def test_avx2_gather_kernel_is_exact_and_reads_the_index(compiled_isas):
-    """The AVX2 batch-1 W8A8 kernel with the gather index (ops.for_isa builds it on AVX2) gives the
-    reference's exact sums on every case of the W8A8 exactness test, and really reads the index: a
+    """The AVX2 batch-1 W8A8 and W4A8 kernels with the gather index (ops.for_isa builds it on AVX2) give
+    the reference's exact sums on every case of the W8A8 and W4A8 exactness tests, and really read the index: a
     corrupted index changes the batch-1 result, not the batch-2 one (which keeps the bitmask)."""
     if "avx2" not in compiled_isas:
         pytest.skip("no AVX2 kernels on this CPU")
@@ -262,6 +267,32 @@ def test_avx2_gather_kernel_is_exact_and_reads_the_index(compiled_isas):
         g.validate()
         for batch in (1, 2, 5, 17):
             assert torch.equal(sparse_linear(x[:batch], g, isa="avx2"), torch_sparse_linear(x[:batch], p)), batch
+    # W4A8: the exact group sums of test_w4a8_group_sums_are_exact (unit scales: bit for bit), then
+    # real scales and odd widths (fp32 rounding of the per-group folds only).
+    codes = torch.full((4, 4096), 7, dtype=torch.int8)
+    codes[1] = -7
+    codes[2, 64:1024] = 0
+    codes[3, ::3] = 0
+    x = -torch.ones(2, 4096)
+    x[:, 0] = 1.0
+    x[1] = torch.randn(4096)
+    for group in (64, 128, None):
+        groups = 1 if group is None else 4096 // group
+        p = pack(codes, dtype=torch.int4, scales=torch.ones(4, groups), group_size=group)
+        g = with_gather_index(p)
+        g.validate()
+        for batch in (1, 2):
+            assert torch.equal(sparse_linear(x[:batch], g, isa="avx2"), torch_sparse_linear(x[:batch], p)), group
+    for shape, sparsity, group in [((37, 128), 0.7, 64), ((129, 192), 0.9, None), ((20, 640), 0.0, 128)]:
+        w = sparse_weight(*shape, sparsity, seed=shape[0])
+        p = pack(w, dtype=torch.int4, group_size=group)
+        x = torch.randn(1, shape[1])
+        assert_close(
+            sparse_linear(x, with_gather_index(p), isa="avx2"),
+            torch_sparse_linear(x, p),
+            x.abs() @ dequantize(p).abs().T,
+            1e-6,
+        )
     p, x = _w8a8_cases()[0]
     g = with_gather_index(p)
     columns = g.columns.clone()
@@ -279,22 +310,28 @@ def test_gather_index_goes_with_w8a8_only(compiled_isas):
     from sparsify.inference.kernels.format import with_gather_index
     from sparsify.inference.kernels.ops import GATHER_MIN_SPARSITY, for_isa
 
-    sparse = sparse_weight(40, 700, GATHER_MIN_SPARSITY + 0.1)
-    half = sparse_weight(40, 700, GATHER_MIN_SPARSITY - 0.2)
+    sparse = sparse_weight(40, 704, GATHER_MIN_SPARSITY + 0.1)
+    half = sparse_weight(40, 704, GATHER_MIN_SPARSITY - 0.2)
+    w4a8 = {"dtype": torch.int4, "group_size": 64}
     assert for_isa(pack(sparse, dtype=torch.int8), "avx2").columns is not None
+    assert for_isa(pack(sparse, **w4a8), "avx2").columns is not None
     assert for_isa(pack(half, dtype=torch.int8), "avx2").columns is None
     for isa in ("avx512", "generic", "torch"):
         assert for_isa(pack(sparse, dtype=torch.int8), isa).columns is None
-    for kwargs in ({"dtype": torch.int8, "act_int8": False}, {"dtype": torch.bfloat16}):
+    for kwargs in (
+        {"dtype": torch.int8, "act_int8": False},
+        {"dtype": torch.int4, "act_int8": False, "group_size": 64},
+        {"dtype": torch.bfloat16},
+    ):
         assert for_isa(pack(sparse, **kwargs), "avx2").columns is None
-        with pytest.raises(ValueError, match="W8A8"):
+        with pytest.raises(ValueError, match="W8A8 and W4A8"):
             with_gather_index(pack(sparse, **kwargs))
     if not compiled_isas:
         return
-    ext, x = load_extension(), torch.randn(1, 700)
+    ext, x = load_extension(), torch.randn(1, 704)
     g = with_gather_index(pack(sparse, dtype=torch.int8))
     bf16 = pack(sparse)
-    with pytest.raises(RuntimeError, match="go with int8 W8A8 weights only"):
+    with pytest.raises(RuntimeError, match="go with W8A8 and W4A8 weights only"):
         ext.sparse_linear(x, bf16.bitmask, bf16.offsets, bf16.values, None, None, None, True, 0, 0, columns=g.columns)
     with pytest.raises(RuntimeError, match="columns must be contiguous uint8"):
         ops.call_extension(ext, x, dataclasses.replace(g, columns=g.columns[:-1].clone()), None, compiled_isas[-1])

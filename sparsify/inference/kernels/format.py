@@ -21,13 +21,14 @@ with whole-vector loads; the nibble holds c + 8 (offset binary, 1..15), so the k
 with a mask and no sign extension. ``offsets`` count bytes. Group sizes are multiples of 64 (whole
 mask words per group), the quantize stage's 128 included.
 
-Optionally, for W8A8 (``act_int8`` int8), a *gather index* (``columns``, built by
+Optionally, for W8A8 and W4A8 (``act_int8``), a *gather index* (``columns``, built by
 :func:`with_gather_index`, never stored on disk): uint8, for each row and each of its mask words in
 order, a header byte p (the word's set bits) followed by the p in-word column positions (0..63) of
-its stored codes, then 64 bytes of zeros; row r starts at ``offsets[r] + r · words``. The AVX2
-batch-1 kernel reads it instead of the bitmask and gathers x at those columns (AVX2 has no
-VPEXPAND): 1 + 1/64 bytes per stored value instead of 1/8 per column, fewer instructions per column
-(see sparse_gemv_avx2.cpp).
+its stored codes (int4: and one byte of padding after an odd p, as its nibbles have), then 64 bytes
+of zeros; so row r starts at ``offsets[r] + r · words`` (int4: ``2 · offsets[r] + r · words``). The
+AVX2 batch-1 kernels read it instead of the bitmask and gather x at those columns (AVX2 has no
+VPEXPAND): a byte per stored code instead of 1/8 per column, and fewer instructions per column (see
+sparse_gemv_avx2.cpp).
 
 Bytes per weight at sparsity s: 1/8 (mask) + (1 − s) · bytes per value — 0.725 for 70% bf16,
 0.425 for 70% int8, ~0.28 for 70% int4 with groups of 128 (dense bf16: 2, fp32: 4). A kept weight
@@ -68,7 +69,7 @@ class PackedWeight:
     act_int8: bool = True
     # int4 only: input columns per scale (a multiple of 64); None: one scale per row.
     group_size: int | None = None
-    # W8A8 only, optional: the gather index (module docstring); derived from the bitmask.
+    # W8A8 and W4A8, optional: the gather index (module docstring); derived from the bitmask.
     columns: Tensor | None = None
 
     @property
@@ -154,11 +155,11 @@ class PackedWeight:
         if self.group_size is not None and self.dtype != torch.int4:
             raise ValueError("group_size belongs to int4 values only")
         if self.columns is not None:
-            if self.dtype != torch.int8 or not self.act_int8:
-                raise ValueError("columns (the gather index) belongs to int8 W8A8 values only")
+            if self.dtype not in (torch.int8, torch.int4) or not self.act_int8:
+                raise ValueError("columns (the gather index) belongs to W8A8 and W4A8 values only")
             if self.columns.dtype != torch.uint8 or self.columns.dim() != 1:
                 raise ValueError(f"columns must be 1-D uint8, got {self.columns.dtype} {tuple(self.columns.shape)}")
-            if not torch.equal(self.columns, gather_index(self.bitmask)):
+            if not torch.equal(self.columns, gather_index(self.bitmask, pad_odd=self.dtype == torch.int4)):
                 raise ValueError("columns do not match the bitmask (see gather_index)")
 
     def _validate_int4(self) -> None:
@@ -202,26 +203,27 @@ def _word_counts(bitmask: Tensor) -> np.ndarray:
     return counts.astype(np.int64)
 
 
-def gather_index(bitmask: Tensor) -> Tensor:
+def gather_index(bitmask: Tensor, pad_odd: bool = False) -> Tensor:
     """The gather index of a bitmask (module docstring): per row and word, the count p then the p in-word
-    columns of the set bits, in storage order; 64 bytes of zeros at the end for vector over-reads."""
+    columns of the set bits, in storage order (``pad_odd``, for int4: a zero byte after an odd p); 64 bytes
+    of zeros at the end for vector over-reads."""
     counts = _word_counts(bitmask).reshape(-1)  # words in row-major order
     rows, cols = np.nonzero(np.unpackbits(bitmask.numpy(), axis=1, bitorder="little"))
-    words_per_row = bitmask.shape[1] // 8
-    word = rows * words_per_row + cols // WORD  # the (global) word of each stored value, non-decreasing
-    out = np.zeros(counts.size + cols.size + PAD_BYTES, dtype=np.uint8)
-    # Word k's header sits after the headers and values of words 0..k-1; its values follow it.
-    header = np.arange(counts.size) + np.concatenate([[0], np.cumsum(counts)[:-1]])
-    out[header] = counts
-    out[np.arange(cols.size) + word + 1] = cols % WORD
+    word = rows * (bitmask.shape[1] // 8) + cols // WORD  # the (global) word of each stored code
+    slots = counts + (counts & 1) if pad_odd else counts
+    header = np.concatenate([[0], np.cumsum(1 + slots)])  # where each word's header byte goes
+    out = np.zeros(int(header[-1]) + PAD_BYTES, dtype=np.uint8)
+    out[header[:-1]] = counts
+    rank = np.arange(cols.size) - np.concatenate([[0], np.cumsum(counts)])[word]  # the code's rank in its word
+    out[header[word] + 1 + rank] = cols % WORD
     return torch.from_numpy(out)
 
 
 def with_gather_index(packed: PackedWeight) -> PackedWeight:
-    """``packed`` (int8 W8A8) with its gather index, for the AVX2 batch-1 kernel."""
-    if packed.dtype != torch.int8 or not packed.act_int8:
-        raise ValueError("the gather index serves int8 W8A8 weights only")
-    return dataclasses.replace(packed, columns=gather_index(packed.bitmask))
+    """``packed`` (W8A8 or W4A8) with its gather index, for the AVX2 batch-1 kernels."""
+    if packed.dtype not in (torch.int8, torch.int4) or not packed.act_int8:
+        raise ValueError("the gather index serves W8A8 and W4A8 weights only")
+    return dataclasses.replace(packed, columns=gather_index(packed.bitmask, pad_odd=packed.dtype == torch.int4))
 
 
 def _int4_row_bytes(bitmask: Tensor) -> Tensor:

@@ -65,8 +65,9 @@ struct Problem {
   // [M, groups, 16] 8·Σ q over the columns that meet 32-bit lane i of a 64-byte vector (bytes 4i..4i+3
   // of every word) in each group (Fmt::I4 on AVX-512, int8 x)
   const int32_t* x_lane_sum;
-  // W8A8 gather index (format.py: per row and mask word, a count then the in-word column of each
-  // stored code; row r at offsets[r] + r · words), or nullptr. Read by the AVX2 kernel at M == 1.
+  // W8A8 / W4A8 gather index (format.py: per row and mask word, a count then the in-word column of
+  // each stored code, int4 padded to an even count; row r at offsets[r] + r · words, int4
+  // 2 · offsets[r] + r · words), or nullptr. Read by the AVX2 kernels at M == 1.
   const uint8_t* columns;
 };
 

@@ -113,18 +113,18 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *
     return call_extension(load_extension(), x if x.is_contiguous() else x.contiguous(), packed, bias, name)
 
 
-# From this sparsity on, the AVX2 batch-1 W8A8 kernel gathers x by the gather index instead of
-# expanding the bitmask: 1.68x at 60%, 2.0x at 70%, 1.83x at 80%, but 1.03x at 50%, where the index
-# (a byte per stored value) makes it read more than a dense INT8 weight (11008x4096, Zen 4 with the
-# AVX2 path, docs/results.md).
+# From this sparsity on, the AVX2 batch-1 W8A8 and W4A8 kernels gather x by the gather index instead
+# of expanding the bitmask: W8A8 1.36-1.68x at 60%, 1.47-2.0x at 70%, 1.46-1.83x at 80%, W4A8
+# 1.25-1.48x at 60-80%; at 50% 0.99-1.03x, where the index (a byte per stored code) makes a W8A8
+# weight read more than a dense INT8 one (11008x4096, Zen 4 with the AVX2 path, docs/results.md).
 GATHER_MIN_SPARSITY = 0.6
 
 
 def for_isa(packed: PackedWeight, isa: str) -> PackedWeight:
-    """``packed`` as the ``isa`` kernels read it fastest: on AVX2, a W8A8 weight of at least
-    GATHER_MIN_SPARSITY gains its gather index (:func:`with_gather_index`, ~1 byte per stored value
-    more in memory); anything else is returned as is."""
-    gathers = isa == "avx2" and packed.dtype == torch.int8 and packed.act_int8
+    """``packed`` as the ``isa`` kernels read it fastest: on AVX2, a W8A8 or W4A8 weight of at least
+    GATHER_MIN_SPARSITY gains its gather index (:func:`with_gather_index`, ~1 byte per stored code more
+    in memory); anything else is returned as is."""
+    gathers = isa == "avx2" and packed.dtype in (torch.int8, torch.int4) and packed.act_int8
     if gathers and packed.columns is None and packed.sparsity >= GATHER_MIN_SPARSITY:
         return with_gather_index(packed)
     return packed

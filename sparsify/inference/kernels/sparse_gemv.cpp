@@ -232,12 +232,15 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
     // int32 accumulators: |Σ (q+128)·w| ≤ 255·128·K must stay below 2^31 (int4: group sums exact in fp32).
     TORCH_CHECK(K <= 65536, "sparse_linear: int8 and int4 weights support in_features <= 65536, got ", K);
   }
-  if (columns.has_value()) {  // the gather index (format.py): a header byte per word + one per stored value
-    TORCH_CHECK(fmt == Fmt::I8, "sparse_linear: columns (the gather index) go with int8 W8A8 weights only");
+  if (columns.has_value()) {  // the gather index (format.py): a header byte per word + one per stored code
+    TORCH_CHECK(fmt == Fmt::I8 || fmt == Fmt::I4,
+                "sparse_linear: columns (the gather index) go with W8A8 and W4A8 weights only");
+    // int4: off counts bytes of nibbles, and each word's index is padded to an even count: 2 · off.
+    const int64_t index_bytes = (fmt == Fmt::I4 ? 2 * off[N] : off[N]) + N * words + kValuePadBytes;
     TORCH_CHECK(columns->scalar_type() == torch::kUInt8 && columns->dim() == 1 && columns->is_contiguous() &&
-                    columns->numel() == off[N] + N * words + kValuePadBytes,
-                "sparse_linear: columns must be contiguous uint8 [", off[N] + N * words + kValuePadBytes,
-                "] (a count per mask word, a column per stored value, 64 bytes of padding)");
+                    columns->numel() == index_bytes,
+                "sparse_linear: columns must be contiguous uint8 [", index_bytes,
+                "] (a count per mask word, a column per stored code, 64 bytes of padding)");
   }
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->dim() == 1 && bias->size(0) == N &&
@@ -304,7 +307,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   p.outer = outer;
   p.group_words = group_words;
   p.x_lane_sum = xgroup.defined() ? xgroup.data_ptr<int32_t>() : nullptr;
-  // Only the AVX2 batch-1 W8A8 kernel reads the gather index; the others keep the bitmask.
+  // Only the AVX2 batch-1 W8A8 and W4A8 kernels read the gather index; the others keep the bitmask.
   p.columns = columns.has_value() && isa == kAvx2 && M == 1 && !outer ? columns->data_ptr<uint8_t>() : nullptr;
   {
     pybind11::gil_scoped_release no_gil;

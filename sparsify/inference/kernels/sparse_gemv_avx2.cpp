@@ -30,9 +30,9 @@
 // VPMADDWD kernel it replaced (benchmarks/kernel_ab.py, Zen 4, AVX2 path, 11008x4096, 0-70%
 // sparsity): 1.11-1.24x at batch 1, 1.35-1.64x at batches 2-4 (docs/results.md). It is still
 // bound by issuing instructions, half of them the scalar work of finding each pair's table rows.
-// So at batch 1, where a weight has a gather index (format.py; ops.for_isa builds it from 60%
-// sparsity on), gather_rows does the opposite: it leaves the codes packed and gathers x at their
-// columns (see there), ~1.6-2x faster at 60-80% sparsity.
+// So at batch 1, where a W8A8 or W4A8 weight has a gather index (format.py; ops.for_isa builds it
+// from 60% sparsity on), gather_rows does the opposite: it leaves the codes packed and gathers x at
+// their columns (see there): W8A8 ~1.4-2x, W4A8 ~1.25-1.5x faster at 60-80% sparsity.
 #include <omp.h>
 
 #include <cstdlib>
@@ -433,44 +433,72 @@ __attribute__((noinline)) void int8_block(const Problem& p, int64_t r0, int64_t 
 // weight at 70%, more than dense INT8 at 50%: see ops.GATHER_MIN_SPARSITY). Measured at 11008x4096,
 // 70%, against int8_block at batch 1: docs/results.md. Only batch 1: a second row of x would repeat
 // the gather, where expand32's work is shared by every row of x.
+//
+// W4A8 (kInt4) the same way: 32 codes are 16 bytes of nibbles, unpacked in registers (VPMOVZXBW puts
+// byte i in 16-bit lane i; OR with itself shifted by 4 and a mask leave its low nibble in byte 2i and
+// its high one in 2i + 1, the storage order) and offset by −8; each group's exact sum meets its scale.
+template <bool kInt4>
 void gather_rows(const Problem& p, int64_t r0, int64_t r1) {
   const int8_t* xq = static_cast<const int8_t*>(p.x);  // row 0: kp codes q, then kp magnitudes (unused)
-  const int64_t pf = p.prefetch;
+  const int64_t pf = p.prefetch, gw = kInt4 ? p.group_words : p.words, groups = p.words / gw;
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i iota = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
                                         21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* ix = p.columns + p.offsets[r] + r * p.words;
-    const int8_t* v = static_cast<const int8_t*>(p.values) + p.offsets[r];
+    const uint8_t* ix = p.columns + (kInt4 ? 2 : 1) * p.offsets[r] + r * p.words;
+    const int8_t* v = static_cast<const int8_t*>(p.values) + p.offsets[r];  // int4: bytes of nibbles
+    __m256 row = _mm256_setzero_ps();  // int4: Σ over groups of scale · exact group sum, per lane
     __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-    for (int64_t w = 0; w < p.words; ++w) {
-      _mm_prefetch(reinterpret_cast<const char*>(v) + pf, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(ix) + pf, _MM_HINT_T0);
-      int n = *ix++;
-      if (n == 0) continue;
-      const __m128i* xw = reinterpret_cast<const __m128i*>(xq + w * 64);
-      const __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw));
-      const __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 1));
-      const __m256i x2 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 2));
-      const __m256i x3 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 3));
-      do {  // reads ≤ 31 bytes past the row's index and codes: both streams are padded
-        const __m256i col = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix));
-        const __m256i bit4 = _mm256_slli_epi16(col, 3), bit5 = _mm256_slli_epi16(col, 2);
-        const __m256i q01 = _mm256_blendv_epi8(_mm256_shuffle_epi8(x0, col), _mm256_shuffle_epi8(x1, col), bit4);
-        const __m256i q23 = _mm256_blendv_epi8(_mm256_shuffle_epi8(x2, col), _mm256_shuffle_epi8(x3, col), bit4);
-        const __m256i q = _mm256_blendv_epi8(q01, q23, bit5);
-        const int t = n < 32 ? n : 32;
-        const __m256i kept = _mm256_cmpgt_epi8(_mm256_set1_epi8(char(t)), iota);
-        const __m256i code = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)), kept);
-        const __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(code, q));
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(pr, ones));
-        std::swap(acc0, acc1);  // two dependency chains
-        ix += t;
-        v += t;
-        n -= t;
-      } while (n > 0);
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t w = g * gw; w < (g + 1) * gw; ++w) {
+        _mm_prefetch(reinterpret_cast<const char*>(v) + pf, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ix) + pf, _MM_HINT_T0);
+        int n = *ix++;
+        if (n == 0) continue;
+        const int pad = kInt4 ? n & 1 : 0;  // int4: the index, like the nibbles, pads an odd count
+        const __m128i* xw = reinterpret_cast<const __m128i*>(xq + w * 64);
+        const __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw));
+        const __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 1));
+        const __m256i x2 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 2));
+        const __m256i x3 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 3));
+        do {  // reads ≤ 31 bytes past the row's index and codes: both streams are padded
+          const __m256i col = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix));
+          const __m256i bit4 = _mm256_slli_epi16(col, 3), bit5 = _mm256_slli_epi16(col, 2);
+          const __m256i q01 = _mm256_blendv_epi8(_mm256_shuffle_epi8(x0, col), _mm256_shuffle_epi8(x1, col), bit4);
+          const __m256i q23 = _mm256_blendv_epi8(_mm256_shuffle_epi8(x2, col), _mm256_shuffle_epi8(x3, col), bit4);
+          const __m256i q = _mm256_blendv_epi8(q01, q23, bit5);
+          const int t = n < 32 ? n : 32;
+          __m256i code;
+          if constexpr (kInt4) {
+            const __m256i e = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+            const __m256i nib = _mm256_and_si256(_mm256_or_si256(e, _mm256_slli_epi16(e, 4)), _mm256_set1_epi16(0x0F0F));
+            code = _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+            v += (t + 1) >> 1;  // a word's odd count leaves a padding nibble; the next word starts on a byte
+          } else {
+            code = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+            v += t;
+          }
+          code = _mm256_and_si256(code, _mm256_cmpgt_epi8(_mm256_set1_epi8(char(t)), iota));
+          const __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(code, q));
+          acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(pr, ones));
+          std::swap(acc0, acc1);  // two dependency chains
+          ix += t;
+          n -= t;
+        } while (n > 0);
+        ix += pad;
+      }
+      if constexpr (kInt4) {  // the group's exact sum (below 2^24: exact in fp32) meets its scale
+        const __m256 scale = _mm256_set1_ps(p.w_scale[r * groups + g]);
+        row = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc0, acc1)), scale, row);
+        acc0 = acc1 = _mm256_setzero_si256();
+      }
     }
-    p.y[r] = Outer<Fmt::I8>::finish(float(hsum(_mm256_add_epi32(acc0, acc1))), p, 0, r);
+    if constexpr (kInt4) {
+      const float y = hsum(row) * p.x_scale[0];  // one row of x: its scale
+      p.y[r] = p.bias ? y + p.bias[r] : y;
+    } else {
+      p.y[r] = Outer<Fmt::I8>::finish(float(hsum(_mm256_add_epi32(acc0, acc1))), p, 0, r);
+    }
   }
 }
 
@@ -512,9 +540,9 @@ void run(Fmt fmt, const Problem& p) {
       switch (fmt) {
         case Fmt::BF16: rows<FmtBF16>(p, r0, r1); break;
         case Fmt::F32: rows<FmtF32>(p, r0, r1); break;
-        case Fmt::I8: p.columns ? gather_rows(p, r0, r1) : int8_rows(p, r0, r1); break;
+        case Fmt::I8: p.columns ? gather_rows<false>(p, r0, r1) : int8_rows(p, r0, r1); break;
         case Fmt::I8F: rows<FmtI8F>(p, r0, r1); break;
-        case Fmt::I4: int4_rows<true>(p, r0, r1); break;
+        case Fmt::I4: p.columns ? gather_rows<true>(p, r0, r1) : int4_rows<true>(p, r0, r1); break;
         case Fmt::I4F: int4_rows<false>(p, r0, r1); break;
       }
     }

@@ -2,8 +2,8 @@
 
     python benchmarks/gather_decode_ab.py OUT_DIR [--layers 2] [--rounds 6] [--steps 10] [--threads 2]
 
-The AVX2 batch-1 W8A8 and W4A8 kernels gather x by a column index (``ops.for_isa`` adds it where the
-kernels run AVX2, from ``ops.GATHER_MIN_SPARSITY`` on). This measures what that does to a decode
+The AVX2 W8A8 and W4A8 kernels gather x by a column index below 8 rows of x (``ops.for_isa`` adds it
+where the kernels run AVX2, from ``ops.GATHER_MIN_SPARSITY`` on). This measures what that does to a decode
 step: the Llama-2-7B-shaped model of the decode benchmark (``sparsify.bench.cpu.build_decode_model``,
 70% per-row pruning, random weights) made 70% INT8 and 70% INT4 (W4A8, groups of 128), both with an
 INT8 lm_head, each once with the index and once without (the bitmask kernels). Rounds of ``steps``

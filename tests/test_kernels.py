@@ -255,9 +255,10 @@ def test_gather_index_lists_each_words_columns(pad_odd):
 
 
 def test_avx2_gather_kernel_is_exact_and_reads_the_index(compiled_isas):
-    """The AVX2 batch-1 W8A8 and W4A8 kernels with the gather index (ops.for_isa builds it on AVX2) give
-    the reference's exact sums on every case of the W8A8 and W4A8 exactness tests, and really read the index: a
-    corrupted index changes the batch-1 result, not the batch-2 one (which keeps the bitmask)."""
+    """The AVX2 W8A8 and W4A8 kernels with the gather index (ops.for_isa builds it on AVX2) give the
+    reference's exact sums on every case of the W8A8 and W4A8 exactness tests, and really read the index:
+    a corrupted index changes the results below kOuterMin rows of x, not from there on (outer.h keeps
+    the bitmask)."""
     if "avx2" not in compiled_isas:
         pytest.skip("no AVX2 kernels on this CPU")
     from sparsify.inference.kernels.format import with_gather_index
@@ -273,20 +274,20 @@ def test_avx2_gather_kernel_is_exact_and_reads_the_index(compiled_isas):
     codes[1] = -7
     codes[2, 64:1024] = 0
     codes[3, ::3] = 0
-    x = -torch.ones(2, 4096)
+    x = -torch.ones(3, 4096)
     x[:, 0] = 1.0
-    x[1] = torch.randn(4096)
+    x[2] = torch.randn(4096)
     for group in (64, 128, None):
         groups = 1 if group is None else 4096 // group
         p = pack(codes, dtype=torch.int4, scales=torch.ones(4, groups), group_size=group)
         g = with_gather_index(p)
         g.validate()
-        for batch in (1, 2):
+        for batch in (1, 2, 3):
             assert torch.equal(sparse_linear(x[:batch], g, isa="avx2"), torch_sparse_linear(x[:batch], p)), group
     for shape, sparsity, group in [((37, 128), 0.7, 64), ((129, 192), 0.9, None), ((20, 640), 0.0, 128)]:
         w = sparse_weight(*shape, sparsity, seed=shape[0])
         p = pack(w, dtype=torch.int4, group_size=group)
-        x = torch.randn(1, shape[1])
+        x = torch.randn(5, shape[1])
         assert_close(
             sparse_linear(x, with_gather_index(p), isa="avx2"),
             torch_sparse_linear(x, p),
@@ -298,8 +299,11 @@ def test_avx2_gather_kernel_is_exact_and_reads_the_index(compiled_isas):
     columns = g.columns.clone()
     columns[1] = (int(columns[1]) + 1) % 64  # row 0's first stored code now meets the next column of x
     bad = dataclasses.replace(g, columns=columns)
-    assert not torch.equal(sparse_linear(x[:1], bad, isa="avx2"), sparse_linear(x[:1], g, isa="avx2"))
-    assert torch.equal(sparse_linear(x[:2], bad, isa="avx2"), sparse_linear(x[:2], g, isa="avx2"))
+    most = ops.GATHER_MAX_BATCH
+    for batch in (1, 2, most):  # the gather kernel
+        assert not torch.equal(sparse_linear(x[:batch], bad, isa="avx2"), sparse_linear(x[:batch], g, isa="avx2"))
+    for batch in (most + 1, 16):  # outer.h
+        assert torch.equal(sparse_linear(x[:batch], bad, isa="avx2"), sparse_linear(x[:batch], g, isa="avx2"))
     with pytest.raises(ValueError, match="columns do not match the bitmask"):
         bad.validate()
 

@@ -372,4 +372,6 @@ def test_on_avx2_int8_layers_hold_the_gather_index_and_the_layer_benchmark_times
     _, nbytes_b2, _, _ = make_layer_variant("sparse70_int8@avx2", dense, batch=2, cache=cache, rotate_bytes=0)
     held = cache["sparse70_int8/copies@avx2"][0]
     assert held.columns is not None
-    assert nbytes == held.nbytes - held.bitmask.numel() + held.columns.numel() and nbytes_b2 == held.nbytes
+    _, nbytes_b8, _, _ = make_layer_variant("sparse70_int8@avx2", dense, batch=8, cache=cache, rotate_bytes=0)
+    gathered = held.nbytes - held.bitmask.numel() + held.columns.numel()
+    assert nbytes == nbytes_b2 == gathered and nbytes_b8 == held.nbytes  # from 8 rows of x: outer.h, the bitmask

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from sparsify.bench.gpu import GPU_BATCHES, GPU_SHAPES, flat_gpu_metrics, int4_groups, run_gpu_layer_benchmark
 from sparsify.inference.kernels import PackedWeight, kernel_isa, load_extension, pack, sparse_linear
 from sparsify.inference.kernels.loader import ISA_NAMES
-from sparsify.inference.kernels.ops import for_isa
+from sparsify.inference.kernels.ops import GATHER_MAX_BATCH, for_isa
 from sparsify.inference.runtime import sparsify_model, use_decode_attention
 from sparsify.sparsity.masks import prunable_linear_names
 
@@ -257,7 +257,7 @@ def _weight_bytes(name: str, state: object, shape: tuple[int, int], batch: int) 
         return out * inn + out * 8  # int8 weight + per-channel scale/zero point (fbgemm packing)
     if name == "torch_int4":
         return out * inn // 2 + state[1].numel() * 2  # nibbles + bf16 scales/zeros
-    if state.columns is not None and batch == 1:  # the AVX2 gather kernel reads its index, not the bitmask
+    if state.columns is not None and batch <= GATHER_MAX_BATCH:  # the AVX2 gather kernel reads its index
         return state.nbytes - state.bitmask.numel() + state.columns.numel()
     return state.nbytes
 

@@ -26,7 +26,7 @@ Optionally, for W8A8 and W4A8 (``act_int8``), a *gather index* (``columns``, bui
 order, a header byte p (the word's set bits) followed by the p in-word column positions (0..63) of
 its stored codes (int4: and one byte of padding after an odd p, as its nibbles have), then 64 bytes
 of zeros; so row r starts at ``offsets[r] + r · words`` (int4: ``2 · offsets[r] + r · words``). The
-AVX2 batch-1 kernels read it instead of the bitmask and gather x at those columns (AVX2 has no
+AVX2 kernels (below 8 rows of x) read it instead of the bitmask and gather x at those columns (AVX2 has no
 VPEXPAND): a byte per stored code instead of 1/8 per column, and fewer instructions per column (see
 sparse_gemv_avx2.cpp).
 
@@ -96,7 +96,7 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes a kernel call streams: mask + stored values + offsets (+ scales, row sums). A gather index
-        (``columns``) is held on top, and read instead of the mask by the AVX2 batch-1 kernel."""
+        (``columns``) is held on top, and read instead of the mask by the AVX2 kernels below 8 rows of x."""
         stored = int(self.offsets[-1]) if self.dtype == torch.int4 else self.nnz * self.values.element_size()
         n = self.bitmask.numel() + stored + self.offsets.numel() * 8
         if self.scales is not None:
@@ -220,7 +220,7 @@ def gather_index(bitmask: Tensor, pad_odd: bool = False) -> Tensor:
 
 
 def with_gather_index(packed: PackedWeight) -> PackedWeight:
-    """``packed`` (W8A8 or W4A8) with its gather index, for the AVX2 batch-1 kernels."""
+    """``packed`` (W8A8 or W4A8) with its gather index, for the AVX2 kernels."""
     if packed.dtype not in (torch.int8, torch.int4) or not packed.act_int8:
         raise ValueError("the gather index serves W8A8 and W4A8 weights only")
     return dataclasses.replace(packed, columns=gather_index(packed.bitmask, pad_odd=packed.dtype == torch.int4))

@@ -67,7 +67,7 @@ struct Problem {
   const int32_t* x_lane_sum;
   // W8A8 / W4A8 gather index (format.py: per row and mask word, a count then the in-word column of
   // each stored code, int4 padded to an even count; row r at offsets[r] + r · words, int4
-  // 2 · offsets[r] + r · words), or nullptr. Read by the AVX2 kernels at M == 1.
+  // 2 · offsets[r] + r · words), or nullptr. Read by the AVX2 kernels below kOuterMin rows of x.
   const uint8_t* columns;
 };
 

@@ -113,12 +113,15 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None, *
     return call_extension(load_extension(), x if x.is_contiguous() else x.contiguous(), packed, bias, name)
 
 
-# From this sparsity on, the AVX2 batch-1 W8A8 and W4A8 kernels gather x by the gather index instead
-# of expanding the bitmask: W8A8 1.36-1.42x at 60%, 1.47-1.69x at 70%, 1.46-1.54x at 80%, W4A8
-# 1.25-1.48x at 60-80%; at 50% 0.99-1.02x, where the index (a byte per stored code) makes a W8A8
-# weight read more than a dense INT8 one (11008x4096, Zen 4 with the AVX2 path, benchmarks/kernel_ab.py
-# in three runs, docs/results.md).
+# From this sparsity on, the AVX2 W8A8 and W4A8 kernels below 8 rows of x gather x by the gather
+# index instead of expanding the bitmask; at batch 1: W8A8 1.36-1.42x at 60%, 1.47-1.69x at 70%,
+# 1.46-1.54x at 80%, W4A8 1.25-1.48x at 60-80%; at 50% 0.99-1.02x, where the index (a byte per stored
+# code) makes a W8A8 weight read more than a dense INT8 one (11008x4096, Zen 4 with the AVX2 path,
+# benchmarks/kernel_ab.py in three runs, docs/results.md).
 GATHER_MIN_SPARSITY = 0.6
+# The most rows of x the gather kernels take (kernels.h: kOuterMin − 1); from kOuterMin on, the
+# outer-product kernel reads the bitmask.
+GATHER_MAX_BATCH = 7
 
 
 def for_isa(packed: PackedWeight, isa: str) -> PackedWeight:

@@ -307,8 +307,9 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   p.outer = outer;
   p.group_words = group_words;
   p.x_lane_sum = xgroup.defined() ? xgroup.data_ptr<int32_t>() : nullptr;
-  // Only the AVX2 batch-1 W8A8 and W4A8 kernels read the gather index; the others keep the bitmask.
-  p.columns = columns.has_value() && isa == kAvx2 && M == 1 && !outer ? columns->data_ptr<uint8_t>() : nullptr;
+  // Only the AVX2 W8A8 and W4A8 kernels below kOuterMin rows of x read the gather index; the others
+  // keep the bitmask.
+  p.columns = columns.has_value() && isa == kAvx2 && !outer ? columns->data_ptr<uint8_t>() : nullptr;
   {
     pybind11::gil_scoped_release no_gil;
     if (isa == kAvx512) avx512::run(fmt, p);

@@ -30,9 +30,10 @@
 // VPMADDWD kernel it replaced (benchmarks/kernel_ab.py, Zen 4, AVX2 path, 11008x4096, 0-70%
 // sparsity): 1.11-1.24x at batch 1, 1.35-1.64x at batches 2-4 (docs/results.md). It is still
 // bound by issuing instructions, half of them the scalar work of finding each pair's table rows.
-// So at batch 1, where a W8A8 or W4A8 weight has a gather index (format.py; ops.for_isa builds it
-// from 60% sparsity on), gather_rows does the opposite: it leaves the codes packed and gathers x at
-// their columns (see there): W8A8 1.36-1.69x, W4A8 1.25-1.48x faster at 60-80% sparsity.
+// So where a W8A8 or W4A8 weight has a gather index (format.py; ops.for_isa builds it from 60%
+// sparsity on), gather_rows does the opposite below kOuterMin rows of x: it leaves the codes packed
+// and gathers x at their columns (see there): at batch 1 W8A8 1.36-1.69x, W4A8 1.25-1.48x faster at
+// 60-80% sparsity.
 #include <omp.h>
 
 #include <cstdlib>
@@ -421,7 +422,7 @@ __attribute__((noinline)) void int8_block(const Problem& p, int64_t r0, int64_t 
   }
 }
 
-// ----------------------------------------------------------------- W8A8 at batch 1: gather x by index
+// ----------------------------------------------------------------- W8A8, W4A8 (M < kOuterMin): gather x
 // With the gather index (Problem::columns, format.py) the stored codes are not expanded to their
 // columns; instead x is gathered at the codes' columns, 32 codes per step. A word's 64 codes q of x
 // are four 16-byte blocks, each broadcast to both 128-bit lanes; VPSHUFB looks each code's column
@@ -430,25 +431,31 @@ __attribute__((noinline)) void int8_block(const Problem& p, int64_t r0, int64_t 
 // zeroed by a compare against p. Then the same exact int8 dot product as int8_block, with |q| from
 // VPABSB. Per 64 columns at 70% sparsity (p ≈ 19, one step) ~28 instructions against ~56 for two
 // expand32 steps; in exchange the index costs a byte per stored code (0.616 against 0.425 bytes per
-// weight at 70%, more than dense INT8 at 50%: see ops.GATHER_MIN_SPARSITY). Measured at 11008x4096,
-// 70%, against int8_block at batch 1: docs/results.md. Only batch 1: a second row of x would repeat
-// the gather, where expand32's work is shared by every row of x.
+// weight at 70%, more than dense INT8 at 50%: see ops.GATHER_MIN_SPARSITY).
+//
+// Each further row of x repeats the gather (~16 instructions per step and row, against ~12 for
+// expand32's dot products, whose expansion all rows share), so the gain shrinks with M: measured at
+// 11008x4096, 70%, against int8_block (benchmarks/kernel_ab.py, docs/results.md): W8A8 1.47-1.69x at
+// M = 1, 1.21x at 2, 1.02-1.10x at 3-5, 1.34x at 7 (where expand32's 7 rows of codes and
+// magnitudes no longer fit L1); W4A8 1.07-1.42x.
 //
 // W4A8 (kInt4) the same way: 32 codes are 16 bytes of nibbles, unpacked in registers (VPMOVZXBW puts
 // byte i in 16-bit lane i; OR with itself shifted by 4 and a mask leave its low nibble in byte 2i and
 // its high one in 2i + 1, the storage order) and offset by −8; each group's exact sum meets its scale.
-template <bool kInt4>
-void gather_rows(const Problem& p, int64_t r0, int64_t r1) {
-  const int8_t* xq = static_cast<const int8_t*>(p.x);  // row 0: kp codes q, then kp magnitudes (unused)
-  const int64_t pf = p.prefetch, gw = kInt4 ? p.group_words : p.words, groups = p.words / gw;
+template <int T, bool kInt4>
+void gather_block(const Problem& p, int64_t r0, int64_t r1, int64_t t0) {
+  const int64_t kp = p.words * 64, pf = p.prefetch, gw = kInt4 ? p.group_words : p.words, groups = p.words / gw;
+  const int8_t* xq = static_cast<const int8_t*>(p.x) + t0 * 2 * kp;  // row t: kp codes q, then kp |q| (unused)
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i iota = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
                                         21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* ix = p.columns + (kInt4 ? 2 : 1) * p.offsets[r] + r * p.words;
     const int8_t* v = static_cast<const int8_t*>(p.values) + p.offsets[r];  // int4: bytes of nibbles
-    __m256 row = _mm256_setzero_ps();  // int4: Σ over groups of scale · exact group sum, per lane
-    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+    __m256 row[T];   // int4: Σ over groups of scale · exact group sum, per lane
+    __m256i acc[T];  // exact integer sums (int4: of the current group)
+    __m256i alt = _mm256_setzero_si256();  // batch 1: a second dependency chain, swapped with acc[0]
+    for (int t = 0; t < T; ++t) row[t] = _mm256_setzero_ps(), acc[t] = _mm256_setzero_si256();
     for (int64_t g = 0; g < groups; ++g) {
       for (int64_t w = g * gw; w < (g + 1) * gw; ++w) {
         _mm_prefetch(reinterpret_cast<const char*>(v) + pf, _MM_HINT_T0);
@@ -456,50 +463,66 @@ void gather_rows(const Problem& p, int64_t r0, int64_t r1) {
         int n = *ix++;
         if (n == 0) continue;
         const int pad = kInt4 ? n & 1 : 0;  // int4: the index, like the nibbles, pads an odd count
-        const __m128i* xw = reinterpret_cast<const __m128i*>(xq + w * 64);
-        const __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw));
-        const __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 1));
-        const __m256i x2 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 2));
-        const __m256i x3 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 3));
         do {  // reads ≤ 31 bytes past the row's index and codes: both streams are padded
           const __m256i col = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix));
           const __m256i bit4 = _mm256_slli_epi16(col, 3), bit5 = _mm256_slli_epi16(col, 2);
-          const __m256i q01 = _mm256_blendv_epi8(_mm256_shuffle_epi8(x0, col), _mm256_shuffle_epi8(x1, col), bit4);
-          const __m256i q23 = _mm256_blendv_epi8(_mm256_shuffle_epi8(x2, col), _mm256_shuffle_epi8(x3, col), bit4);
-          const __m256i q = _mm256_blendv_epi8(q01, q23, bit5);
-          const int t = n < 32 ? n : 32;
+          const int c = n < 32 ? n : 32;
           __m256i code;
           if constexpr (kInt4) {
             const __m256i e = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
             const __m256i nib = _mm256_and_si256(_mm256_or_si256(e, _mm256_slli_epi16(e, 4)), _mm256_set1_epi16(0x0F0F));
             code = _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
-            v += (t + 1) >> 1;  // a word's odd count leaves a padding nibble; the next word starts on a byte
+            v += (c + 1) >> 1;  // a word's odd count leaves a padding nibble; the next word starts on a byte
           } else {
             code = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-            v += t;
+            v += c;
           }
-          code = _mm256_and_si256(code, _mm256_cmpgt_epi8(_mm256_set1_epi8(char(t)), iota));
-          const __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(code, q));
-          acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(pr, ones));
-          std::swap(acc0, acc1);  // two dependency chains
-          ix += t;
-          n -= t;
+          code = _mm256_and_si256(code, _mm256_cmpgt_epi8(_mm256_set1_epi8(char(c)), iota));
+          for (int t = 0; t < T; ++t) {  // each row of x: its word's four blocks, the gather, the dot product
+            const __m128i* xw = reinterpret_cast<const __m128i*>(xq + t * 2 * kp + w * 64);
+            const __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw));
+            const __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 1));
+            const __m256i x2 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 2));
+            const __m256i x3 = _mm256_broadcastsi128_si256(_mm_loadu_si128(xw + 3));
+            const __m256i q01 = _mm256_blendv_epi8(_mm256_shuffle_epi8(x0, col), _mm256_shuffle_epi8(x1, col), bit4);
+            const __m256i q23 = _mm256_blendv_epi8(_mm256_shuffle_epi8(x2, col), _mm256_shuffle_epi8(x3, col), bit4);
+            const __m256i q = _mm256_blendv_epi8(q01, q23, bit5);
+            const __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(code, q));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(pr, ones));
+          }
+          if constexpr (T == 1) std::swap(acc[0], alt);
+          ix += c;
+          n -= c;
         } while (n > 0);
         ix += pad;
       }
-      if constexpr (kInt4) {  // the group's exact sum (below 2^24: exact in fp32) meets its scale
+      if constexpr (kInt4) {  // the group's exact sums (below 2^24: exact in fp32) meet its scale
         const __m256 scale = _mm256_set1_ps(p.w_scale[r * groups + g]);
-        row = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc0, acc1)), scale, row);
-        acc0 = acc1 = _mm256_setzero_si256();
+        acc[0] = _mm256_add_epi32(acc[0], alt);
+        alt = _mm256_setzero_si256();
+        for (int t = 0; t < T; ++t) {
+          row[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), scale, row[t]);
+          acc[t] = _mm256_setzero_si256();
+        }
       }
     }
-    if constexpr (kInt4) {
-      const float y = hsum(row) * p.x_scale[0];  // one row of x: its scale
-      p.y[r] = p.bias ? y + p.bias[r] : y;
-    } else {
-      p.y[r] = Outer<Fmt::I8>::finish(float(hsum(_mm256_add_epi32(acc0, acc1))), p, 0, r);
+    acc[0] = _mm256_add_epi32(acc[0], alt);
+    for (int t = 0; t < T; ++t) {
+      if constexpr (kInt4) {
+        const float y = hsum(row[t]) * p.x_scale[t0 + t];
+        p.y[(t0 + t) * p.N + r] = p.bias ? y + p.bias[r] : y;
+      } else {
+        p.y[(t0 + t) * p.N + r] = Outer<Fmt::I8>::finish(float(hsum(acc[t])), p, t0 + t, r);
+      }
     }
   }
+}
+
+template <bool kInt4>
+void gather_rows(const Problem& p, int64_t r0, int64_t r1) {
+  token_blocks(p, r0, r1, [&](int64_t rb, int64_t re, int64_t t0, auto T) {
+    gather_block<decltype(T)::value, kInt4>(p, rb, re, t0);
+  });
 }
 
 // Rows of int4 nibbles, unpacked one row at a time into a per-thread buffer: with int8 x (kIntX:

@@ -183,6 +183,10 @@ class PackedWeight:
 
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+# _BIT_POSITIONS[b, k]: the position of the k-th set bit of byte b (0 past its last one).
+_BIT_POSITIONS = np.array(
+    [[k for k in range(8) if b >> k & 1] + [0] * (8 - int(_POPCOUNT8[b])) for b in range(256)], dtype=np.uint8
+)
 
 
 def popcount_rows(bitmask: Tensor) -> Tensor:
@@ -207,15 +211,21 @@ def gather_index(bitmask: Tensor, pad_odd: bool = False) -> Tensor:
     """The gather index of a bitmask (module docstring): per row and word, the count p then the p in-word
     columns of the set bits, in storage order (``pad_odd``, for int4: a zero byte after an odd p); 64 bytes
     of zeros at the end for vector over-reads."""
-    counts = _word_counts(bitmask).reshape(-1)  # words in row-major order
-    rows, cols = np.nonzero(np.unpackbits(bitmask.numpy(), axis=1, bitorder="little"))
-    word = rows * (bitmask.shape[1] // 8) + cols // WORD  # the (global) word of each stored code
+    # Per mask byte rather than per bit (a byte → set-bit positions table): no [out, in] array of bits,
+    # ~2x faster at 11008x4096 than unpacking the mask (the runtime builds this at load time, per layer).
+    mask_bytes = bitmask.numpy().reshape(-1)
+    per_byte = _POPCOUNT8[mask_bytes]
+    counts = per_byte.reshape(-1, 8).sum(1, dtype=np.int64)  # per word, in row-major order
+    byte = np.repeat(np.arange(mask_bytes.size, dtype=np.int64), per_byte)  # the mask byte of each stored code
+    code = np.arange(byte.size, dtype=np.int64)
+    in_byte = code - (np.cumsum(per_byte, dtype=np.int64) - per_byte)[byte]  # its rank among its byte's codes
+    column = (byte & 7).astype(np.uint8) * 8 + _BIT_POSITIONS[mask_bytes[byte], in_byte]  # its column in the word
+    word = byte >> 3
     slots = counts + (counts & 1) if pad_odd else counts
-    header = np.concatenate([[0], np.cumsum(1 + slots)])  # where each word's header byte goes
+    header = np.concatenate([[0], np.cumsum(1 + slots)])  # where each word's count goes; its columns follow
     out = np.zeros(int(header[-1]) + PAD_BYTES, dtype=np.uint8)
     out[header[:-1]] = counts
-    rank = np.arange(cols.size) - np.concatenate([[0], np.cumsum(counts)])[word]  # the code's rank in its word
-    out[header[word] + 1 + rank] = cols % WORD
+    out[header[word] + 1 + code - np.concatenate([[0], np.cumsum(counts)])[word]] = column
     return torch.from_numpy(out)
 
 

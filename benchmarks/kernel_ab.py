@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
             weight = prune_rows(dense, sparsity) if sparsity else dense
             for fmt in args.formats:
                 first = pack(weight, **FORMATS[fmt])
-                copies = max(2, -(-ROTATE_BYTES // first.nbytes))
-                copies = [first] + [pack(weight, **FORMATS[fmt]) for _ in range(copies - 1)]
+                n = max(2, -(-ROTATE_BYTES // first.nbytes))
+                copies = [first] + [pack(weight, **FORMATS[fmt]) for _ in range(n - 1)]
                 # The working tree's build gets its runtime's preparation for this ISA (ops.for_isa: the
                 # AVX2 gather index); the baseline's binding may not know it, so it gets the plain format.
                 packed = {"baseline": copies, "tree": [for_isa(p, isa_name) for p in copies]}

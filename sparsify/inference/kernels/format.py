@@ -215,7 +215,7 @@ def gather_index(bitmask: Tensor, pad_odd: bool = False) -> Tensor:
     # ~2x faster at 11008x4096 than unpacking the mask (the runtime builds this at load time, per layer).
     mask_bytes = bitmask.numpy().reshape(-1)
     per_byte = _POPCOUNT8[mask_bytes]
-    counts = per_byte.reshape(-1, 8).sum(1, dtype=np.int64)  # per word, in row-major order
+    counts = _word_counts(bitmask).reshape(-1)  # per word, in row-major order
     byte = np.repeat(np.arange(mask_bytes.size, dtype=np.int64), per_byte)  # the mask byte of each stored code
     code = np.arange(byte.size, dtype=np.int64)
     in_byte = code - (np.cumsum(per_byte, dtype=np.int64) - per_byte)[byte]  # its rank among its byte's codes

@@ -9,7 +9,8 @@ A kernel change is judged against the code it replaces, on the same machine, in 
 this machine's speed drifts by tens of percent between runs. The baseline's kernel sources
 (``git show REV:sparsify/inference/kernels/...``) are compiled into their own extension module next
 to the working tree's; both are called through the same binding (``sparse_linear``; the two
-revisions must agree on its signature) on the same packed weights. Per format, sparsity and batch:
+revisions must agree on its signature) on the same packed weights, each with the runtime's preparation
+for the ISA (the AVX2 gather index) where its binding takes it. Per format, sparsity and batch:
 both results are checked against each other first (a fast wrong kernel is not a result), then the
 two builds alternate call by call, order swapped every repeat, each call reading a different copy of
 the weight (copies totalling more than the L3, as decode streams its weights from DRAM). Reported:
@@ -71,6 +72,17 @@ def build_revision(rev: str, root: Path) -> ModuleType:
         shown.check_returncode()
         (src / name).write_text(shown.stdout)
     return loader.compile_kernels(f"sparsellama_kernels_{sha}", src, root / f"build_{sha}")
+
+
+def takes_prepared(module: ModuleType, prepared: PackedWeight, isa: str) -> bool:
+    """Whether ``module``'s binding accepts what ops.for_isa added to ``prepared`` (the gather index)."""
+    if prepared.columns is None:
+        return True
+    try:
+        call_extension(module, torch.zeros(1, prepared.shape[1]), prepared, None, isa)
+    except TypeError:  # pybind11: an older signature without ``columns``
+        return False
+    return True
 
 
 def compare(
@@ -137,9 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
                 first = pack(weight, **FORMATS[fmt])
                 n = max(2, -(-ROTATE_BYTES // first.nbytes))
                 copies = [first] + [pack(weight, **FORMATS[fmt]) for _ in range(n - 1)]
-                # The working tree's build gets its runtime's preparation for this ISA (ops.for_isa: the
-                # AVX2 gather index); the baseline's binding may not know it, so it gets the plain format.
-                packed = {"baseline": copies, "tree": [for_isa(p, isa_name) for p in copies]}
+                # Each build gets the runtime's preparation for this ISA (ops.for_isa: the AVX2 gather
+                # index) if its binding takes it, else the plain format (revisions before the index).
+                prepared = [for_isa(p, isa_name) for p in copies]
+                baseline = prepared if takes_prepared(modules["baseline"], prepared[0], isa_name) else copies
+                packed = {"baseline": baseline, "tree": prepared}
                 for batch in args.batches:
                     row = {"format": fmt, "sparsity": sparsity, "batch": batch}
                     row |= compare(modules, packed, torch.randn(batch, inn), isa_name, args.repeats)

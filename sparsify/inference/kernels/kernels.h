@@ -96,6 +96,8 @@ void run(Fmt fmt, const Problem& p);
 void decode_attention(const AttentionProblem& a);
 // Whether a call with M rows of x takes the outer-product kernel (x as fp32, or int32 codes for W8A8).
 constexpr bool outer(int64_t M) { return M >= kOuterMin; }
+// The activation encoder, vectorized (same contract and results as avx512::quantize_u8).
+bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, float* scale);
 }  // namespace avx2
 namespace avx512 {
 void run(Fmt fmt, const Problem& p);

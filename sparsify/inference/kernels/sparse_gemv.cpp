@@ -100,7 +100,7 @@ torch::Tensor encode_float_x(const torch::Tensor& x, int64_t kp, bool to_bf16, b
 // Dynamic symmetric per-token int8 quantization on compressed-tensors' grid (the grid
 // sparsify/quant/quantization.py fakes): scale = max|x_t| / 127.5, q = round(clamp(x / scale, −128, 127)),
 // stored as q + 128 (uint8) for VPDPBUSD's unsigned operand. Computed in fp32.
-std::pair<torch::Tensor, torch::Tensor> quantize_x(const torch::Tensor& x, int64_t kp, bool vector) {
+std::pair<torch::Tensor, torch::Tensor> quantize_x(const torch::Tensor& x, int64_t kp, int64_t isa) {
   const int64_t M = x.size(0), K = x.size(1);
   auto xf = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
   const float* xs = xf.data_ptr<float>();
@@ -108,7 +108,8 @@ std::pair<torch::Tensor, torch::Tensor> quantize_x(const torch::Tensor& x, int64
   auto sc = torch::empty({M}, torch::kFloat);
   uint8_t* qo = q.data_ptr<uint8_t>();
   float* so = sc.data_ptr<float>();
-  if (vector && avx512::quantize_u8(xs, M, K, kp, qo, so)) return {q, sc};
+  if (isa == kAvx512 && avx512::quantize_u8(xs, M, K, kp, qo, so)) return {q, sc};
+  if (isa == kAvx2 && avx2::quantize_u8(xs, M, K, kp, qo, so)) return {q, sc};
   for (int64_t m = 0; m < M; ++m) {
     const float* row = xs + m * K;
     float amax = 0.f;
@@ -267,7 +268,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x_in, const torch::Tensor& bitm
   const bool split = xk == XKind::BF16 && x.scalar_type() == torch::kFloat;
   torch::Tensor xe, xscale, xgroup;
   if (xk == XKind::U8 || xk == XKind::I32 || xk == XKind::S8 || xk == XKind::S8Abs) {
-    std::tie(xe, xscale) = quantize_x(x, kp, isa == kAvx512);
+    std::tie(xe, xscale) = quantize_x(x, kp, isa);
     if (xk == XKind::I32) xe = (xe.to(torch::kInt) - 128).contiguous();
     if (xk == XKind::S8Abs) xe = codes_and_magnitudes(xe);
     if (xk == XKind::S8) {  // AVX-512 W4A8 multiplies signed q by the unsigned nibbles (see there)

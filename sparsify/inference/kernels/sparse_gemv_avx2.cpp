@@ -36,6 +36,7 @@
 // 60-80% sparsity.
 #include <omp.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -142,6 +143,12 @@ inline float hsum(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float hsum_max(__m256 a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
 inline int32_t hsum(__m256i a) {
@@ -572,6 +579,55 @@ void run(Fmt fmt, const Problem& p) {
   }
 }
 
+// Dynamic per-token int8 quantization, the contract of avx512::quantize_u8 (and of the scalar loop in
+// sparse_gemv.cpp, whose results it reproduces bit for bit: the same fp32 division, clamp and
+// round-half-to-even). Vectorized because it runs once per W8A8/W4A8 linear per decoded token: the
+// scalar loop's libm nearbyint took ~27 us per 4096 columns, ~6 ms per token over a 7B model's 224
+// linears. Rows with inf or nan get a nan scale and keep the caller's code 0 (128).
+bool quantize_u8(const float* x, int64_t M, int64_t K, int64_t kp, uint8_t* q, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.f), inf = _mm256_set1_ps(__builtin_inff());
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or nan
+      amax = _mm256_max_ps(amax, a);
+    }
+    float top = hsum_max(amax);
+    bool finite = _mm256_movemask_ps(bad) == 0;
+    for (int64_t k = K8; k < K; ++k) {
+      finite &= std::isfinite(row[k]);
+      top = std::fmax(top, std::fabs(row[k]));
+    }
+    if (!finite) {
+      scale[m] = __builtin_nanf("");
+      continue;
+    }
+    float s = top / 127.5f;
+    if (!(s > 0.f)) s = 1.f;
+    scale[m] = s;
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+    const __m128i bias = _mm_set1_epi8(char(128));
+    uint8_t* out = q + m * kp;
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 t = _mm256_div_ps(_mm256_loadu_ps(row + k), vs);
+      t = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(t, lo), hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i c = _mm256_cvtps_epi32(t);  // −128..127: the saturating packs keep every value
+      const __m256i h = _mm256_packs_epi32(c, c);
+      const __m256i w = _mm256_packs_epi16(h, h);  // 128-bit lane j starts with codes 4j..4j+3
+      const __m128i b = _mm_unpacklo_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_xor_si128(b, bias));  // q + 128
+    }
+    for (int64_t k = K8; k < K; ++k) {
+      const float v = std::fmin(std::fmax(row[k] / s, -128.f), 127.f);
+      out[k] = uint8_t(int(std::nearbyint(v)) + 128);
+    }
+  }
+  return true;
+}
+
 constexpr int kLanes = 8;  // floats per vector, for attention.h
 #include "attention.h"
 
@@ -584,6 +640,7 @@ namespace sparsellama {
 namespace avx2 {
 void run(Fmt, const Problem&) {}
 void decode_attention(const AttentionProblem&) {}
+bool quantize_u8(const float*, int64_t, int64_t, int64_t, uint8_t*, float*) { return false; }
 }  // namespace avx2
 }  // namespace sparsellama
 #endif

@@ -398,8 +398,9 @@ __attribute__((noinline)) void int8_block(const Problem& p, int64_t r0, int64_t 
         const uint64_t m = mk[w];
         if (m == 0) continue;
         const auto* mb = reinterpret_cast<const uint8_t*>(mk + w);
+        const bool full = m == ~uint64_t(0);  // a dense word (an INT8 lm_head is all of them): no expansion
         for (int h = 0; h < 2; ++h) {
-          const __m256i wv = expand32(mb + 4 * h, v);
+          const __m256i wv = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)) : expand32(mb + 4 * h, v);
           v += __builtin_popcount(uint32_t(m >> (32 * h)));
           const int64_t col = w * 64 + h * 32;
           for (int t = 0; t < T; ++t) {

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsify.inference.kernels.loader import load_extension
 from sparsify.quant.grids import quantize_codes, weight_scales
 
 VALUE_DTYPES = (torch.bfloat16, torch.float32, torch.int8, torch.int4)
@@ -183,10 +184,6 @@ class PackedWeight:
 
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-# _BIT_POSITIONS[b, k]: the position of the k-th set bit of byte b (0 past its last one).
-_BIT_POSITIONS = np.array(
-    [[k for k in range(8) if b >> k & 1] + [0] * (8 - int(_POPCOUNT8[b])) for b in range(256)], dtype=np.uint8
-)
 
 
 def popcount_rows(bitmask: Tensor) -> Tensor:
@@ -210,23 +207,15 @@ def _word_counts(bitmask: Tensor) -> np.ndarray:
 def gather_index(bitmask: Tensor, pad_odd: bool = False) -> Tensor:
     """The gather index of a bitmask (module docstring): per row and word, the count p then the p in-word
     columns of the set bits, in storage order (``pad_odd``, for int4: a zero byte after an odd p); 64 bytes
-    of zeros at the end for vector over-reads."""
-    # Per mask byte rather than per bit (a byte → set-bit positions table): no [out, in] array of bits,
-    # ~2x faster at 11008x4096 than unpacking the mask (the runtime builds this at load time, per layer).
-    mask_bytes = bitmask.numpy().reshape(-1)
-    per_byte = _POPCOUNT8[mask_bytes]
-    counts = _word_counts(bitmask).reshape(-1)  # per word, in row-major order
-    byte = np.repeat(np.arange(mask_bytes.size, dtype=np.int64), per_byte)  # the mask byte of each stored code
-    code = np.arange(byte.size, dtype=np.int64)
-    in_byte = code - (np.cumsum(per_byte, dtype=np.int64) - per_byte)[byte]  # its rank among its byte's codes
-    column = (byte & 7).astype(np.uint8) * 8 + _BIT_POSITIONS[mask_bytes[byte], in_byte]  # its column in the word
-    word = byte >> 3
-    slots = counts + (counts & 1) if pad_odd else counts
-    header = np.concatenate([[0], np.cumsum(1 + slots)])  # where each word's count goes; its columns follow
-    out = np.zeros(int(header[-1]) + PAD_BYTES, dtype=np.uint8)
-    out[header[:-1]] = counts
-    out[header[word] + 1 + code - np.concatenate([[0], np.cumsum(counts)])[word]] = column
-    return torch.from_numpy(out)
+    of zeros at the end for vector over-reads.
+
+    Built by the compiled kernels' binding, whose AVX2 path is its only reader: the runtime builds it at
+    load time for every AVX2 W8A8/W4A8 layer, ~0.02 s per 11008x4096 layer in C++ against ~0.5 s in numpy.
+    """
+    extension = load_extension()
+    if extension is None:
+        raise RuntimeError("the gather index is built by the compiled kernels, which are not available here")
+    return extension.gather_index(bitmask.contiguous(), pad_odd)
 
 
 def with_gather_index(packed: PackedWeight) -> PackedWeight:

@@ -7,6 +7,7 @@ The extension is built once per session (module fixture; ~45 s the first time, c
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 
 import pytest
@@ -657,6 +658,21 @@ def test_int4_rejects_codes_off_the_grid_and_corrupt_tensors(compiled_isas):
     bad[0] = 0  # nibble 0 = code −8: off the symmetric grid
     with pytest.raises(ValueError, match=r"\[-7, 7\]"):
         dataclasses.replace(p, values=bad).validate()
+    # Each word's codes fill its bytes low nibble first; an odd count leaves the last high nibble as padding.
+    counts = p.mask().view(3, 2, 64).sum(-1).flatten().tolist()
+    ends = list(itertools.accumulate((c + 1) // 2 for c in counts))
+    odd = next(i for i, c in enumerate(counts) if c % 2 and c > 1)
+    pad, code = ends[odd] - 1, ends[odd] - 2  # the padding's byte; the byte before holds two codes
+    assert p.values[pad] >> 4 == 0
+    dataclasses.replace(p, values=p.values.clone()).validate()  # zero padding is fine
+    for byte, nibble in ((code, 0xF0), (code, 0x0F), (pad, 0x0F)):
+        bad = p.values.clone()
+        bad[byte] &= ~nibble & 0xFF  # a code's nibble to 0
+        with pytest.raises(ValueError, match=r"\[-7, 7\]"):
+            dataclasses.replace(p, values=bad).validate()
+    padded = p.values.clone()
+    padded[pad] |= 0x30  # the padding nibble is not a code: anything goes
+    dataclasses.replace(p, values=padded).validate()
     with pytest.raises(ValueError, match="offsets"):
         dataclasses.replace(p, offsets=p.offsets + torch.arange(4)).validate()
     if compiled_isas:

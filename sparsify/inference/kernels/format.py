@@ -229,14 +229,11 @@ def _int4_row_bytes(bitmask: Tensor) -> Tensor:
     return torch.from_numpy(((_word_counts(bitmask) + 1) // 2).sum(1))
 
 
-def _int4_positions(bitmask: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(byte index, nibble shift 0/4) of every kept entry, in row-major order, in the int4 layout."""
+def _odd_word_ends(bitmask: Tensor) -> np.ndarray:
+    """Where the padding nibbles go in the row-major stream of kept entries: after the last entry of each
+    word with an odd count (``np.insert`` positions, in kept entries before them)."""
     counts = _word_counts(bitmask).reshape(-1)  # words in row-major order
-    word_bytes = np.concatenate([[0], np.cumsum((counts + 1) // 2)])[:-1]
-    word_kept = np.concatenate([[0], np.cumsum(counts)])[:-1]
-    word_of = np.repeat(np.arange(counts.size), counts)  # the word of each kept entry
-    rank = np.arange(word_of.size) - word_kept[word_of]
-    return word_bytes[word_of] + rank // 2, 4 * (rank % 2)
+    return np.cumsum(counts)[counts % 2 == 1]
 
 
 def _int4_off_grid(values: Tensor, bitmask: Tensor) -> bool:
@@ -257,20 +254,17 @@ def _int4_off_grid(values: Tensor, bitmask: Tensor) -> bool:
 
 def _int4_nibbles(values: Tensor, bitmask: Tensor) -> Tensor:
     """The stored nibbles (code + 8) of every kept entry, row-major, int16."""
-    index, shift = _int4_positions(bitmask)
-    return torch.from_numpy((values.numpy()[index].astype(np.int16) >> shift) & 0xF)
+    pads = _odd_word_ends(bitmask)
+    data = values.numpy()[: (int(popcount_rows(bitmask).sum()) + pads.size) // 2]
+    stream = np.empty(2 * data.size, dtype=np.int16)  # every nibble in storage order, padding included
+    stream[0::2], stream[1::2] = data & 0xF, data >> 4
+    return torch.from_numpy(np.delete(stream, pads + np.arange(pads.size)))  # each pad sits after the ones before
 
 
 def _pack_int4(kept_codes: Tensor, bitmask: Tensor) -> Tensor:
     """Kept codes (row-major, int8 in [-7, 7]) → the int4 bytes (without padding)."""
-    index, shift = _int4_positions(bitmask)
-    nibbles = kept_codes.numpy().astype(np.uint8) + INT4_OFFSET
-    total = int(_int4_row_bytes(bitmask).sum())
-    out = np.zeros(total, dtype=np.uint8)
-    low = shift == 0  # low and high nibbles in two passes: no byte is written twice in one
-    out[index[low]] = nibbles[low]
-    out[index[~low]] |= nibbles[~low] << 4
-    return torch.from_numpy(out)
+    nibbles = np.insert(kept_codes.numpy().astype(np.uint8) + INT4_OFFSET, _odd_word_ends(bitmask), 0)
+    return torch.from_numpy(nibbles[0::2] | (nibbles[1::2] << 4))
 
 
 def quantize_groups(weight: Tensor, mask: Tensor, group_size: int | None) -> tuple[Tensor, Tensor]:

@@ -256,6 +256,15 @@ def test_gather_index_lists_each_words_columns(compiled_isas, pad_odd):
                 expected += [len(cols), *cols] + [0] * (pad_odd and len(cols) % 2)
         assert gather_index(p.bitmask, pad_odd).tolist() == expected + [0] * 64, shape
         assert starts == [(2 if pad_odd else 1) * int(p.offsets[r]) + r * words for r in range(shape[0])]
+    strided = torch.cat([p.bitmask, p.bitmask], 1)[:, : p.bitmask.shape[1]]  # a non-contiguous view
+    assert gather_index(strided, pad_odd).equal(gather_index(p.bitmask, pad_odd))
+    for bad in (
+        torch.zeros(2, 7, dtype=torch.uint8),
+        torch.zeros(2, 8, dtype=torch.int8),
+        torch.zeros(16, dtype=torch.uint8),
+    ):
+        with pytest.raises(RuntimeError, match=r"gather_index: bitmask must be contiguous uint8 \[out, 8"):
+            gather_index(bad, pad_odd)
 
 
 def test_avx2_gather_kernel_is_exact_and_reads_the_index(compiled_isas):

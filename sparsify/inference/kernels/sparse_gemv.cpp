@@ -377,7 +377,7 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
 // then the in-word columns (0..63) of its p set bits in storage order; pad_odd (int4) adds a zero byte
 // after an odd p, as the nibbles pad; kValuePadBytes of zeros at the end for vector over-reads. Built
 // at load time for every AVX2 W8A8/W4A8 layer, so in C++: ~0.02 s per 11008x4096 layer at 70%, where
-// numpy took ~0.5 s (a 7B model's 224 layers: ~2 minutes).
+// numpy took ~0.5 s (over a 7B model's 224 layers: more than a minute).
 torch::Tensor gather_index(const torch::Tensor& bitmask, bool pad_odd) {
   TORCH_CHECK(bitmask.scalar_type() == torch::kUInt8 && bitmask.dim() == 2 && bitmask.is_contiguous() &&
                   bitmask.size(1) % 8 == 0,

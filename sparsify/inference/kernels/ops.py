@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sparsify.inference.kernels.format import PackedWeight, dequantize, unpack, with_gather_index
+from sparsify.inference.kernels.hugepages import packed_in_huge_pages
 from sparsify.inference.kernels.loader import ISA_NAMES, available_isa, load_extension
 from sparsify.quant.grids import activation_codes
 
@@ -127,11 +128,13 @@ GATHER_MAX_BATCH = 7
 def for_isa(packed: PackedWeight, isa: str) -> PackedWeight:
     """``packed`` as the ``isa`` kernels read it fastest: on AVX2, a W8A8 or W4A8 weight of at least
     GATHER_MIN_SPARSITY gains its gather index (:func:`with_gather_index`, ~1 byte per stored code more
-    in memory); anything else is returned as is."""
+    in memory); on every compiled path, the streamed tensors move to huge pages where the OS offers them
+    (:func:`~sparsify.inference.kernels.hugepages.packed_in_huge_pages`). The pure-torch path gets
+    ``packed`` as is."""
     gathers = isa == "avx2" and packed.dtype in (torch.int8, torch.int4) and packed.act_int8
     if gathers and packed.columns is None and packed.sparsity >= GATHER_MIN_SPARSITY:
-        return with_gather_index(packed)
-    return packed
+        packed = with_gather_index(packed)
+    return packed if isa == "torch" else packed_in_huge_pages(packed)
 
 
 def _check_isa(isa: str | None) -> str:

@@ -229,10 +229,10 @@ def _int4_row_bytes(bitmask: Tensor) -> Tensor:
     return torch.from_numpy(((_word_counts(bitmask) + 1) // 2).sum(1))
 
 
-def _odd_word_ends(bitmask: Tensor) -> np.ndarray:
-    """Where the padding nibbles go in the row-major stream of kept entries: after the last entry of each
-    word with an odd count (``np.insert`` positions, in kept entries before them)."""
-    counts = _word_counts(bitmask).reshape(-1)  # words in row-major order
+def _odd_word_ends(counts: np.ndarray) -> np.ndarray:
+    """Where the padding nibbles go in the row-major stream of kept entries, given the per-word counts in
+    row-major order: after the last entry of each word with an odd count (``np.insert`` positions, in
+    kept entries before them)."""
     return np.cumsum(counts)[counts % 2 == 1]
 
 
@@ -254,8 +254,9 @@ def _int4_off_grid(values: Tensor, bitmask: Tensor) -> bool:
 
 def _int4_nibbles(values: Tensor, bitmask: Tensor) -> Tensor:
     """The stored nibbles (code + 8) of every kept entry, row-major, int16."""
-    pads = _odd_word_ends(bitmask)
-    data = values.numpy()[: (int(popcount_rows(bitmask).sum()) + pads.size) // 2]
+    counts = _word_counts(bitmask).reshape(-1)
+    pads = _odd_word_ends(counts)
+    data = values.numpy()[: (int(counts.sum()) + pads.size) // 2]
     stream = np.empty(2 * data.size, dtype=np.int16)  # every nibble in storage order, padding included
     stream[0::2], stream[1::2] = data & 0xF, data >> 4
     return torch.from_numpy(np.delete(stream, pads + np.arange(pads.size)))  # each pad sits after the ones before
@@ -263,7 +264,8 @@ def _int4_nibbles(values: Tensor, bitmask: Tensor) -> Tensor:
 
 def _pack_int4(kept_codes: Tensor, bitmask: Tensor) -> Tensor:
     """Kept codes (row-major, int8 in [-7, 7]) → the int4 bytes (without padding)."""
-    nibbles = np.insert(kept_codes.numpy().astype(np.uint8) + INT4_OFFSET, _odd_word_ends(bitmask), 0)
+    pads = _odd_word_ends(_word_counts(bitmask).reshape(-1))
+    nibbles = np.insert(kept_codes.numpy().astype(np.uint8) + INT4_OFFSET, pads, 0)
     return torch.from_numpy(nibbles[0::2] | (nibbles[1::2] << 4))
 
 

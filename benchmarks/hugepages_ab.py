@@ -33,6 +33,7 @@ from kernel_ab import FORMATS, compare  # noqa: E402
 from sparsify.bench.cpu import ROTATE_BYTES, machine_info, prune_rows  # noqa: E402
 from sparsify.inference.kernels import loader  # noqa: E402
 from sparsify.inference.kernels.format import PackedWeight, pack  # noqa: E402
+from sparsify.inference.kernels.hugepages import STREAMED  # noqa: E402
 from sparsify.inference.kernels.ops import for_isa  # noqa: E402
 
 logger = logging.getLogger("hugepages_ab")
@@ -52,7 +53,7 @@ def anon_huge_kb() -> int | None:
 def four_k_twin(packed: PackedWeight) -> PackedWeight:
     """``packed`` with its streamed tensors cloned through torch's allocator (4 KB pages unless THP is
     ``always``)."""
-    fields = {n: t.clone() for n in ("values", "bitmask", "columns") if (t := getattr(packed, n)) is not None}
+    fields = {n: t.clone() for n in STREAMED if (t := getattr(packed, n)) is not None}
     return dataclasses.replace(packed, **fields)
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from sparsify.inference.kernels.format import PackedWeight
 
 HUGE_PAGE = 2 << 20
+STREAMED = ("values", "bitmask", "columns")  # the PackedWeight tensors a kernel call reads through
 _MADV_HUGEPAGE = 14  # linux/mman.h
 
 
@@ -68,8 +69,6 @@ def in_huge_pages(t: Tensor) -> Tensor:
 def packed_in_huge_pages(packed: PackedWeight) -> PackedWeight:
     """``packed`` with the tensors a kernel call streams (values, mask, gather index) in huge pages;
     ``packed`` itself if none qualifies."""
-    moved = {
-        name: in_huge_pages(t) for name in ("values", "bitmask", "columns") if (t := getattr(packed, name)) is not None
-    }
+    moved = {name: in_huge_pages(t) for name in STREAMED if (t := getattr(packed, name)) is not None}
     moved = {name: t for name, t in moved.items() if t is not getattr(packed, name)}
     return dataclasses.replace(packed, **moved) if moved else packed

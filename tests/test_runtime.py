@@ -375,3 +375,93 @@ def test_on_avx2_int8_layers_hold_the_gather_index_and_the_layer_benchmark_times
     _, nbytes_b8, _, _ = make_layer_variant("sparse70_int8@avx2", dense, batch=8, cache=cache, rotate_bytes=0)
     gathered = held.nbytes - held.bitmask.numel() + held.columns.numel()
     assert nbytes == nbytes_b2 == gathered and nbytes_b8 == held.nbytes  # from 8 rows of x: outer.h, the bitmask
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 4096), (7, 64), (3, 5, 130), (2, 1), (300, 96)])
+def test_rms_norm_computes_transformers_llama_rms_norm(dtype, shape):
+    """One pass per row against LlamaRMSNorm.forward: bf16 bit for bit; fp32 within a few units in the last
+    place of it and of the float64 formula (the squares are summed in float64, not fp32); odd widths,
+    one column, enough rows for two threads."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from sparsify.inference.kernels.ops import rms_norm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1]) * 2)
+        x = (torch.randn(shape) * 3).to(dtype)
+        x.view(-1, shape[-1])[0, 0] = 0.0  # a zero, and a large and a tiny row
+        if x.numel() // shape[-1] > 2:
+            x.view(-1, shape[-1])[1] *= 1e4
+            x.view(-1, shape[-1])[2] *= 1e-4
+        ref, ours = norm(x), rms_norm(x, norm.weight, norm.variance_epsilon)
+        assert ours.dtype == dtype and ours.shape == x.shape
+        if dtype == torch.bfloat16:
+            assert torch.equal(ours, ref)
+        else:  # torch sums the squares in fp32 (a few ulp off on some rows), we in float64
+            torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+            x64 = x.double()
+            exact = norm.weight.double() * x64 / (x64.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+            torch.testing.assert_close(ours.double(), exact, rtol=4e-7, atol=0)
+        # The pure-torch path is transformers' formula itself.
+        assert torch.equal(rms_norm(x, norm.weight, norm.variance_epsilon, isa="torch"), ref)
+
+
+def test_rms_norm_non_finite_rows_and_gradients():
+    from sparsify.inference.kernels.ops import rms_norm
+
+    weight = torch.ones(8, dtype=torch.bfloat16)
+    x = torch.ones(3, 8, dtype=torch.bfloat16)
+    x[1, 3], x[2, 0] = float("nan"), float("inf")
+    with torch.no_grad():
+        y = rms_norm(x, weight, 1e-6)
+    assert torch.equal(y[0], torch.ones(8, dtype=torch.bfloat16))  # mean(1) = 1: y = x
+    # As torch: a nan spreads over its row; an inf row has rsqrt(inf) = 0, so inf · 0 = nan and zeros.
+    assert y[1].isnan().all() and y[2, 0].isnan() and torch.equal(y[2, 1:], torch.zeros(7, dtype=torch.bfloat16))
+    torch.testing.assert_close(y, rms_norm(x, weight, 1e-6, isa="torch"), rtol=0, atol=0, equal_nan=True)
+    # With gradients the torch ops run, and differentiate.
+    w = nn.Parameter(torch.full((8,), 2.0))
+    xg = torch.randn(2, 8, requires_grad=True)
+    rms_norm(xg, w, 1e-6).sum().backward()
+    assert xg.grad is not None and w.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_sparsify_model_fuses_llama_rms_norms_only():
+    """The Llama-style norms become runtime.RMSNorm on the same Parameters (the state dict is unchanged,
+    the bf16 model's greedy tokens too); a norm with another formula stays."""
+
+    class OffsetNorm(nn.Module):  # Gemma's flavour: (1 + weight), not Llama's formula
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(size))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            h32 = h.float()
+            return (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(h.dtype) * (
+                1 + self.weight
+            ).to(h.dtype)
+
+    model = tiny_llama().to(torch.bfloat16)
+    model.model.layers[1].post_attention_layernorm = OffsetNorm(64).to(torch.bfloat16)
+    dense = copy.deepcopy(model)
+    weights = {n: p for n, p in model.named_parameters() if n.endswith("norm.weight")}
+    keys = {k for k in model.state_dict() if "norm" in k}
+    sparsify_model(model)
+    if load_extension() is None:
+        assert not any(isinstance(m, runtime.RMSNorm) for m in model.modules())
+        return
+    fused = {n for n, m in model.named_modules() if isinstance(m, runtime.RMSNorm)}
+    assert fused == {
+        "model.norm",
+        "model.layers.0.input_layernorm",
+        "model.layers.0.post_attention_layernorm",
+        "model.layers.1.input_layernorm",
+    }
+    assert isinstance(model.model.layers[1].post_attention_layernorm, OffsetNorm)
+    assert all(model.get_parameter(n) is p for n, p in weights.items())
+    assert {k for k in model.state_dict() if "norm" in k} == keys  # (the sparse Linears' weights leave it)
+    assert torch.equal(greedy(model), greedy(dense))
+    assert runtime.use_fused_norms(model) == 0  # idempotent

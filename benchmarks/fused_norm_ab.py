@@ -17,9 +17,7 @@ produce the same tokens. Writes ``OUT_DIR/fused_norm_ab.json`` with the machine 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import logging
 import statistics
 import sys
@@ -32,7 +30,13 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sparsify.bench.cpu import _decode_steps, build_decode_model, machine_info, median_se  # noqa: E402
+from sparsify.bench.cpu import (  # noqa: E402
+    _decode_steps,
+    build_decode_model,
+    decode_ab_main,
+    machine_info,
+    median_se,
+)
 from sparsify.inference.engine import BatchedLlama  # noqa: E402
 from sparsify.inference.kernels import ops  # noqa: E402
 from sparsify.inference.runtime import RMSNorm, sparsify_model  # noqa: E402
@@ -123,20 +127,7 @@ def run(layers: int = 2, rounds: int = 8, steps: int = 10, **dims: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args.layers, args.rounds, args.steps)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "fused_norm_ab.json").write_text(json.dumps(result, indent=1))
-    return result
+    return decode_ab_main(argv, __doc__, run, "fused_norm_ab.json", rounds=8)
 
 
 if __name__ == "__main__":

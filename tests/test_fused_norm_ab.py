@@ -43,3 +43,21 @@ def test_refuses_to_run_without_kernels(monkeypatch):
     monkeypatch.setitem(ops._isa_cache, "isa", -1)  # the pure-torch path
     with pytest.raises(SystemExit, match="no compiled kernels"):
         _script().run(layers=1)
+
+
+def test_the_decode_ab_command_line(tmp_path):
+    """The shared command line passes its options to ``run`` and writes the result where it says."""
+    import json
+
+    from sparsify.bench.cpu import decode_ab_main
+
+    def run(layers: int, rounds: int, steps: int) -> dict:
+        return {"layers": layers, "rounds": rounds, "steps": steps}
+
+    out = tmp_path / "out"
+    assert decode_ab_main([str(out), "--layers", "3", "--steps", "4"], "doc", run, "r.json", rounds=5) == {
+        "layers": 3,
+        "rounds": 5,
+        "steps": 4,
+    }
+    assert json.loads((out / "r.json").read_text()) == {"layers": 3, "rounds": 5, "steps": 4}

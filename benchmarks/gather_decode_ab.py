@@ -15,8 +15,10 @@ with torch capped too: see sparsify/bench/cpu.py). Writes ``OUT_DIR/gather_decod
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import json
 import logging
 import statistics
 import sys
@@ -27,13 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sparsify.bench.cpu import (  # noqa: E402
-    _decode_steps,
-    build_decode_model,
-    decode_ab_main,
-    machine_info,
-    median_se,
-)
+from sparsify.bench.cpu import _decode_steps, build_decode_model, machine_info, median_se  # noqa: E402
 from sparsify.inference.kernels import ops  # noqa: E402
 from sparsify.inference.runtime import SparseLinear, sparsify_model  # noqa: E402
 
@@ -94,7 +90,20 @@ def run(layers: int = 2, rounds: int = 6, steps: int = 10, prompt: torch.Tensor 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return decode_ab_main(argv, __doc__, run, "gather_decode_ab.json", rounds=6)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args.layers, args.rounds, args.steps)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "gather_decode_ab.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -771,28 +771,6 @@ def isa_caps() -> dict[str, str]:
     return {k: os.environ[k] for k in ISA_CAP_VARIABLES if os.environ.get(k)}
 
 
-def decode_ab_main(
-    argv: list[str] | None, doc: str, run: Callable[[int, int, int], dict], json_name: str, *, rounds: int
-) -> dict:
-    """The command line the decode-level A/B benchmarks share (benchmarks/gather_decode_ab.py,
-    benchmarks/fused_norm_ab.py): ``OUT_DIR [--layers 2] [--rounds R] [--steps 10] [--threads N]``;
-    runs ``run(layers, rounds, steps)`` and writes its result to ``OUT_DIR/json_name``."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=rounds)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args.layers, args.rounds, args.steps)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / json_name).write_text(json.dumps(result, indent=1))
-    return result
-
-
 def machine_info() -> dict:
     """Where the figures come from: CPU model and extensions, ISA caps, torch's dispatch level, our
     kernel path."""

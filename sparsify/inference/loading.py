@@ -41,7 +41,7 @@ from sparsify.errors import ModelLoadError
 from sparsify.inference.export import SPARSE_FILE, SparseLayer, check_sparse_header, int4_row_codes
 from sparsify.inference.kernels import PackedWeight
 from sparsify.inference.kernels.format import PAD_BYTES, pack_int4_kept, popcount_rows, row_sums
-from sparsify.inference.runtime import SparseLinear, sparsify_model, use_decode_attention, use_fused_norms
+from sparsify.inference.runtime import SparseLinear, sparsify_model, use_decode_attention
 from sparsify.safetensors_io import SafetensorsReadError, read_safetensors_mmap
 
 logger = logging.getLogger(__name__)
@@ -290,8 +290,7 @@ def load_sparse_format(file: Path) -> tuple[nn.Module, dict[str, float]]:
         raise ModelLoadError(f"{file}: no stored tensor for {on_meta[:5]} (missing: {sorted(missing)[:5]})")
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in sparse:
         model.tie_weights()
-    use_decode_attention(model)  # as sparsify_model does for a model loaded from a HF folder
-    use_fused_norms(model)
+    use_decode_attention(model)  # model.generate()'s decode steps on the kernel, as sparsify_model sets for HF folders
     return model.eval(), sparse
 
 

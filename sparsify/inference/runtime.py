@@ -3,8 +3,7 @@
 ``sparsify_model(model)`` swaps every decoder-layer ``nn.Linear`` whose weight is sparse enough
 for a :class:`SparseLinear` holding the compressed weight (:mod:`sparsify.inference.kernels.format`), so
 ``model(...)`` and ``model.generate(...)`` run on the kernels; so does the decode steps' attention
-(:func:`use_decode_attention`), and its RMSNorms run in one kernel pass (:func:`use_fused_norms`).
-Embeddings stay as they are;
+(:func:`use_decode_attention`). Embeddings stay as they are;
 ``lm_head`` stays dense and unquantized (the paper prunes neither) unless ``lm_head=True`` with
 INT8, which stores it as dense per-channel INT8 on the same kernel: at batch 1 it is the
 largest single matrix (32000x4096 in Llama-2-7B), so on a 2-layer benchmark model it dominates
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 
 from sparsify.errors import UserInputError
 from sparsify.inference.kernels import PackedWeight, dequantize, kernel_isa, pack, sparse_linear
-from sparsify.inference.kernels.ops import decode_attention, for_isa, rms_norm
+from sparsify.inference.kernels.ops import decode_attention, for_isa
 from sparsify.sparsity.masks import find_decoder_layers, matches_any
 
 logger = logging.getLogger(__name__)
@@ -230,60 +229,13 @@ def sparsify_model(
         )
         replaced[name] = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
     attention = use_decode_attention(model)
-    norms = use_fused_norms(model)
     logger.info(
-        "sparsify_model: %d Linear layers on the sparse kernels (%s)%s%s",
+        "sparsify_model: %d Linear layers on the sparse kernels (%s)%s",
         len(replaced),
         kernel_isa(),
         "; decode attention on the kernel" if attention else "",
-        f"; {norms} RMSNorms fused" if norms else "",
     )
     return replaced
-
-
-class RMSNorm(nn.Module):
-    """A Llama-style RMSNorm on the kernels' one-pass :func:`~sparsify.inference.kernels.ops.rms_norm`:
-    the module it replaces' own ``weight`` (the same Parameter, same state-dict key) and epsilon."""
-
-    def __init__(self, weight: nn.Parameter, eps: float) -> None:
-        super().__init__()
-        self.weight = weight
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, kernels={kernel_isa()}"
-
-
-def _computes_llama_rms_norm(module: nn.Module) -> bool:
-    """Whether ``module``'s forward is transformers' LlamaRMSNorm's, instruction for instruction (Mistral's,
-    Qwen2's, Phi-3's... are copies of it; Gemma's ``1 + weight`` or OLMo-2's order are not)."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    ours, llama = getattr(type(module).forward, "__code__", None), LlamaRMSNorm.forward.__code__
-    return (
-        ours is not None
-        and isinstance(getattr(module, "weight", None), nn.Parameter)
-        and isinstance(getattr(module, "variance_epsilon", None), float)
-        and (ours.co_code, ours.co_names, ours.co_consts) == (llama.co_code, llama.co_names, llama.co_consts)
-    )
-
-
-def use_fused_norms(model: nn.Module) -> int:
-    """Swap ``model``'s Llama-style RMSNorm modules for :class:`RMSNorm` (one kernel call instead of
-    eight tensor ops: ~0.15 ms → ~0.07 ms per norm inside a decode step, two per decoder layer). Norms
-    that compute anything else stay. Needs the compiled kernels; returns how many were swapped."""
-    if kernel_isa() == "torch":
-        return 0
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        if name and not isinstance(module, RMSNorm) and _computes_llama_rms_norm(module):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, RMSNorm(module.weight, module.variance_epsilon))
-            swapped += 1
-    return swapped
 
 
 DECODE_ATTENTION = "sparsellama_decode"  # the transformers attention implementation use_decode_attention sets

@@ -1,4 +1,4 @@
-"""``sparse_linear(x, packed, bias)``, ``decode_attention`` and ``rms_norm``: the kernel calls with input checks and
+"""``sparse_linear(x, packed, bias)`` and ``decode_attention``: the kernel calls with input checks and
 pure-torch fallbacks.
 
 The fallback (no compiler, non-CPU-kernel platform, or autograd through x) computes the same
@@ -182,28 +182,6 @@ def decode_attention(
     return load_extension().decode_attention(
         q.contiguous(), k.contiguous(), v.contiguous(), length, scale, ISA_NAMES.index(name)
     )
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float, *, isa: str | None = None) -> Tensor:
-    """Llama's RMSNorm exactly as transformers' ``LlamaRMSNorm`` computes it: in fp32,
-    ``x · rsqrt(mean(x²) + eps)``, rounded to x's dtype, times ``weight``. One kernel pass per row
-    where x is an fp32 or bf16 CPU tensor and ``weight`` has its dtype (the squares are summed in float64,
-    so an fp32 output can differ from torch's by a few units in the last place; bf16 ones match); the torch ops
-    otherwise, and when gradients are needed."""
-    kernel = (
-        _check_isa(isa) != "torch"
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and weight.dtype == x.dtype
-        and weight.device.type == "cpu"
-        and tuple(weight.shape) == (x.shape[-1],)
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    )
-    if kernel:
-        return load_extension().rms_norm(x if x.is_contiguous() else x.contiguous(), weight.contiguous(), float(eps))
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def call_extension(module, x: Tensor, packed: PackedWeight, bias: Tensor | None, isa: str) -> Tensor:

@@ -9,7 +9,6 @@
 #include <omp.h>
 #include <torch/extension.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -410,65 +409,6 @@ torch::Tensor gather_index(const torch::Tensor& bitmask, bool pad_odd) {
   return out;
 }
 
-// Llama's RMSNorm as transformers computes it (LlamaRMSNorm.forward), in one pass per row instead of
-// eight tensor ops: in fp32, v = mean(x²), r = 1 / sqrt(v + eps), h = x · r rounded to x's dtype, and
-// y = weight · h rounded to it again. In a decode step each of those eight ops costs ~15-20 µs (a
-// dispatch through torch, its code cold after the weights streamed past), against ~1 µs of arithmetic
-// on a 4096-wide row. The squares are summed in double in a fixed order, so v can differ from torch's
-// fp32 sum in its last bits (then h may differ by a few units in the last place); the rest is the same
-// sequence of correctly rounded fp32 operations. Compiled without FMA (no -mfma here): x · r and
-// weight · h are rounded products, as in torch.
-template <class T>
-void rms_norm_rows(const T* x, const T* w, T* y, int64_t H, float eps, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * H;
-    T* yr = y + r * H;
-    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent sums: vectorizable, and a fixed order
-    int64_t i = 0;
-    for (; i + 8 <= H; i += 8)
-      for (int j = 0; j < 8; ++j) {
-        const float v = float(xr[i + j]);
-        part[j] += double(v * v);  // the fp32 square, as torch's pow(2)
-      }
-    for (; i < H; ++i) {
-      const float v = float(xr[i]);
-      part[0] += double(v * v);
-    }
-    const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-    const float mean = float(sum / double(H));
-    const float inv = 1.0f / std::sqrt(mean + eps);
-    for (int64_t k = 0; k < H; ++k) yr[k] = T(float(w[k]) * float(T(float(xr[k]) * inv)));
-  }
-}
-
-// x [..., H] (contiguous fp32 or bf16), weight [H] of x's dtype → y like x.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: tensors must be on the CPU");
-  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() &&
-                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
-              "rms_norm: x must be a contiguous float32 or bfloat16 tensor [..., hidden]");
-  const int64_t H = x.size(-1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && weight.is_contiguous() &&
-                  weight.scalar_type() == x.scalar_type(),
-              "rms_norm: weight must be a contiguous [", H, "] tensor of x's dtype");
-  auto y = torch::empty_like(x);
-  const int64_t rows = H ? x.numel() / H : 0;
-  if (rows == 0) return y;
-  const float e = float(eps);  // transformers adds eps to an fp32 tensor: it is rounded to fp32 first
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(H, 1));  // no threads for a decode row
-  pybind11::gil_scoped_release no_gil;
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    if (x.scalar_type() == torch::kFloat) {
-      rms_norm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), H, e, r0, r1);
-    } else {
-      rms_norm_rows(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()),
-                    reinterpret_cast<const c10::BFloat16*>(weight.data_ptr()),
-                    reinterpret_cast<c10::BFloat16*>(y.data_ptr()), H, e, r0, r1);
-    }
-  });
-  return y;
-}
-
 }  // namespace
 }  // namespace sparsellama
 
@@ -484,8 +424,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("length"), pybind11::arg("scale"), pybind11::arg("isa"));
   m.def("gather_index", &sparsellama::gather_index, "the AVX2 kernels' gather index of a bitmask [out, 8 · words] "
         "(format.py)", pybind11::arg("bitmask"), pybind11::arg("pad_odd"));
-  m.def("rms_norm", &sparsellama::rms_norm, "Llama's RMSNorm (transformers' LlamaRMSNorm.forward) in one pass per "
-        "row", pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"));
   m.def("set_prefetch", &sparsellama::set_prefetch, "AVX-512 batch-1 software prefetch distance in bytes (tuning)");
   m.def("set_outer_from", &sparsellama::set_outer_from, "AVX2, AVX-512: batches from this many rows take the "
         "outer-product kernel (0: built-in choice; benchmarking only)");

@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
     isa = args.isa or loader.ISA_NAMES[loader.available_isa()]
     rows = []
     for spec in args.layers:
-        shape, _, sparsity = spec.partition(":")
+        shape, _, fraction = spec.partition(":")
         out, inn = (int(d) for d in shape.split("x"))
+        sparsity = float(fraction or 0)
         torch.manual_seed(0)
         weight = torch.randn(out, inn) / inn**0.5
-        weight = prune_rows(weight, float(sparsity)) if float(sparsity or 0) else weight
+        weight = prune_rows(weight, sparsity) if sparsity else weight
         for fmt in args.formats:
             arms = huge = None  # the previous arms' pages go back before the count below
             first = pack(weight, **FORMATS[fmt])
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             after = anon_huge_kb()
             arms = {"4k": [four_k_twin(p) for p in huge], "huge": huge}
             for batch in args.batches:
-                row = {"shape": [out, inn], "sparsity": float(sparsity or 0), "format": fmt, "batch": batch}
+                row = {"shape": [out, inn], "sparsity": sparsity, "format": fmt, "batch": batch}
                 row |= compare({"4k": ext, "huge": ext}, arms, torch.randn(batch, inn), isa, args.repeats)
                 row["anon_huge_kb_gained"] = None if before is None else after - before
                 logger.info(

@@ -375,3 +375,21 @@ def test_on_avx2_int8_layers_hold_the_gather_index_and_the_layer_benchmark_times
     _, nbytes_b8, _, _ = make_layer_variant("sparse70_int8@avx2", dense, batch=8, cache=cache, rotate_bytes=0)
     gathered = held.nbytes - held.bitmask.numel() + held.columns.numel()
     assert nbytes == nbytes_b2 == gathered and nbytes_b8 == held.nbytes  # from 8 rows of x: outer.h, the bitmask
+
+
+def test_layer_benchmark_in_cache_is_recorded_and_still_checked(tmp_path):
+    """`--in-cache` reaches the layer benchmark (no weight copies rotated: the compute ceiling) and the
+    JSON says so; the default rotates copies past the L3. Both still check every variant's output."""
+    import json
+
+    from sparsify.bench.cpu import ROTATE_BYTES, main
+
+    args = ["--no-decode", "--shapes", "32x256", "--batches", "1", "--repeats", "1", "--variants", "dense_fp32"]
+    args += ["sparse70_int8"]
+    for flag, rotate in (["--in-cache"], 0), ([], ROTATE_BYTES):
+        result = main([str(tmp_path / str(rotate)), *args, *flag])
+        saved = json.loads((tmp_path / str(rotate) / "sparse_kernels.json").read_text())
+        assert saved["layers"]["rotate_bytes"] == result["layers"]["rotate_bytes"] == rotate
+        rows = result["layers"]["rows"]
+        assert {r["variant"].split("@")[0] for r in rows} == {"dense_fp32", "sparse70_int8"}
+        assert all(r["rel_err_vs_own_weights"] < 2e-2 for r in rows)

@@ -806,12 +806,15 @@ def run(
     isas: Sequence[str] | None = None,
     shapes: Sequence[tuple[int, int]] = LLAMA2_7B_SHAPES,
     layers: bool = True,
+    rotate_bytes: int = ROTATE_BYTES,
 ) -> dict:
     """The whole benchmark as one dict (layers, projection, decode, flat ``metrics``).
 
     ``isas``: the kernel paths each sparse layer variant is timed on (default: the best one in the
     quick mode, every path this CPU has otherwise). Decode runs on the path the runtime picks
-    (``SPARSELLAMA_ISA`` caps it). ``layers=False``: decode only.
+    (``SPARSELLAMA_ISA`` caps it). ``layers=False``: decode only. ``rotate_bytes=0`` times the layers
+    with their weights in cache (see ROTATE_BYTES): what a kernel costs in instructions alone, its
+    ceiling; a kernel that is no faster there than from DRAM is compute-bound.
     """
     load_extension()
     result: dict = {"machine": machine_info()}
@@ -827,10 +830,12 @@ def run(
     if quick:  # the smoke profile's check: the required variants, fewer and shorter samples
         variants = variants or [v for v in LAYER_VARIANTS if v != "sparse70_w8a16"]
         variants = with_isas(variants, isas) if isas else variants
-        result["layers"] = run_layer_benchmark([(11008, 4096)], [1], variants, repeats or 5, target_s=0.015)
+        result["layers"] = run_layer_benchmark(
+            [(11008, 4096)], [1], variants, repeats or 5, target_s=0.015, rotate_bytes=rotate_bytes
+        )
     elif layers:
         variants = with_isas(variants or list(LAYER_VARIANTS), isas or available_paths() or ["torch"])
-        result["layers"] = run_layer_benchmark(shapes, batches, variants, repeats or 9)
+        result["layers"] = run_layer_benchmark(shapes, batches, variants, repeats or 9, rotate_bytes=rotate_bytes)
         result["projected_7b_decoder_linears"] = project_decoder_linears(result["layers"]["rows"])
     if decode and not quick:
         result["decode"] = run_decode_benchmark(checkpoint, layers=decode_layers)
@@ -868,6 +873,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help="kernel paths to time each sparse layer variant on (default: all this CPU has)",
     )
     parser.add_argument("--shapes", nargs="+", default=None, help="layer shapes OUTxIN (default: Llama-2-7B's)")
+    parser.add_argument(
+        "--in-cache",
+        action="store_true",
+        help="time the layers with each weight left in cache (no copies rotated past the L3): the compute ceiling",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -885,6 +895,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         isas=args.isas,
         shapes=shapes,
         layers=not args.decode_only,
+        rotate_bytes=0 if args.in_cache else ROTATE_BYTES,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "sparse_kernels.json").write_text(json.dumps(result, indent=2))
